@@ -1,0 +1,35 @@
+# `make test` builds a project-local virtual environment from scratch, then runs the suite.
+# On a machine without torch it installs the local CPU wheel (torch==2.13.0) before anything else, so no
+# dependency can pull CUDA wheels; a torch already visible to python3 (a CUDA build on a GPU box) is kept.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_CPU ?= torch==2.13.0
+TRITON_CPU ?= triton==3.7.1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-fast bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q $(TRITON_CPU) numpy
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
+	touch $@
+
+test: install
+	$(PY) -m pytest tests -n 2 -q
+
+test-fast: install
+	$(PY) -m pytest tests -n 2 -q -m "not slow"
+
+bench: install
+	$(PY) -m pytest benchmarks -q --benchmark-json=benchmarks/results/cpu_latest.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

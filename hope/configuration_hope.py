@@ -1,0 +1,173 @@
+"""HopeConfig: every field of SPEC §7, validated with errors that name the field and what is allowed."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+from transformers import PretrainedConfig
+
+MIXERS = ("titans", "attention")
+OBJECTIVES = ("l2", "dot")
+MEMORY_TARGETS = ("self", "value")
+ADAPTIVE = ("k", "v", "eta", "alpha")
+CMS_VARIANTS = ("sequential", "independent")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+
+
+def _per_level(name: str, value, levels: int, default) -> list:
+    """Broadcast a scalar CMS setting to one value per level, or check a list's length."""
+    if value is None:
+        value = default
+    if isinstance(value, (list, tuple)):
+        if len(value) != levels:
+            raise ValueError(f"{name} has {len(value)} entries but cms_chunk_sizes has {levels} levels")
+        return list(value)
+    return [value] * levels
+
+
+class HopeConfig(PretrainedConfig):
+    """Configuration of a Hope causal LM (SPEC §7); the names are the public API.
+
+    Shape: vocab_size, hidden_size, num_hidden_layers, num_heads, mixer ("titans" | "attention"), conv_size.
+    Titans mixer (SPEC §2): chunk_size, momentum, dgd, objective ("l2" | "dot"), memory_target
+    ("self" | "value"), adaptive (subset of k/v/eta/alpha), eta_max, memory_depth.
+    CMS (SPEC §3): cms_chunk_sizes (a list, None = a level that never learns in context), cms_hidden_size,
+    cms_variant ("sequential" | "independent"), cms_objective ("l2" | "dot"), cms_eta_max, cms_decay;
+    the last three and cms_hidden_size take one value for all levels or a list with one per level;
+    eta_max defaults to 1 / chunk_size, cms_eta_max to 1 / (C_l hidden_size) per level, and cms_hidden_size to
+    8/3 hidden_size rounded up to 64.
+    Execution: kernel_backend ("auto" | "triton" | "torch"), tie_word_embeddings, max_position_embeddings.
+    """
+
+    model_type = "hope"
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 1024,
+        num_hidden_layers: int = 24,
+        num_heads: int = 16,
+        mixer: str = "titans",
+        conv_size: int = 4,
+        chunk_size: int = 64,
+        momentum: bool = True,
+        dgd: bool = True,
+        objective: str = "l2",
+        memory_target: str = "self",
+        adaptive: Sequence[str] = ADAPTIVE,
+        eta_max: Optional[float] = None,
+        memory_depth: int = 1,
+        cms_chunk_sizes: Sequence[Optional[int]] = (16, 128, None),
+        cms_hidden_size: Union[int, Sequence[int], None] = None,
+        cms_variant: str = "sequential",
+        cms_objective: str = "l2",
+        cms_eta_max: Union[float, Sequence[float], None] = None,
+        cms_decay: Union[float, Sequence[float]] = 0.0,
+        kernel_backend: str = "auto",
+        tie_word_embeddings: bool = True,
+        max_position_embeddings: int = 8192,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        use_cache: bool = True,
+        pad_token_id: Optional[int] = None,
+        bos_token_id: Optional[int] = None,
+        eos_token_id: Optional[int] = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_heads = num_heads
+        self.mixer = mixer
+        self.conv_size = conv_size
+        self.chunk_size = chunk_size
+        self.momentum = momentum
+        self.dgd = dgd
+        self.objective = objective
+        self.memory_target = memory_target
+        self.adaptive = list(adaptive)
+        # A chunk sums up to C steps taken at one state: eta_max = 1/C bounds that sum (the NLMS condition).
+        self.eta_max = 1.0 / chunk_size if eta_max is None and isinstance(chunk_size, int) and chunk_size > 0 else eta_max
+        self.memory_depth = memory_depth
+        self.cms_chunk_sizes = list(cms_chunk_sizes)
+        levels = len(self.cms_chunk_sizes)
+        # SwiGLU keeps the FFN's parameter count at 8/3 D per level, rounded for matmul-friendly shapes.
+        default_hidden = 64 * math.ceil(8 * hidden_size / 3 / 64)
+        self.cms_hidden_size = _per_level("cms_hidden_size", cms_hidden_size, levels, default_hidden)
+        self.cms_variant = cms_variant
+        self.cms_objective = cms_objective
+        # A level sums C_l gradients taken at θ_c, and the inner loss's curvature grows with ||z||² = D:
+        # eta_max = 1 / (C_l D) keeps the summed step inside the NLMS stability bound.
+        if cms_eta_max is None:
+            cms_eta_max = [1.0 / ((size or 1) * hidden_size) for size in self.cms_chunk_sizes]
+        self.cms_eta_max = _per_level("cms_eta_max", cms_eta_max, levels, None)
+        self.cms_decay = _per_level("cms_decay", cms_decay, levels, 0.0)
+        self.kernel_backend = kernel_backend
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self._validate()
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            **kwargs,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def _validate(self) -> None:
+        def positive_int(name: str, value) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is not allowed: it must be a positive int")
+
+        def choice(name: str, value, allowed: Sequence) -> None:
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not allowed: choose one of {list(allowed)}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "conv_size", "chunk_size",
+                     "max_position_embeddings"):
+            positive_int(name, getattr(self, name))
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not allowed with num_heads={self.num_heads}: "
+                "hidden_size must be divisible by num_heads"
+            )
+        choice("mixer", self.mixer, MIXERS)
+        choice("objective", self.objective, OBJECTIVES)
+        choice("memory_target", self.memory_target, MEMORY_TARGETS)
+        choice("cms_variant", self.cms_variant, CMS_VARIANTS)
+        choice("cms_objective", self.cms_objective, OBJECTIVES)
+        choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        if self.memory_depth != 1:
+            raise ValueError(
+                f"memory_depth={self.memory_depth!r} is not allowed yet: only 1 (linear memories) is implemented; "
+                "the deep memory of SPEC §2 / Eq. 91 (memory_depth=2) is planned"
+            )
+        for name in ("momentum", "dgd"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: it must be True or False")
+        bad = [entry for entry in self.adaptive if entry not in ADAPTIVE]
+        if bad or len(set(self.adaptive)) != len(self.adaptive):
+            raise ValueError(f"adaptive={self.adaptive!r} is not allowed: entries must be distinct, from {list(ADAPTIVE)}")
+        if not (isinstance(self.eta_max, (int, float)) and self.eta_max > 0):
+            raise ValueError(f"eta_max={self.eta_max!r} is not allowed: it must be a number > 0")
+        if not self.cms_chunk_sizes:
+            raise ValueError("cms_chunk_sizes=[] is not allowed: give at least one level (None = a plain FFN)")
+        for level, size in enumerate(self.cms_chunk_sizes):
+            if size is not None:
+                positive_int(f"cms_chunk_sizes[{level}]", size)
+        for level, size in enumerate(self.cms_hidden_size):
+            positive_int(f"cms_hidden_size[{level}]", size)
+        for level, eta in enumerate(self.cms_eta_max):
+            if not (isinstance(eta, (int, float)) and eta > 0):
+                raise ValueError(f"cms_eta_max[{level}]={eta!r} is not allowed: it must be a number > 0")
+        for level, decay in enumerate(self.cms_decay):
+            if not (isinstance(decay, (int, float)) and 0 <= decay <= 1):
+                raise ValueError(f"cms_decay[{level}]={decay!r} is not allowed: it must be in [0, 1]")

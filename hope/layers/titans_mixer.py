@@ -1,0 +1,84 @@
+"""The self-modifying Titans mixer (SPEC §2, paper Eqs. 79-93) around the `hope_kernels.titans` op."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from hope.cache_hope import HopeLayerCache
+from hope_kernels.titans import memory_rows, titans_memory, titans_memory_step
+
+from .common import RMSNorm, ShortConv
+
+
+class TitansMixer(nn.Module):
+    """x (B, T, D) -> (RMSNorm(o) * silu(x W_g)) W_o, with o read from the per-sequence fast memories."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        D, H = config.hidden_size, config.num_heads
+        self.num_heads, self.head_dim = H, D // H
+        self.q_proj = nn.Linear(D, D, bias=False)
+        self.a_proj = nn.Linear(D, D, bias=False)
+        self.g_proj = nn.Linear(D, D, bias=False)
+        self.o_proj = nn.Linear(D, D, bias=False)
+        self.q_conv = ShortConv(D, config.conv_size)
+        self.a_conv = ShortConv(D, config.conv_size)
+        d = self.head_dim
+        # Initial fast memories Z_0 = [M ; M_k ; M_v ; m_eta ; m_alpha] per head, meta-learned (SPEC §2).
+        self.memory_init = nn.Parameter(torch.empty(H, memory_rows(d), d))
+        self.b_eta = nn.Parameter(torch.empty(H))
+        self.b_alpha = nn.Parameter(torch.empty(H))
+        self.momentum_logit = nn.Parameter(torch.empty(H))
+        self.o_norm = RMSNorm(d, config.rms_norm_eps)
+
+    @torch.no_grad()
+    def reset_memory_parameters(self) -> None:
+        d = self.head_dim
+        z = self.memory_init
+        z[:, :d].normal_(0.0, d**-0.5)  # M: unit-norm q reads unit-scale o
+        z[:, d : 2 * d].normal_(0.0, d**-0.5)  # M_k: k is normalised anyway
+        z[:, 2 * d : 3 * d].normal_(0.0, 1.0 / d)  # M_v: small targets keep the first in-context steps gentle
+        z[:, 3 * d :].normal_(0.0, self.config.initializer_range)  # m_eta, m_alpha start near their biases
+        self.b_eta.zero_()  # eta starts at eta_max / 2
+        self.b_alpha.fill_(math.log(0.99 / 0.01))  # alpha about 0.99 (SPEC §2)
+        self.momentum_logit.zero_()  # beta = 0.5
+        self.q_conv.weight.normal_(0.0, self.config.conv_size**-0.5)
+        self.a_conv.weight.normal_(0.0, self.config.conv_size**-0.5)
+
+    def forward(self, x: Tensor, valid: Optional[Tensor], cache: Optional[HopeLayerCache]) -> Tensor:
+        """x: (B, T, D) normed input; valid: (B, T) bool or None; cache: updated in place when given."""
+        B, T, D = x.shape
+        H, d = self.num_heads, self.head_dim
+        conv_in = x if valid is None else x * valid.unsqueeze(-1).to(x.dtype)  # a masked token feeds nothing
+        q, q_tail = self.q_conv(self.q_proj(conv_in), None if cache is None else cache.conv.get("q"))
+        a, a_tail = self.a_conv(self.a_proj(conv_in), None if cache is None else cache.conv.get("a"))
+        q = F.normalize(F.silu(q).view(B, T, H, d), dim=-1)
+        a = F.silu(a).view(B, T, H, d)
+        config = self.config
+        kwargs = dict(
+            chunk_size=config.chunk_size, eta_max=config.eta_max, momentum=config.momentum, dgd=config.dgd,
+            objective=config.objective, memory_target=config.memory_target, adaptive=tuple(config.adaptive),
+            backend=config.kernel_backend,
+        )
+        params = (self.memory_init, self.b_eta, self.b_alpha, self.momentum_logit)
+        if cache is None:
+            o, _ = titans_memory(q, a, *params, mask=valid, **kwargs)
+        else:
+            cache.conv["q"], cache.conv["a"] = q_tail, a_tail
+            if T == 1 and cache.memory is not None:
+                o, cache.memory = titans_memory_step(
+                    q[:, 0], a[:, 0], *params, mask=None if valid is None else valid[:, 0], state=cache.memory, **kwargs
+                )
+                o = o.unsqueeze(1)
+            else:
+                o, cache.memory = titans_memory(
+                    q, a, *params, mask=valid, state=cache.memory, output_final_state=True, **kwargs
+                )
+        o = self.o_norm(o.to(x.dtype)).reshape(B, T, D)
+        return self.o_proj(o * F.silu(self.g_proj(x)))

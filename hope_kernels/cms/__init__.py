@@ -1,0 +1,83 @@
+"""Continuum Memory System level op (SPEC §3): one SwiGLU level whose weights learn in context per chunk.
+
+`cms_level` / `cms_level_step` pick a backend with `hope_kernels._dispatch.resolve_backend`. Only the
+PyTorch reference exists so far; a Triton kernel will plug in behind the same functions (HAS_TRITON).
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from hope_kernels._dispatch import resolve_backend
+from hope_kernels.cms.reference import (
+    CMSState,
+    cms_level_naive,
+    cms_level_reference,
+    cms_level_step_reference,
+)
+
+HAS_TRITON = False  # flips to True when hope_kernels.cms ships a Triton kernel
+
+__all__ = [
+    "HAS_TRITON",
+    "CMSState",
+    "cms_level",
+    "cms_level_step",
+    "cms_level_reference",
+    "cms_level_step_reference",
+    "cms_level_naive",
+]
+
+
+def cms_level(
+    z: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    p_v: Tensor,
+    w_eta: Tensor,
+    b_eta: Tensor,
+    *,
+    chunk_size: int,
+    eta_max: float,
+    objective: str = "l2",
+    decay: float = 0.0,
+    mask: Tensor | None = None,
+    state: CMSState | None = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+) -> tuple[Tensor, CMSState | None]:
+    """One CMS level over z (B, T, D); see `cms_level_reference` for the arguments and shapes.
+
+    backend: "auto" (Triton on CUDA once a kernel exists, the PyTorch reference otherwise), "torch" or "triton".
+    """
+    resolve_backend(backend, z.device, op="cms", has_triton=HAS_TRITON)
+    return cms_level_reference(
+        z, w_gate, w_up, w_down, p_v, w_eta, b_eta,
+        chunk_size=chunk_size, eta_max=eta_max, objective=objective, decay=decay,
+        mask=mask, state=state, output_final_state=output_final_state,
+    )
+
+
+def cms_level_step(
+    z_t: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    p_v: Tensor,
+    w_eta: Tensor,
+    b_eta: Tensor,
+    *,
+    chunk_size: int,
+    eta_max: float,
+    objective: str = "l2",
+    decay: float = 0.0,
+    mask: Tensor | None = None,
+    state: CMSState | None,
+    backend: str = "auto",
+) -> tuple[Tensor, CMSState]:
+    """One decode token z_t (B, D); see `cms_level_step_reference` for the arguments and shapes."""
+    resolve_backend(backend, z_t.device, op="cms", has_triton=HAS_TRITON)
+    return cms_level_step_reference(
+        z_t, w_gate, w_up, w_down, p_v, w_eta, b_eta,
+        chunk_size=chunk_size, eta_max=eta_max, objective=objective, decay=decay, mask=mask, state=state,
+    )

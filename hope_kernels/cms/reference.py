@@ -1,0 +1,459 @@
+"""PyTorch reference of one Continuum Memory System level (SPEC §3, paper Eqs. 30-31, 70-74).
+
+A level is a SwiGLU MLP whose weights θ = (W_gate, W_up, W_down) are fast weights, learned per sequence
+inside the forward pass. With row tensors (z_t is a row of z):
+
+    MLP_θ(z)  = (silu(z W_gateᵀ) * (z W_upᵀ)) W_downᵀ
+    y_t       = MLP_{θ_c}(z_t)                                     every token of chunk c reads θ_c (Eq. 31)
+    θ_{c+1}   = θ_c - decay (θ_c - θ_0) - Σ_{t in c} eta_t ∇_θ ℓ_t(θ_c)
+    eta_t     = eta_max * sigmoid(z_t · w_eta + b_eta) * mask_t
+    ℓ_t       = ½ ||MLP_θ(z_t) - z_t P_v||²   ("l2")   or   -<MLP_θ(z_t), z_t P_v>   ("dot")
+
+Three functions with one semantics:
+
+- `cms_level_reference`: the chunked form the model runs on CPU. Vectorised over batch, a Python loop over
+  chunks, inner gradients by hand-written backprop through SwiGLU as batched matmuls over each chunk.
+- `cms_level_step_reference`: one decode token, the same chunk step applied to a chunk piece of length 1.
+- `cms_level_naive`: a token loop with `torch.autograd.grad` for the inner gradient; the test oracle only.
+
+Chunk c is the tokens at absolute positions [cC, (c+1)C); absolute position = tokens the state has already
+consumed + index in `z` (SPEC §5: chunk phase counts from position 0). The model applies the level's RMSNorm
+before calling these functions, so `z` is the normed input.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hope_kernels._dispatch import compute_dtype
+
+OBJECTIVES = ("l2", "dot")
+
+
+class CMSState(NamedTuple):
+    """Recurrent state of one CMS level (SPEC §5 cache), in the compute dtype (fp32, or fp64 for fp64 inputs).
+
+    w_gate:    (B, F, D) chunk-start fast weights θ_c of the chunk in progress.
+    w_up:      (B, F, D)
+    w_down:    (B, D, F)
+    grad_gate: (B, F, D) Σ eta_t ∇ℓ_t(θ_c) over the tokens already seen in the chunk in progress;
+    grad_up:   (B, F, D)   zeros right after a chunk boundary, where the update has been applied.
+    grad_down: (B, D, F)
+    position:  tokens consumed so far; the chunk phase is position % chunk_size.
+    """
+
+    w_gate: Tensor
+    w_up: Tensor
+    w_down: Tensor
+    grad_gate: Tensor
+    grad_up: Tensor
+    grad_down: Tensor
+    position: int
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# input validation
+
+
+def _shape_str(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _validate(
+    z: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    p_v: Tensor,
+    w_eta: Tensor,
+    b_eta: Tensor,
+    chunk_size: int,
+    eta_max: float,
+    objective: str,
+    decay: float,
+    mask: Tensor | None,
+    state: CMSState | None,
+) -> tuple[int, int, int, int]:
+    """Raise ValueError on any bad argument; return (B, T, D, F). `z` is (B, T, D) here."""
+    named = {"z": z, "w_gate": w_gate, "w_up": w_up, "w_down": w_down, "p_v": p_v, "w_eta": w_eta, "b_eta": b_eta}
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} has dtype {t.dtype}; allowed: a floating dtype (fp16, bf16, fp32, fp64)")
+    if z.dim() != 3:
+        raise ValueError(f"z must be (B, T, D), got shape {_shape_str(z)}")
+    B, T, D = z.shape
+    if w_gate.dim() != 2 or w_gate.shape[1] != D:
+        raise ValueError(f"w_gate must be (F, D) with D={D} from z, got shape {_shape_str(w_gate)}")
+    Fh = w_gate.shape[0]
+    expected = {"w_up": (Fh, D), "w_down": (D, Fh), "p_v": (D, D), "w_eta": (D,)}
+    for name, shape in expected.items():
+        if tuple(named[name].shape) != shape:
+            raise ValueError(
+                f"{name} must have shape {shape} (D={D} from z, F={Fh} from w_gate), "
+                f"got {_shape_str(named[name])}"
+            )
+    if b_eta.numel() != 1 or b_eta.dim() > 1:
+        raise ValueError(f"b_eta must be a scalar tensor of shape () or (1,), got {_shape_str(b_eta)}")
+
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
+    if not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
+    if not isinstance(eta_max, (int, float)) or not (eta_max > 0 and math.isfinite(eta_max)):
+        raise ValueError(f"eta_max must be a finite number > 0, got {eta_max!r}")
+
+    devices = {name: t.device for name, t in named.items()}
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise ValueError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if tuple(mask.shape) != (B, T):
+            raise ValueError(f"mask must have shape (B, T) = {(B, T)} like z, got {_shape_str(mask)}")
+        if mask.dtype != torch.bool:
+            if mask.is_complex():
+                raise ValueError(f"mask must be bool or 0/1, got dtype {mask.dtype}")
+            if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("mask must be bool or contain only 0 and 1; got other values")
+        devices["mask"] = mask.device
+
+    if state is not None:
+        if not isinstance(state, CMSState):
+            raise ValueError(f"state must be a CMSState or None, got {type(state).__name__}")
+        expected = {
+            "w_gate": (B, Fh, D), "w_up": (B, Fh, D), "w_down": (B, D, Fh),
+            "grad_gate": (B, Fh, D), "grad_up": (B, Fh, D), "grad_down": (B, D, Fh),
+        }
+        for name, shape in expected.items():
+            t = getattr(state, name)
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise ValueError(f"state.{name} must be a floating-point tensor, got {t!r:.60}")
+            if tuple(t.shape) != shape:
+                raise ValueError(
+                    f"state.{name} must have shape {shape} (B={B} from z, F={Fh}, D={D}), got {_shape_str(t)}"
+                )
+            devices[f"state.{name}"] = t.device
+        pos = state.position
+        if isinstance(pos, bool) or not isinstance(pos, int) or pos < 0:
+            raise ValueError(f"state.position must be an int >= 0, got {pos!r}")
+
+    bad = {name: dev for name, dev in devices.items() if dev != z.device}
+    if bad:
+        raise ValueError(f"all tensors must be on z's device {z.device}; on other devices: {bad}")
+    return B, T, D, Fh
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the chunk step shared by the chunked op and the decode step
+
+
+def _no_autocast(device: torch.device):
+    """Keep autocast from running the fp32 fast-weight matmuls in half precision (SPEC §5 numerics)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _chunk_piece(
+    z: Tensor,
+    mask: Tensor | None,
+    theta: tuple[Tensor, Tensor, Tensor],
+    grads: tuple[Tensor, Tensor, Tensor] | None,
+    theta0: tuple[Tensor, Tensor, Tensor],
+    p_v: Tensor,
+    w_eta: Tensor,
+    b_eta: Tensor,
+    *,
+    eta_max: float,
+    objective: str,
+    decay: float,
+    learn: bool,
+    closes_chunk: bool,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor] | None]:
+    """Process L consecutive tokens that all lie in one chunk c.
+
+    z: (B, L, D); mask: (B, L) in the compute dtype or None.
+    theta: θ_c, either shared (F, D), (F, D), (D, F) (θ_0 before any update, read with one plain matmul
+           over the batch) or per sequence (B, F, D), (B, F, D), (B, D, F).
+    grads: the chunk's running Σ eta_t ∇ℓ_t(θ_c) so far, (B, F, D), (B, F, D), (B, D, F), or None for zeros.
+    learn: compute this piece's inner gradients, and apply Eq. 31's update if the piece closes its chunk;
+           False when nobody will read the result, so the piece is only read.
+    closes_chunk: the piece ends on a chunk boundary.
+
+    Returns y (B, L, D) and the (θ, grads) to carry on: θ_{c+1} and None after a boundary.
+    """
+    w_gate, w_up, w_down = theta
+    # Read: every token of the chunk uses θ_c (Eq. 31), which makes the chunk one batch of matmuls.
+    a = z @ w_gate.mT  # (B, L, F)
+    b = z @ w_up.mT  # (B, L, F)
+    s = F.silu(a)
+    h = s * b
+    y = h @ w_down.mT  # (B, L, D)
+    if not learn:
+        return y, theta, grads
+
+    # eta_t = eta_max sigmoid(z_t·w_eta + b_eta) (SPEC §3), zero on masked tokens so they change no state (§5).
+    eta = eta_max * torch.sigmoid(z @ w_eta + b_eta)  # (B, L)
+    if mask is not None:
+        eta = eta * mask
+    target = z @ p_v  # (B, L, D)  z_t P_v
+    # e_t = dℓ_t/dy_t: y_t - target_t for l2, -target_t for dot. Every gradient below is linear in e_t,
+    # so eta_t is folded in once here instead of weighting three per-token outer products.
+    e = (y - target) if objective == "l2" else -target
+    e = e * eta.unsqueeze(-1)
+    # Backprop through SwiGLU by hand, summed over the chunk's tokens as matmuls (never per-token weight
+    # gradients). These are ordinary differentiable ops, so the outer gradient flows through them exactly,
+    # second order included (SPEC §3 "Gradient").
+    g_down = e.mT @ h  # (B, D, F)  Σ_t eta_t e_t h_tᵀ
+    dh = e @ w_down  # (B, L, F)
+    sig = torch.sigmoid(a)
+    da = dh * b * (sig + s * (1 - sig))  # silu'(a) = σ(a) (1 + a (1 - σ(a))) = σ(a) + silu(a) (1 - σ(a))
+    db = dh * s
+    g_gate = da.mT @ z  # (B, F, D)  Σ_t eta_t da_t z_tᵀ
+    g_up = db.mT @ z  # (B, F, D)
+    piece = (g_gate, g_up, g_down)
+    grads = piece if grads is None else tuple(g + p for g, p in zip(grads, piece))
+
+    if closes_chunk:
+        # θ_{c+1} = θ_c - decay (θ_c - θ_0) - Σ_{t in c} eta_t ∇ℓ_t(θ_c)   (Eq. 31 with SPEC's retention pull)
+        if decay:
+            theta = tuple(w - decay * (w - w0) for w, w0 in zip(theta, theta0))
+        theta = tuple(w - g for w, g in zip(theta, grads))
+        grads = None
+    return y, theta, grads
+
+
+def _final_state(
+    theta: tuple[Tensor, Tensor, Tensor], grads: tuple[Tensor, Tensor, Tensor] | None, B: int, position: int
+) -> CMSState:
+    """Package (θ_c, running sums) as per-sequence (B, ...) tensors; None sums mean zeros."""
+    theta = tuple(w if w.dim() == 3 else w.expand(B, -1, -1).contiguous() for w in theta)
+    if grads is None:
+        grads = tuple(torch.zeros_like(w) for w in theta)
+    return CMSState(*theta, *grads, position=position)
+
+
+def _cast_inputs(
+    z: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, p_v: Tensor, w_eta: Tensor, b_eta: Tensor,
+    mask: Tensor | None, state: CMSState | None,
+) -> tuple[Tensor, tuple[Tensor, ...], Tensor, Tensor | None, CMSState | None]:
+    """Everything in the compute dtype (SPEC §5); b_eta as a () scalar, the mask as 0/1 floats."""
+    dt = compute_dtype(z.dtype)
+    params = tuple(t.to(dt) for t in (w_gate, w_up, w_down, p_v, w_eta))
+    b_eta = b_eta.to(dt).reshape(())
+    mask = None if mask is None else mask.to(dt)
+    if state is not None:
+        state = CMSState(*(t.to(dt) for t in state[:6]), position=state.position)
+    return z.to(dt), params, b_eta, mask, state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public ops
+
+
+def cms_level_reference(
+    z: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    p_v: Tensor,
+    w_eta: Tensor,
+    b_eta: Tensor,
+    *,
+    chunk_size: int,
+    eta_max: float,
+    objective: str = "l2",
+    decay: float = 0.0,
+    mask: Tensor | None = None,
+    state: CMSState | None = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, CMSState | None]:
+    """One CMS level over a sequence: y_t = MLP_{θ_c}(z_t) with in-context chunk updates of θ (Eq. 31).
+
+    Args:
+        z: (B, T, D) the level's normed input.
+        w_gate, w_up: (F, D) and w_down: (D, F): θ_0, the level's parameters (also the decay anchor).
+        p_v: (D, D) target projection: target_t = z_t @ p_v.
+        w_eta: (D,) and b_eta: () scalar: the learning-rate gate.
+        chunk_size: C >= 1; θ is updated after every C tokens counted from absolute position 0.
+        eta_max: > 0, the bound of eta_t.
+        objective: "l2" or "dot".
+        decay: in [0, 1], the retention pull of θ_c toward θ_0 at each update.
+        mask: (B, T) bool or 0/1, None = all valid. Masked tokens are still read but add no gradient.
+        state: a CMSState to continue from; None starts at θ_0, position 0.
+        output_final_state: return the state after the last token.
+
+    Returns:
+        y: (B, T, D) in z.dtype, and the CMSState after the last token (None unless output_final_state).
+    The state is in fp32 (fp64 for fp64 z); the outer gradient is exact w.r.t. every tensor input.
+    """
+    B, T, D, Fh = _validate(
+        z, w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay, mask, state
+    )
+    out_dtype = z.dtype
+    with _no_autocast(z.device):
+        z, (w_gate, w_up, w_down, p_v, w_eta), b_eta, mask, state = _cast_inputs(
+            z, w_gate, w_up, w_down, p_v, w_eta, b_eta, mask, state
+        )
+        theta0 = (w_gate, w_up, w_down)
+        if state is None:
+            start, theta, grads = 0, theta0, None
+        else:
+            start, theta, grads = state.position, tuple(state[:3]), tuple(state[3:6])
+
+        ys = []
+        t = 0
+        while t < T:
+            phase = (start + t) % chunk_size
+            length = min(chunk_size - phase, T - t)
+            # What the last piece learns is only read through the returned state: without one, skip its inner
+            # gradients. With no state and C >= T this makes the level a plain FFN at the cost of one.
+            learn = output_final_state or t + length < T
+            y, theta, grads = _chunk_piece(
+                z[:, t : t + length],
+                None if mask is None else mask[:, t : t + length],
+                theta, grads, theta0, p_v, w_eta, b_eta,
+                eta_max=eta_max, objective=objective, decay=decay,
+                learn=learn, closes_chunk=phase + length == chunk_size,
+            )
+            ys.append(y)
+            t += length
+
+        y = torch.cat(ys, dim=1) if ys else z.new_zeros(B, 0, D)
+        final = _final_state(theta, grads, B, start + T) if output_final_state else None
+    return y.to(out_dtype), final
+
+
+def cms_level_step_reference(
+    z_t: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    p_v: Tensor,
+    w_eta: Tensor,
+    b_eta: Tensor,
+    *,
+    chunk_size: int,
+    eta_max: float,
+    objective: str = "l2",
+    decay: float = 0.0,
+    mask: Tensor | None = None,
+    state: CMSState | None,
+) -> tuple[Tensor, CMSState]:
+    """One decode token: read θ_c, add eta_t ∇ℓ_t(θ_c) to the running sum, update θ if the token closes a chunk.
+
+    Args:
+        z_t: (B, D) the level's normed input for this token.
+        w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay: as cms_level_reference.
+        mask: (B,) bool or 0/1, None = valid.
+        state: the CMSState so far (None = start of a sequence, θ_0 at position 0).
+
+    Returns:
+        y_t: (B, D) in z_t.dtype, and the CMSState after this token.
+    """
+    if not isinstance(z_t, Tensor) or z_t.dim() != 2:
+        shape = _shape_str(z_t) if isinstance(z_t, Tensor) else type(z_t).__name__
+        raise ValueError(f"z_t must be (B, D), got {shape}")
+    if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 1):
+        shape = _shape_str(mask) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be (B,) for one token, got {shape}")
+    z = z_t.unsqueeze(1)
+    mask = None if mask is None else mask.unsqueeze(1)
+    B, _, D, Fh = _validate(
+        z, w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay, mask, state
+    )
+    out_dtype = z_t.dtype
+    with _no_autocast(z.device):
+        z, (w_gate, w_up, w_down, p_v, w_eta), b_eta, mask, state = _cast_inputs(
+            z, w_gate, w_up, w_down, p_v, w_eta, b_eta, mask, state
+        )
+        theta0 = (w_gate, w_up, w_down)
+        if state is None:
+            position, theta, grads = 0, theta0, None
+        else:
+            position, theta, grads = state.position, tuple(state[:3]), tuple(state[3:6])
+        y, theta, grads = _chunk_piece(
+            z, mask, theta, grads, theta0, p_v, w_eta, b_eta,
+            eta_max=eta_max, objective=objective, decay=decay,
+            learn=True, closes_chunk=(position + 1) % chunk_size == 0,
+        )
+        final = _final_state(theta, grads, B, position + 1)
+    return y.squeeze(1).to(out_dtype), final
+
+
+def cms_level_naive(
+    z: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    p_v: Tensor,
+    w_eta: Tensor,
+    b_eta: Tensor,
+    *,
+    chunk_size: int,
+    eta_max: float,
+    objective: str = "l2",
+    decay: float = 0.0,
+    mask: Tensor | None = None,
+    state: CMSState | None = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, CMSState | None]:
+    """Test oracle: the token loop of SPEC §3, inner gradients by torch.autograd.grad(create_graph=True).
+
+    Same arguments, shapes and returns as `cms_level_reference`; shares none of its math, so it checks the
+    hand-written SwiGLU backprop and the chunk bookkeeping. Slow: tests only.
+    """
+    B, T, D, Fh = _validate(
+        z, w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay, mask, state
+    )
+    dt = compute_dtype(z.dtype)
+    out_dtype = z.dtype
+    z, p_v, w_eta = z.to(dt), p_v.to(dt), w_eta.to(dt)
+    b_eta = b_eta.to(dt).reshape(())
+    valid = torch.ones(B, T, dtype=dt, device=z.device) if mask is None else mask.to(dt)
+    theta0 = [w.to(dt).expand(B, -1, -1) for w in (w_gate, w_up, w_down)]
+    if state is None:
+        position = 0
+        theta = list(theta0)
+        grads = [torch.zeros_like(w) for w in theta0]
+    else:
+        position = state.position
+        theta = [w.to(dt) for w in state[:3]]
+        grads = [g.to(dt) for g in state[3:6]]
+
+    ys = []
+    with torch.enable_grad():  # the inner loop is a gradient step, whatever the caller's grad mode
+        for t in range(T):
+            z_t = z[:, t]  # (B, D)
+            # autograd.grad needs θ_c in the graph; a θ no outer gradient reaches gets its own leaf.
+            th = [w if w.requires_grad else w.detach().requires_grad_() for w in theta]
+            a = torch.einsum("bfd,bd->bf", th[0], z_t)
+            b = torch.einsum("bfd,bd->bf", th[1], z_t)
+            y_t = torch.einsum("bdf,bf->bd", th[2], F.silu(a) * b)  # MLP_{θ_c}(z_t)
+            target = z_t @ p_v
+            if objective == "l2":
+                loss = 0.5 * ((y_t - target) ** 2).sum(-1)  # ℓ_t = ½ ||MLP(z_t) - z_t P_v||²
+            else:
+                loss = -(y_t * target).sum(-1)  # ℓ_t = -<MLP(z_t), z_t P_v>
+            # Sequences do not share θ, so the gradient of the batch sum is each sequence's own ∇ℓ_t.
+            inner = torch.autograd.grad(loss.sum(), th, create_graph=True)
+            eta = eta_max * torch.sigmoid(z_t @ w_eta + b_eta) * valid[:, t]  # (B,)
+            grads = [g + eta[:, None, None] * d for g, d in zip(grads, inner)]
+            ys.append(y_t)
+            if (position + t + 1) % chunk_size == 0:  # token t closes its chunk: Eq. 31
+                theta = [w - decay * (w - w0) - g for w, w0, g in zip(theta, theta0, grads)]
+                grads = [torch.zeros_like(g) for g in grads]
+
+    y = torch.stack(ys, dim=1) if ys else z.new_zeros(B, 0, D)
+    final = None
+    if output_final_state:
+        final = CMSState(*theta, *grads, position=position + T)
+    return y.to(out_dtype), final

@@ -1,0 +1,91 @@
+"""Self-modifying Titans memory (SPEC §2): one op, dispatched to the PyTorch reference or Triton."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from torch import Tensor
+
+from hope_kernels._dispatch import resolve_backend
+from hope_kernels.titans.reference import (
+    ADAPTIVE_NAMES,
+    TitansState,
+    adaptive_row_mask,
+    memory_rows,
+    titans_memory_naive,
+    titans_memory_reference,
+    titans_memory_step_reference,
+)
+
+HAS_TRITON = False
+
+__all__ = [
+    "ADAPTIVE_NAMES",
+    "TitansState",
+    "adaptive_row_mask",
+    "memory_rows",
+    "titans_memory",
+    "titans_memory_step",
+    "titans_memory_naive",
+    "titans_memory_reference",
+    "titans_memory_step_reference",
+]
+
+
+def titans_memory(
+    q: Tensor,
+    a: Tensor,
+    z0: Tensor,
+    b_eta: Tensor,
+    b_alpha: Tensor,
+    momentum_logit: Tensor,
+    *,
+    chunk_size: int,
+    eta_max: float,
+    momentum: bool = True,
+    dgd: bool = True,
+    objective: str = "l2",
+    memory_target: str = "self",
+    adaptive: Sequence[str] = ADAPTIVE_NAMES,
+    mask: Optional[Tensor] = None,
+    state: Optional[TitansState] = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+) -> tuple[Tensor, Optional[TitansState]]:
+    """Chunked Titans memory over a sequence; shapes and semantics as `titans_memory_reference`."""
+    kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, momentum=momentum, dgd=dgd, objective=objective,
+                  memory_target=memory_target, adaptive=adaptive, mask=mask, state=state,
+                  output_final_state=output_final_state)
+    if resolve_backend(backend, q.device, op="titans", has_triton=HAS_TRITON) == "triton":
+        from hope_kernels.titans.chunk import titans_memory_triton
+
+        return titans_memory_triton(q, a, z0, b_eta, b_alpha, momentum_logit, **kwargs)
+    return titans_memory_reference(q, a, z0, b_eta, b_alpha, momentum_logit, **kwargs)
+
+
+def titans_memory_step(
+    q: Tensor,
+    a: Tensor,
+    z0: Tensor,
+    b_eta: Tensor,
+    b_alpha: Tensor,
+    momentum_logit: Tensor,
+    *,
+    chunk_size: int,
+    eta_max: float,
+    momentum: bool = True,
+    dgd: bool = True,
+    objective: str = "l2",
+    memory_target: str = "self",
+    adaptive: Sequence[str] = ADAPTIVE_NAMES,
+    mask: Optional[Tensor] = None,
+    state: Optional[TitansState] = None,
+    backend: str = "auto",
+) -> tuple[Tensor, TitansState]:
+    """One decode token; shapes and semantics as `titans_memory_step_reference`."""
+    kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, momentum=momentum, dgd=dgd, objective=objective,
+                  memory_target=memory_target, adaptive=adaptive, mask=mask, state=state)
+    if resolve_backend(backend, q.device, op="titans", has_triton=HAS_TRITON) == "triton":
+        from hope_kernels.titans.step import titans_memory_step_triton
+
+        return titans_memory_step_triton(q, a, z0, b_eta, b_alpha, momentum_logit, **kwargs)
+    return titans_memory_step_reference(q, a, z0, b_eta, b_alpha, momentum_logit, **kwargs)

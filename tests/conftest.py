@@ -1,0 +1,11 @@
+"""Test session setup: no hub access, and Triton's CPU interpreter when there is no GPU."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Must be set before triton is imported anywhere: the kernels then run on CPU tensors.
+    os.environ.setdefault("TRITON_INTERPRET", "1")

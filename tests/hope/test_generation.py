@@ -1,0 +1,195 @@
+"""HopeCache and generate() (SPEC §5): cached decoding reproduces the full forward, and the Hugging Face
+generation API (greedy, sampling, beams, padding, num_return_sequences, inputs_embeds) works on top of it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hope import HopeCache
+from tests.hope.utils_hope import CHUNK, CMS_CHUNKS, VOCAB, random_ids, tiny_model, variant_config
+
+DECODE_VARIANTS = ["titans", "transformer++", "hope_attention", "hope"]
+PROMPT_LENGTHS = [1, CHUNK - 1, CHUNK, 2 * CHUNK + 3]
+GEN = dict(pad_token_id=0, eos_token_id=None)  # tiny random models: never stop early
+
+
+def _cache_of(output) -> HopeCache:
+    cache = output.cache if hasattr(output, "cache") else output.past_key_values
+    assert isinstance(cache, HopeCache)
+    return cache
+
+
+def _greedy_without_cache(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding by repeated full forwards: the oracle for generate()."""
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(sequence, use_cache=False).logits[:, -1]
+            sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=1)
+    return sequence
+
+
+def _record_input_lengths(model) -> list[int]:
+    """Lengths of the input_ids of every forward call from now on."""
+    lengths = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1] if kwargs.get("input_ids") is not None
+                                                    else -1),
+        with_kwargs=True,
+    )
+    return lengths
+
+
+def test_prompt_lengths_are_no_multiple_of_the_cms_chunks():
+    for size in (s for s in CMS_CHUNKS if s):
+        assert all(length == 1 or length % size for length in PROMPT_LENGTHS)
+
+
+@pytest.mark.parametrize("prompt_length", PROMPT_LENGTHS)
+@pytest.mark.parametrize("name", DECODE_VARIANTS)
+def test_cached_decoding_matches_full_forward(name, prompt_length):
+    """Prefill the prompt with the cache, then feed the rest one token at a time."""
+    model = tiny_model(variant_config(name))
+    T = prompt_length + 2 * CHUNK + 2  # the decode crosses several Titans and CMS chunk boundaries
+    ids = random_ids(2, T)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :prompt_length], use_cache=True)
+        cache = _cache_of(out)
+        pieces = [out.logits]
+        for t in range(prompt_length, T):
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            assert _cache_of(out) is cache
+            pieces.append(out.logits)
+    assert cache.get_seq_length() == T
+    decoded = torch.cat(pieces, dim=1)
+    err = (decoded - full).abs().max().item()
+    assert err < 1e-9, f"{name}, prompt {prompt_length}: cached decoding differs from the full forward by {err:.3g}"
+
+
+@pytest.mark.parametrize("name", DECODE_VARIANTS)
+def test_multi_token_continuations_match_full_forward(name):
+    """The cache also continues with several tokens at a time, starting and ending mid-chunk."""
+    model = tiny_model(variant_config(name))
+    pieces = [3, 6, 1, 5, 2]
+    ids = random_ids(2, sum(pieces))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache, start, logits = None, 0, []
+        for length in pieces:
+            out = model(ids[:, start : start + length], cache=cache, use_cache=True)
+            cache, start = _cache_of(out), start + length
+            logits.append(out.logits)
+    assert (torch.cat(logits, dim=1) - full).abs().max().item() < 1e-9
+
+
+def _generate_with_logits(model, prompt, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """generate() -> (sequences, the raw logits of every step (B, new_tokens, V))."""
+    out = model.generate(prompt, return_dict_in_generate=True, output_logits=True, **GEN, **kwargs)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("name", ["titans", "transformer++", "hope"])
+def test_greedy_generate_equals_argmax_loop(name):
+    model = tiny_model(variant_config(name))
+    prompt = random_ids(2, 6)
+    lengths = _record_input_lengths(model)
+    out, logits = _generate_with_logits(model, prompt, max_new_tokens=9, do_sample=False, use_cache=True)
+    assert lengths == [6] + [1] * 8, f"generate() should prefill once, then feed one token a step: {lengths}"
+    assert out.shape == (2, 15)
+    assert torch.equal(out, _greedy_without_cache(model, prompt, 9))
+    # The tokens of a tiny random model can repeat; its logits show any difference.
+    with torch.no_grad():
+        full = model(out[:, :-1], use_cache=False).logits[:, 5:]
+    assert (logits - full).abs().max().item() < 1e-5  # generate() hands out float32 logits
+    assert torch.equal(model.generate(prompt, max_new_tokens=9, do_sample=False, use_cache=False, **GEN), out)
+
+
+@pytest.mark.parametrize("name", ["titans", "hope_attention"])
+def test_sampling_shape_and_seed_reproducibility(name):
+    model = tiny_model(variant_config(name))
+    prompt = random_ids(3, 4)
+    kwargs = dict(max_new_tokens=7, do_sample=True, top_k=5, **GEN)
+    torch.manual_seed(123)
+    first = model.generate(prompt, **kwargs)
+    torch.manual_seed(123)
+    second = model.generate(prompt, **kwargs)
+    assert first.shape == (3, 11)
+    assert torch.equal(first[:, :4], prompt)
+    assert bool(((first >= 0) & (first < VOCAB)).all())
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("name", ["titans", "transformer++", "hope"])
+def test_generate_with_left_padding(name):
+    """A left-padded batch generates, and the unpadded row equals its generation alone (rows are independent).
+    The padded row equals its own unpadded generation when the pad keeps every chunk phase (SPEC §5: padding
+    changes no state, the chunk phase counts from position 0): pad = C tokens for Titans, and any pad for
+    attention, whose RoPE is relative. The CMS chunks (5, 7) of "hope" are out of phase after 4 pads."""
+    config = variant_config(name)
+    model = tiny_model(config)
+    pad = CHUNK
+    prompt = random_ids(2, pad + 5)
+    mask = torch.ones_like(prompt)
+    mask[0, :pad] = 0
+    prompt[0, :pad] = 0
+    out, logits = _generate_with_logits(model, prompt, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert out.shape == (2, pad + 11)
+    alone, alone_logits = _generate_with_logits(model, prompt[1:], max_new_tokens=6, do_sample=False)
+    assert torch.equal(out[1], alone[0])
+    assert (logits[1] - alone_logits[0]).abs().max().item() < 1e-5
+    in_phase = all(pad % size == 0 for size in config.cms_chunk_sizes if size) and (
+        config.mixer == "attention" or pad % config.chunk_size == 0)
+    assert in_phase == (name != "hope")
+    if in_phase:
+        alone, alone_logits = _generate_with_logits(model, prompt[:1, pad:], max_new_tokens=6, do_sample=False)
+        assert torch.equal(out[0, pad:], alone[0])
+        assert (logits[0] - alone_logits[0]).abs().max().item() < 1e-5
+
+
+def test_num_return_sequences():
+    model = tiny_model(variant_config("hope"))
+    prompt = random_ids(2, 5)
+    torch.manual_seed(0)
+    out = model.generate(prompt, max_new_tokens=4, do_sample=True, num_return_sequences=2, **GEN)
+    assert out.shape == (4, 9)
+    assert torch.equal(out[:, :5], prompt.repeat_interleave(2, dim=0))
+
+
+@pytest.mark.parametrize("name", ["titans", "transformer++"])
+def test_beam_search_with_and_without_cache(name):
+    """Beam search reorders the cache (HopeCache.reorder_cache): with and without it the beams agree."""
+    model = tiny_model(variant_config(name))
+    prompt = random_ids(2, 5)
+    kwargs = dict(max_new_tokens=5, num_beams=3, do_sample=False, **GEN)
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    assert cached.shape == (2, 10)
+    assert torch.equal(cached, model.generate(prompt, use_cache=False, **kwargs))
+
+
+@pytest.mark.parametrize("name", ["titans", "transformer++", "hope"])
+def test_generate_from_inputs_embeds(name):
+    model = tiny_model(variant_config(name))
+    prompt = random_ids(2, 6)
+    embeds = model.get_input_embeddings()(prompt).detach()
+    from_ids = model.generate(prompt, max_new_tokens=5, do_sample=False, **GEN)
+    from_embeds = model.generate(inputs_embeds=embeds, max_new_tokens=5, do_sample=False, **GEN)
+    assert torch.equal(from_embeds, from_ids[:, 6:])  # generate() returns only the new tokens here
+
+
+def test_cache_reorder_and_repeat_select_batch_rows():
+    model = tiny_model(variant_config("hope_attention"))
+    ids = random_ids(3, 6)
+    with torch.no_grad():
+        cache = _cache_of(model(ids, use_cache=True))
+        cache.reorder_cache(torch.tensor([2, 0]))
+        nxt = random_ids(2, 1)
+        logits = model(nxt, cache=cache, use_cache=True).logits
+        want = model(torch.cat([ids[[2, 0]], nxt], dim=1), use_cache=False).logits[:, -1:]
+        assert (logits - want).abs().max().item() < 1e-9
+        cache.batch_repeat_interleave(2)
+        nxt2 = random_ids(4, 1)
+        logits = model(nxt2, cache=cache, use_cache=True).logits
+        history = torch.cat([ids[[2, 0]], nxt], dim=1).repeat_interleave(2, dim=0)
+        want = model(torch.cat([history, nxt2], dim=1), use_cache=False).logits[:, -1:]
+        assert (logits - want).abs().max().item() < 1e-9

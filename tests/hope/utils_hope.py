@@ -1,0 +1,56 @@
+"""Tiny Hope configs and models shared by the model-level tests (tests/hope)."""
+from __future__ import annotations
+
+import torch
+
+import hope  # noqa: F401  (registers the Auto* classes)
+from hope import HopeConfig, HopeForCausalLM
+
+# The suite runs as `pytest -n 2` on 2 cores: two workers with torch's default thread pool oversubscribe the
+# CPU, and tiny ops (the float64 depthwise conv1d above all) then spin for 10-100x their run time. One
+# intra-op thread per worker keeps the model tests fast; it changes no numerics.
+torch.set_num_threads(1)
+
+F64 = torch.float64
+VOCAB = 50
+CHUNK = 4  # Titans chunk size C of every tiny config
+CMS_CHUNKS = [5, 7, None]  # no divisor of the test prompt lengths 3, 4 (= C), 11 (= 2C + 3)
+
+# Named variants: each a set of overrides on top of `tiny_config`'s defaults.
+VARIANTS = {
+    "hope": {},  # titans + CMS [5, 7, None], sequential
+    "titans": {"cms_chunk_sizes": [None]},  # titans + plain FFN
+    "transformer++": {"mixer": "attention", "cms_chunk_sizes": [None]},
+    "hope_attention": {"mixer": "attention"},
+    "independent": {"cms_variant": "independent"},
+    "dot": {"objective": "dot", "cms_objective": "dot"},
+    "value_target": {"memory_target": "value"},
+    "no_momentum": {"momentum": False},
+    "no_dgd": {"dgd": False},
+    "non_adaptive_kv": {"adaptive": ["eta", "alpha"]},
+}
+
+
+def tiny_config(**overrides) -> HopeConfig:
+    """A 2-layer, 16-wide Hope whose in-context learning rates are large enough to matter in tests."""
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_heads=2, conv_size=4, chunk_size=CHUNK,
+        cms_chunk_sizes=list(CMS_CHUNKS), cms_hidden_size=32, eta_max=0.5, cms_eta_max=0.05, cms_decay=0.0,
+        initializer_range=0.2, max_position_embeddings=512, use_cache=True,
+    )
+    kwargs.update(overrides)
+    return HopeConfig(**kwargs)
+
+
+def variant_config(name: str, **overrides) -> HopeConfig:
+    return tiny_config(**{**VARIANTS[name], **overrides})
+
+
+def tiny_model(config: HopeConfig, dtype: torch.dtype = F64, seed: int = 0) -> HopeForCausalLM:
+    """An eval-mode model with seeded random weights; float64 by default for exact-ish comparisons."""
+    torch.manual_seed(seed)
+    return HopeForCausalLM(config).to(dtype).eval()
+
+
+def random_ids(batch: int, length: int, vocab: int = VOCAB, generator: torch.Generator | None = None) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=generator)

@@ -1,0 +1,392 @@
+"""Tests of the CMS level reference (SPEC §3, paper Eq. 31) against the token-loop oracle.
+
+All comparisons run in float64, where the chunked op and the oracle agree to rounding, so any mismatch is a
+semantic bug rather than noise. Inputs are drawn from seeded generators so the tests never flake.
+"""
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hope_kernels.cms import (
+    HAS_TRITON,
+    CMSState,
+    cms_level,
+    cms_level_naive,
+    cms_level_reference,
+    cms_level_step,
+    cms_level_step_reference,
+)
+
+F64 = torch.float64
+D, FH, T = 8, 12, 19
+ETA_MAX = 0.5
+PARAM_NAMES = ("w_gate", "w_up", "w_down", "p_v", "w_eta", "b_eta")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: intra-op threads only add synchronisation, which on a loaded 2-core machine
+    makes the module several times slower. Restored afterwards for the rest of the session."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def close(actual, expected, rtol=1e-10, atol=1e-12, msg=""):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{msg}: {m}")
+
+
+def make_inputs(seed, B=3, T=T, D=D, Fh=FH, requires_grad=True):
+    """z at RMS 0.4 (the level sees RMSNorm output, scaled down) and eta ~ sigmoid(-1): with eta_max=0.5 the
+    fast weights drift by ~10% over 19 tokens, large enough to matter and small enough to stay stable."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, T, D, generator=g, dtype=F64)
+    z = 0.4 * z / z.pow(2).mean(-1, keepdim=True).sqrt()
+    params = dict(
+        w_gate=torch.randn(Fh, D, generator=g, dtype=F64) / D**0.5,
+        w_up=torch.randn(Fh, D, generator=g, dtype=F64) / D**0.5,
+        w_down=torch.randn(D, Fh, generator=g, dtype=F64) / Fh**0.5,
+        p_v=torch.randn(D, D, generator=g, dtype=F64) / D**0.5,
+        w_eta=torch.randn(D, generator=g, dtype=F64) / D**0.5,
+        b_eta=torch.tensor(-1.0, dtype=F64),
+    )
+    for t in (z, *params.values()):
+        t.requires_grad_(requires_grad)
+    return z, params
+
+
+def make_state(seed, params, B, position, zero_grads=False, requires_grad=True):
+    """θ_c near θ_0 and small running sums; at a chunk boundary the sums are zero, as after an update."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    theta = [(params[n].detach() + 0.05 * torch.randn(B, *params[n].shape, generator=g, dtype=F64))
+             for n in ("w_gate", "w_up", "w_down")]
+    grads = [torch.zeros_like(w) if zero_grads else 0.02 * torch.randn(w.shape, generator=g, dtype=F64)
+             for w in theta]
+    return CMSState(*(t.requires_grad_(requires_grad) for t in theta + grads), position=position)
+
+
+def make_mask(kind, B, T, seed):
+    if kind == "none":
+        return None
+    if kind == "random":  # holes anywhere, bool
+        g = torch.Generator().manual_seed(seed + 2000)
+        return torch.rand(B, T, generator=g) < 0.7
+    # right padding as an HF attention_mask (int64 0/1): different valid lengths per sequence
+    lengths = torch.tensor([T, T - 5, 3, T - 1][:B])
+    return (torch.arange(T)[None] < lengths[:, None]).long()
+
+
+def outer_loss(y, state, seed):
+    """A random linear functional of everything the op returns, so every output path carries gradient."""
+    g = torch.Generator().manual_seed(seed + 3000)
+    loss = (y * torch.randn(y.shape, generator=g, dtype=F64)).sum()
+    for t in state[:6]:
+        loss = loss + (t * torch.randn(t.shape, generator=g, dtype=F64)).sum()
+    return loss
+
+
+def run_and_grad(fn, z, params, seed, **kw):
+    y, state = fn(z, *params.values(), output_final_state=True, **kw)
+    inputs = [z, *params.values()]
+    if kw.get("state") is not None:
+        inputs += list(kw["state"][:6])
+    # With a state and decay 0, θ_0 feeds nothing (it is only the decay anchor): its gradient is zero.
+    grads = torch.autograd.grad(outer_loss(y, state, seed), inputs, materialize_grads=True)
+    return y, state, grads
+
+
+def assert_states_close(actual, expected, **tol):
+    assert actual.position == expected.position
+    for name in CMSState._fields[:6]:
+        close(getattr(actual, name), getattr(expected, name), msg=f"state.{name}", **tol)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the chunked op equals the token loop of Eq. 31, forward and (second-order) backward
+
+STATES = {"none": None, "boundary": 32, "mid_chunk": 7}  # 32 is a boundary of C = 1, 4, 16; 7 is not of 4, 16
+OBJECTIVES, CHUNKS, MASKS = ("l2", "dot"), (1, 4, 16), ("none", "random", "right_pad")
+# (B, objective, decay, chunk_size, mask_kind, state_kind): the full product with decay 0.1 (decay touches
+# every update); decay 0 once per objective/chunk/state, where θ_0 drops out of the graph once a state is
+# given; B = 1 on a small grid, since batch-size-1 broadcasting is its only extra risk.
+GRID = (
+    [(3, o, 0.1, c, m, s) for o, c, m, s in itertools.product(OBJECTIVES, CHUNKS, MASKS, STATES)]
+    + [(3, o, 0.0, c, "random", s) for o, c, s in itertools.product(OBJECTIVES, CHUNKS, STATES)]
+    + [(1, o, 0.1, c, "none", s) for o, c, s in itertools.product(OBJECTIVES, CHUNKS, STATES)]
+)
+
+
+@pytest.mark.parametrize("B,objective,decay,chunk_size,mask_kind,state_kind", GRID)
+def test_reference_matches_naive(B, objective, decay, chunk_size, mask_kind, state_kind):
+    seed = zlib.crc32(repr((B, objective, decay, chunk_size, mask_kind, state_kind)).encode())
+    z, params = make_inputs(seed, B=B)
+    position = STATES[state_kind]
+    state = None if position is None else make_state(seed, params, B, position, zero_grads=state_kind == "boundary")
+    kw = dict(chunk_size=chunk_size, eta_max=ETA_MAX, objective=objective, decay=decay,
+              mask=make_mask(mask_kind, B, T, seed), state=state)
+
+    y_ref, s_ref, g_ref = run_and_grad(cms_level_reference, z, params, seed, **kw)
+    y_naive, s_naive, g_naive = run_and_grad(cms_level_naive, z, params, seed, **kw)
+
+    close(y_ref, y_naive, msg="y")
+    assert_states_close(s_ref, s_naive)
+    # Without a returned state the op skips the last piece's inner step; the outputs must not change.
+    y_only, no_state = cms_level_reference(z, *params.values(), **kw)
+    assert no_state is None
+    close(y_only, y_ref, rtol=0, atol=0, msg="y without output_final_state")
+    names = ["z", *PARAM_NAMES] + ([f"state.{n}" for n in CMSState._fields[:6]] if state is not None else [])
+    for name, a, b in zip(names, g_ref, g_naive):
+        close(a, b, msg=f"d loss / d {name}")
+    # The fast weights really moved: otherwise the equality above would hold for a plain FFN too.
+    start = params["w_gate"] if state is None else state.w_gate
+    assert (s_ref.w_gate - start).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("objective", ["l2", "dot"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_gradcheck(objective, with_state):
+    """Finite differences confirm the hand-written SwiGLU backprop is differentiated exactly (SPEC §3 Gradient)."""
+    B, T_, D_, Fh, C = 2, 5, 3, 4, 2
+    z, params = make_inputs(7, B=B, T=T_, D=D_, Fh=Fh)
+    z = (z.detach() * 2).requires_grad_()  # larger inputs so second-order terms are not negligible
+    state = make_state(7, params, B, position=3) if with_state else None
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 0, 1, 1, 1]], dtype=torch.bool)
+    inputs = (z, *params.values()) + (tuple(state[:6]) if with_state else ())
+
+    def fn(*args):
+        s = CMSState(*args[7:], position=3) if with_state else None
+        y, final = cms_level_reference(*args[:7], chunk_size=C, eta_max=ETA_MAX, objective=objective,
+                                       decay=0.1, mask=mask, state=s, output_final_state=True)
+        return (y, *final[:6])
+
+    # fast_mode checks a random projection v^T J u against finite differences: any wrong entry of J
+    # shows with probability 1, at the cost of a few forwards instead of one per input element.
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# state: splitting, decode, masks
+
+
+@pytest.mark.parametrize("T1", [1, 5, 8, 13])
+@pytest.mark.parametrize("objective", ["l2", "dot"])
+def test_split_sequence_equals_one_run(T1, objective):
+    """The cache is exact (SPEC §5): T1 tokens, then T - T1 from the returned state, equals one run,
+    whether the split lands mid-chunk (1, 5, 13) or on a boundary (8)."""
+    z, params = make_inputs(11 + T1)
+    mask = make_mask("random", 3, T, 11)
+    kw = dict(chunk_size=4, eta_max=ETA_MAX, objective=objective, decay=0.1)
+    y_full, s_full = cms_level_reference(z, *params.values(), mask=mask, output_final_state=True, **kw)
+    y1, s1 = cms_level_reference(z[:, :T1], *params.values(), mask=mask[:, :T1], output_final_state=True, **kw)
+    y2, s2 = cms_level_reference(z[:, T1:], *params.values(), mask=mask[:, T1:], state=s1,
+                                 output_final_state=True, **kw)
+    assert s1.position == T1
+    close(torch.cat([y1, y2], 1), y_full, msg="y")
+    assert_states_close(s2, s_full)
+    # The outer gradient also flows across the split through the state tensors.
+    g_full = torch.autograd.grad(outer_loss(y_full, s_full, 0), [z, *params.values()])
+    g_split = torch.autograd.grad(outer_loss(torch.cat([y1, y2], 1), s2, 0), [z, *params.values()])
+    for name, a, b in zip(["z", *PARAM_NAMES], g_split, g_full):
+        close(a, b, msg=f"d loss / d {name}")
+
+
+def test_state_at_boundary_has_zero_running_sums():
+    """When the sequence ends on a chunk boundary the update has been applied and the sums restart."""
+    z, params = make_inputs(5)
+    _, s = cms_level_reference(z[:, :16], *params.values(), chunk_size=8, eta_max=ETA_MAX, output_final_state=True)
+    for name in ("grad_gate", "grad_up", "grad_down"):
+        assert torch.count_nonzero(getattr(s, name)) == 0
+    assert (s.w_gate - params["w_gate"]).abs().max() > 1e-3
+    _, s_mid = cms_level_reference(z[:, :13], *params.values(), chunk_size=8, eta_max=ETA_MAX,
+                                   output_final_state=True)
+    assert s_mid.grad_gate.abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("objective", ["l2", "dot"])
+@pytest.mark.parametrize("start", [None, 6])
+def test_decode_steps_equal_chunked(objective, start):
+    """Generation (SPEC §5): one token at a time with the cache reproduces the full-sequence forward,
+    from scratch and from a mid-chunk state, with masked tokens in between."""
+    z, params = make_inputs(21)
+    mask = make_mask("random", 3, T, 21)
+    state = None if start is None else make_state(21, params, 3, position=start)
+    kw = dict(chunk_size=4, eta_max=ETA_MAX, objective=objective, decay=0.1)
+    y_full, s_full = cms_level_reference(z, *params.values(), mask=mask, state=state, output_final_state=True, **kw)
+    s = state
+    for t in range(T):
+        y_t, s = cms_level_step_reference(z[:, t], *params.values(), mask=mask[:, t], state=s, **kw)
+        close(y_t, y_full[:, t], msg=f"y at token {t}")
+    assert_states_close(s, s_full)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+def test_right_padding_within_chunk_changes_no_state(decay):
+    """SPEC §5: padded positions change no state. Padding that stays inside the last chunk leaves θ_c and the
+    running sums exactly as in the run truncated to the valid tokens; only the position differs."""
+    z, params = make_inputs(31, B=1)
+    kw = dict(chunk_size=8, eta_max=ETA_MAX, decay=decay)
+    mask = (torch.arange(T) < 17)[None]  # tokens 17, 18 are padding inside chunk [16, 24)
+    y_pad, s_pad = cms_level_reference(z, *params.values(), mask=mask, output_final_state=True, **kw)
+    y_cut, s_cut = cms_level_reference(z[:, :17], *params.values(), output_final_state=True, **kw)
+    close(y_pad[:, :17], y_cut, msg="valid outputs")
+    assert (s_pad.position, s_cut.position) == (T, 17)
+    for name in CMSState._fields[:6]:
+        close(getattr(s_pad, name), getattr(s_cut, name), msg=name)
+
+
+def test_right_padding_across_chunks_adds_no_gradient():
+    """With padding that crosses chunk boundaries (decay 0), the padded run applies the pending sum at the
+    boundary while the truncated run still holds it: θ - Σ must agree, i.e. the pads added no gradient."""
+    z, params = make_inputs(37)
+    lengths = torch.tensor([9, 19, 4])
+    mask = torch.arange(T)[None] < lengths[:, None]
+    y_pad, s_pad = cms_level_reference(z, *params.values(), chunk_size=4, eta_max=ETA_MAX, mask=mask,
+                                       output_final_state=True)
+    for b, n in enumerate(lengths.tolist()):
+        y_cut, s_cut = cms_level_reference(z[b : b + 1, :n], *params.values(), chunk_size=4, eta_max=ETA_MAX,
+                                           output_final_state=True)
+        close(y_pad[b : b + 1, :n], y_cut, msg=f"valid outputs of sequence {b}")
+        for w, g in (("w_gate", "grad_gate"), ("w_up", "grad_up"), ("w_down", "grad_down")):
+            flushed_pad = getattr(s_pad, w)[b] - getattr(s_pad, g)[b]
+            flushed_cut = getattr(s_cut, w)[0] - getattr(s_cut, g)[0]
+            close(flushed_pad, flushed_cut, msg=f"{w} - {g} of sequence {b}")
+
+
+@pytest.mark.parametrize("t", [0, 2, 3, 9, 17])
+def test_causality(t):
+    """y_t depends only on z_{<=t}: within a chunk every token reads θ_c, and θ_c only sums earlier chunks."""
+    z, params = make_inputs(41, requires_grad=False)
+    state = make_state(41, params, 3, position=2, requires_grad=False)
+    kw = dict(chunk_size=4, eta_max=ETA_MAX, state=state)
+    y, _ = cms_level_reference(z, *params.values(), **kw)
+    z2 = z.clone()
+    z2[:, t + 1 :] += torch.randn(z2[:, t + 1 :].shape, dtype=F64)
+    y2, _ = cms_level_reference(z2, *params.values(), **kw)
+    close(y2[:, : t + 1], y[:, : t + 1], rtol=0, atol=1e-14, msg="outputs up to t")
+    assert (y2[:, t + 1 :] - y[:, t + 1 :]).abs().amax() > 1e-3  # the perturbation is visible later
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the FFN limit, dtypes
+
+
+class CountMatmuls(TorchDispatchMode):
+    OPS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+           torch.ops.aten.mv.default, torch.ops.aten.dot.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.OPS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("chunk_size", [T, T + 5])
+def test_no_chunk_completes_is_a_plain_ffn(chunk_size):
+    """SPEC §3: with C >= T and no state, no token reads updated weights, so the level is an ordinary SwiGLU
+    FFN and costs exactly one: three matmuls, no inner gradients, no eta or target projections."""
+    z, params = make_inputs(51, requires_grad=False)
+    w_gate, w_up, w_down = params["w_gate"], params["w_up"], params["w_down"]
+    expected = (F.silu(z @ w_gate.T) * (z @ w_up.T)) @ w_down.T
+    with CountMatmuls() as counter:
+        y, state = cms_level_reference(z, *params.values(), chunk_size=chunk_size, eta_max=ETA_MAX)
+    close(y, expected, rtol=0, atol=0, msg="y")
+    assert state is None
+    assert counter.count == 3
+    # Asking for the state does run the inner step (so the count above is not vacuous), and it matches the oracle.
+    with CountMatmuls() as counter:
+        _, state = cms_level_reference(z, *params.values(), chunk_size=chunk_size, eta_max=ETA_MAX,
+                                       output_final_state=True)
+    assert counter.count > 3
+    _, expected_state = cms_level_naive(z, *params.values(), chunk_size=chunk_size, eta_max=ETA_MAX,
+                                        output_final_state=True)
+    assert_states_close(state, expected_state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_inputs_compute_in_fp32(dtype):
+    """SPEC §5: states and gradient sums are fp32 whatever the activation dtype; y keeps the input dtype."""
+    z, params = make_inputs(61, requires_grad=False)
+    y64, s64 = cms_level_reference(z, *params.values(), chunk_size=4, eta_max=ETA_MAX, output_final_state=True)
+    y, s = cms_level_reference(z.to(dtype), *(p.to(dtype) for p in params.values()), chunk_size=4,
+                               eta_max=ETA_MAX, output_final_state=True)
+    assert y.dtype == dtype
+    assert all(t.dtype == torch.float32 for t in s[:6])
+    tol = 1e-5 if dtype == torch.float32 else 5e-2  # bf16 rounds the inputs; the math after that is fp32
+    close(y.double(), y64, rtol=tol, atol=tol, msg="y")
+    close(s.w_down.double(), s64.w_down, rtol=tol, atol=tol, msg="state.w_down")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation and dispatch
+
+
+def _call(**overrides):
+    z, params = make_inputs(71, requires_grad=False)
+    args = dict(z=z, **params)
+    kw = dict(chunk_size=4, eta_max=ETA_MAX)
+    for k, v in overrides.items():
+        (args if k in args else kw)[k] = v
+    return cms_level_reference(*args.values(), **kw)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(z=torch.zeros(3, D, dtype=F64)), r"z must be \(B, T, D\)"),
+        (dict(w_up=torch.zeros(FH + 1, D, dtype=F64)), r"w_up must have shape \(12, 8\)"),
+        (dict(w_down=torch.zeros(FH, D, dtype=F64)), r"w_down must have shape \(8, 12\)"),
+        (dict(w_gate=torch.zeros(FH, D + 1, dtype=F64)), r"w_gate must be \(F, D\) with D=8"),
+        (dict(b_eta=torch.zeros(2, dtype=F64)), r"b_eta must be a scalar"),
+        (dict(chunk_size=0), r"chunk_size must be an int >= 1, got 0"),
+        (dict(objective="l1"), r"objective='l1' is not one of \('l2', 'dot'\)"),
+        (dict(decay=1.5), r"decay must be a number in \[0, 1\], got 1.5"),
+        (dict(eta_max=0.0), r"eta_max must be a finite number > 0"),
+        (dict(mask=torch.ones(3, T + 1, dtype=torch.bool)), r"mask must have shape \(B, T\) = \(3, 19\)"),
+        (dict(mask=torch.full((3, T), 2)), r"mask must be bool or contain only 0 and 1"),
+        (dict(z=torch.zeros(3, T, D, dtype=torch.long)), r"z has dtype torch.int64"),
+        (dict(p_v=torch.zeros(D, D, dtype=F64, device="meta")), r"all tensors must be on z's device.*p_v"),
+    ],
+)
+def test_bad_input_raises(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _call(**overrides)
+
+
+def test_bad_state_raises():
+    z, params = make_inputs(73, requires_grad=False)
+    good = make_state(73, params, 3, position=5, requires_grad=False)
+    with pytest.raises(ValueError, match=r"state.w_gate must have shape \(2, 12, 8\) \(B=2"):
+        cms_level_reference(z[:2], *params.values(), chunk_size=4, eta_max=ETA_MAX, state=good)
+    with pytest.raises(ValueError, match=r"state.position must be an int >= 0, got -1"):
+        cms_level_reference(z, *params.values(), chunk_size=4, eta_max=ETA_MAX, state=good._replace(position=-1))
+    with pytest.raises(ValueError, match=r"z_t must be \(B, D\)"):
+        cms_level_step_reference(z, *params.values(), chunk_size=4, eta_max=ETA_MAX, state=good)
+
+
+def test_backend_dispatch():
+    z, params = make_inputs(81, requires_grad=False)
+    kw = dict(chunk_size=4, eta_max=ETA_MAX, output_final_state=True)
+    y_ref, s_ref = cms_level_reference(z, *params.values(), **kw)
+    for backend in ("torch", "auto"):  # auto on CPU tensors is the reference
+        y, s = cms_level(z, *params.values(), backend=backend, **kw)
+        close(y, y_ref, rtol=0, atol=0, msg=f"backend={backend}")
+        assert_states_close(s, s_ref, rtol=0, atol=0)
+    y_t, _ = cms_level_step(z[:, 0], *params.values(), chunk_size=4, eta_max=ETA_MAX, state=None, backend="torch")
+    close(y_t, y_ref[:, 0], msg="cms_level_step")
+    assert HAS_TRITON is False
+    with pytest.raises(RuntimeError, match="cms op has no Triton kernel yet"):
+        cms_level(z, *params.values(), backend="triton", **kw)
+    with pytest.raises(RuntimeError, match="cms op has no Triton kernel yet"):
+        cms_level_step(z[:, 0], *params.values(), chunk_size=4, eta_max=ETA_MAX, state=None, backend="triton")
+    with pytest.raises(ValueError, match="kernel_backend='cuda' is not one of"):
+        cms_level(z, *params.values(), backend="cuda", **kw)
