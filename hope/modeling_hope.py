@@ -221,8 +221,8 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
     ) -> Union[tuple, CausalLMOutputWithPast]:
         """As `HopeModel.forward`; `labels` (B, T) give the shifted next-token loss (-100 = ignored), and
         `num_items_in_batch` (passed by Trainer) normalises it over gradient-accumulation steps."""
-        if labels is not None and use_cache is None:
-            use_cache = False
+        if labels is not None and use_cache is None and cache is None and past_key_values is None:
+            use_cache = False  # training needs no cache, but a given one is continued (truncated BPTT)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, cache=cache,
             past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=output_hidden_states,

@@ -34,7 +34,11 @@ class TitansMixer(nn.Module):
         self.memory_init = nn.Parameter(torch.empty(H, memory_rows(d), d))
         self.b_eta = nn.Parameter(torch.empty(H))
         self.b_alpha = nn.Parameter(torch.empty(H))
-        self.momentum_logit = nn.Parameter(torch.empty(H))
+        if config.momentum:
+            self.momentum_logit = nn.Parameter(torch.empty(H))
+        else:
+            # Without momentum beta is never read; a buffer keeps the op's signature without an unused parameter.
+            self.register_buffer("momentum_logit", torch.zeros(H), persistent=False)
         self.o_norm = RMSNorm(d, config.rms_norm_eps)
 
     @torch.no_grad()
@@ -47,7 +51,8 @@ class TitansMixer(nn.Module):
         z[:, 3 * d :].normal_(0.0, self.config.initializer_range)  # m_eta, m_alpha start near their biases
         self.b_eta.zero_()  # eta starts at eta_max / 2
         self.b_alpha.fill_(math.log(0.99 / 0.01))  # alpha about 0.99 (SPEC §2)
-        self.momentum_logit.zero_()  # beta = 0.5
+        if isinstance(self.momentum_logit, nn.Parameter):
+            self.momentum_logit.zero_()  # beta = 0.5
         self.q_conv.weight.normal_(0.0, self.config.conv_size**-0.5)
         self.a_conv.weight.normal_(0.0, self.config.conv_size**-0.5)
 

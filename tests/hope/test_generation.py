@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from hope import HopeCache
-from tests.hope.utils_hope import CHUNK, CMS_CHUNKS, VOCAB, random_ids, tiny_model, variant_config
+from tests.hope.utils_hope import (
+    CHUNK, CMS_CHUNKS, VARIANTS, VOCAB, cache_of, max_diff, random_ids, tiny_model, variant_config,
+)
 
 DECODE_VARIANTS = ["titans", "transformer++", "hope_attention", "hope"]
 PROMPT_LENGTHS = [1, CHUNK - 1, CHUNK, 2 * CHUNK + 3]
@@ -14,7 +16,7 @@ GEN = dict(pad_token_id=0, eos_token_id=None)  # tiny random models: never stop 
 
 
 def _cache_of(output) -> HopeCache:
-    cache = output.cache if hasattr(output, "cache") else output.past_key_values
+    cache = cache_of(output)
     assert isinstance(cache, HopeCache)
     return cache
 
@@ -45,8 +47,14 @@ def test_prompt_lengths_are_no_multiple_of_the_cms_chunks():
         assert all(length == 1 or length % size for length in PROMPT_LENGTHS)
 
 
-@pytest.mark.parametrize("prompt_length", PROMPT_LENGTHS)
-@pytest.mark.parametrize("name", DECODE_VARIANTS)
+OTHER_VARIANT_CASES = [(name, length) for name in sorted(set(VARIANTS) - set(DECODE_VARIANTS))
+                       for length in (CHUNK - 1, 2 * CHUNK + 3)]
+
+
+@pytest.mark.parametrize(
+    "name, prompt_length",
+    [(name, length) for name in DECODE_VARIANTS for length in PROMPT_LENGTHS] + OTHER_VARIANT_CASES,
+)
 def test_cached_decoding_matches_full_forward(name, prompt_length):
     """Prefill the prompt with the cache, then feed the rest one token at a time."""
     model = tiny_model(variant_config(name))
@@ -63,7 +71,7 @@ def test_cached_decoding_matches_full_forward(name, prompt_length):
             pieces.append(out.logits)
     assert cache.get_seq_length() == T
     decoded = torch.cat(pieces, dim=1)
-    err = (decoded - full).abs().max().item()
+    err = max_diff(decoded, full)
     assert err < 1e-9, f"{name}, prompt {prompt_length}: cached decoding differs from the full forward by {err:.3g}"
 
 
@@ -80,7 +88,7 @@ def test_multi_token_continuations_match_full_forward(name):
             out = model(ids[:, start : start + length], cache=cache, use_cache=True)
             cache, start = _cache_of(out), start + length
             logits.append(out.logits)
-    assert (torch.cat(logits, dim=1) - full).abs().max().item() < 1e-9
+    assert max_diff(torch.cat(logits, dim=1), full) < 1e-9
 
 
 def _generate_with_logits(model, prompt, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +109,7 @@ def test_greedy_generate_equals_argmax_loop(name):
     # The tokens of a tiny random model can repeat; its logits show any difference.
     with torch.no_grad():
         full = model(out[:, :-1], use_cache=False).logits[:, 5:]
-    assert (logits - full).abs().max().item() < 1e-5  # generate() hands out float32 logits
+    assert max_diff(logits, full) < 1e-5  # generate() hands out float32 logits
     assert torch.equal(model.generate(prompt, max_new_tokens=9, do_sample=False, use_cache=False, **GEN), out)
 
 
@@ -137,14 +145,14 @@ def test_generate_with_left_padding(name):
     assert out.shape == (2, pad + 11)
     alone, alone_logits = _generate_with_logits(model, prompt[1:], max_new_tokens=6, do_sample=False)
     assert torch.equal(out[1], alone[0])
-    assert (logits[1] - alone_logits[0]).abs().max().item() < 1e-5
+    assert max_diff(logits[1], alone_logits[0]) < 1e-5
     in_phase = all(pad % size == 0 for size in config.cms_chunk_sizes if size) and (
         config.mixer == "attention" or pad % config.chunk_size == 0)
     assert in_phase == (name != "hope")
     if in_phase:
         alone, alone_logits = _generate_with_logits(model, prompt[:1, pad:], max_new_tokens=6, do_sample=False)
         assert torch.equal(out[0, pad:], alone[0])
-        assert (logits[0] - alone_logits[0]).abs().max().item() < 1e-5
+        assert max_diff(logits[0], alone_logits[0]) < 1e-5
 
 
 def test_num_return_sequences():
@@ -186,10 +194,10 @@ def test_cache_reorder_and_repeat_select_batch_rows():
         nxt = random_ids(2, 1)
         logits = model(nxt, cache=cache, use_cache=True).logits
         want = model(torch.cat([ids[[2, 0]], nxt], dim=1), use_cache=False).logits[:, -1:]
-        assert (logits - want).abs().max().item() < 1e-9
+        assert max_diff(logits, want) < 1e-9
         cache.batch_repeat_interleave(2)
         nxt2 = random_ids(4, 1)
         logits = model(nxt2, cache=cache, use_cache=True).logits
         history = torch.cat([ids[[2, 0]], nxt], dim=1).repeat_interleave(2, dim=0)
         want = model(torch.cat([history, nxt2], dim=1), use_cache=False).logits[:, -1:]
-        assert (logits - want).abs().max().item() < 1e-9
+        assert max_diff(logits, want) < 1e-9

@@ -10,14 +10,11 @@ from transformers import AutoModel, AutoModelForCausalLM
 import hope_kernels.cms as cms_kernels
 import hope_kernels.titans as titans_kernels
 from hope import HopeCache, HopeConfig, HopeForCausalLM, HopeModel
-from tests.hope.utils_hope import F64, VARIANTS, VOCAB, random_ids, tiny_config, tiny_model, variant_config
+from tests.hope.utils_hope import (
+    F64, VARIANTS, VOCAB, cache_of, max_diff, random_ids, tiny_config, tiny_model, variant_config,
+)
 
 ALL_VARIANTS = sorted(VARIANTS)
-CMS_VARIANTS = ["hope", "hope_attention", "independent"]  # the variants with in-context CMS levels
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -35,15 +32,15 @@ def test_forward_shapes(name):
     assert torch.isfinite(out.logits).all()
     assert len(out.hidden_states) == config.num_hidden_layers + 1
     assert all(h.shape == (B, T, config.hidden_size) for h in out.hidden_states)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache = cache_of(out)
     assert isinstance(cache, HopeCache) and cache.get_seq_length() == T
     assert model(ids, use_cache=False, return_dict=False)[0].shape == (B, T, VOCAB)
     last = model(ids, use_cache=False, logits_to_keep=1).logits
-    assert last.shape == (B, 1, VOCAB) and _max_diff(last[:, 0], out.logits[:, -1]) < 1e-12
+    assert last.shape == (B, 1, VOCAB) and max_diff(last[:, 0], out.logits[:, -1]) < 1e-12
     base = HopeModel(config).to(F64).eval()
     base.load_state_dict({k[len("model."):]: v for k, v in model.state_dict().items() if k.startswith("model.")})
     assert base(ids).last_hidden_state.shape == (B, T, config.hidden_size)
-    assert _max_diff(base(ids).last_hidden_state, out.hidden_states[-1]) < 1e-12
+    assert max_diff(base(ids).last_hidden_state, out.hidden_states[-1]) < 1e-12
 
 
 @pytest.mark.parametrize("name", ALL_VARIANTS)
@@ -58,8 +55,8 @@ def test_causality(name):
             changed = ids.clone()
             changed[:, t + 1 :] = (ids[:, t + 1 :] + 1 + random_ids(2, T - t - 1, VOCAB - 1)) % VOCAB
             logits = model(changed, use_cache=False).logits
-            assert _max_diff(logits[:, : t + 1], reference[:, : t + 1]) < 1e-10, f"position <= {t} saw the future"
-            assert _max_diff(logits[:, t + 1 :], reference[:, t + 1 :]) > 1e-6, "later tokens should matter"
+            assert max_diff(logits[:, : t + 1], reference[:, : t + 1]) < 1e-10, f"position <= {t} saw the future"
+            assert max_diff(logits[:, t + 1 :], reference[:, t + 1 :]) > 1e-6, "later tokens should matter"
 
 
 def _params_without_gradient(model: HopeForCausalLM, config: HopeConfig) -> list[str]:
@@ -69,8 +66,6 @@ def _params_without_gradient(model: HopeForCausalLM, config: HopeConfig) -> list
               "m_alpha": slice(3 * d + 1, 3 * d + 2)}
     offenders = []
     for name, param in model.named_parameters():
-        if name.endswith("momentum_logit") and not config.momentum:
-            continue  # beta is unused without momentum
         grad = param.grad
         if grad is None or not bool((grad != 0).any()):
             offenders.append(name)
@@ -130,8 +125,53 @@ def test_loss_with_num_items_in_batch_is_sum_over_n():
 def test_labels_default_to_no_cache():
     model = tiny_model(variant_config("titans"))
     ids = random_ids(2, 6)
-    out = model(ids, labels=ids)
-    assert (out.cache if hasattr(out, "cache") else out.past_key_values) is None
+    assert cache_of(model(ids, labels=ids)) is None
+
+
+@pytest.mark.parametrize("name", ["hope", "hope_attention"])
+def test_labels_with_a_given_cache_continue_it(name):
+    """Truncated BPTT over a stream: a detached cache plus labels continues the sequence (not a fresh start)."""
+    model = tiny_model(variant_config(name)).train()
+    ids = random_ids(2, 14)
+    full = model(ids, use_cache=False).logits.detach()
+    cache = cache_of(model(ids[:, :6], use_cache=True)).detach()
+    for layer in cache.layers:
+        states = [layer.memory.z, layer.memory.s] if layer.memory is not None else [layer.key]
+        states += [state.w_gate for state in layer.cms if state is not None]
+        assert not any(state.requires_grad for state in states)
+    out = model(ids[:, 6:], cache=cache, labels=ids[:, 6:])
+    assert cache_of(out) is cache and cache.get_seq_length() == 14
+    assert max_diff(out.logits, full[:, 6:]) < 1e-10
+    out.loss.backward()
+    assert model.lm_head.weight.grad is not None
+
+
+def test_initialisation_follows_spec():
+    """SPEC §2: alpha starts about 0.99; every parameter is initialised (finite, nothing left from torch.empty)."""
+    model = HopeForCausalLM(tiny_config(initializer_range=0.02))
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param).all() and param.abs().max() < 50, name
+    for layer in model.model.layers:
+        alpha = torch.sigmoid(layer.mixer.b_alpha.detach())
+        assert torch.allclose(alpha, torch.full_like(alpha, 0.99), atol=5e-3), alpha
+        assert 0 < float(torch.sigmoid(layer.mixer.momentum_logit.detach()).min()) < 1
+
+
+def test_bfloat16_keeps_fp32_states():
+    """SPEC §5: states and inner-gradient sums are fp32 whatever the activation dtype."""
+    model = tiny_model(variant_config("hope"), dtype=torch.bfloat16)
+    ids = random_ids(2, 11)
+    out = model(ids, use_cache=True)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+    reference = tiny_model(variant_config("hope"), dtype=torch.float32)(ids).logits
+    assert max_diff(out.logits.float(), reference) < 0.25  # bf16 activations, same model
+    states = _states(cache_of(out))
+    assert states and all(t.dtype == torch.float32 for t in states.values()), {k: t.dtype for k, t in states.items()}
+    step = model(random_ids(2, 1), cache=cache_of(out), use_cache=True)
+    assert all(t.dtype == torch.float32 for t in _states(cache_of(step)).values())
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------------------- backends
@@ -194,7 +234,7 @@ def test_both_or_neither_of_input_ids_and_inputs_embeds(hope_model):
         hope_model(input_ids=ids, inputs_embeds=embeds)
     with pytest.raises(ValueError, match="input_ids"):
         hope_model()
-    assert _max_diff(hope_model(inputs_embeds=embeds).logits, hope_model(ids).logits) < 1e-12
+    assert max_diff(hope_model(inputs_embeds=embeds).logits, hope_model(ids).logits) < 1e-12
 
 
 def test_inputs_embeds_of_wrong_width(hope_model):
@@ -216,7 +256,7 @@ def test_right_padding_equals_unpadded_runs(name):
         padded = model(ids, attention_mask=mask, use_cache=False).logits
         for row, length in enumerate(lengths):
             alone = model(ids[row : row + 1, :length], use_cache=False).logits
-            assert _max_diff(padded[row, :length], alone[0]) < 1e-10, f"row {row} (length {length})"
+            assert max_diff(padded[row, :length], alone[0]) < 1e-10, f"row {row} (length {length})"
 
 
 def _states(cache: HopeCache) -> dict[str, torch.Tensor]:
@@ -263,7 +303,7 @@ def test_padded_positions_change_no_state(valid, pad):
         names = [k for k in got if k.endswith((".titans.z", ".titans.s", "_eff"))]
     else:
         names = list(got)
-    bad = {k: _max_diff(got[k], want[k]) for k in names if _max_diff(got[k], want[k]) > 1e-12}
+    bad = {k: max_diff(got[k], want[k]) for k in names if max_diff(got[k], want[k]) > 1e-12}
     assert not bad, f"padded positions changed state (valid={valid}, pad={pad}, crossing={crossing}): {bad}"
     assert crossing == ((valid, pad) in {(9, 4), (5, 9)})  # both kinds of tail are exercised
 
@@ -315,6 +355,7 @@ def test_tie_word_embeddings(tmp_path, tie):
     assert torch.equal(head2, head) and torch.equal(embed2, embed)
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
 @pytest.mark.parametrize("name", ["hope", "hope_attention"])
 def test_gradient_checkpointing_same_loss_and_gradients(name):
     model = tiny_model(variant_config(name)).train()
@@ -344,5 +385,13 @@ def test_gradient_checkpointing_same_loss_and_gradients(name):
     n_layers = model.config.num_hidden_layers
     assert plain_calls == n_layers and ckpt_calls == 2 * n_layers, "the blocks should be recomputed in backward"
     assert abs(loss.item() - loss_ckpt.item()) < 1e-12
-    bad = {n: _max_diff(grads[n], grads_ckpt[n]) for n in grads if _max_diff(grads[n], grads_ckpt[n]) > 1e-12}
+    bad = {n: max_diff(grads[n], grads_ckpt[n]) for n in grads if max_diff(grads[n], grads_ckpt[n]) > 1e-12}
     assert not bad, f"gradients differ under gradient checkpointing: {bad}"
+
+
+def test_momentum_off_has_no_momentum_parameter():
+    """Without momentum beta is never read, so no trainable parameter may exist for it (DDP would stall on it)."""
+    names = {name for name, _ in tiny_model(tiny_config(momentum=False)).named_parameters()}
+    assert not any(name.endswith("momentum_logit") for name in names)
+    names = {name for name, _ in tiny_model(tiny_config(momentum=True)).named_parameters()}
+    assert any(name.endswith("momentum_logit") for name in names)

@@ -3,13 +3,7 @@ from __future__ import annotations
 
 import torch
 
-import hope  # noqa: F401  (registers the Auto* classes)
-from hope import HopeConfig, HopeForCausalLM
-
-# The suite runs as `pytest -n 2` on 2 cores: two workers with torch's default thread pool oversubscribe the
-# CPU, and tiny ops (the float64 depthwise conv1d above all) then spin for 10-100x their run time. One
-# intra-op thread per worker keeps the model tests fast; it changes no numerics.
-torch.set_num_threads(1)
+from hope import HopeCache, HopeConfig, HopeForCausalLM  # importing hope registers the Auto* classes
 
 F64 = torch.float64
 VOCAB = 50
@@ -52,5 +46,14 @@ def tiny_model(config: HopeConfig, dtype: torch.dtype = F64, seed: int = 0) -> H
     return HopeForCausalLM(config).to(dtype).eval()
 
 
-def random_ids(batch: int, length: int, vocab: int = VOCAB, generator: torch.Generator | None = None) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, length), generator=generator)
+def random_ids(batch: int, length: int, vocab: int = VOCAB) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length))
+
+
+def cache_of(output) -> HopeCache | None:
+    """The HopeCache of a model output (the field is `cache` or `past_key_values`, by transformers version)."""
+    return output.cache if hasattr(output, "cache") else output.past_key_values
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()

@@ -29,15 +29,6 @@ ETA_MAX = 0.5
 PARAM_NAMES = ("w_gate", "w_up", "w_down", "p_v", "w_eta", "b_eta")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation, which on a loaded 2-core machine
-    makes the module several times slower. Restored afterwards for the rest of the session."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def close(actual, expected, rtol=1e-10, atol=1e-12, msg=""):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{msg}: {m}")

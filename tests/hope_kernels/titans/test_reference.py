@@ -104,14 +104,6 @@ def flags(momentum=True, dgd=True, objective="l2", memory_target="self", adaptiv
 ADAPTIVE_CASES = {"all": ALL, "eta": ("eta",), "none": ()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: intra-op threads only add overhead. Restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def mixed_mask(g, T):
     """(3, T): row 0 all valid, row 1 random holes, row 2 right padding: every mask kind in one batch."""
