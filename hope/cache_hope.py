@@ -57,6 +57,11 @@ class HopeCache:
     def __len__(self) -> int:
         return len(self.layers)
 
+    @property
+    def is_linear(self) -> list[bool]:
+        """Tells generate() not to slice inputs by a KV length: HopeForCausalLM feeds the unseen tokens itself."""
+        return [True] * len(self.layers)
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens consumed so far (the position of the next token)."""
         return self.seen_tokens

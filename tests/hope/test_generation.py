@@ -201,3 +201,20 @@ def test_cache_reorder_and_repeat_select_batch_rows():
         history = torch.cat([ids[[2, 0]], nxt], dim=1).repeat_interleave(2, dim=0)
         want = model(torch.cat([history, nxt2], dim=1), use_cache=False).logits[:, -1:]
         assert max_diff(logits, want) < 1e-9
+
+
+def test_generate_with_a_user_supplied_cache():
+    """A HopeCache handed to generate() is filled in place and gives the tokens of an automatic cache."""
+    import inspect
+
+    import transformers
+
+    model = tiny_model(variant_config("hope")).eval()
+    ids = random_ids(2, 7)
+    expected = model.generate(ids, max_new_tokens=5, do_sample=False)
+    cache = HopeCache(model.config.num_hidden_layers)
+    params = inspect.signature(transformers.GenerationMixin.prepare_inputs_for_generation).parameters
+    name = "cache" if "cache" in params else "past_key_values"
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, **{name: cache})
+    assert torch.equal(out, expected)
+    assert cache.seen_tokens == 7 + 5 - 1  # the last sampled token is never fed back
