@@ -291,8 +291,8 @@ def test_padded_positions_change_no_state(valid, pad):
     mask = torch.ones(2, valid + pad, dtype=torch.long)
     mask[:, valid:] = 0
     with torch.no_grad():
-        padded = model(ids, attention_mask=mask, use_cache=True).cache
-        prefix = model(ids[:, :valid], use_cache=True).cache
+        padded = cache_of(model(ids, attention_mask=mask, use_cache=True))
+        prefix = cache_of(model(ids[:, :valid], use_cache=True))
     assert padded.get_seq_length() == valid + pad and prefix.get_seq_length() == valid
     got, want = _states(padded), _states(prefix)
     assert got.keys() == want.keys() and any(".titans." in k for k in got) and any(".cms" in k for k in got)
@@ -311,7 +311,7 @@ def test_padded_positions_change_no_state(valid, pad):
 def test_padded_attention_keys_are_marked_invalid():
     model = tiny_model(variant_config("transformer++"))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    cache = model(random_ids(2, 5), attention_mask=mask, use_cache=True).cache
+    cache = cache_of(model(random_ids(2, 5), attention_mask=mask, use_cache=True))
     for layer in cache.layers:
         assert torch.equal(layer.key_valid, mask.bool())
 
