@@ -33,3 +33,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+.PHONY: demo
+# The main job: train Hope and Transformer++ on an embedded corpus (~10 min on 2 CPU cores; a GPU when present).
+demo: install
+	$(PY) -m hope.train --demo

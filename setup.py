@@ -17,6 +17,7 @@ setup(
         "accelerate",
         "tqdm",
         "numpy",
+        "matplotlib",
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "triton>=3.6; platform_system == 'Linux'"],
