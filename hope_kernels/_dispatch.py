@@ -19,18 +19,22 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device, *, op: str, has_triton: bool) -> str:
+def resolve_backend(
+    backend: str, device: torch.device, *, op: str, has_triton: bool, gpu_verified: bool = False
+) -> str:
     """Return "torch" or "triton" for one call of `op` on tensors living on `device`.
 
-    "auto" picks Triton on CUDA when the op has a kernel and triton is installed, the PyTorch
-    reference otherwise. "triton" never falls back: it raises when the kernel cannot run.
+    "auto" picks Triton on CUDA when the op has a kernel that has been verified and timed on a GPU
+    (`gpu_verified`) and triton is installed, the PyTorch reference otherwise. "triton" never falls back:
+    it raises when the kernel cannot run.
     """
     if backend not in BACKENDS:
         raise ValueError(f"kernel_backend={backend!r} is not one of {BACKENDS}")
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        return "triton" if (device.type == "cuda" and has_triton and triton_available()) else "torch"
+        use_kernel = device.type == "cuda" and has_triton and gpu_verified and triton_available()
+        return "triton" if use_kernel else "torch"
     if not has_triton:
         raise RuntimeError(f"kernel_backend='triton': the {op} op has no Triton kernel yet; use 'torch' or 'auto'")
     if not triton_available():

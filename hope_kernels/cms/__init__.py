@@ -1,7 +1,9 @@
 """Continuum Memory System level op (SPEC §3): one SwiGLU level whose weights learn in context per chunk.
 
-`cms_level` / `cms_level_step` pick a backend with `hope_kernels._dispatch.resolve_backend`. Only the
-PyTorch reference exists so far; a Triton kernel will plug in behind the same functions (HAS_TRITON).
+`cms_level` / `cms_level_step` pick a backend with `hope_kernels._dispatch.resolve_backend`: the PyTorch
+reference (`reference.py`) or the Triton kernels (`chunk.py`, `step.py`), which are checked against it in
+Triton's interpreter. Until they have been verified and timed on a GPU (GPU_VERIFIED), "auto" keeps the
+reference on CUDA too; kernel_backend="triton" runs them.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from hope_kernels.cms.reference import (
     cms_level_step_reference,
 )
 
-HAS_TRITON = False  # flips to True when hope_kernels.cms ships a Triton kernel
+HAS_TRITON = True
+GPU_VERIFIED = False
 
 __all__ = [
     "HAS_TRITON",
@@ -50,12 +53,13 @@ def cms_level(
 
     backend: "auto" (Triton on CUDA once a kernel exists, the PyTorch reference otherwise), "torch" or "triton".
     """
-    resolve_backend(backend, z.device, op="cms", has_triton=HAS_TRITON)
-    return cms_level_reference(
-        z, w_gate, w_up, w_down, p_v, w_eta, b_eta,
-        chunk_size=chunk_size, eta_max=eta_max, objective=objective, decay=decay,
-        mask=mask, state=state, output_final_state=output_final_state,
-    )
+    kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, objective=objective, decay=decay, mask=mask,
+                  state=state, output_final_state=output_final_state)
+    if resolve_backend(backend, z.device, op="cms", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED) == "triton":
+        from hope_kernels.cms.chunk import cms_level_triton
+
+        return cms_level_triton(z, w_gate, w_up, w_down, p_v, w_eta, b_eta, **kwargs)
+    return cms_level_reference(z, w_gate, w_up, w_down, p_v, w_eta, b_eta, **kwargs)
 
 
 def cms_level_step(
@@ -76,8 +80,9 @@ def cms_level_step(
     backend: str = "auto",
 ) -> tuple[Tensor, CMSState]:
     """One decode token z_t (B, D); see `cms_level_step_reference` for the arguments and shapes."""
-    resolve_backend(backend, z_t.device, op="cms", has_triton=HAS_TRITON)
-    return cms_level_step_reference(
-        z_t, w_gate, w_up, w_down, p_v, w_eta, b_eta,
-        chunk_size=chunk_size, eta_max=eta_max, objective=objective, decay=decay, mask=mask, state=state,
-    )
+    kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, objective=objective, decay=decay, mask=mask, state=state)
+    if resolve_backend(backend, z_t.device, op="cms", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED) == "triton":
+        from hope_kernels.cms.step import cms_level_step_triton
+
+        return cms_level_step_triton(z_t, w_gate, w_up, w_down, p_v, w_eta, b_eta, **kwargs)
+    return cms_level_step_reference(z_t, w_gate, w_up, w_down, p_v, w_eta, b_eta, **kwargs)

@@ -1,0 +1,204 @@
+"""Triton kernels of one Continuum Memory System decode step (SPEC §3, §5 cache); no autograd.
+
+Same signature and semantics as `cms_level_step_reference`: read θ_c for one token, add eta_t ∇ℓ_t(θ_c) to
+the running sums, and apply Eq. 31's update when the token closes its chunk.
+
+Design: one token is matrix-vector work, memory-bound on reading θ_c and the running sums, so it is split
+over many programs and three launches (the W_down products couple all F rows through e = y - target):
+  1. grid (B, F tiles): a = W_gate z, b = W_up z                       -> (B, F) scratch
+  2. grid (B, D tiles): y = W_down (silu(a) b); e = eta (y - target)   -> y, e
+  3. grid (B, F tiles): dh = W_downᵀ e, da, db; new running sums (or, on a chunk boundary, the new θ)
+target = z P_v and eta = eta_max σ(z·w_eta + b_eta)·mask come from PyTorch. Without a state, θ_0 is read with
+batch stride 0. Arithmetic in fp32 (products and tl.sum, no tl.dot, so any D, F >= 1); y in z_t.dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hope_kernels._dispatch import triton_interpreting
+from hope_kernels.cms.chunk import _next_pow2, _sigmoid, check_kernel_inputs
+from hope_kernels.cms.reference import CMSState, _no_autocast, _shape_str, _validate
+
+__all__ = ["cms_level_step_triton"]
+
+
+@triton.jit
+def _step_ab_kernel(z_ptr, wg_ptr, wu_ptr, a_ptr, b_ptr, D, Fh, th_bstride,
+                    BD: tl.constexpr, BF: tl.constexpr):
+    bi = tl.program_id(0).to(tl.int64)
+    ft = tl.program_id(1)
+    offs_f = ft * BF + tl.arange(0, BF)
+    mf = offs_f < Fh
+    acc_a = tl.zeros((BF,), dtype=tl.float32)
+    acc_b = tl.zeros((BF,), dtype=tl.float32)
+    wg = wg_ptr + bi * th_bstride
+    wu = wu_ptr + bi * th_bstride
+    for dt in range(0, tl.cdiv(D, BD)):
+        offs_d = dt * BD + tl.arange(0, BD)
+        md = offs_d < D
+        zv = tl.load(z_ptr + bi * D + offs_d, mask=md, other=0.0).to(tl.float32)
+        off = offs_f[:, None] * D + offs_d[None, :]
+        m = mf[:, None] & md[None, :]
+        acc_a += tl.sum(tl.load(wg + off, mask=m, other=0.0) * zv[None, :], axis=1)
+        acc_b += tl.sum(tl.load(wu + off, mask=m, other=0.0) * zv[None, :], axis=1)
+    tl.store(a_ptr + bi * Fh + offs_f, acc_a, mask=mf)
+    tl.store(b_ptr + bi * Fh + offs_f, acc_b, mask=mf)
+
+
+@triton.jit
+def _step_y_kernel(a_ptr, b_ptr, wd_ptr, tg_ptr, eta_ptr, y_ptr, e_ptr, D, Fh, th_bstride,
+                   OBJ_L2: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+    bi = tl.program_id(0).to(tl.int64)
+    dt = tl.program_id(1)
+    offs_d = dt * BD + tl.arange(0, BD)
+    md = offs_d < D
+    wd = wd_ptr + bi * th_bstride
+    acc = tl.zeros((BD,), dtype=tl.float32)
+    for ft in range(0, tl.cdiv(Fh, BF)):
+        offs_f = ft * BF + tl.arange(0, BF)
+        mf = offs_f < Fh
+        a = tl.load(a_ptr + bi * Fh + offs_f, mask=mf, other=0.0)
+        b = tl.load(b_ptr + bi * Fh + offs_f, mask=mf, other=0.0)
+        h = a * _sigmoid(a) * b
+        w = tl.load(wd + offs_d[:, None] * Fh + offs_f[None, :], mask=md[:, None] & mf[None, :], other=0.0)
+        acc += tl.sum(w * h[None, :], axis=1)
+    tl.store(y_ptr + bi * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=md)
+    tg = tl.load(tg_ptr + bi * D + offs_d, mask=md, other=0.0)
+    eta = tl.load(eta_ptr + bi)
+    if OBJ_L2:
+        e = eta * (acc - tg)
+    else:
+        e = -eta * tg
+    tl.store(e_ptr + bi * D + offs_d, e, mask=md)
+
+
+@triton.jit
+def _step_update_kernel(z_ptr, a_ptr, b_ptr, e_ptr, wg_ptr, wu_ptr, wd_ptr, gg_ptr, gu_ptr, gd_ptr,
+                        w0g_ptr, w0u_ptr, w0d_ptr, og_ptr, ou_ptr, od_ptr, D, Fh, th_bstride, decay,
+                        HAS_G: tl.constexpr, CLOSES: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+    """CLOSES: o* = new θ = (1-decay)θ + decay θ_0 - (G + p); else o* = new running sums G + p."""
+    bi = tl.program_id(0).to(tl.int64)
+    ft = tl.program_id(1)
+    FD = Fh * D
+    offs_f = ft * BF + tl.arange(0, BF)
+    mf = offs_f < Fh
+    wg = wg_ptr + bi * th_bstride
+    wu = wu_ptr + bi * th_bstride
+    wd = wd_ptr + bi * th_bstride
+    dh = tl.zeros((BF,), dtype=tl.float32)
+    for dt in range(0, tl.cdiv(D, BD)):
+        offs_d = dt * BD + tl.arange(0, BD)
+        md = offs_d < D
+        e = tl.load(e_ptr + bi * D + offs_d, mask=md, other=0.0)
+        w = tl.load(wd + offs_d[:, None] * Fh + offs_f[None, :], mask=md[:, None] & mf[None, :], other=0.0)
+        dh += tl.sum(w * e[:, None], axis=0)
+    a = tl.load(a_ptr + bi * Fh + offs_f, mask=mf, other=0.0)
+    b = tl.load(b_ptr + bi * Fh + offs_f, mask=mf, other=0.0)
+    sg = _sigmoid(a)
+    s = a * sg
+    h = s * b
+    da = dh * b * (sg + s * (1.0 - sg))
+    db = dh * s
+    for dt in range(0, tl.cdiv(D, BD)):
+        offs_d = dt * BD + tl.arange(0, BD)
+        md = offs_d < D
+        m = mf[:, None] & md[None, :]
+        md_t = md[:, None] & mf[None, :]
+        zv = tl.load(z_ptr + bi * D + offs_d, mask=md, other=0.0).to(tl.float32)
+        e = tl.load(e_ptr + bi * D + offs_d, mask=md, other=0.0)
+        off = offs_f[:, None] * D + offs_d[None, :]  # (F, D) blocks of W_gate, W_up
+        off_t = offs_d[:, None] * Fh + offs_f[None, :]  # (D, F) block of W_down
+        pg = da[:, None] * zv[None, :]
+        pu = db[:, None] * zv[None, :]
+        pd = e[:, None] * h[None, :]
+        if HAS_G:
+            pg += tl.load(gg_ptr + bi * FD + off, mask=m, other=0.0)
+            pu += tl.load(gu_ptr + bi * FD + off, mask=m, other=0.0)
+            pd += tl.load(gd_ptr + bi * FD + off_t, mask=md_t, other=0.0)
+        if CLOSES:
+            pg = (1.0 - decay) * tl.load(wg + off, mask=m, other=0.0) + decay * tl.load(w0g_ptr + off, mask=m, other=0.0) - pg
+            pu = (1.0 - decay) * tl.load(wu + off, mask=m, other=0.0) + decay * tl.load(w0u_ptr + off, mask=m, other=0.0) - pu
+            pd = ((1.0 - decay) * tl.load(wd + off_t, mask=md_t, other=0.0)
+                  + decay * tl.load(w0d_ptr + off_t, mask=md_t, other=0.0) - pd)
+        tl.store(og_ptr + bi * FD + off, pg, mask=m)
+        tl.store(ou_ptr + bi * FD + off, pu, mask=m)
+        tl.store(od_ptr + bi * FD + off_t, pd, mask=md_t)
+
+
+def cms_level_step_triton(
+    z_t: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    p_v: Tensor,
+    w_eta: Tensor,
+    b_eta: Tensor,
+    *,
+    chunk_size: int,
+    eta_max: float,
+    objective: str = "l2",
+    decay: float = 0.0,
+    mask: Optional[Tensor] = None,
+    state: Optional[CMSState],
+) -> tuple[Tensor, CMSState]:
+    """One decode token on Triton; arguments, shapes and semantics as `cms_level_step_reference`. No autograd."""
+    if not isinstance(z_t, Tensor) or z_t.dim() != 2:
+        shape = _shape_str(z_t) if isinstance(z_t, Tensor) else type(z_t).__name__
+        raise ValueError(f"z_t must be (B, D), got {shape}")
+    if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 1):
+        shape = _shape_str(mask) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be (B,) for one token, got {shape}")
+    B, _, D, Fh = _validate(
+        z_t.unsqueeze(1), w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay,
+        None if mask is None else mask.unsqueeze(1), state,
+    )
+    named = {"z_t": z_t, "w_gate": w_gate, "w_up": w_up, "w_down": w_down, "p_v": p_v, "w_eta": w_eta,
+             "b_eta": b_eta}
+    if state is not None:
+        named.update({f"state.{k}": getattr(state, k) for k in CMSState._fields[:6]})
+    check_kernel_inputs(named, z_t.device)
+    f32, dev = torch.float32, z_t.device
+    cap = 32 if triton_interpreting() else 64
+    BD, BF = max(16, min(_next_pow2(D), cap)), max(16, min(_next_pow2(Fh), cap))
+    with _no_autocast(dev), torch.no_grad():
+        z = z_t.contiguous()
+        zf = z.to(f32)
+        w0 = [w.detach().to(f32).contiguous() for w in (w_gate, w_up, w_down)]
+        tg = (zf @ p_v.detach().to(f32)).contiguous()
+        eta = eta_max * torch.sigmoid(zf @ w_eta.detach().to(f32) + b_eta.detach().to(f32).reshape(()))
+        if mask is not None:
+            eta = eta * mask.to(device=dev, dtype=f32)
+        eta = eta.contiguous()
+        if state is None:
+            position, theta, grads, bstride = 0, w0, None, 0
+        else:
+            position = int(state.position)
+            theta = [t.detach().to(f32).contiguous() for t in state[:3]]
+            grads = [t.detach().to(f32).contiguous() for t in state[3:6]]
+            bstride = Fh * D
+        closes = (position + 1) % chunk_size == 0
+        a = torch.empty(B, Fh, device=dev, dtype=f32)
+        b = torch.empty_like(a)
+        y = torch.empty(B, D, device=dev, dtype=z_t.dtype)
+        e = torch.empty(B, D, device=dev, dtype=f32)
+        out = [torch.empty(B, Fh, D, device=dev, dtype=f32), torch.empty(B, Fh, D, device=dev, dtype=f32),
+               torch.empty(B, D, Fh, device=dev, dtype=f32)]
+        nft, ndt = triton.cdiv(Fh, BF), triton.cdiv(D, BD)
+        _step_ab_kernel[(B, nft)](z, theta[0], theta[1], a, b, D, Fh, bstride, BD=BD, BF=BF)
+        _step_y_kernel[(B, ndt)](a, b, theta[2], tg, eta, y, e, D, Fh, bstride,
+                                 OBJ_L2=objective == "l2", BD=BD, BF=BF)
+        g_in = grads if grads is not None else out  # unused when HAS_G is False
+        _step_update_kernel[(B, nft)](z, a, b, e, *theta, *g_in, *w0, *out, D, Fh, bstride, float(decay),
+                                      HAS_G=grads is not None, CLOSES=closes, BD=BD, BF=BF)
+        if closes:
+            final = CMSState(*out, *(torch.zeros_like(t) for t in out), position=position + 1)
+        else:
+            if state is None:
+                theta = [w.expand(B, -1, -1).contiguous() for w in w0]
+            final = CMSState(*theta, *out, position=position + 1)
+    return y, final

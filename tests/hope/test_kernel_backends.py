@@ -1,0 +1,68 @@
+"""Model level: kernel_backend="triton" (Triton's interpreter on CPU) gives the logits, loss and parameter
+gradients of kernel_backend="torch", for every op that ships a Triton kernel."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hope_kernels.cms as cms_kernels
+import hope_kernels.titans as titans_kernels
+from tests.hope.utils_hope import cache_of, random_ids, tiny_model, variant_config
+
+pytest.importorskip("triton", reason="the Triton backend needs the triton package")
+
+F32 = torch.float32
+CASES = {
+    # name: (variant overrides, ops it needs)
+    "cms_sequential": (dict(mixer="attention", cms_variant="sequential"), ["cms"]),
+    "cms_independent": (dict(mixer="attention", cms_variant="independent"), ["cms"]),
+    "hope": (dict(), ["titans", "cms"]),
+}
+KERNELS = {"titans": titans_kernels, "cms": cms_kernels}
+
+
+def _models(name: str):
+    overrides, ops = CASES[name]
+    missing = [op for op in ops if not KERNELS[op].HAS_TRITON]
+    if missing:
+        pytest.skip(f"no Triton kernel yet for {missing}")
+    return tuple(tiny_model(variant_config("hope", **overrides, kernel_backend=b), dtype=F32) for b in ("torch", "triton"))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_equals_torch_logits_loss_gradients(name):
+    reference, kernel = _models(name)
+    ids = random_ids(2, 13)
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, 10:] = 0  # right padding in one row
+    outputs = []
+    for model in (reference, kernel):
+        model.train()
+        out = model(ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        outputs.append(out)
+    assert _rel(outputs[1].logits, outputs[0].logits) < 1e-4
+    assert abs(outputs[1].loss.item() - outputs[0].loss.item()) < 1e-4 * abs(outputs[0].loss.item())
+    for (pname, p_ref), (_, p_ker) in zip(reference.named_parameters(), kernel.named_parameters()):
+        assert p_ref.grad is not None and p_ker.grad is not None, pname
+        assert _rel(p_ker.grad, p_ref.grad) < 1e-4, pname
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_decode_equals_torch(name):
+    reference, kernel = _models(name)
+    ids = random_ids(2, 9)
+    logits = []
+    with torch.no_grad():
+        for model in (reference, kernel):
+            out = model(ids[:, :6], use_cache=True)
+            cache, steps = cache_of(out), [out.logits]
+            for t in range(6, 9):
+                out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+                steps.append(out.logits)
+            logits.append(torch.cat(steps, dim=1))
+    assert _rel(logits[1], logits[0]) < 1e-4
