@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForCausalLM
 
-import hope_kernels.cms as cms_kernels
 import hope_kernels.titans as titans_kernels
 from hope import HopeCache, HopeConfig, HopeForCausalLM, HopeModel
 from tests.hope.utils_hope import (
@@ -185,7 +184,7 @@ def test_torch_backend_equals_auto_on_cpu(name):
     assert torch.equal(auto, torch_)
 
 
-@pytest.mark.parametrize("name, kernels, op", [("titans", titans_kernels, "titans"), ("hope_attention", cms_kernels, "cms")])
+@pytest.mark.parametrize("name, kernels, op", [("titans", titans_kernels, "titans")])
 def test_triton_backend_without_kernel_raises(name, kernels, op):
     if kernels.HAS_TRITON:
         pytest.skip(f"hope_kernels.{op} has a Triton kernel: its numerics are tested in tests/hope_kernels")
