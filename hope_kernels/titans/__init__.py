@@ -1,4 +1,9 @@
-"""Self-modifying Titans memory (SPEC §2): one op, dispatched to the PyTorch reference or Triton."""
+"""Self-modifying Titans memory (SPEC §2): one op, dispatched to the PyTorch reference or Triton.
+
+The Triton kernels (`chunk.py`, `step.py`) are checked against the reference in Triton's interpreter. Until
+they have been verified and timed on a GPU (GPU_VERIFIED), kernel_backend="auto" keeps the reference on CUDA
+too; kernel_backend="triton" runs them.
+"""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -16,7 +21,8 @@ from hope_kernels.titans.reference import (
     titans_memory_step_reference,
 )
 
-HAS_TRITON = False
+HAS_TRITON = True
+GPU_VERIFIED = False
 
 __all__ = [
     "ADAPTIVE_NAMES",
@@ -55,7 +61,7 @@ def titans_memory(
     kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, momentum=momentum, dgd=dgd, objective=objective,
                   memory_target=memory_target, adaptive=adaptive, mask=mask, state=state,
                   output_final_state=output_final_state)
-    if resolve_backend(backend, q.device, op="titans", has_triton=HAS_TRITON) == "triton":
+    if resolve_backend(backend, q.device, op="titans", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED) == "triton":
         from hope_kernels.titans.chunk import titans_memory_triton
 
         return titans_memory_triton(q, a, z0, b_eta, b_alpha, momentum_logit, **kwargs)
@@ -84,7 +90,7 @@ def titans_memory_step(
     """One decode token; shapes and semantics as `titans_memory_step_reference`."""
     kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, momentum=momentum, dgd=dgd, objective=objective,
                   memory_target=memory_target, adaptive=adaptive, mask=mask, state=state)
-    if resolve_backend(backend, q.device, op="titans", has_triton=HAS_TRITON) == "triton":
+    if resolve_backend(backend, q.device, op="titans", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED) == "triton":
         from hope_kernels.titans.step import titans_memory_step_triton
 
         return titans_memory_step_triton(q, a, z0, b_eta, b_alpha, momentum_logit, **kwargs)

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForCausalLM
 
-import hope_kernels.titans as titans_kernels
 from hope import HopeCache, HopeConfig, HopeForCausalLM, HopeModel
 from tests.hope.utils_hope import (
     F64, VARIANTS, VOCAB, cache_of, max_diff, random_ids, tiny_config, tiny_model, variant_config,
@@ -182,15 +181,6 @@ def test_torch_backend_equals_auto_on_cpu(name):
     auto = tiny_model(variant_config(name, kernel_backend="auto"))(ids).logits
     torch_ = tiny_model(variant_config(name, kernel_backend="torch"))(ids).logits
     assert torch.equal(auto, torch_)
-
-
-@pytest.mark.parametrize("name, kernels, op", [("titans", titans_kernels, "titans")])
-def test_triton_backend_without_kernel_raises(name, kernels, op):
-    if kernels.HAS_TRITON:
-        pytest.skip(f"hope_kernels.{op} has a Triton kernel: its numerics are tested in tests/hope_kernels")
-    model = tiny_model(variant_config(name, kernel_backend="triton"))
-    with pytest.raises(RuntimeError, match=f"{op} op has no Triton kernel yet"):
-        model(random_ids(1, 5))
 
 
 # ---------------------------------------------------------------------------------------------- bad input
