@@ -12,6 +12,7 @@ from tests.hope.utils_hope import cache_of, random_ids, tiny_model, variant_conf
 pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
 F32 = torch.float32
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors run in Triton's interpreter (conftest)
 CASES = {
     # name: (variant overrides, ops it needs)
     "cms_sequential": (dict(mixer="attention", cms_variant="sequential"), ["cms"]),
@@ -26,7 +27,8 @@ def _models(name: str):
     missing = [op for op in ops if not KERNELS[op].HAS_TRITON]
     if missing:
         pytest.skip(f"no Triton kernel yet for {missing}")
-    return tuple(tiny_model(variant_config("hope", **overrides, kernel_backend=b), dtype=F32) for b in ("torch", "triton"))
+    return tuple(tiny_model(variant_config("hope", **overrides, kernel_backend=b), dtype=F32).to(DEV)
+                 for b in ("torch", "triton"))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -36,8 +38,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_equals_torch_logits_loss_gradients(name):
     reference, kernel = _models(name)
-    ids = random_ids(2, 13)
-    mask = torch.ones(2, 13, dtype=torch.long)
+    ids = random_ids(2, 13).to(DEV)
+    mask = torch.ones(2, 13, dtype=torch.long, device=DEV)
     mask[1, 10:] = 0  # right padding in one row
     outputs = []
     for model in (reference, kernel):
@@ -55,7 +57,7 @@ def test_triton_equals_torch_logits_loss_gradients(name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_decode_equals_torch(name):
     reference, kernel = _models(name)
-    ids = random_ids(2, 9)
+    ids = random_ids(2, 9).to(DEV)
     logits = []
     with torch.no_grad():
         for model in (reference, kernel):
