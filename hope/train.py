@@ -101,28 +101,15 @@ def build_configs(vocab_size: int, hidden_size: int, num_layers: int, num_heads:
     """The two configs at one parameter budget: Transformer++ with its default SwiGLU width (8/3 D rounded up
     to 64), and Hope (Titans mixer, CMS levels [16, 128, None]) whose per-level `cms_hidden_size` is solved
     (a multiple of 16) so that its parameter count is the closest to the Transformer++'s."""
-    import torch
-
-    from hope import HopeConfig, HopeForCausalLM
+    from hope.presets import matched_hope_config, transformer_config
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, num_heads=num_heads,
                   max_position_embeddings=max(seq_len, 512), pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                   bos_token_id=None, tie_word_embeddings=True)
-    transformer = HopeConfig(**common, mixer="attention", cms_chunk_sizes=[None])
-
-    def hope_config(cms_hidden_size: int) -> HopeConfig:
-        return HopeConfig(**common, mixer="titans", chunk_size=min(64, seq_len), cms_chunk_sizes=[16, 128, None],
-                          cms_hidden_size=cms_hidden_size)
-
-    def size(config: HopeConfig) -> int:
-        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-            return count_parameters(HopeForCausalLM(config))
-
-    # The count is affine in cms_hidden_size: two probes give the slope, then round to a multiple of 16.
-    budget, at_16, at_32 = size(transformer), size(hope_config(16)), size(hope_config(32))
-    slope = (at_32 - at_16) / 16
-    width = max(16, 16 * round((16 + (budget - at_16) / slope) / 16))
-    return {"hope": hope_config(width), "transformer": transformer}
+    return {
+        "hope": matched_hope_config(multiple=16, chunk_size=min(64, seq_len), **common),
+        "transformer": transformer_config(**common),
+    }
 
 
 # ------------------------------------------------------------------------------------------- training
