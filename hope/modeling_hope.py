@@ -143,10 +143,9 @@ class HopeModel(HopePreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if cache is not None and not isinstance(cache, HopeCache):
             raise TypeError(f"cache must be a HopeCache, got {type(cache).__name__}")
+        # A cache the caller passes in is always continued; use_cache only decides whether to create one.
         if use_cache and cache is None and not (self.gradient_checkpointing and self.training):
             cache = HopeCache(self.config.num_hidden_layers)
-        if not use_cache:
-            cache = None
         start = cache.seen_tokens if cache is not None else 0
         valid = self._token_validity(attention_mask, B, T, start)
 

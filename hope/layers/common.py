@@ -31,29 +31,49 @@ class ShortConv(nn.Module):
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size))
 
-    def forward(self, x: Tensor, tail: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """x: (B, T, D); tail: (B, K-1, D) inputs before x (zeros at the sequence start).
+    def forward(
+        self, x: Tensor, tail: Optional[Tensor] = None, valid: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
+        """x: (B, T, D); tail: (B, K-1, D) inputs before x (zeros at the sequence start); valid: (B, T) bool.
 
-        Returns the convolved (B, T, D) and the new tail (B, K-1, D).
+        Returns the convolved (B, T, D) and the new tail (B, K-1, D). A masked token changes no state
+        (SPEC §5): each valid token convolves the K-1 valid inputs before it, and the tail keeps valid
+        inputs only. Outputs at masked positions are unspecified.
         """
         B, T, D = x.shape
+        K1 = self.kernel_size - 1
         if tail is None:
-            tail = x.new_zeros(B, self.kernel_size - 1, D)
+            tail = x.new_zeros(B, K1, D)
         window = torch.cat([tail.to(x.dtype), x], dim=1)
-        y = F.conv1d(window.transpose(1, 2), self.weight.to(x.dtype), groups=D).transpose(1, 2)
-        return y, window[:, window.shape[1] - (self.kernel_size - 1) :]
+        weight = self.weight.to(x.dtype)
+        if valid is None:
+            y = F.conv1d(window.transpose(1, 2), weight, groups=D).transpose(1, 2)
+            return y, window[:, window.shape[1] - K1 :]
+        # Pack every row's valid inputs to the front (the tail counts as valid), convolve, and read each token's
+        # output back at its packed index; masked inputs land in one dump slot that is dropped.
+        keep = torch.cat([valid.new_ones(B, K1, dtype=torch.bool), valid.bool()], dim=1)
+        rank = keep.long().cumsum(1) - 1
+        length = K1 + T
+        dest = torch.where(keep, rank, torch.full_like(rank, length))
+        packed = window.new_zeros(B, length + 1, D).scatter(1, dest.unsqueeze(-1).expand(-1, -1, D), window)
+        packed = packed[:, :length]
+        y_packed = F.conv1d(packed.transpose(1, 2), weight, groups=D).transpose(1, 2)  # (B, T, D)
+        y = y_packed.gather(1, (rank[:, K1:] - K1).clamp_min(0).unsqueeze(-1).expand(-1, -1, D))
+        last = keep.sum(1, keepdim=True) - K1 + torch.arange(K1, device=x.device)  # the K-1 last valid inputs
+        return y, packed.gather(1, last.unsqueeze(-1).expand(-1, -1, D))
 
 
 def rotary_tables(positions: Tensor, dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of RoPE for integer positions (T,): each (T, dim)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    """cos and sin of RoPE for integer positions (T,): each (T, dim), in float64 (cast where applied)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim))
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (B, H, T, d) by the tables (T, d) (the half-split RoPE layout)."""
+    """Rotate x (B, H, T, d) by the tables (T, d) (the half-split RoPE layout), in at least fp32."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(dtype) * cos.to(dtype) + rotated.to(dtype) * sin.to(dtype)).to(x.dtype)

@@ -60,9 +60,8 @@ class TitansMixer(nn.Module):
         """x: (B, T, D) normed input; valid: (B, T) bool or None; cache: updated in place when given."""
         B, T, D = x.shape
         H, d = self.num_heads, self.head_dim
-        conv_in = x if valid is None else x * valid.unsqueeze(-1).to(x.dtype)  # a masked token feeds nothing
-        q, q_tail = self.q_conv(self.q_proj(conv_in), None if cache is None else cache.conv.get("q"))
-        a, a_tail = self.a_conv(self.a_proj(conv_in), None if cache is None else cache.conv.get("a"))
+        q, q_tail = self.q_conv(self.q_proj(x), None if cache is None else cache.conv.get("q"), valid)
+        a, a_tail = self.a_conv(self.a_proj(x), None if cache is None else cache.conv.get("a"), valid)
         q = F.normalize(F.silu(q).view(B, T, H, d), dim=-1)
         a = F.silu(a).view(B, T, H, d)
         config = self.config

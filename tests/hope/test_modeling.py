@@ -384,3 +384,43 @@ def test_momentum_off_has_no_momentum_parameter():
     assert not any(name.endswith("momentum_logit") for name in names)
     names = {name for name, _ in tiny_model(tiny_config(momentum=True)).named_parameters()}
     assert any(name.endswith("momentum_logit") for name in names)
+
+
+def test_masked_tokens_change_no_conv_state():
+    """SPEC §5: masked tokens inside a sequence leave every state alone, the short-convolution window too. With
+    chunk_size 1 and no CMS learning the chunk phase cannot matter, so the valid logits must equal the run
+    without the masked tokens."""
+    model = tiny_model(variant_config("titans", chunk_size=1))
+    ids = random_ids(2, 10)
+    padded = torch.cat([ids[:, :4], random_ids(2, 2), ids[:, 4:]], dim=1)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[:, 4:6] = 0
+    with torch.no_grad():
+        reference = model(ids, use_cache=False).logits
+        out = model(padded, attention_mask=mask, use_cache=False).logits
+    keep = mask[0].bool()
+    assert max_diff(out[:, keep], reference) < 1e-10
+
+
+def test_right_padded_prefill_then_continue_equals_unpadded():
+    """A right-padded segment followed by more tokens through the cache (truncated BPTT over a stream)."""
+    model = tiny_model(variant_config("titans", chunk_size=1))
+    ids = random_ids(1, 9)
+    with torch.no_grad():
+        reference = model(ids, use_cache=False).logits
+        first = torch.cat([ids[:, :5], random_ids(1, 2)], dim=1)
+        mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
+        cache = cache_of(model(first, attention_mask=mask, use_cache=True))
+        rest = model(ids[:, 5:], cache=cache, use_cache=True).logits
+    assert max_diff(rest, reference[:, 5:]) < 1e-10
+
+
+def test_a_passed_cache_is_continued_even_with_use_cache_false():
+    model = tiny_model(variant_config("hope"))
+    ids = random_ids(1, 11)
+    with torch.no_grad():
+        reference = model(ids, use_cache=False).logits
+        cache = cache_of(model(ids[:, :6], use_cache=True))
+        rest = model(ids[:, 6:], cache=cache, use_cache=False).logits
+    assert cache.seen_tokens == 11
+    assert max_diff(rest, reference[:, 6:]) < 1e-10
