@@ -36,7 +36,7 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.gpu_common import cuda_time_ms, matmul_rate_tflops, rel_err  # noqa: E402
+from benchmarks.gpu_common import cuda_time_ms, gpu_unavailable_reason, matmul_rate_tflops, rel_err  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "results", "cms_h200.json")
 ETA_MAX = 0.1
@@ -182,22 +182,13 @@ def make_methods(skip):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        import torch
-    except ImportError:
-        print("bench_cms_gpu: torch is not installed; nothing to do.")
+    reason = gpu_unavailable_reason("bench_cms_gpu")
+    if reason:
+        print(reason)
         return 0
-    if not torch.cuda.is_available():
-        print("bench_cms_gpu: no CUDA device available; this benchmark needs a GPU. Skipping (exit 0).")
-        return 0
-    try:
-        import triton
-    except ImportError:
-        print("bench_cms_gpu: triton is not installed; the CMS kernels cannot run. Skipping (exit 0).")
-        return 0
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("bench_cms_gpu: TRITON_INTERPRET=1 is set; unset it to benchmark compiled kernels.")
-        return 0
+    import torch
+    import triton
+
     if args.dot_precision:
         os.environ["HOPE_CMS_DOT_PRECISION"] = args.dot_precision
     import hope_kernels.cms.chunk as chunk_mod

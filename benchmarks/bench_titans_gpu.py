@@ -39,7 +39,7 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.gpu_common import cuda_time_ms, rel_err  # noqa: E402
+from benchmarks.gpu_common import cuda_time_ms, gpu_unavailable_reason, rel_err  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "results", "titans_h200.json")
 
@@ -258,22 +258,13 @@ def bench_shapes(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        import torch
-    except ImportError:
-        print("bench_titans_gpu: torch is not installed; nothing to do.")
+    reason = gpu_unavailable_reason("bench_titans_gpu")
+    if reason:
+        print(reason)
         return 0
-    if not torch.cuda.is_available():
-        print("bench_titans_gpu: no CUDA device available; this benchmark needs a GPU. Skipping (exit 0).")
-        return 0
-    try:
-        import triton
-    except ImportError:
-        print("bench_titans_gpu: triton is not installed; the Titans kernels cannot run. Skipping (exit 0).")
-        return 0
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("bench_titans_gpu: TRITON_INTERPRET=1 is set; unset it to benchmark compiled kernels.")
-        return 0
+    import torch
+    import triton
+
     if args.dot_precision:
         os.environ["HOPE_TITANS_DOT_PRECISION"] = args.dot_precision
     import hope_kernels.titans.chunk as chunk_mod

@@ -41,3 +41,23 @@ def rel_err(x, y):
     x, y = x.detach().to(torch.float64), y.detach().to(torch.float64)
     n = y.norm().item()
     return (x - y).norm().item() / n if n > 0 else x.norm().item()
+
+
+def gpu_unavailable_reason(script: str) -> str | None:
+    """Why `script` cannot benchmark compiled kernels here (no torch, no CUDA, no triton, the interpreter), or
+    None when it can. The scripts print the reason and exit 0, so they run anywhere with one command."""
+    try:
+        import torch
+    except ImportError:
+        return f"{script}: torch is not installed; nothing to do."
+    if not torch.cuda.is_available():
+        return f"{script}: no CUDA device available; this benchmark needs a GPU. Skipping (exit 0)."
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return f"{script}: triton is not installed; the kernels cannot run. Skipping (exit 0)."
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return f"{script}: TRITON_INTERPRET=1 is set; unset it to benchmark compiled kernels."
+    return None

@@ -17,7 +17,8 @@ class HopeLayerCache:
     memory: the Titans TitansState (Z_c, Z_t, S_t, position), or None before the first token.
     cms: one entry per CMS level: a CMSState (θ_c, this chunk's summed inner gradients, position), or None
          for a level that never learns in context.
-    key, value: (B, H, T_past, d) of an attention layer; key_valid: (B, T_past) bool, which past keys exist.
+    key, value: (B, H, T_past, d) of an attention layer; key_valid: (B, T_past) bool, which past keys exist;
+    key_padded: whether any of them is padding.
     """
 
     conv: dict[str, Tensor] = field(default_factory=dict)
@@ -26,6 +27,7 @@ class HopeLayerCache:
     key: Optional[Tensor] = None
     value: Optional[Tensor] = None
     key_valid: Optional[Tensor] = None
+    key_padded: bool = False  # some cached key is padding: attention needs the explicit mask
 
 
 def _map_tensors(obj: Any, fn) -> Any:

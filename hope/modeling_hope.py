@@ -109,7 +109,7 @@ class HopeModel(HopePreTrainedModel):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         if input_ids.numel():
-            low, high = int(input_ids.min()), int(input_ids.max())
+            low, high = torch.stack(torch.aminmax(input_ids.long())).tolist()  # one host sync for both bounds
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(
                     f"input_ids must lie in [0, vocab_size={self.config.vocab_size}); got values in [{low}, {high}]"

@@ -40,14 +40,16 @@ class AttentionMixer(nn.Module):
         cos, sin = rotary_tables(torch.arange(start, start + T, device=x.device), d, self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         key_valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid.bool()
+        # `valid` is None when every current token is valid (HopeModel decides once), so no host sync here.
+        padded = valid is not None
         if cache is not None:
             if cache.key is not None:
                 k = torch.cat([cache.key, k], dim=2)
                 v = torch.cat([cache.value, v], dim=2)
                 key_valid = torch.cat([cache.key_valid, key_valid], dim=1)
-            cache.key, cache.value, cache.key_valid = k, v, key_valid
+                padded = padded or cache.key_padded
+            cache.key, cache.value, cache.key_valid, cache.key_padded = k, v, key_valid, padded
         past = k.shape[2] - T
-        padded = not bool(key_valid.all())
         if not padded and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and flash_attn_available():
             from flash_attn import flash_attn_func
 
