@@ -10,18 +10,28 @@ The pipeline, one small function per step:
     pack_dataset(ds, seq_len, eos)    fixed-length blocks of the concatenated stream: "input_ids" and "labels"
     build_datasets(tokenizer, ...)    all of the above for both splits
 
-Labels are the input ids with every </s> replaced by -100: the model still sees </s> as a topic separator,
+For `hope-train`, `load_text_dataset(source)` reads user data (local files, a saved directory or a hub name)
+and `pack_for_training` tokenizes and packs it the same way, with EOS as a target.
+
+In the demo, labels are the input ids with every </s> replaced by -100: the model still sees </s> as a topic separator,
 but never has to predict it, so the loss is a mean over UTF-8 bytes only and bits per byte = loss / ln 2.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import math
-from typing import Dict, Iterable, List, Sequence, Tuple
+import os
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, IterableDataset
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on (empty, too short, a missing column): the CLIs print it without a traceback."""
 
 
 def load_topics() -> Dict[str, str]:
@@ -71,21 +81,26 @@ def topics_dataset(topics: Dict[str, str], names: Sequence[str]) -> Dataset:
     return Dataset.from_dict({"topic": list(names), "text": [topics[name] for name in names]})
 
 
-def tokenize_dataset(dataset: Dataset, tokenizer) -> Dataset:
-    """Add "input_ids": each text tokenized (for ByT5: its UTF-8 bytes, then </s>); drops the other columns."""
+def tokenize_dataset(dataset, tokenizer, text_column: str = "text"):
+    """Add "input_ids": each text's tokens (no special tokens) followed by the tokenizer's EOS (for ByT5: the
+    UTF-8 bytes + 3, then </s>); drops the other columns. Works on `Dataset` and streamed `IterableDataset`."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def tokenize(batch: dict) -> dict:
-        encoded = tokenizer(batch["text"], add_special_tokens=True)
-        return {"input_ids": encoded["input_ids"]}
+        encoded = tokenizer(batch[text_column], add_special_tokens=False)
+        return {"input_ids": [ids + eos for ids in encoded["input_ids"]]}
 
-    return dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="tokenize")
+    columns = dataset.column_names or [text_column]
+    extra = {} if isinstance(dataset, IterableDataset) else {"desc": "tokenize"}
+    return dataset.map(tokenize, batched=True, remove_columns=columns, **extra)
 
 
-def pack_dataset(dataset: Dataset, seq_len: int, eos_token_id: int) -> Dataset:
+def pack_dataset(dataset, seq_len: int, ignore_token_id: Optional[int] = None, name: str = "the dataset"):
     """Concatenate every row's "input_ids" and cut the stream into blocks of `seq_len` tokens.
 
     The remainder (< seq_len tokens) is dropped, so every block is full and needs no padding or attention
-    mask. "labels" are the ids with `eos_token_id` set to -100 (the shift happens inside the model).
+    mask. "labels" are the ids, with `ignore_token_id` (if given) set to -100 (the shift happens inside the
+    model). A `Dataset` is packed as one stream; a streamed `IterableDataset` per 1000 rows.
     """
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len!r} is not allowed: it must be at least 2")
@@ -93,14 +108,16 @@ def pack_dataset(dataset: Dataset, seq_len: int, eos_token_id: int) -> Dataset:
     def pack(batch: dict) -> dict:
         stream = [token for ids in batch["input_ids"] for token in ids]
         blocks = [stream[start : start + seq_len] for start in range(0, len(stream) - seq_len + 1, seq_len)]
-        labels = [[IGNORE_INDEX if token == eos_token_id else token for token in block] for block in blocks]
+        labels = [[IGNORE_INDEX if token == ignore_token_id else token for token in block] for block in blocks]
         return {"input_ids": blocks, "labels": labels}
 
+    if isinstance(dataset, IterableDataset):
+        return dataset.map(pack, batched=True, batch_size=1000, remove_columns=["input_ids"])
     # batch_size=None packs the whole split as one stream, so only one remainder is dropped.
     packed = dataset.map(pack, batched=True, batch_size=None, remove_columns=dataset.column_names, desc="pack")
     if len(packed) == 0:
         total = sum(len(ids) for ids in dataset["input_ids"])
-        raise ValueError(f"only {total} tokens: fewer than one block of seq_len={seq_len}")
+        raise DataError(f"{name} has only {total} tokens: fewer than one block of seq_len={seq_len}")
     return packed
 
 
@@ -112,7 +129,7 @@ def build_datasets(tokenizer, seq_len: int = 256, validation_fraction: float = 0
     splits = {}
     for split, names in (("train", train_names), ("validation", validation_names)):
         tokens = tokenize_dataset(topics_dataset(topics, names), tokenizer)
-        splits[split] = pack_dataset(tokens, seq_len, tokenizer.eos_token_id)
+        splits[split] = pack_dataset(tokens, seq_len, ignore_token_id=tokenizer.eos_token_id)
     return DatasetDict(splits)
 
 
@@ -125,3 +142,95 @@ def count_target_bytes(dataset: Dataset) -> int:
 def bits_per_byte(loss_nats: float) -> float:
     """Bits per byte from a mean per-byte loss in nats (one token = one UTF-8 byte with ByT5)."""
     return loss_nats / math.log(2)
+
+
+# ------------------------------------------------------------------------------ user data (hope-train)
+
+FILE_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+                 ".csv": "csv"}
+
+
+def _data_files(source: str) -> Optional[List[str]]:
+    """The files a --data argument names (a file, a glob, or a directory of data files), or None when it names
+    no local path at all (then it is a hub dataset name). Raises FileNotFoundError for a path that does not
+    exist or holds no data files."""
+    if any(char in source for char in "*?["):
+        files = sorted(glob.glob(source, recursive=True))
+        if not files:
+            raise FileNotFoundError(f"no file matches {source!r}")
+        return files
+    path = Path(source)
+    if path.is_file():
+        return [str(path)]
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_BUILDERS)
+        if not files:
+            raise FileNotFoundError(f"directory {source!r} holds no {'/'.join(sorted(FILE_BUILDERS))} files "
+                                    "and is not a saved datasets directory")
+        return files
+    looks_local = source.startswith((".", "/", "~")) or Path(source).suffix.lower() in FILE_BUILDERS \
+        or source.count("/") > 1
+    if looks_local:
+        raise FileNotFoundError(f"no such file or directory: {source!r}")
+    return None
+
+
+def load_text_dataset(source: str, *, config: Optional[str] = None, text_column: str = "text",
+                      streaming: bool = False, split: str = "train") -> Union[Dataset, IterableDataset]:
+    """Load the texts of `source` with `datasets`: a txt/json/jsonl/parquet/csv file, glob or directory of them
+    (`load_dataset(<builder>, data_files=...)`), a directory written by `save_to_disk`, or a hub dataset name.
+
+    Returns a Dataset (or IterableDataset with `streaming`) whose column `text_column` holds strings. Raises
+    FileNotFoundError for missing paths, and DataError for an empty dataset, a missing column, or mixed
+    file types.
+    """
+    from datasets import load_dataset, load_from_disk
+
+    saved = Path(source) / "dataset_info.json", Path(source) / "dataset_dict.json", Path(source) / "state.json"
+    if Path(source).is_dir() and any(marker.is_file() for marker in saved):
+        dataset = load_from_disk(source)
+        if isinstance(dataset, DatasetDict):
+            if split not in dataset:
+                raise DataError(f"saved dataset {source!r} has splits {list(dataset)}, not {split!r}")
+            dataset = dataset[split]
+        if streaming:
+            dataset = dataset.to_iterable_dataset()
+    else:
+        files = _data_files(source)
+        if files is None:
+            try:
+                dataset = load_dataset(source, config, split=split, streaming=streaming)
+            except Exception as error:  # the hub raises many types; the message says what went wrong
+                offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or \
+                    os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "")
+                hint = " (HF_HUB_OFFLINE is set: hub datasets must already be cached)" if offline else ""
+                raise FileNotFoundError(f"{source!r} is neither a local path nor a loadable hub dataset{hint}: "
+                                        f"{type(error).__name__}: {error}") from None
+        else:
+            if all(os.path.getsize(f) == 0 for f in files):  # `datasets` fails on these with a bare StopIteration
+                raise DataError(f"{source!r} is empty: no rows to train on")
+            builders = {FILE_BUILDERS.get(Path(f).suffix.lower()) for f in files}
+            if None in builders or len(builders) != 1:
+                raise DataError(f"{source!r}: the files must all be one of {sorted(FILE_BUILDERS)}, got "
+                                 f"{sorted({Path(f).suffix or '(none)' for f in files})}")
+            dataset = load_dataset(builders.pop(), data_files=files, split="train", streaming=streaming)
+    columns = dataset.column_names
+    if columns is not None and text_column not in columns:
+        raise DataError(f"{source!r} has no column {text_column!r} (columns: {columns}); pass --text_column")
+    if not streaming and len(dataset) == 0:
+        raise DataError(f"{source!r} is empty: no rows to train on")
+    if streaming and next(iter(dataset.take(1)), None) is None:
+        raise DataError(f"{source!r} is empty: no rows to train on")
+    return dataset.select_columns([text_column])
+
+
+def pack_for_training(dataset, tokenizer, seq_len: int, text_column: str = "text",
+                      max_blocks: Optional[int] = None, name: str = "the dataset"):
+    """Tokenize (each text + EOS) and pack `dataset` into blocks of `seq_len` "input_ids"/"labels"; EOS is a
+    target here (a fine-tuned model should learn to stop). Keeps the first `max_blocks` blocks if given."""
+    texts = dataset.filter(lambda row: bool(row[text_column] and row[text_column].strip()))
+    packed = pack_dataset(tokenize_dataset(texts, tokenizer, text_column), seq_len, name=name)
+    if max_blocks is not None:
+        packed = packed.take(max_blocks) if isinstance(packed, IterableDataset) else \
+            packed.select(range(min(max_blocks, len(packed))))
+    return packed

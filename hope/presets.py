@@ -65,8 +65,10 @@ def get_preset(name: str, **overrides: Any) -> HopeConfig:
             names = [f"{f}-{s}" for f in ("hope", "transformer") for s in SHAPES] + ["tiny", "small"]
             raise ValueError(f"unknown preset {name!r}; choose one of {names}")
     hidden, layers, heads, vocab = SHAPES[size]
-    shape = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_heads=heads, **overrides)
+    shape = {**dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_heads=heads), **overrides}
     if family == "transformer":
         return transformer_config(**shape)
+    if "cms_hidden_size" in overrides:  # an explicit width wins over the budget match
+        return HopeConfig(**{"mixer": "titans", "cms_chunk_sizes": list(HOPE_CMS_CHUNK_SIZES), **shape})
     # Small models need a finer width step to land near their twin's budget.
-    return matched_hope_config(multiple=64 if hidden >= 1024 else 16, **shape)
+    return matched_hope_config(multiple=64 if shape["hidden_size"] >= 1024 else 16, **shape)

@@ -1,329 +1,69 @@
-"""The main job's demo: train a small Hope and a Transformer++ of the same budget, side by side, offline.
+"""`hope-train` (also `python -m hope.train`): train or fine-tune a Hope causal LM with the Hugging Face Trainer.
 
-    python -m hope.train --demo                       # ~10 minutes on 2 CPU cores; a GPU is used when present
-    python -m hope.train --demo --output-dir runs/x   # where the checkpoints and the loss-curve PNG go
+    hope-train --model small --data corpus.txt --output_dir runs/small --max_steps 2000
+    hope-train --model hope-340m --data data/*.jsonl --tokenizer ./my-tokenizer --seq_len 4096 --bf16 \\
+               --gradient_accumulation_steps 8 --gradient_checkpointing --save_total_limit 3
+    hope-train --model runs/small --data more.parquet --output_dir runs/ft --learning_rate 1e-4   # fine-tune
+    hope-train ... --resume_from_checkpoint last                                  # after an interruption
+    torchrun --nproc_per_node 8 -m hope.train ...        accelerate launch -m hope.train ...   (DDP / FSDP)
+    python -m hope.train --demo                                                   # the offline demo (hope.demo)
 
-Both models are `HopeForCausalLM`s of the same width and depth, trained with the Hugging Face `Trainer` for the
-same steps, batch, learning rate and sequence length on CPython's help topics (`hope.data`), byte-level
-(`ByT5Tokenizer`, no files needed):
-
-    Hope           mixer="titans",    CMS levels [16, 128, None]; cms_hidden_size solved to match the budget
-    Transformer++  mixer="attention", one plain SwiGLU FFN (cms_chunk_sizes=[None], default width)
-
-It prints validation loss, bits per byte and training tokens/s of both, a sample from each, and saves each
-checkpoint (model + tokenizer; `import hope; AutoModelForCausalLM.from_pretrained(path)` loads it), a
-`loss_curves.png` and a `summary.json` under the output directory.
+`--model` is a preset name (`hope.get_preset`: tiny, small, hope-340m/760m/1.3b, transformer-340m/...) or a
+checkpoint directory. `--data` is a local txt/json/jsonl/parquet/csv file, glob or directory of such files
+(read by `datasets.load_dataset`), a directory written by `Dataset.save_to_disk`, or a hub dataset name when
+the machine is online. Every `TrainingArguments` option passes through unchanged (`--help` lists them). Texts
+are tokenized, each followed by EOS, and packed into blocks of `--seq_len` tokens (`hope.data`).
 """
 from __future__ import annotations
 
-import argparse
+import ast
 import json
 import math
 import os
-import time
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
-DEFAULT_OUTPUT_DIR = "runs/demo"
-DEFAULT_PROMPT = "The for statement is used to"
-MODEL_NAMES = ("hope", "transformer")
-LABELS = {"hope": "Hope", "transformer": "Transformer++"}
-
-# Sizes of the --demo preset, measured so both runs fit ~10 minutes on 2 shared CPU cores: a step of 8 x 256
-# bytes takes ~0.65 s for Hope (PyTorch reference path) and ~0.17 s for Transformer++ on one thread.
-# --tiny is the smoke-test preset of the test suite.
-PRESETS = {
-    "demo": dict(hidden_size=128, num_layers=2, num_heads=2, seq_len=256, batch_size=8, max_steps=600,
-                 max_eval_blocks=None, max_new_tokens=200),
-    "tiny": dict(hidden_size=32, num_layers=1, num_heads=2, seq_len=64, batch_size=2, max_steps=3,
-                 max_eval_blocks=8, max_new_tokens=16),
-}
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m hope.train",
-        description="Train a small Hope and a Transformer++ of the same parameter budget on an embedded corpus "
-                    "(Python's help topics, byte-level) and compare them.",
-    )
-    parser.add_argument("--demo", action="store_true", help="run the demo (the only mode so far)")
-    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
-                        help=f"where checkpoints, loss_curves.png and summary.json go (default {DEFAULT_OUTPUT_DIR})")
-    parser.add_argument("--max-steps", type=int, help="optimizer steps per model (demo: 600)")
-    parser.add_argument("--seq-len", type=int, help="tokens (bytes) per training block (demo: 256)")
-    parser.add_argument("--batch-size", type=int, help="blocks per step (demo: 8)")
-    # 100-200-step sweeps at the demo size: Hope does best near 3e-3, Transformer++ near 1e-3; 2e-3 serves both.
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate, cosine decay (default 2e-3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order (default 0)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="auto = cuda (bf16 when supported) if available, else cpu")
-    parser.add_argument("--hidden-size", type=int, help="width of both models (demo: 128)")
-    parser.add_argument("--num-layers", type=int, help="depth of both models (demo: 2)")
-    parser.add_argument("--num-heads", type=int, help="heads of both models (demo: 2)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads for torch; 0 = one per core not busy with other processes (default)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt of the samples (default {DEFAULT_PROMPT!r})")
-    parser.add_argument("--max-new-tokens", type=int, help="bytes to sample from each model (demo: 200)")
-    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke-test sizes (tests)
-    args = parser.parse_args(argv)
-    if not args.demo:
-        parser.error("pass --demo: the demo (train Hope and Transformer++ on the embedded corpus) is the only mode so far")
-    preset = PRESETS["tiny" if args.tiny else "demo"]
-    for key in ("hidden_size", "num_layers", "num_heads", "seq_len", "batch_size", "max_steps", "max_new_tokens"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
-    args.max_eval_blocks = preset["max_eval_blocks"]
-    for key in ("max_steps", "seq_len", "batch_size", "hidden_size", "num_layers", "num_heads"):
-        if getattr(args, key) < 1:
-            parser.error(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(args, key)}")
-    if args.seq_len < 2:
-        parser.error(f"--seq-len must be at least 2, got {args.seq_len}")
-    if args.hidden_size % args.num_heads:
-        parser.error(f"--hidden-size {args.hidden_size} must be divisible by --num-heads {args.num_heads}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
-    if args.threads < 0:
-        parser.error(f"--threads must be >= 0, got {args.threads}")
-    return args
-
-
-# ----------------------------------------------------------------------------------------------- models
-
-
-def count_parameters(model) -> int:
-    """Trainable parameters, tied embeddings counted once."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def build_configs(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, seq_len: int,
-                  pad_token_id: int, eos_token_id: int) -> Dict[str, "HopeConfig"]:
-    """The two configs at one parameter budget: Transformer++ with its default SwiGLU width (8/3 D rounded up
-    to 64), and Hope (Titans mixer, CMS levels [16, 128, None]) whose per-level `cms_hidden_size` is solved
-    (a multiple of 16) so that its parameter count is the closest to the Transformer++'s."""
-    from hope.presets import matched_hope_config, transformer_config
-
-    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, num_heads=num_heads,
-                  max_position_embeddings=max(seq_len, 512), pad_token_id=pad_token_id, eos_token_id=eos_token_id,
-                  bos_token_id=None, tie_word_embeddings=True)
-    return {
-        "hope": matched_hope_config(multiple=16, chunk_size=min(64, seq_len), **common),
-        "transformer": transformer_config(**common),
-    }
-
-
-# ------------------------------------------------------------------------------------------- training
+DEFAULT_TOKENIZER = "byt5 (ByT5Tokenizer(): byte-level, needs no files)"
 
 
 @dataclass
-class RunResult:
-    name: str
-    parameters: int
-    train_loss: List[tuple] = field(default_factory=list)  # (step, loss)
-    val_loss: List[tuple] = field(default_factory=list)  # (step, loss in nats per byte)
-    train_seconds: float = 0.0
-    train_tokens: int = 0
-    final_val_loss: float = float("nan")
-    sample: str = ""
-    checkpoint: str = ""
+class HopeTrainArguments:
+    """The arguments of `hope-train` beside `TrainingArguments`."""
 
-    @property
-    def tokens_per_second(self) -> float:
-        return self.train_tokens / self.train_seconds if self.train_seconds > 0 else float("nan")
-
-
-def evaluate_loss(model, dataset, batch_size: int, device, autocast_dtype=None) -> float:
-    """Mean next-token loss in nats over every target byte of `dataset` (labels -100 skipped), token-weighted."""
-    import torch
-    import torch.nn.functional as F
-
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            batch = dataset[start : start + batch_size]
-            ids = torch.tensor(batch["input_ids"], device=device)
-            labels = torch.tensor(batch["labels"], device=device)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(input_ids=ids, use_cache=False).logits
-            targets = labels[:, 1:]
-            total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                     reduction="sum").item()
-            count += int((targets != -100).sum())
-    model.train(was_training)
-    return total / max(count, 1)
+    model: str = field(metadata={"help": "a preset name (tiny, small, hope-340m, hope-760m, hope-1.3b, "
+                                         "transformer-340m, ...) or a checkpoint directory to fine-tune"})
+    data: str = field(metadata={"help": "training data: a txt/json/jsonl/parquet/csv file, a glob or directory of "
+                                        "them, a directory saved with Dataset.save_to_disk, or a hub dataset name"})
+    validation_data: Optional[str] = field(default=None, metadata={"help": "held-out data, same forms as --data"})
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "without --validation_data: this percentage of the training texts is held "
+                                       "out (0 = no validation; not with --streaming)"})
+    data_config: Optional[str] = field(default=None, metadata={"help": "configuration name of a hub dataset"})
+    text_column: str = field(default="text", metadata={"help": "column holding the raw text"})
+    tokenizer: Optional[str] = field(
+        default=None, metadata={"help": "tokenizer path or hub name; default: the checkpoint's own tokenizer, "
+                                        f"else {DEFAULT_TOKENIZER}"})
+    seq_len: int = field(default=1024, metadata={"help": "tokens per packed training block"})
+    streaming: bool = field(default=False, metadata={"help": "stream the data (corpora larger than memory; needs "
+                                                             "--max_steps; packing is per 1000 texts)"})
+    config_overrides: Optional[str] = field(
+        default=None, metadata={"help": "HopeConfig fields to override, 'hidden_size=256,cms_chunk_sizes=[16,None]' "
+                                        "or a JSON object; for a checkpoint only execution fields make sense"})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "keep the first N packed blocks"})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "evaluate on the first N blocks"})
 
 
-def make_callbacks(result: RunResult, validation, eval_steps: List[int], batch_size: int, autocast_dtype):
-    """Two Trainer callbacks: a progress bar that shows the loss instead of printing every log line, and the
-    exact validation loss (`evaluate_loss`) at `eval_steps`, recorded in `result` (eval time excluded from the
-    training time)."""
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import ProgressCallback
-
-    class QuietProgress(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.training_bar is not None and logs and "loss" in logs:
-                self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
-
-    class Record(TrainerCallback):
-        def __init__(self):
-            self.eval_seconds = 0.0
-            self.started = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                result.train_loss.append((state.global_step, float(logs["loss"])))
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step in eval_steps:
-                started = time.perf_counter()
-                device = next(model.parameters()).device
-                loss = evaluate_loss(model, validation, batch_size, device, autocast_dtype)
-                result.val_loss.append((state.global_step, loss))
-                self.eval_seconds += time.perf_counter() - started
-
-        def on_train_end(self, args, state, control, **kwargs):
-            result.train_seconds = time.perf_counter() - self.started - self.eval_seconds
-
-    return [QuietProgress(), Record()]
+class UsageError(ValueError):
+    """A bad command line or bad data: reported as `error: ...` with exit status 2, no traceback."""
 
 
-def train_one(name: str, config, datasets, tokenizer, args, device, output_dir: Path) -> RunResult:
-    """Train one model with the Trainer, evaluate it, sample from it and save it (model + tokenizer)."""
-    import torch
-    from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
-    from transformers.trainer_callback import ProgressCallback
-
-    from hope import HopeForCausalLM
-
-    set_seed(args.seed)
-    model = HopeForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    result = RunResult(name=name, parameters=count_parameters(model))
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast_dtype = torch.bfloat16 if use_bf16 else None
-    validation = datasets["validation"]
-    if args.max_eval_blocks is not None:
-        validation = validation.select(range(min(args.max_eval_blocks, len(validation))))
-    # ~5 validation points on the curve, the last one at the final step (the reported number).
-    eval_steps = sorted({max(1, round(args.max_steps * k / 5)) for k in range(1, 6)})
-    checkpoint = output_dir / name
-    training_args = TrainingArguments(
-        output_dir=str(checkpoint),
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, round(0.05 * args.max_steps)),
-        weight_decay=0.01,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        max_grad_norm=1.0,
-        logging_steps=max(1, args.max_steps // 50),  # ~50 points on the loss curve
-        eval_strategy="no",  # the Record callback evaluates, token-weighted, at eval_steps
-        save_strategy="no",  # saved once at the end, below
-        report_to=[],
-        seed=args.seed,
-        data_seed=args.seed,
-        use_cpu=device.type == "cpu",
-        bf16=use_bf16,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=device.type == "cuda",
-        disable_tqdm=False,
-    )
-    trainer = Trainer(model=model, args=training_args, train_dataset=datasets["train"],
-                      data_collator=default_data_collator)
-    trainer.remove_callback(ProgressCallback)
-    for callback in make_callbacks(result, validation, eval_steps, args.batch_size, autocast_dtype):
-        trainer.add_callback(callback)
-    print(f"\n== {LABELS[name]}: {result.parameters:,} parameters, {args.max_steps} steps of "
-          f"{args.batch_size} x {args.seq_len} bytes on {device.type}{' (bf16)' if use_bf16 else ''}", flush=True)
-    trainer.train()
-    result.train_tokens = trainer.state.global_step * args.batch_size * args.seq_len
-    result.final_val_loss = result.val_loss[-1][1]
-    model = trainer.model
-    result.sample = generate_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.seed, device)
-    model.save_pretrained(checkpoint)
-    tokenizer.save_pretrained(checkpoint)
-    result.checkpoint = str(checkpoint)
-    return result
-
-
-def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: int, device) -> str:
-    """Low-temperature sampling (T = 0.5, top-k 20, seeded) from `prompt`; returns prompt + continuation."""
-    import torch
-
-    model.eval()
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(seed)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=True, temperature=0.5, top_k=20)
-    torch.random.set_rng_state(generator_state)
-    return tokenizer.decode(out[0], skip_special_tokens=True)
-
-
-# ---------------------------------------------------------------------------------------------- report
-
-
-def plot_curves(results: Sequence[RunResult], path: Path, title: str) -> None:
-    """Train loss (lines) and validation loss (markers) of every run vs step, in nats per byte."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(8, 5))
-    for result, color in zip(results, ("tab:blue", "tab:orange", "tab:green")):
-        label = LABELS.get(result.name, result.name)
-        if result.train_loss:
-            steps, losses = zip(*result.train_loss)
-            axis.plot(steps, losses, color=color, alpha=0.8, label=f"{label} train")
-        if result.val_loss:
-            steps, losses = zip(*result.val_loss)
-            axis.plot(steps, losses, "o--", color=color, label=f"{label} validation")
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss (nats per byte)")
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend()
-    secondary = axis.secondary_yaxis("right", functions=(lambda x: x / math.log(2), lambda x: x * math.log(2)))
-    secondary.set_ylabel("bits per byte")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def format_summary(results: Sequence[RunResult]) -> str:
-    """The side-by-side table printed at the end."""
-    from hope.data import bits_per_byte
-
-    rows = [
-        ("parameters", [f"{r.parameters:,}" for r in results]),
-        ("validation loss (nats/byte)", [f"{r.final_val_loss:.4f}" for r in results]),
-        ("validation bits per byte", [f"{bits_per_byte(r.final_val_loss):.4f}" for r in results]),
-        ("final train loss (nats/byte)", [f"{r.train_loss[-1][1]:.4f}" if r.train_loss else "-" for r in results]),
-        ("training tokens/s", [f"{r.tokens_per_second:,.0f}" for r in results]),
-        ("training time (s)", [f"{r.train_seconds:.1f}" for r in results]),
-    ]
-    names = [LABELS.get(r.name, r.name) for r in results]
-    width = max(len(row[0]) for row in rows)
-    column = max(14, *(len(n) for n in names), *(len(v) for _, values in rows for v in values))
-    lines = [f"{'':<{width}}  " + "  ".join(f"{n:>{column}}" for n in names)]
-    lines += [f"{key:<{width}}  " + "  ".join(f"{v:>{column}}" for v in values) for key, values in rows]
-    return "\n".join(lines)
+# ------------------------------------------------------------------------------------------ utilities
 
 
 def pick_device(requested: str):
+    """torch.device for "auto" (cuda when available, else cpu), "cpu" or "cuda" (an error when absent)."""
     import torch
 
     if requested == "cuda" and not torch.cuda.is_available():
@@ -344,78 +84,214 @@ def idle_cores() -> int:
     return max(1, min(cores, int(cores - busy + 0.5)))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, RunResult]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = parse_args(argv)
+def parse_overrides(text: Optional[str]) -> Dict[str, Any]:
+    """'a=1,b=[16,None],c=torch' or '{"a": 1}' -> dict; values are Python literals, else strings."""
+    if not text:
+        return {}
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            return dict(json.loads(text))
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--config_overrides is not valid JSON: {error}") from None
+    pieces, depth, current = [], 0, ""
+    for char in text:  # split on the commas outside brackets
+        depth += char in "[({"
+        depth -= char in "])}"
+        if char == "," and depth == 0:
+            pieces.append(current)
+            current = ""
+        else:
+            current += char
+    pieces.append(current)
+    overrides = {}
+    for piece in filter(str.strip, pieces):
+        key, sep, value = piece.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--config_overrides: {piece!r} is not of the form key=value")
+        try:
+            overrides[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            overrides[key.strip()] = value.strip()
+    return overrides
 
-    import datasets as hf_datasets
-    import torch
-    from transformers import ByT5Tokenizer
 
-    import hope  # noqa: F401  (registers "hope" with the Auto classes)
-    from hope.data import build_datasets, load_topics, split_topics
+def is_checkpoint(path: str) -> bool:
+    return Path(path, "config.json").is_file()
 
-    started = time.perf_counter()
-    device = pick_device(args.device)
-    threads_before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads or idle_cores())
-    bars_were_enabled = hf_datasets.is_progress_bar_enabled()
-    hf_datasets.disable_progress_bars()
+
+def load_tokenizer(name: Optional[str], model: str):
+    """The tokenizer named by --tokenizer, else the checkpoint's own, else the file-free ByT5 byte tokenizer."""
+    from transformers import AutoTokenizer, ByT5Tokenizer
+
+    if name in (None, "byt5"):
+        if name is None and is_checkpoint(model) and any(Path(model).glob("tokenizer_config.json")):
+            return AutoTokenizer.from_pretrained(model)
+        return ByT5Tokenizer()
     try:
-        output_dir = Path(args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer = ByT5Tokenizer()
-        data = build_datasets(tokenizer, seq_len=args.seq_len)
-        train_names, validation_names = split_topics(load_topics())
-        print(f"corpus: Python's help topics (pydoc_data.topics), byte-level ByT5 tokens, blocks of {args.seq_len}\n"
-              f"  train: {len(train_names)} topics, {len(data['train'])} blocks; "
-              f"validation: {len(validation_names)} other topics, {len(data['validation'])} blocks "
-              f"({', '.join(validation_names)})\n"
-              f"device: {device}" + (f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""),
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot load tokenizer {name!r}: {error}") from None
+
+
+def load_model(args: HopeTrainArguments, tokenizer):
+    """A fresh HopeForCausalLM from a preset, or a checkpoint to fine-tune; checks it against the tokenizer and
+    the sequence length."""
+    import hope  # noqa: F401  (Auto classes)
+    from hope import HopeConfig, HopeForCausalLM
+
+    overrides = parse_overrides(args.config_overrides)
+    if is_checkpoint(args.model):
+        config = HopeConfig.from_pretrained(args.model, **overrides)
+        source = f"checkpoint {args.model}"
+    elif Path(args.model).exists():
+        raise UsageError(f"--model {args.model!r} is a path without a config.json: not a checkpoint")
+    else:
+        try:
+            config = hope.get_preset(args.model, **{"pad_token_id": tokenizer.pad_token_id,
+                                                    "eos_token_id": tokenizer.eos_token_id, **overrides})
+        except ValueError as error:
+            raise UsageError(f"--model {args.model!r}: {error} (or give a checkpoint directory)") from None
+        source = f"preset {args.model}"
+    if len(tokenizer) > config.vocab_size:
+        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}"
+                         f" ({source}); use a smaller tokenizer, or (training from a preset) --config_overrides "
+                         f"vocab_size={len(tokenizer)}")
+    if args.seq_len > config.max_position_embeddings:
+        raise UsageError(f"--seq_len {args.seq_len} exceeds the model's max_position_embeddings "
+                         f"{config.max_position_embeddings} ({source}); lower --seq_len or override "
+                         "max_position_embeddings")
+    if is_checkpoint(args.model):
+        return HopeForCausalLM.from_pretrained(args.model, config=config), source
+    return HopeForCausalLM(config), source
+
+
+def resolve_resume(value: Optional[str], output_dir: str) -> Optional[str]:
+    """--resume_from_checkpoint: a checkpoint path, or "last"/"true" for the newest checkpoint-N in output_dir."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value is None or str(value).lower() in ("", "false", "none"):
+        return None
+    if str(value).lower() in ("last", "latest", "true", "auto"):
+        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if last is None:
+            raise UsageError(f"--resume_from_checkpoint {value}: no checkpoint-N folder in {output_dir}")
+        return last
+    if not Path(value).is_dir():
+        raise UsageError(f"--resume_from_checkpoint {value}: no such checkpoint directory")
+    return value
+
+
+def bits_per_byte_factor(dataset, tokenizer, text_column: str, sample: int = 200) -> Optional[float]:
+    """Tokens per UTF-8 byte over the first `sample` texts (EOS excluded): bits per byte = nats per token / ln 2
+    x this factor. None for streaming data."""
+    from datasets import IterableDataset
+
+    if isinstance(dataset, IterableDataset) or len(dataset) == 0:
+        return None
+    texts = [text for text in dataset.select(range(min(sample, len(dataset))))[text_column] if text]
+    tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    nbytes = sum(len(text.encode("utf-8")) for text in texts)
+    return tokens / nbytes if nbytes else None
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def run(args: HopeTrainArguments, training_args) -> Dict[str, Any]:
+    """Load data and model, train, evaluate, save; returns the metrics (also written to all_results.json)."""
+    from transformers import Trainer, default_data_collator, set_seed
+
+    from hope.data import load_text_dataset, pack_for_training
+
+    if args.seq_len < 2:
+        raise UsageError(f"--seq_len must be at least 2, got {args.seq_len}")
+    if args.streaming and training_args.max_steps <= 0:
+        raise UsageError("--streaming needs --max_steps (a streamed dataset has no length to count epochs by)")
+    if not 0 <= args.validation_split_percentage < 100:
+        raise UsageError(f"--validation_split_percentage must be in [0, 100), got {args.validation_split_percentage}")
+    set_seed(training_args.seed)
+    tokenizer = load_tokenizer(args.tokenizer, args.model)
+    model, source = load_model(args, tokenizer)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+
+    with training_args.main_process_first(desc="load and pack the data"):
+        raw = load_text_dataset(args.data, config=args.data_config, text_column=args.text_column,
+                                streaming=args.streaming)
+        if args.validation_data is not None:
+            raw_validation = load_text_dataset(args.validation_data, config=args.data_config,
+                                               text_column=args.text_column, streaming=args.streaming)
+        elif args.validation_split_percentage > 0 and not args.streaming:
+            if len(raw) < 2:
+                raise UsageError(f"{args.data} has {len(raw)} text(s): too few to hold out a validation split; "
+                                 "pass --validation_data or --validation_split_percentage 0")
+            split = raw.train_test_split(test_size=args.validation_split_percentage / 100, seed=training_args.seed)
+            raw, raw_validation = split["train"], split["test"]
+        else:
+            raw_validation = None
+        factor = bits_per_byte_factor(raw_validation if raw_validation is not None else raw, tokenizer,
+                                      args.text_column)
+        train = pack_for_training(raw, tokenizer, args.seq_len, args.text_column, args.max_train_samples,
+                                  name=args.data)
+        validation = (pack_for_training(raw_validation, tokenizer, args.seq_len, args.text_column,
+                                        args.max_eval_samples, name=args.validation_data or "validation split")
+                      if raw_validation is not None else None)
+
+    if training_args.process_index == 0:
+        parameters = sum(p.numel() for p in model.parameters())
+        blocks = "streamed" if args.streaming else f"{len(train):,} blocks"
+        print(f"hope-train: {source}, {parameters:,} parameters, mixer={model.config.mixer}, "
+              f"cms_chunk_sizes={model.config.cms_chunk_sizes}; data {args.data}: {blocks} of {args.seq_len} tokens; "
+              f"tokenizer {type(tokenizer).__name__} ({len(tokenizer)} tokens); {training_args.world_size} process(es)",
               flush=True)
-        configs = build_configs(len(tokenizer), args.hidden_size, args.num_layers, args.num_heads, args.seq_len,
-                                tokenizer.pad_token_id, tokenizer.eos_token_id)
-        results = {name: train_one(name, configs[name], data, tokenizer, args, device, output_dir)
-                   for name in MODEL_NAMES}
-    finally:
-        torch.set_num_threads(threads_before)
-        if bars_were_enabled:
-            hf_datasets.enable_progress_bars()
+    trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=validation,
+                      data_collator=default_data_collator, processing_class=tokenizer)
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    if validation is not None:
+        metrics.update(trainer.evaluate())
+        loss = metrics.get("eval_loss", float("nan"))
+        metrics["eval_perplexity"] = math.exp(loss) if loss < 50 else float("inf")
+        if factor is not None:
+            metrics["eval_bits_per_byte"] = loss / math.log(2) * factor
+    trainer.save_model()  # model + tokenizer (processing_class), main process only
+    trainer.save_state()
+    trainer.log_metrics("all", metrics)
+    trainer.save_metrics("all", metrics)
+    if training_args.process_index == 0:
+        print(f"saved to {training_args.output_dir} (import hope; AutoModelForCausalLM.from_pretrained(path))",
+              flush=True)
+    return metrics
 
-    ordered = [results[name] for name in MODEL_NAMES]
-    hope_config = configs["hope"]
-    plot_path = output_dir / "loss_curves.png"
-    plot_curves(ordered, plot_path, f"Hope vs Transformer++ (D={args.hidden_size}, L={args.num_layers}, "
-                                    f"{args.max_steps} steps, pydoc topics, bytes)")
-    summary = {
-        "args": {k: v for k, v in vars(args).items()},
-        "device": str(device),
-        "hope_cms_hidden_size": hope_config.cms_hidden_size,
-        "models": {r.name: {"parameters": r.parameters, "val_loss": r.final_val_loss,
-                            "val_bits_per_byte": r.final_val_loss / math.log(2), "tokens_per_second": r.tokens_per_second,
-                            "train_seconds": r.train_seconds, "train_loss": r.train_loss, "val_loss_curve": r.val_loss,
-                            "sample": r.sample, "checkpoint": r.checkpoint} for r in ordered},
-        "wall_seconds": time.perf_counter() - started,
-    }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
-    print("\n" + "=" * 78)
-    print(f"Hope (Titans mixer + CMS {hope_config.cms_chunk_sizes} x {hope_config.cms_hidden_size[0]} wide) vs "
-          f"Transformer++ (attention + FFN {configs['transformer'].cms_hidden_size[0]} wide), "
-          f"D={args.hidden_size}, L={args.num_layers}, same steps / batch / lr\n"
-          "(validation: held-out topics; loss per UTF-8 byte, </s> separators not counted; bpb = loss / ln 2)\n")
-    print(format_summary(ordered))
-    for r in ordered:
-        print(f"\n--- sample from {LABELS[r.name]} (T=0.5, top-k 20) ---\n{r.sample}")
-    print("\ncheckpoints (model + tokenizer; `import hope; AutoModelForCausalLM.from_pretrained(path)`):")
-    for r in ordered:
-        print(f"  {LABELS[r.name]:<14} {r.checkpoint}")
-    print(f"loss curves: {plot_path}\nsummary:     {output_dir / 'summary.json'}")
-    print(f"total wall time: {summary['wall_seconds']:.0f} s", flush=True)
-    return results
+def parse_args(argv: Sequence[str]):
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser((HopeTrainArguments, TrainingArguments), prog="hope-train",
+                              description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    argv = list(argv)
+    if not any(a == "--output_dir" or a.startswith(("--output_dir=", "--output-dir")) for a in argv):
+        model = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--model"), "model")
+        argv += ["--output_dir", str(Path("runs") / Path(model).name)]
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    """Console entry point of `hope-train`; `--demo` runs `hope.demo` instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--demo" in argv:
+        from hope.demo import main as demo_main
+
+        return demo_main(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from hope.data import DataError
+
+    try:
+        args, training_args = parse_args(argv)
+        return run(args, training_args)
+    except (UsageError, DataError, FileNotFoundError) as error:
+        print(f"hope-train: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

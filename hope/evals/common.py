@@ -1,0 +1,106 @@
+"""What every evaluation shares: token-weighted loss, accuracy at the labelled positions, training a model on a
+synthetic task with the HF Trainer, and the three models every comparison runs (Hope, Hope without CMS,
+Transformer++ at one parameter budget)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from hope.configuration_hope import HopeConfig
+
+IGNORE_INDEX = -100
+MODEL_LABELS = {"hope": "Hope", "hope-no-cms": "Hope w/o CMS", "transformer": "Transformer++"}
+
+
+def _batches(dataset, batch_size: int, device: torch.device):
+    for start in range(0, len(dataset), batch_size):
+        batch = dataset[start : start + batch_size]
+        yield (torch.tensor(batch["input_ids"], device=device), torch.tensor(batch["labels"], device=device))
+
+
+def evaluate_loss(model, dataset, batch_size: int, autocast_dtype: Optional[torch.dtype] = None) -> float:
+    """Mean next-token loss in nats over every labelled token of `dataset` (rows of "input_ids" and "labels",
+    -100 skipped), weighted by tokens, not by batches."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in _batches(dataset, batch_size, device):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(input_ids=ids, use_cache=False).logits
+            targets = labels[:, 1:]
+            total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                     ignore_index=IGNORE_INDEX, reduction="sum").item()
+            count += int((targets != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def labelled_correct(model, dataset, batch_size: int = 32) -> torch.Tensor:
+    """Greedy correctness at every labelled position: a bool tensor (rows, T) that is True where the argmax of
+    the prediction for token t (made at t - 1) equals labels[t]; False at unlabelled positions."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for ids, labels in _batches(dataset, batch_size, device):
+            predicted = model(input_ids=ids, use_cache=False).logits[:, :-1].argmax(-1)
+            correct = torch.zeros_like(labels, dtype=torch.bool)
+            correct[:, 1:] = (predicted == labels[:, 1:]) & (labels[:, 1:] != IGNORE_INDEX)
+            rows.append(correct.cpu())
+    model.train(was_training)
+    return torch.cat(rows)
+
+
+@dataclass
+class ModelShape:
+    """Width, depth and heads of the compared models; `chunk_size` is the Titans chunk of the Hope models."""
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_heads: int = 2
+    chunk_size: int = 16
+
+
+def comparison_configs(vocab_size: int, shape: ModelShape, max_position_embeddings: int) -> Dict[str, "HopeConfig"]:
+    """Hope (CMS [16, 128, None]), Hope without CMS (the same levels, all `None`: no in-context learning in the
+    MLPs, same parameters) and Transformer++, Hope's CMS width solved so that all three share one budget."""
+    from hope.presets import matched_hope_config, transformer_config
+
+    common = dict(vocab_size=vocab_size, hidden_size=shape.hidden_size, num_hidden_layers=shape.num_hidden_layers,
+                  num_heads=shape.num_heads, max_position_embeddings=max_position_embeddings, pad_token_id=0,
+                  bos_token_id=None, eos_token_id=None, tie_word_embeddings=True)
+    hope = matched_hope_config(multiple=16, chunk_size=shape.chunk_size, **common)
+    no_cms = hope.to_dict()
+    no_cms["cms_chunk_sizes"] = [None] * len(hope.cms_chunk_sizes)
+    return {"hope": hope, "hope-no-cms": type(hope).from_dict(no_cms), "transformer": transformer_config(**common)}
+
+
+def train_on_task(config, train_dataset, *, steps: int, batch_size: int, learning_rate: float, seed: int,
+                  output_dir: Path, progress: bool = True):
+    """A fresh HopeForCausalLM(config) trained on `train_dataset` ("input_ids"/"labels" rows) with the HF
+    Trainer: AdamW, cosine schedule with 5% warmup, gradient clipping at 1; the CPU unless CUDA is present (bf16
+    there). Returns the trained model in eval mode."""
+    from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+
+    from hope import HopeForCausalLM
+
+    set_seed(seed)
+    model = HopeForCausalLM(config)
+    cuda = torch.cuda.is_available()
+    arguments = TrainingArguments(
+        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
+        weight_decay=0.01, adam_beta2=0.95, max_grad_norm=1.0, logging_steps=max(1, steps // 10),
+        save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(), dataloader_num_workers=0, disable_tqdm=not progress,
+    )
+    Trainer(model=model, args=arguments, train_dataset=train_dataset, data_collator=default_data_collator).train()
+    return model.eval()
