@@ -71,16 +71,16 @@ class ModelShape:
 
 def comparison_configs(vocab_size: int, shape: ModelShape, max_position_embeddings: int) -> Dict[str, "HopeConfig"]:
     """Hope (CMS [16, 128, None]), Hope without CMS (the same levels, all `None`: no in-context learning in the
-    MLPs, same parameters) and Transformer++, Hope's CMS width solved so that all three share one budget."""
+    MLPs) and Transformer++; the CMS widths of both Hope models are solved so that all three share one budget."""
     from hope.presets import matched_hope_config, transformer_config
 
     common = dict(vocab_size=vocab_size, hidden_size=shape.hidden_size, num_hidden_layers=shape.num_hidden_layers,
                   num_heads=shape.num_heads, max_position_embeddings=max_position_embeddings, pad_token_id=0,
                   bos_token_id=None, eos_token_id=None, tie_word_embeddings=True)
-    hope = matched_hope_config(multiple=16, chunk_size=shape.chunk_size, **common)
-    no_cms = hope.to_dict()
-    no_cms["cms_chunk_sizes"] = [None] * len(hope.cms_chunk_sizes)
-    return {"hope": hope, "hope-no-cms": type(hope).from_dict(no_cms), "transformer": transformer_config(**common)}
+    hope = matched_hope_config(multiple=8, chunk_size=shape.chunk_size, **common)
+    # Without in-context learning a level has no target projection or step-size gate: its width is solved anew.
+    no_cms = matched_hope_config(multiple=8, chunk_size=shape.chunk_size, cms_chunk_sizes=[None] * 3, **common)
+    return {"hope": hope, "hope-no-cms": no_cms, "transformer": transformer_config(**common)}
 
 
 def train_on_task(config, train_dataset, *, steps: int, batch_size: int, learning_rate: float, seed: int,
