@@ -43,16 +43,19 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     lm.add_argument("--max_eval_samples", type=int, default=None, help="evaluate on the first N blocks")
     synthetic = parser.add_argument_group("mqar / forgetting")
     synthetic.add_argument("--num_examples", type=int, default=256, help="evaluation rows per setting")
-    synthetic.add_argument("--num_pairs", default="4,8,12", help="MQAR: comma-separated pairs per setting")
-    synthetic.add_argument("--mqar_seq_len", type=int, default=64, help="MQAR: row length")
-    synthetic.add_argument("--num_segments", type=int, default=6, help="forgetting: segments per stream")
-    synthetic.add_argument("--pairs_per_segment", type=int, default=4, help="forgetting: facts per segment")
+    synthetic.add_argument("--num_pairs", default="2,4,8", help="MQAR: comma-separated pairs per setting")
+    synthetic.add_argument("--num_keys", type=int, default=16, help="MQAR and forgetting: key vocabulary")
+    synthetic.add_argument("--num_values", type=int, default=16, help="MQAR and forgetting: value vocabulary")
+    synthetic.add_argument("--mqar_seq_len", type=int, default=32, help="MQAR: row length")
+    synthetic.add_argument("--num_segments", type=int, default=4, help="forgetting: segments per stream")
+    synthetic.add_argument("--pairs_per_segment", type=int, default=2, help="forgetting: facts per segment")
+    synthetic.add_argument("--repeats", type=int, default=2, help="forgetting: times each fact is taught")
     compare = parser.add_argument_group("--compare: the models and their training")
     compare.add_argument("--hidden_size", type=int, default=64)
     compare.add_argument("--num_layers", type=int, default=2)
     compare.add_argument("--num_heads", type=int, default=2)
     compare.add_argument("--chunk_size", type=int, default=16, help="Titans chunk of the Hope models")
-    compare.add_argument("--steps", type=int, default=300, help="optimizer steps per model")
+    compare.add_argument("--steps", type=int, default=1000, help="optimizer steps per model")
     compare.add_argument("--train_batch_size", type=int, default=32)
     compare.add_argument("--learning_rate", type=float, default=3e-3)
     args = parser.parse_args(argv)
@@ -61,7 +64,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if args.task == "lm" and (args.compare or not args.data):
         parser.error("--task lm evaluates a checkpoint on --data (and has no --compare)")
     for key in ("batch_size", "num_examples", "steps", "train_batch_size", "seq_len", "hidden_size", "num_layers",
-                "num_heads", "chunk_size", "num_segments", "pairs_per_segment", "mqar_seq_len"):
+                "num_heads", "chunk_size", "num_segments", "pairs_per_segment", "mqar_seq_len", "num_keys", "num_values",
+                "repeats"):
         if getattr(args, key) < 1:
             parser.error(f"--{key} must be a positive integer, got {getattr(args, key)}")
     try:
@@ -78,13 +82,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def mqar_tasks(args: argparse.Namespace):
     from hope.evals.mqar import MQARTask
 
-    return [MQARTask(num_pairs=pairs, seq_len=args.mqar_seq_len) for pairs in args.num_pairs]
+    return [MQARTask(num_pairs=pairs, num_keys=args.num_keys, num_values=args.num_values, seq_len=args.mqar_seq_len)
+            for pairs in args.num_pairs]
 
 
 def forgetting_task(args: argparse.Namespace):
     from hope.evals.forgetting import ForgettingTask
 
-    return ForgettingTask(num_segments=args.num_segments, pairs_per_segment=args.pairs_per_segment)
+    return ForgettingTask(num_segments=args.num_segments, pairs_per_segment=args.pairs_per_segment,
+                          num_keys=args.num_keys, num_values=args.num_values, repeats=args.repeats)
 
 
 def evaluate_task(model, args: argparse.Namespace) -> Dict[str, Any]:
@@ -130,7 +136,13 @@ def compare(args: argparse.Namespace) -> Dict[str, Any]:
     """Train the three models on the task and evaluate each; write results.json, results.md and the PNG."""
     from hope.evals.common import MODEL_LABELS, ModelShape, comparison_configs, train_on_task
 
+    import torch
+
+    from hope.train import idle_cores
+
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(idle_cores())
     train, vocab_size, seq_len = train_rows(args)
     shape = ModelShape(args.hidden_size, args.num_layers, args.num_heads, args.chunk_size)
     configs = comparison_configs(vocab_size, shape, max_position_embeddings=max(seq_len, 512))

@@ -237,15 +237,16 @@ def run(args: HopeTrainArguments, training_args) -> Dict[str, Any]:
                                         args.max_eval_samples, name=args.validation_data or "validation split")
                       if raw_validation is not None else None)
 
+    trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=validation,
+                      data_collator=default_data_collator, processing_class=tokenizer)
     if training_args.process_index == 0:
         parameters = sum(p.numel() for p in model.parameters())
         blocks = "streamed" if args.streaming else f"{len(train):,} blocks"
+        engine = "FSDP" if trainer.is_fsdp_enabled else "DDP" if training_args.world_size > 1 else "single process"
         print(f"hope-train: {source}, {parameters:,} parameters, mixer={model.config.mixer}, "
               f"cms_chunk_sizes={model.config.cms_chunk_sizes}; data {args.data}: {blocks} of {args.seq_len} tokens; "
-              f"tokenizer {type(tokenizer).__name__} ({len(tokenizer)} tokens); {training_args.world_size} process(es)",
-              flush=True)
-    trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=validation,
-                      data_collator=default_data_collator, processing_class=tokenizer)
+              f"tokenizer {type(tokenizer).__name__} ({len(tokenizer)} tokens); {training_args.world_size} "
+              f"process(es), {engine}", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
     if validation is not None:
