@@ -170,3 +170,24 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path, corpus):
     for (loss_ddp, norm_ddp), (loss_one, norm_one) in zip(*logs):
         assert loss_ddp == pytest.approx(loss_one, rel=1e-5) and norm_ddp == pytest.approx(norm_one, rel=1e-4)
     assert_same_weights(weights(tmp_path / "ddp"), weights(tmp_path / "one"), atol=1e-5)
+
+
+def test_console_scripts_are_declared_and_answer_help(monkeypatch, capsys):
+    """setup.py declares hope-train and hope-eval, and each resolves to a main that prints its usage."""
+    import importlib
+    import runpy
+
+    import setuptools
+
+    declared = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: declared.update(kwargs))
+    monkeypatch.chdir(REPO)
+    runpy.run_path(str(REPO / "setup.py"), run_name="__main__")
+    scripts = dict(line.replace(" ", "").split("=") for line in declared["entry_points"]["console_scripts"])
+    assert set(scripts) == {"hope-train", "hope-eval"}
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        with pytest.raises(SystemExit) as exit_info:
+            getattr(importlib.import_module(module), function)(["--help"])
+        assert exit_info.value.code == 0
+        assert f"usage: {name}" in capsys.readouterr().out
