@@ -36,7 +36,6 @@ import gc
 import importlib.metadata
 import importlib.util
 import json
-import math
 import os
 import platform
 import re
@@ -193,6 +192,7 @@ class Skip(Exception):
 
 
 def error_string(e: BaseException) -> str:
+    """'<Type>: <first line of the message>', at most 500 characters: what a failed case records."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {first}"[:500]
 
@@ -272,6 +272,7 @@ def device_slug(name: str) -> str:
 
 
 def device_info(device) -> dict:
+    """Name, capability, multiprocessors, memory, driver and CUDA version of a CUDA device; name and cores on CPU."""
     import torch
 
     if device.type != "cuda":
@@ -289,6 +290,7 @@ def device_info(device) -> dict:
 
 
 def package_version(dist: str) -> str:
+    """The installed version of distribution `dist`, or "not installed"."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -296,6 +298,7 @@ def package_version(dist: str) -> str:
 
 
 def versions() -> dict:
+    """Versions of python, torch, triton, transformers and the optional peers (fla-core, flash-attn)."""
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__,
@@ -327,6 +330,7 @@ def section_ceilings(run: Run) -> None:
 
 
 def shape_label(shape: dict) -> str:
+    """{'B': 8, 'T': 4096} -> 'B=8 T=4096'."""
     return " ".join(f"{k}={v}" for k, v in shape.items())
 
 
@@ -387,6 +391,7 @@ PEERS = {"titans_memory": ("fla_chunk_gated_delta_rule", "sdpa_flash", "flash_at
 
 
 def peer_flops_bytes(method: str, shape: dict, mode: str, elt: int) -> tuple[float, float]:
+    """(FLOPs, minimum bytes) of one peer case (formulas in workloads.py)."""
     from benchmarks import workloads as W
 
     backward = mode == "fwd+bwd"
@@ -491,6 +496,7 @@ def record_kernel(run: Run, entry: dict) -> None:
 
 
 def case_note(entry: dict) -> str:
+    """'ERROR <error>' or 'skipped: <reason>' for an entry without a timing, else ''."""
     if "error" in entry:
         return f"ERROR {entry['error']}"
     if "skipped" in entry:
@@ -499,6 +505,7 @@ def case_note(entry: dict) -> str:
 
 
 def log_kernel(run: Run, e: dict) -> None:
+    """One log line per kernel entry: time and rates, or why there are none."""
     head = f"  {e['op']:19s} {e['method']:27s} {e['mode']:7s} {shape_label(e['shape']):28s}"
     if "ms" in e:
         run.log(f"{head} {e['ms']:10.3f} ms {e.get('tflops', 0):8.2f} TFLOP/s {e.get('gbps', 0):9.1f} GB/s"
@@ -527,8 +534,10 @@ PRECISIONS = {
 
 
 def section_model(run: Run, models: list, train_backends: dict, decode_backends: dict, precision: str) -> None:
-    """Training steps, then prefill and decode, for each model at the plan's preset size.
+    """Training steps, then prefill and decode, for the models at the plan's preset size.
 
+    Loops run length-outermost (every model at T=4096 before any at 16384; every model's 1k prompt before any
+    32k one), so that a budget cut loses the longest cases of all models rather than a whole model.
     precision (CUDA only; the CPU dry run is fp32): "bf16" (default) or "autocast-bf16". Under CUDA autocast
     F.normalize returns fp32, so the Titans mixer hands the kernel an fp32 q with a bf16 a, which the Triton
     kernel refuses (benchmarks/NOTES.md); pure bf16 keeps both in bf16.
@@ -543,83 +552,85 @@ def section_model(run: Run, models: list, train_backends: dict, decode_backends:
     param_dtype = torch.bfloat16 if cuda and precision == "bf16" else torch.float32
     res.update(size=plan.model_size, train_backends=train_backends, decode_backends=decode_backends,
                precision=PRECISIONS[precision] if cuda else "fp32", parameters={})
+    built = {}
     for name in models:
-        model = None
         try:
-            model = W.build_model(name, plan.model_size, run.device, dtype=param_dtype)
-            W.set_kernel_backends(model, **train_backends)
-            res["parameters"][name] = sum(p.numel() for p in model.parameters())
+            built[name] = W.build_model(name, plan.model_size, run.device, dtype=param_dtype)
+            res["parameters"][name] = sum(p.numel() for p in built[name].parameters())
         except Exception as e:  # noqa: BLE001
             res["parameters"][name] = None
             run.log(f"  {name}: build failed: {error_string(e)}")
-        for T, B in plan.train:
+    for T, B in plan.train:
+        for name in models:
             entry = {"model": name, "T": T, "B": B}
+            model = built.get(name)
             if model is None:
                 entry["error"] = "model build failed"
             else:
-                run_case(run, entry, lambda: W.train_step(model, B, T, autocast),
-                         reps=max(2, plan.reps // 3), warmup=0)
+                W.set_kernel_backends(model, **train_backends)
+                run_case(run, entry, lambda: W.train_step(model, B, T, autocast), reps=max(2, plan.reps // 3))
+                model.zero_grad(set_to_none=True)  # the optimizer states went with the step closure
                 if "ms" in entry:
                     entry["tokens_per_s"] = round(B * T / entry["ms"] * 1e3, 1)
             record_model(run, "train", entry)
-        if model is not None:
-            for p in model.parameters():  # the optimizer states went with the step closures; drop the grads
-                p.grad = None
-            model = model.to(torch.bfloat16 if cuda else torch.float32).eval()
-            section_decode(run, model, name, train_backends, decode_backends)
-        model = None
-        run.cleanup()
+    for name, model in built.items():
+        built[name] = model.to(torch.bfloat16 if cuda else torch.float32).eval()
+    for prompt in plan.decode_prompts:
+        for name in models:
+            if name in built:
+                section_decode(run, built[name], name, prompt, train_backends, decode_backends)
+    built.clear()
+    run.cleanup()
 
 
-def section_decode(run: Run, model, name: str, prefill_backends: dict, decode_backends: dict) -> None:
-    """Prefill each prompt at batch 1 (timed), then decode at each batch (the cache repeated to that batch)."""
+def section_decode(run: Run, model, name: str, prompt: int, prefill_backends: dict, decode_backends: dict) -> None:
+    """Prefill one prompt at batch 1 (timed), then decode at each batch (the cache repeated to that batch)."""
     import torch
 
     from benchmarks import workloads as W
 
-    plan, res = run.plan, run.results["model"]
-    for prompt in plan.decode_prompts:
-        W.set_kernel_backends(model, **prefill_backends)
-        entry = prefill_entry = {"model": name, "prompt": prompt}
-        holder = {}
+    plan = run.plan
+    W.set_kernel_backends(model, **prefill_backends)
+    prefill_entry = {"model": name, "prompt": prompt}
+    holder = {}
 
-        def do_prefill():
-            holder["cache"] = W.prefill(model, prompt, plan.prefill_piece)
-            return holder["cache"]
+    def do_prefill():
+        holder["cache"] = W.prefill(model, prompt, plan.prefill_piece)
+        return holder["cache"]
 
-        run_case(run, entry, lambda: do_prefill, reps=0)
-        if "ms" in entry:
-            entry["tokens_per_s"] = round(prompt / entry["ms"] * 1e3, 1)
-        record_model(run, "prefill", entry)
-        cache = holder.pop("cache", None)
-        W.set_kernel_backends(model, **decode_backends)
-        rows = 1
-        for batch in plan.decode_batches:
-            entry = {"model": name, "prompt": prompt, "batch": batch}
-            if cache is None:  # the prefill's own entry says why
-                entry["skipped" if "skipped" in prefill_entry else "error"] = "no prefilled cache"
-            else:
-                def setup(batch=batch):
-                    nonlocal rows
-                    if batch % rows:
-                        raise Skip(f"batch {batch} is not a multiple of the cached batch {rows}")
-                    need = W.cache_bytes(cache) * (batch // rows)
-                    if run.device.type == "cuda":
-                        free = torch.cuda.mem_get_info()[0] + W.cache_bytes(cache)
-                        if need > 0.8 * free:
-                            raise Skip(f"the cache would take {need / 2**30:.1f} GiB of {free / 2**30:.1f} GiB free")
-                    if batch != rows:
-                        cache.batch_repeat_interleave(batch // rows)
-                        rows = batch
-                    entry["cache_bytes"] = W.cache_bytes(cache)
-                    return W.decode_step(model, cache, batch)
+    run_case(run, prefill_entry, lambda: do_prefill, reps=0)
+    if "ms" in prefill_entry:
+        prefill_entry["tokens_per_s"] = round(prompt / prefill_entry["ms"] * 1e3, 1)
+    record_model(run, "prefill", prefill_entry)
+    cache = holder.pop("cache", None)
+    W.set_kernel_backends(model, **decode_backends)
+    rows = 1
+    for batch in plan.decode_batches:
+        entry = {"model": name, "prompt": prompt, "batch": batch}
+        if cache is None:  # the prefill's own entry says why
+            entry["skipped" if "skipped" in prefill_entry else "error"] = "no prefilled cache"
+        else:
+            def setup(batch=batch):
+                nonlocal rows
+                if batch % rows:
+                    raise Skip(f"batch {batch} is not a multiple of the cached batch {rows}")
+                need = W.cache_bytes(cache) * (batch // rows)
+                if run.device.type == "cuda":
+                    free = torch.cuda.mem_get_info()[0] + W.cache_bytes(cache)
+                    if need > 0.8 * free:
+                        raise Skip(f"the cache would take {need / 2**30:.1f} GiB of {free / 2**30:.1f} GiB free")
+                if batch != rows:
+                    cache.batch_repeat_interleave(batch // rows)
+                    rows = batch
+                entry["cache_bytes"] = W.cache_bytes(cache)
+                return W.decode_step(model, cache, batch)
 
-                run_case(run, entry, setup, reps=plan.decode_steps, warmup=2)
-                if "ms" in entry:
-                    entry["tokens_per_s"] = round(batch / entry["ms"] * 1e3, 1)
-            record_model(run, "decode", entry)
-        cache = None
-        run.cleanup()
+            run_case(run, entry, setup, reps=plan.decode_steps, warmup=2)
+            if "ms" in entry:
+                entry["tokens_per_s"] = round(batch / entry["ms"] * 1e3, 1)
+        record_model(run, "decode", entry)
+    cache = None
+    run.cleanup()
 
 
 def record_model(run: Run, kind: str, entry: dict) -> None:
@@ -631,6 +642,7 @@ def record_model(run: Run, kind: str, entry: dict) -> None:
 
 
 def log_model(run: Run, kind: str, e: dict) -> None:
+    """One log line per model-level entry: tokens/s, ms and peak memory, or why there are none."""
     what = " ".join(f"{k}={e[k]}" for k in ("T", "B", "prompt", "batch") if k in e)
     head = f"  {kind:7s} {e['model']:15s} {what:22s}"
     if "tokens_per_s" in e:
@@ -800,6 +812,7 @@ def render_markdown(results: dict) -> str:
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    """The command line (module docstring)."""
     from benchmarks.workloads import MODEL_NAMES, OPS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
