@@ -750,7 +750,7 @@ def _f(x, fmt: str = "{:.3g}", none: str = "-") -> str:
 
 
 def _gib(x) -> str:
-    return _f(None if x is None else x / 2**30, "{:.2f}")
+    return _f(None if x is None else x / 2**30, "{:.3g}")
 
 
 def render_markdown(results: dict) -> str:

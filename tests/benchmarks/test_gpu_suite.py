@@ -1,7 +1,8 @@
 """The GPU suite's --dry-run (CPU, tiny shapes) goes through every code path and writes consistent results.
 
-One dry run (~30 s on the 2-core box) is shared by the schema tests; a second, tiny one checks that a failing
-case is recorded and the run continues; the goal rules are checked on hand-made figures.
+One dry run (~25 s on the 2-core box) is checked for schema, arithmetic, peers, model level, goals and
+markdown; a second, tiny one checks that a failing case is recorded and the run continues; the goal rules are
+checked on hand-made figures.
 """
 from __future__ import annotations
 
@@ -11,33 +12,34 @@ import json
 import math
 import os
 
-import pytest
-
 from benchmarks import gpu_suite as S
 from benchmarks import workloads as W
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory) -> tuple[dict, str, list]:
-    out = tmp_path_factory.mktemp("suite")
-    assert S.main(["--dry-run", "--out-dir", str(out)]) == 0
-    files = sorted(os.listdir(out))
+def test_dry_run(tmp_path) -> None:
+    """One dry run (~25 s), checked by the `check_*` functions below. A single test rather than a module
+    fixture: under `pytest -n 2` a shared fixture would run once per worker."""
+    assert S.main(["--dry-run", "--out-dir", str(tmp_path)]) == 0
+    files = sorted(os.listdir(tmp_path))
     jsons = [f for f in files if f.endswith(".json")]
     assert len(jsons) == 1, files
-    with open(out / jsons[0]) as f:
+    with open(tmp_path / jsons[0]) as f:
         results = json.load(f)
-    with open(out / jsons[0].replace(".json", ".md")) as f:
+    with open(tmp_path / jsons[0].replace(".json", ".md")) as f:
         markdown = f.read()
-    return results, markdown, files
+    run = (results, markdown, files)
+    for check in (check_files_and_header, check_kernel_cases, check_peers_recorded_explicitly, check_model_level,
+                  check_goals_and_markdown):
+        check(run)
 
 
 def close(a: float, b: float, rel: float = 2e-3) -> bool:
     return math.isclose(a, b, rel_tol=rel)
 
 
-def test_files_and_header(dry_run) -> None:
+def check_files_and_header(dry_run: tuple) -> None:
     results, _, files = dry_run
     assert files == [f"dryrun_{results['date'][:10]}.json", f"dryrun_{results['date'][:10]}.md"]
     assert results["schema"] == S.SCHEMA and results["dry_run"] is True
@@ -48,7 +50,7 @@ def test_files_and_header(dry_run) -> None:
     assert results["ceilings"]["copy_gbps"] > 0 and results["ceilings"]["matmul_tflops"] > 0
 
 
-def test_kernel_cases(dry_run) -> None:
+def check_kernel_cases(dry_run: tuple) -> None:
     results, _, _ = dry_run
     kernels, ceil = results["kernels"], results["ceilings"]
     assert not [e for e in kernels if "error" in e]
@@ -75,7 +77,7 @@ def test_kernel_cases(dry_run) -> None:
     assert {(e["op"], e["mode"]) for e in compiled} == {(e["op"], e["mode"]) for e in kernels if e["method"] == "eager"}
 
 
-def test_peers_recorded_explicitly(dry_run) -> None:
+def check_peers_recorded_explicitly(dry_run: tuple) -> None:
     results, markdown, _ = dry_run
     peers = {(e["method"], e["mode"]): e for e in results["kernels"] if e["peer"]}
     for mode in ("fwd", "fwd+bwd"):
@@ -91,7 +93,7 @@ def test_peers_recorded_explicitly(dry_run) -> None:
         assert "skipped: not installed (fla-core" in markdown
 
 
-def test_model_level(dry_run) -> None:
+def check_model_level(dry_run: tuple) -> None:
     results, _, _ = dry_run
     model, plan = results["model"], S.DRY
     params = model["parameters"]
@@ -116,7 +118,7 @@ def test_model_level(dry_run) -> None:
     assert decode[("hope", short, 2)]["cache_bytes"] == 2 * decode[("hope", short, 1)]["cache_bytes"]
 
 
-def test_goals_and_markdown(dry_run) -> None:
+def check_goals_and_markdown(dry_run: tuple) -> None:
     results, markdown, _ = dry_run
     goals = {g["id"]: g for g in results["goals"]}
     assert set(goals) == {"train_ref", "train_long", "titans_vs_fla", "cms_matmul", "decode_flat", "decode_speed"}
