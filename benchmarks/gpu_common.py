@@ -7,9 +7,19 @@ import time
 from typing import Callable, Optional
 
 
-def cuda_time_ms(fn: Callable[[], object], reps: int, warmup: int = 1, max_seconds: float = 60.0) -> tuple[float, int]:
-    """Median of `reps` timed calls of `fn` (CUDA events around each call) after `warmup` calls; fewer calls
-    when they take longer than `max_seconds` together. Returns (median ms, calls timed)."""
+def _summary(times: list, stat: str) -> float:
+    """Median (robust to a stray slow call) or mean (what a throughput over a whole cycle needs) of `times`."""
+    if stat == "mean":
+        return sum(times) / len(times)
+    if stat != "median":
+        raise ValueError(f"stat must be 'median' or 'mean', got {stat!r}")
+    return sorted(times)[len(times) // 2]
+
+
+def cuda_time_ms(fn: Callable[[], object], reps: int, warmup: int = 1, max_seconds: float = 60.0,
+                 stat: str = "median") -> tuple[float, int]:
+    """Median (or mean) of `reps` timed calls of `fn` (CUDA events around each call) after `warmup` calls;
+    fewer calls when they take longer than `max_seconds` together. Returns (ms, calls timed)."""
     import torch
 
     for _ in range(warmup):
@@ -26,11 +36,11 @@ def cuda_time_ms(fn: Callable[[], object], reps: int, warmup: int = 1, max_secon
         times.append(start.elapsed_time(end))
         if time.time() - t_start > max_seconds:
             break
-    times.sort()
-    return times[len(times) // 2], len(times)
+    return _summary(times, stat), len(times)
 
 
-def wall_time_ms(fn: Callable[[], object], reps: int, warmup: int = 1, max_seconds: float = 60.0) -> tuple[float, int]:
+def wall_time_ms(fn: Callable[[], object], reps: int, warmup: int = 1, max_seconds: float = 60.0,
+                 stat: str = "median") -> tuple[float, int]:
     """As `cuda_time_ms` with the host clock, for CPU tensors (the work is synchronous there)."""
     for _ in range(warmup):
         fn()
@@ -42,16 +52,16 @@ def wall_time_ms(fn: Callable[[], object], reps: int, warmup: int = 1, max_secon
         times.append(1e3 * (time.perf_counter() - t0))
         if time.perf_counter() - t_start > max_seconds:
             break
-    times.sort()
-    return times[len(times) // 2], len(times)
+    return _summary(times, stat), len(times)
 
 
-def time_ms(fn: Callable[[], object], reps: int, device, warmup: int = 1, max_seconds: float = 60.0
-            ) -> tuple[float, int]:
-    """Median ms of `fn` on `device` (a torch.device or its type string): CUDA events on CUDA, else wall clock."""
+def time_ms(fn: Callable[[], object], reps: int, device, warmup: int = 1, max_seconds: float = 60.0,
+            stat: str = "median") -> tuple[float, int]:
+    """Median (or mean) ms of `fn` on `device` (a torch.device or its type string): CUDA events on CUDA, else
+    the host clock."""
     kind = getattr(device, "type", device)
     timer = cuda_time_ms if kind == "cuda" else wall_time_ms
-    return timer(fn, reps, warmup=warmup, max_seconds=max_seconds)
+    return timer(fn, reps, warmup=warmup, max_seconds=max_seconds, stat=stat)
 
 
 def matmul_rate_tflops(n: int = 8192, device="cuda", dtype=None) -> tuple[float, float]:

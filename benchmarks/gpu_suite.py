@@ -198,10 +198,11 @@ def error_string(e: BaseException) -> str:
 
 
 def run_case(run: Run, entry: dict, setup: Callable[[], Callable[[], Any]], reps: Optional[int] = None,
-             warmup: int = 0) -> Any:
+             warmup: int = 0, stat: str = "median") -> Any:
     """Time one case: `setup()` builds the inputs and returns the callable; its first call (compile, autotune)
     is timed separately as first_call_s, then the median of up to `reps` calls (max_case_s in all); reps=0
-    keeps the first call as the measurement.
+    keeps the first call as the measurement; stat="mean" averages the calls instead (decode: a chunk-closing
+    token costs more than the others, and throughput must count it).
 
     Adds ms, runs, first_call_s, peak_mem_bytes (CUDA) and warnings to `entry`, or "skipped" / "error"; never
     raises. Returns the first call's result (None on failure)."""
@@ -224,8 +225,9 @@ def run_case(run: Run, entry: dict, setup: Callable[[], Callable[[], Any]], reps
             if reps == 0:  # the first call is the measurement (a prefill: nothing to compile, too long to repeat)
                 ms, n = 1e3 * first, 1
             else:
-                ms, n = time_ms(fn, reps or run.plan.reps, run.device, warmup=warmup, max_seconds=run.plan.max_case_s)
-            entry.update(ms=round(ms, 4), runs=n, peak_mem_bytes=run.peak_bytes())
+                ms, n = time_ms(fn, reps or run.plan.reps, run.device, warmup=warmup, max_seconds=run.plan.max_case_s,
+                                stat=stat)
+            entry.update(ms=round(ms, 4), stat=stat, runs=n, peak_mem_bytes=run.peak_bytes())
         except Skip as e:
             entry["skipped"] = str(e)
         except Exception as e:  # noqa: BLE001 - a failing case (e.g. out of shared memory) must not stop the run
@@ -625,7 +627,7 @@ def section_decode(run: Run, model, name: str, prompt: int, prefill_backends: di
                 entry["cache_bytes"] = W.cache_bytes(cache)
                 return W.decode_step(model, cache, batch)
 
-            run_case(run, entry, setup, reps=plan.decode_steps, warmup=2)
+            run_case(run, entry, setup, reps=plan.decode_steps, warmup=2, stat="mean")
             if "ms" in entry:
                 entry["tokens_per_s"] = round(batch / entry["ms"] * 1e3, 1)
         record_model(run, "decode", entry)
