@@ -53,7 +53,7 @@ def backend_unavailable_reason(backend: str, device: torch.device, allow_interpr
             if not allow_interpreter:
                 return "no CUDA GPU: Triton kernels are benchmarked only compiled on CUDA"
             if not triton_interpreting():
-                return "no CUDA GPU and TRITON_INTERPRET=1 is unset: the Triton kernels cannot run here"
+                return "CPU tensors and TRITON_INTERPRET=1 is unset: the Triton kernels cannot run on them"
     return None
 
 

@@ -224,3 +224,23 @@ def test_goal_rules_miss_and_not_measured() -> None:
     assert close(goals["decode_speed"]["values"]["ratios"]["1"], (1 / 11.2) / (1 / 15.0))
     empty = {"plan": dataclasses.asdict(S.FULL), "kernels": [], "model": {"train": [], "decode": []}}
     assert {g["status"] for g in S.evaluate_goals(empty)} == {"not measured"}
+
+
+def test_full_plan_matches_the_340m_model() -> None:
+    """The GPU plan times the kernels at the shapes the 340M models run (so kernel and model figures agree),
+    within the Titans kernel's limits, and the three models share one parameter budget."""
+    from hope.presets import count_parameters
+
+    hope = W.model_config("hope", S.FULL.model_size)
+    assert (hope.hidden_size, hope.num_hidden_layers) == (1024, 24)
+    for shape in S.FULL.titans_shapes + S.FULL.titans_step_shapes:
+        assert shape["H"] == hope.num_heads and shape["C"] == hope.chunk_size and shape["d"] in (hope.head_dim, 128)
+    learning = [(size, width) for size, width in zip(hope.cms_chunk_sizes, hope.cms_hidden_size) if size]
+    for shape in S.FULL.cms_shapes + S.FULL.cms_step_shapes:
+        assert shape["D"] == hope.hidden_size and (shape["C"], shape["F"]) in learning
+    assert {s["C"] for s in S.FULL.cms_shapes} == {size for size, _ in learning}
+    assert [T for T, _ in S.FULL.train] == [4096, 16384] and S.FULL.decode_prompts == [1024, 32768]
+    assert S.FULL.decode_batches == [1, 64]
+    budget = count_parameters(W.model_config("transformer++", S.FULL.model_size))
+    for name in ("hope", "hope-attention"):
+        assert abs(count_parameters(W.model_config(name, S.FULL.model_size)) - budget) <= 0.02 * budget
