@@ -1,26 +1,27 @@
 """The GPU benchmark suite: one command, under 10 minutes on an H200, every figure of issue #6 side by side.
 
     python benchmarks/gpu_suite.py                               # CUDA GPU; writes benchmarks/results/
-    python benchmarks/gpu_suite.py --out-dir $OUT --budget-s 420 # what benchmarks/run_h200.sh runs
+    python benchmarks/gpu_suite.py --out-dir $OUT --budget-s 400 # as benchmarks/run_h200.sh runs it
     python benchmarks/gpu_suite.py --dry-run --out-dir /tmp/x    # CPU, tiny shapes, every code path (~30 s)
 
-Sections, in order (each case that fails records its error string and the run goes on):
+Sections, in order (a case that fails records its error string and the run goes on; cases that would start
+after the time budget are recorded as skipped):
 1. ceilings: device-to-device copy bandwidth (bytes read + written) and an 8192^3 bf16 matmul rate, on random
    data; every later rate is also given as a fraction of these.
-2. kernels: each op (`titans_memory`, `cms_level` forward and forward+backward, their decode steps) through
-   the Triton kernels, the eager reference and the torch.compile'd reference (its first shape only: compile
-   time), bf16, at the 340M model's shapes: median ms (CUDA events), TFLOP/s and GB/s from the counted FLOPs
-   and minimum bytes (benchmarks/workloads.py), the floor max(FLOPs / matmul rate, bytes / copy rate) and
-   the fraction of it reached. Peers on the same shapes: FLA's `chunk_gated_delta_rule` (package fla-core,
-   imported lazily; "not installed" is recorded), SDPA causal attention on its flash backend, flash-attn when
-   installed, and a plain SwiGLU FFN of a CMS level's size.
-3. model: Hope, Hope-Attention and Transformer++ at the 340M shape (hidden 1024, 24 layers; one parameter
-   budget, hope/presets.py): training tokens/s and peak memory (AdamW, bf16 autocast) at T = 4096 and 16384;
-   then prefill of 1k and 32k-token prompts and decode tokens/s, ms per token and memory at batch 1 and 64
-   (the batch-1 cache repeated 64 times; a KV cache that cannot fit is skipped with its size).
-4. goals: hit / miss / not measured for each goal of issue #6, from the figures above.
+2. kernels (until 45% of the budget): each op (`titans_memory`, `cms_level` forward and forward+backward, their
+   decode steps) through the Triton kernels and the eager reference, bf16, at the 340M model's shapes: median
+   ms (CUDA events), TFLOP/s and GB/s from the counted FLOPs and minimum bytes (benchmarks/workloads.py), the
+   floor max(FLOPs / matmul rate, bytes / copy rate) and the fraction of it reached. Peers on the same shapes:
+   FLA's `chunk_gated_delta_rule` (package fla-core, imported lazily; "not installed" is recorded), SDPA causal
+   attention on its flash backend, flash-attn when installed, and a plain SwiGLU FFN of a CMS level's size.
+3. model (until 90%): Hope, Hope-Attention and Transformer++ at the 340M shape (hidden 1024, 24 layers; one
+   parameter budget, hope/presets.py): training tokens/s and peak memory (AdamW; bf16 parameters by default)
+   at T = 4096 and 16384; then prefill of 1k and 32k-token prompts and decode tokens/s, ms per token and memory
+   at batch 1 and 64 (the batch-1 cache repeated 64 times; a cache that cannot fit is skipped with its size).
+4. the torch.compile'd references (first shape of each op only: a compile per shape and grad mode), last.
+5. goals: hit / miss / not measured for each goal of issue #6, from the figures above.
 Outputs `<device>_<date>.json` (device, driver, versions, plan, every figure) and `<device>_<date>.md` (the
-tables, for the README) in --out-dir, rewritten after every section so that a killed run keeps what it had.
+tables, for the README) in --out-dir, rewritten after every case so that a killed run keeps what it had.
 
 Kernel backends at model level: `--train-backends` (training and prefill) and `--decode-backends` choose the
 Titans and CMS backends separately (workloads.set_kernel_backends); the default keeps the CMS reference for
