@@ -28,8 +28,10 @@ test: install
 test-fast: install
 	$(PY) -m pytest tests -n 2 -q -m "not slow"
 
+# Every op x backend x shape and the model train / decode steps; skipped cases (Triton without CUDA) print why.
 bench: install
-	$(PY) -m pytest benchmarks -q --benchmark-json=benchmarks/results/cpu_latest.json
+	$(PY) -m pytest benchmarks -q -rs --benchmark-json=benchmarks/results/cpu_latest.json \
+		--benchmark-columns=median,mean,min,rounds --benchmark-sort=fullname
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,246 @@
+"""The GPU suite's --dry-run (CPU, tiny shapes) goes through every code path and writes consistent results.
+
+One dry run (~25 s on the 2-core box) is checked for schema, arithmetic, peers, model level, goals and
+markdown; a second, tiny one checks that a failing case is recorded and the run continues; the goal rules are
+checked on hand-made figures.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+
+from benchmarks import gpu_suite as S
+from benchmarks import workloads as W
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def test_dry_run(tmp_path) -> None:
+    """One dry run (~25 s), checked by the `check_*` functions below. A single test rather than a module
+    fixture: under `pytest -n 2` a shared fixture would run once per worker."""
+    assert S.main(["--dry-run", "--out-dir", str(tmp_path)]) == 0
+    files = sorted(os.listdir(tmp_path))
+    jsons = [f for f in files if f.endswith(".json")]
+    assert len(jsons) == 1, files
+    with open(tmp_path / jsons[0]) as f:
+        results = json.load(f)
+    with open(tmp_path / jsons[0].replace(".json", ".md")) as f:
+        markdown = f.read()
+    run = (results, markdown, files)
+    for check in (check_files_and_header, check_kernel_cases, check_peers_recorded_explicitly, check_model_level,
+                  check_goals_and_markdown):
+        check(run)
+
+
+def close(a: float, b: float, rel: float = 2e-3) -> bool:
+    return math.isclose(a, b, rel_tol=rel)
+
+
+def check_files_and_header(dry_run: tuple) -> None:
+    results, _, files = dry_run
+    assert files == [f"dryrun_{results['date'][:10]}.json", f"dryrun_{results['date'][:10]}.md"]
+    assert results["schema"] == S.SCHEMA and results["dry_run"] is True
+    assert results["device"]["type"] == "cpu"
+    assert set(results["versions"]) == {"python", "torch", "triton", "transformers", "fla-core", "flash-attn"}
+    assert results["plan"] == json.loads(json.dumps(dataclasses.asdict(S.DRY)))
+    assert results["errors"] == 0
+    assert results["ceilings"]["copy_gbps"] > 0 and results["ceilings"]["matmul_tflops"] > 0
+
+
+def check_kernel_cases(dry_run: tuple) -> None:
+    results, _, _ = dry_run
+    kernels, ceil = results["kernels"], results["ceilings"]
+    assert not [e for e in kernels if "error" in e]
+    seen = {(e["op"], e["method"], e["mode"]) for e in kernels if "ms" in e}
+    for op in W.OPS:
+        modes = ("step",) if op in W.STEP_OPS else ("fwd", "fwd+bwd")
+        backends = ("eager", "compile", "triton") if INTERPRETER else ("eager", "compile")
+        for mode in modes:
+            for backend in backends:
+                assert (op, backend, mode) in seen, (op, backend, mode)
+    for e in kernels:
+        if "ms" not in e:
+            continue
+        assert e["ms"] > 0 and e["runs"] >= 1 and e["flops"] > 0 and e["bytes"] > 0
+        assert close(e["tflops"], e["flops"] / e["ms"] / 1e9) and close(e["gbps"], e["bytes"] / e["ms"] / 1e6)
+        t_flops, t_bytes = e["flops"] / ceil["matmul_tflops"] / 1e9, e["bytes"] / ceil["copy_gbps"] / 1e6
+        assert close(e["floor_ms"], max(t_flops, t_bytes))
+        assert e["bound"] == ("compute" if t_flops >= t_bytes else "memory")
+        assert close(e["frac_of_floor"], e["floor_ms"] / e["ms"], rel=5e-3)
+        if not e["peer"] and e["method"] != "eager":  # same fp32 inputs as the eager reference
+            assert e["rel_err_vs_eager"] < 1e-3, e
+    compiled = [e for e in kernels if e["method"] == "compile"]
+    assert compiled and all(e["compile_backend"] == "eager" for e in compiled)
+    assert {(e["op"], e["mode"]) for e in compiled} == {(e["op"], e["mode"]) for e in kernels if e["method"] == "eager"}
+
+
+def check_peers_recorded_explicitly(dry_run: tuple) -> None:
+    results, markdown, _ = dry_run
+    peers = {(e["method"], e["mode"]): e for e in results["kernels"] if e["peer"]}
+    for mode in ("fwd", "fwd+bwd"):
+        for method, module in (("fla_chunk_gated_delta_rule", "fla"), ("flash_attn", "flash_attn")):
+            entry = peers[(method, mode)]
+            if importlib.util.find_spec(module) is None:
+                assert entry["skipped"].startswith("not installed"), entry
+            else:
+                assert "ms" in entry or "error" in entry or "skipped" in entry
+        assert peers[("sdpa_flash", mode)]["ms"] > 0
+        assert peers[("ffn_swiglu", mode)]["ms"] > 0
+    if importlib.util.find_spec("fla") is None:
+        assert "skipped: not installed (fla-core" in markdown
+
+
+def check_model_level(dry_run: tuple) -> None:
+    results, _, _ = dry_run
+    model, plan = results["model"], S.DRY
+    params = model["parameters"]
+    assert set(params) == set(W.MODEL_NAMES)
+    for name in W.MODEL_NAMES:  # one parameter budget (hope/presets.py)
+        assert abs(params[name] - params["transformer++"]) <= 0.1 * params["transformer++"], params
+    train = {(e["model"], e["T"]): e for e in model["train"]}
+    assert set(train) == {(m, T) for m in W.MODEL_NAMES for T, _ in plan.train}
+    for e in train.values():
+        assert close(e["tokens_per_s"], e["B"] * e["T"] / e["ms"] * 1e3)
+    assert {(e["model"], e["prompt"]) for e in model["prefill"] if e["tokens_per_s"] > 0} == {
+        (m, p) for m in W.MODEL_NAMES for p in plan.decode_prompts}
+    decode = {(e["model"], e["prompt"], e["batch"]): e for e in model["decode"]}
+    assert set(decode) == {(m, p, b) for m in W.MODEL_NAMES for p in plan.decode_prompts for b in plan.decode_batches}
+    for (name, prompt, batch), e in decode.items():
+        assert close(e["tokens_per_s"], batch / e["ms"] * 1e3)
+        assert e["cache_bytes"] > 0
+    short, long_ = plan.decode_prompts
+    # Hope's state does not grow with the context; a KV cache does.
+    assert decode[("hope", short, 1)]["cache_bytes"] == decode[("hope", long_, 1)]["cache_bytes"]
+    assert decode[("transformer++", long_, 1)]["cache_bytes"] > decode[("transformer++", short, 1)]["cache_bytes"]
+    assert decode[("hope", short, 2)]["cache_bytes"] == 2 * decode[("hope", short, 1)]["cache_bytes"]
+
+
+def check_goals_and_markdown(dry_run: tuple) -> None:
+    results, markdown, _ = dry_run
+    goals = {g["id"]: g for g in results["goals"]}
+    assert set(goals) == {"train_ref", "train_long", "titans_vs_fla", "cms_matmul", "decode_flat", "decode_speed"}
+    assert all(g["status"] in S.STATUSES for g in goals.values())
+    train = {(e["model"], e["T"]): e["tokens_per_s"] for e in results["model"]["train"]}
+    T = S.DRY.train[0][0]
+    ratio = train[("hope", T)] / train[("transformer++", T)]
+    assert close(goals["train_ref"]["values"]["ratio"], ratio)
+    assert goals["train_ref"]["status"] == ("hit" if ratio >= 0.7 else "miss")
+    if importlib.util.find_spec("fla") is None:
+        assert goals["titans_vs_fla"]["status"] == "not measured"
+    assert markdown.startswith("# Hope benchmark suite")
+    assert "Dry run on CPU" in markdown
+    for heading in ("## Ceilings", "## Goals", "## Kernels and peers", "## Model level"):
+        assert heading in markdown
+    for g in goals.values():
+        assert f"| {g['goal']} | {g['target']} | {g['measured']} | **{g['status']}** |" in markdown
+    for name in W.MODEL_NAMES:
+        assert f"| {name} |" in markdown
+
+
+def test_failing_case_is_recorded_and_the_run_continues(tmp_path, monkeypatch) -> None:
+    real = W.op_function
+
+    def op_function(op, backend, compile_backend="inductor"):
+        if backend == "triton":
+            raise RuntimeError("titans Triton kernel does not fit this GPU (shared memory)\nsecond line")
+        return real(op, backend, compile_backend)
+
+    monkeypatch.setattr(W, "op_function", op_function)
+    argv = ["--dry-run", "--out-dir", str(tmp_path), "--sections", "kernels", "--ops",
+            "titans_memory_step,cms_level_step", "--methods", "eager,triton"]
+    assert S.main(argv) == 0
+    (name,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    with open(tmp_path / name) as f:
+        results = json.load(f)
+    by_method = {(e["op"], e["method"]): e for e in results["kernels"]}
+    assert set(by_method) == {(op, m) for op in ("titans_memory_step", "cms_level_step") for m in ("eager", "triton")}
+    for op in ("titans_memory_step", "cms_level_step"):
+        assert by_method[(op, "triton")]["error"] == "RuntimeError: titans Triton kernel does not fit this GPU (shared memory)"
+        assert "ms" not in by_method[(op, "triton")]
+        assert by_method[(op, "eager")]["ms"] > 0
+    assert results["errors"] == 2
+    assert not results["model"]["train"] and not results["ceilings"]
+    with open(tmp_path / name.replace(".json", ".md")) as f:
+        assert "ERROR RuntimeError: titans Triton kernel does not fit" in f.read()
+
+
+def _figures(train: dict, titans: tuple, cms_frac: float, decode: dict) -> dict:
+    """A results dict of the full plan with the given figures: train {(model, T): tokens/s}, titans (our fwd+bwd
+    ms, FLA's), the CMS fraction of matmul, decode {(model, prompt, batch): ms}."""
+    shape = S.FULL.titans_shapes[0]
+    kernels = [
+        {"op": "titans_memory", "method": "triton", "mode": "fwd+bwd", "shape": shape, "ms": titans[0]},
+        {"op": "titans_memory", "method": "fla_chunk_gated_delta_rule", "mode": "fwd+bwd", "shape": shape,
+         "ms": titans[1]},
+        {"op": "cms_level", "method": "triton", "mode": "fwd", "shape": S.FULL.cms_shapes[0], "ms": 1.0,
+         "frac_of_matmul": cms_frac},
+    ]
+    return {
+        "plan": dataclasses.asdict(S.FULL),
+        "kernels": kernels,
+        "model": {
+            "train": [{"model": m, "T": T, "tokens_per_s": v} for (m, T), v in train.items()],
+            "decode": [{"model": m, "prompt": p, "batch": b, "ms": ms, "tokens_per_s": b / ms * 1e3}
+                       for (m, p, b), ms in decode.items()],
+        },
+    }
+
+
+def test_goal_rules_on_known_figures() -> None:
+    results = _figures(
+        train={("hope", 4096): 70.0, ("transformer++", 4096): 100.0, ("hope", 16384): 101.0,
+               ("transformer++", 16384): 100.0},
+        titans=(20.0, 10.0),
+        cms_frac=0.5,
+        decode={("hope", 1024, 1): 10.0, ("hope", 32768, 1): 11.0, ("transformer++", 32768, 1): 23.0,
+                ("hope", 1024, 64): 10.0, ("hope", 32768, 64): 10.5},
+    )
+    goals = {g["id"]: g for g in S.evaluate_goals(results)}
+    assert goals["train_ref"]["status"] == "hit"  # 0.70 exactly
+    assert goals["train_long"]["status"] == "hit"  # 1.01 > 1
+    assert goals["titans_vs_fla"]["status"] == "hit"  # 2.0x exactly
+    assert goals["cms_matmul"]["status"] == "hit"
+    assert goals["decode_flat"]["status"] == "hit"  # 1.10 and 1.05
+    # Transformer++ at batch 64 was not measured, so only batch 1 counts: 23 ms against 11 ms per token.
+    assert goals["decode_speed"]["status"] == "hit"
+    assert set(goals["decode_speed"]["values"]["ratios"]) == {"1"}
+    assert close(goals["decode_speed"]["values"]["ratios"]["1"], 23.0 / 11.0)
+
+
+def test_goal_rules_miss_and_not_measured() -> None:
+    results = _figures(
+        train={("hope", 4096): 69.0, ("transformer++", 4096): 100.0, ("hope", 16384): 100.0,
+               ("transformer++", 16384): 100.0},
+        titans=(20.1, 10.0),
+        cms_frac=0.49,
+        decode={("hope", 1024, 1): 10.0, ("hope", 32768, 1): 11.2, ("transformer++", 32768, 1): 15.0},
+    )
+    goals = {g["id"]: g for g in S.evaluate_goals(results)}
+    assert [goals[k]["status"] for k in ("train_ref", "train_long", "titans_vs_fla", "cms_matmul", "decode_flat",
+                                         "decode_speed")] == ["miss"] * 6
+    assert close(goals["decode_speed"]["values"]["ratios"]["1"], (1 / 11.2) / (1 / 15.0))
+    empty = {"plan": dataclasses.asdict(S.FULL), "kernels": [], "model": {"train": [], "decode": []}}
+    assert {g["status"] for g in S.evaluate_goals(empty)} == {"not measured"}
+
+
+def test_full_plan_matches_the_340m_model() -> None:
+    """The GPU plan times the kernels at the shapes the 340M models run (so kernel and model figures agree),
+    within the Titans kernel's limits, and the three models share one parameter budget."""
+    from hope.presets import count_parameters
+
+    hope = W.model_config("hope", S.FULL.model_size)
+    assert (hope.hidden_size, hope.num_hidden_layers) == (1024, 24)
+    for shape in S.FULL.titans_shapes + S.FULL.titans_step_shapes:
+        assert shape["H"] == hope.num_heads and shape["C"] == hope.chunk_size and shape["d"] in (hope.head_dim, 128)
+    learning = [(size, width) for size, width in zip(hope.cms_chunk_sizes, hope.cms_hidden_size) if size]
+    for shape in S.FULL.cms_shapes + S.FULL.cms_step_shapes:
+        assert shape["D"] == hope.hidden_size and (shape["C"], shape["F"]) in learning
+    assert {s["C"] for s in S.FULL.cms_shapes} == {size for size, _ in learning}
+    assert [T for T, _ in S.FULL.train] == [4096, 16384] and S.FULL.decode_prompts == [1024, 32768]
+    assert S.FULL.decode_batches == [1, 64]
+    budget = count_parameters(W.model_config("transformer++", S.FULL.model_size))
+    for name in ("hope", "hope-attention"):
+        assert abs(count_parameters(W.model_config(name, S.FULL.model_size)) - budget) <= 0.02 * budget
