@@ -194,6 +194,7 @@ def plot(results: Dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from hope.evals.common import MODEL_LABELS
 
@@ -212,6 +213,7 @@ def plot(results: Dict[str, Any], path: Path) -> None:
         axis.set_xlabel("age of the fact (segments taught since)")
         axis.set_ylabel("recall accuracy")
         axis.set_title("Forgetting within a stream")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylim(0, 1.02)
     axis.grid(alpha=0.3)
     axis.legend()
