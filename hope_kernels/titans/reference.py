@@ -88,7 +88,10 @@ def _check_inputs(
     mask: Optional[Tensor],
     state: Optional[TitansState],
     token_dim: bool = True,
+    adaptive_only: bool = False,
 ) -> None:
+    """ValueError for any malformed input. `adaptive_only`: z0 holds only the adaptive rows
+    [M_k ; M_v ; m_eta ; m_alpha], (H, 2d+2, d) (the deep memory's main memory lives elsewhere)."""
     lead = "(B, T, H, d)" if token_dim else "(B, H, d)"
     if q.dim() != (4 if token_dim else 3):
         raise ValueError(f"q must be {lead}, got shape {tuple(q.shape)}")
@@ -100,8 +103,9 @@ def _check_inputs(
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     H, d = q.shape[-2], q.shape[-1]
-    if z0.shape != (H, memory_rows(d), d):
-        raise ValueError(f"z0 must be (H, 3d+2, d) = {(H, memory_rows(d), d)}, got {tuple(z0.shape)}")
+    want_rows, rows_label = (memory_rows(d) - d, "2d+2") if adaptive_only else (memory_rows(d), "3d+2")
+    if z0.shape != (H, want_rows, d):
+        raise ValueError(f"z0 must be (H, {rows_label}, d) = {(H, want_rows, d)}, got {tuple(z0.shape)}")
     for name, t in (("b_eta", b_eta), ("b_alpha", b_alpha), ("momentum_logit", momentum_logit)):
         if t.shape != (H,):
             raise ValueError(f"{name} must be (H,) = ({H},), got {tuple(t.shape)}")
