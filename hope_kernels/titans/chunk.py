@@ -209,6 +209,52 @@ def _targets(k, v, OBJ_L2: tl.constexpr, VALUE: tl.constexpr):
     return u, u_m
 
 
+@triton.jit
+def _advance_adaptive(zs, zc, ss, ze, se, me, ma, W, Ws, k, gL, sL, bL, d, boff, bm, offs_d, md,
+                      AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr,
+                      MOM: tl.constexpr, PREC: tl.constexpr):
+    """The adaptive rows [M_k ; M_v ; m_eta ; m_alpha] after a segment (self targets, SPEC §2 closed form):
+    X_end = gL X_s - (X_c W^T) k + sL S_s, S_end = bL S_s - (X_c Ws^T) k; rows outside `adaptive` are copied.
+    zs, zc, ss, ze, se point at the M_k row of (2d+2, d) row-major blocks (start, chunk start, start momentum,
+    end, end momentum); me, ma: the chunk-start m_eta, m_alpha rows; W, Ws: (BC, D) right factors."""
+    for blk in tl.static_range(0, 2):
+        if (blk == 0 and AD_K) or (blk == 1 and AD_V):
+            Xe = gL * tl.load(zs + blk * d * d + boff, mask=bm, other=0.0) - tl.dot(
+                tl.dot(tl.load(zc + blk * d * d + boff, mask=bm, other=0.0), tl.trans(W), input_precision=PREC),
+                k, input_precision=PREC)
+            if MOM:
+                SXs = tl.load(ss + blk * d * d + boff, mask=bm, other=0.0)
+                Xe += sL * SXs
+                tl.store(se + blk * d * d + boff, bL * SXs - tl.dot(
+                    tl.dot(tl.load(zc + blk * d * d + boff, mask=bm, other=0.0), tl.trans(Ws), input_precision=PREC),
+                    k, input_precision=PREC), mask=bm)
+            tl.store(ze + blk * d * d + boff, Xe, mask=bm)
+        else:
+            tl.store(ze + blk * d * d + boff, tl.load(zs + blk * d * d + boff, mask=bm, other=0.0), mask=bm)
+            if MOM:
+                tl.store(se + blk * d * d + boff, tl.load(ss + blk * d * d + boff, mask=bm, other=0.0), mask=bm)
+    # m_eta and m_alpha rows: (x_c W^T) k with vector ops
+    for rr in tl.static_range(0, 2):
+        row = 2 * d + rr
+        xs = tl.load(zs + row * d + offs_d, mask=md, other=0.0)
+        if (rr == 0 and AD_E) or (rr == 1 and AD_A):
+            if rr == 0:
+                xc = me
+            else:
+                xc = ma
+            xe = gL * xs - tl.reduce(tl.reduce(W * xc[None, :], 1, _sum_combine)[:, None] * k, 0, _sum_combine)
+            if MOM:
+                sxs = tl.load(ss + row * d + offs_d, mask=md, other=0.0)
+                xe += sL * sxs
+                tl.store(se + row * d + offs_d, bL * sxs - tl.reduce(
+                    tl.reduce(Ws * xc[None, :], 1, _sum_combine)[:, None] * k, 0, _sum_combine), mask=md)
+            tl.store(ze + row * d + offs_d, xe, mask=md)
+        else:
+            tl.store(ze + row * d + offs_d, xs, mask=md)
+            if MOM:
+                tl.store(se + row * d + offs_d, tl.load(ss + row * d + offs_d, mask=md, other=0.0), mask=md)
+
+
 # --------------------------------------------------------------------------------------------- forward
 
 
@@ -315,43 +361,9 @@ def _titans_fwd_kernel(
             tl.store(se + boff, seM, mask=bm)
         tl.store(ze + boff, zeM, mask=bm)
 
-        # M_k and M_v blocks
-        for blk in tl.static_range(1, 3):
-            if (blk == 1 and AD_K) or (blk == 2 and AD_V):
-                Xe = gL * tl.load(zs + blk * d * d + boff, mask=bm, other=0.0) - tl.dot(
-                    tl.dot(tl.load(zc + blk * d * d + boff, mask=bm, other=0.0), tl.trans(W), input_precision=PREC),
-                    k, input_precision=PREC)
-                if MOM:
-                    SXs = tl.load(ss + blk * d * d + boff, mask=bm, other=0.0)
-                    Xe += sL * SXs
-                    tl.store(se + blk * d * d + boff, bL * SXs - tl.dot(
-                        tl.dot(tl.load(zc + blk * d * d + boff, mask=bm, other=0.0), tl.trans(Ws), input_precision=PREC),
-                        k, input_precision=PREC), mask=bm)
-                tl.store(ze + blk * d * d + boff, Xe, mask=bm)
-            else:
-                tl.store(ze + blk * d * d + boff, tl.load(zs + blk * d * d + boff, mask=bm, other=0.0), mask=bm)
-                if MOM:
-                    tl.store(se + blk * d * d + boff, tl.load(ss + blk * d * d + boff, mask=bm, other=0.0), mask=bm)
-        # m_eta and m_alpha rows: (x_c W^T) k with vector ops
-        for rr in tl.static_range(0, 2):
-            row = 3 * d + rr
-            xs = tl.load(zs + row * d + offs_d, mask=md, other=0.0)
-            if (rr == 0 and AD_E) or (rr == 1 and AD_A):
-                if rr == 0:
-                    xc = me
-                else:
-                    xc = ma
-                xe = gL * xs - tl.reduce(tl.reduce(W * xc[None, :], 1, _sum_combine)[:, None] * k, 0, _sum_combine)
-                if MOM:
-                    sxs = tl.load(ss + row * d + offs_d, mask=md, other=0.0)
-                    xe += sL * sxs
-                    tl.store(se + row * d + offs_d, bL * sxs - tl.reduce(
-                        tl.reduce(Ws * xc[None, :], 1, _sum_combine)[:, None] * k, 0, _sum_combine), mask=md)
-                tl.store(ze + row * d + offs_d, xe, mask=md)
-            else:
-                tl.store(ze + row * d + offs_d, xs, mask=md)
-                if MOM:
-                    tl.store(se + row * d + offs_d, tl.load(ss + row * d + offs_d, mask=md, other=0.0), mask=md)
+        # M_k, M_v, m_eta, m_alpha: the adaptive rows, which start d rows into Z
+        _advance_adaptive(zs + d * d, zc + d * d, ss + d * d, ze + d * d, se + d * d, me, ma, W, Ws, k, gL, sL, bL,
+                          d, boff, bm, offs_d, md, AD_K, AD_V, AD_E, AD_A, MOM, PREC)
         # the next segment reads what this one stored
         tl.debug_barrier()
 
