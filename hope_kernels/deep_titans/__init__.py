@@ -1,8 +1,11 @@
 """Self-modifying Titans memory with a deep main memory (SPEC §2 "Deep memory", Eq. 91, `memory_depth=2`):
 one op, dispatched to the PyTorch reference or Triton.
 
-There is no Triton kernel yet (HAS_TRITON = False): kernel_backend="auto" runs the reference everywhere and
-kernel_backend="triton" raises (it never falls back silently).
+The Triton forward kernel (`chunk.py`) and decode-step kernel (`step.py`) are checked against the float64
+reference in Triton's interpreter; they have not been run or timed on a GPU (GPU_VERIFIED = False), so
+kernel_backend="auto" keeps the reference on CUDA too, and kernel_backend="triton" runs them. There is no Triton
+backward yet (TRITON_BACKWARD = False): the op's backward recomputes the forward with the PyTorch reference and
+differentiates that (exact gradients, reference cost).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from hope_kernels.deep_titans.reference import (
 )
 from hope_kernels.titans.reference import ADAPTIVE_NAMES
 
-HAS_TRITON = False
+HAS_TRITON = True
 GPU_VERIFIED = False
 
 __all__ = [
@@ -64,7 +67,10 @@ def titans_deep_memory(
     kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, momentum=momentum, dgd=dgd, objective=objective,
                   memory_target=memory_target, adaptive=adaptive, mask=mask, state=state,
                   output_final_state=output_final_state)
-    _backend(backend, q)  # only "torch" can come back until the kernels exist; "triton" raises
+    if _backend(backend, q) == "triton":
+        from hope_kernels.deep_titans.chunk import titans_deep_memory_triton
+
+        return titans_deep_memory_triton(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit, **kwargs)
     return titans_deep_memory_reference(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit, **kwargs)
 
 
@@ -92,5 +98,8 @@ def titans_deep_memory_step(
     """One decode token; shapes and semantics as `titans_deep_memory_step_reference`."""
     kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, momentum=momentum, dgd=dgd, objective=objective,
                   memory_target=memory_target, adaptive=adaptive, mask=mask, state=state)
-    _backend(backend, q)
+    if _backend(backend, q) == "triton":
+        from hope_kernels.deep_titans.step import titans_deep_memory_step_triton
+
+        return titans_deep_memory_step_triton(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit, **kwargs)
     return titans_deep_memory_step_reference(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit, **kwargs)

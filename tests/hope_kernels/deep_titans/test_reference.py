@@ -363,15 +363,17 @@ def test_bad_inputs_raise():
         titans_deep_memory_step_reference(q[:, 0], a[:, 0], w1, w2, z0, b_eta, b_alpha, mlog, **flags(objective="x"))
 
 
-def test_triton_backend_without_kernel_raises():
-    """kernel_backend="triton" never falls back silently to the reference."""
-    import hope_kernels.deep_titans as pkg
-
-    g = _gen("triton")
+def test_dispatcher_backends():
+    """"torch" and "auto" (on CPU) run the reference; "triton" never falls back silently to it: float64, which
+    only the reference takes, is refused."""
+    g = _gen("dispatch")
     inputs = make_inputs(g, B=1, T=3)
-    if pkg.HAS_TRITON:
-        pytest.fail("the deep_titans Triton kernels exist now: replace this test by the kernel tests")
-    with pytest.raises(RuntimeError, match="deep_titans op has no Triton kernel"):
+    ref, _ = titans_deep_memory_reference(*inputs, **flags())
+    for backend in ("torch", "auto"):
+        assert torch.equal(titans_deep_memory(*inputs, **flags(), backend=backend)[0], ref)
+    with pytest.raises(ValueError, match="float64"):
         titans_deep_memory(*inputs, **flags(), backend="triton")
-    with pytest.raises(RuntimeError, match="deep_titans op has no Triton kernel"):
+    with pytest.raises(ValueError, match="float64"):
         titans_deep_memory_step(inputs[0][:, 0], inputs[1][:, 0], *inputs[2:], **flags(), backend="triton")
+    with pytest.raises(ValueError, match="kernel_backend"):
+        titans_deep_memory(*inputs, **flags(), backend="cuda")
