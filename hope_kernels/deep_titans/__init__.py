@@ -1,11 +1,9 @@
 """Self-modifying Titans memory with a deep main memory (SPEC §2 "Deep memory", Eq. 91, `memory_depth=2`):
 one op, dispatched to the PyTorch reference or Triton.
 
-The Triton forward kernel (`chunk.py`) and decode-step kernel (`step.py`) are checked against the float64
-reference in Triton's interpreter; they have not been run or timed on a GPU (GPU_VERIFIED = False), so
-kernel_backend="auto" keeps the reference on CUDA too, and kernel_backend="triton" runs them. There is no Triton
-backward yet (TRITON_BACKWARD = False): the op's backward recomputes the forward with the PyTorch reference and
-differentiates that (exact gradients, reference cost).
+The Triton kernels (`chunk.py`: forward and backward, one launch each; `step.py`: decode) are checked against the
+float64 reference in Triton's interpreter; they have not been run or timed on a GPU (GPU_VERIFIED = False), so
+kernel_backend="auto" keeps the reference on CUDA too, and kernel_backend="triton" runs them.
 """
 from __future__ import annotations
 

@@ -213,11 +213,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def test_triton_backend_equals_torch_logits_loss_gradients():
-    """kernel_backend="triton" runs the deep kernels (the forward kernel; its backward recomputes through the
-    reference) and matches "torch" in logits, loss and every parameter gradient."""
+def test_triton_backend_equals_torch_logits_loss_gradients(monkeypatch):
+    """kernel_backend="triton" runs the deep kernels (forward and backward) and matches "torch" in logits, loss and
+    every parameter gradient."""
     assert deep_kernels.HAS_TRITON
     dev, (reference, kernel) = _backend_models()
+    import hope_kernels.deep_titans.chunk as chunk_module
+
+    launches = []
+    for name in ("_deep_forward", "_deep_backward"):
+        original = getattr(chunk_module, name)
+        monkeypatch.setattr(chunk_module, name, lambda *a, _f=original, _n=name, **k: launches.append(_n) or _f(*a, **k))
     ids = random_ids(2, 13).to(dev)
     mask = torch.ones(2, 13, dtype=torch.long, device=dev)
     mask[1, 10:] = 0  # right padding in one row
@@ -232,6 +238,8 @@ def test_triton_backend_equals_torch_logits_loss_gradients():
     for (name, p_ref), (_, p_ker) in zip(reference.named_parameters(), kernel.named_parameters()):
         assert p_ref.grad is not None and p_ker.grad is not None, name
         assert _rel(p_ker.grad, p_ref.grad) < 1e-4, name
+    layers = kernel.config.num_hidden_layers
+    assert sorted(launches) == ["_deep_backward"] * layers + ["_deep_forward"] * layers
 
 
 def test_triton_backend_decode_equals_torch(monkeypatch):

@@ -93,26 +93,49 @@ def test_bf16_inputs():
     check(("bf16",), 2, 9, 1, 8, 8, flags(chunk_size=4), position=2, mask="random", dtype=torch.bfloat16, tol_o=1e-2)
 
 
-def test_gradients_of_every_input():
-    """The op's backward (recomputed through the reference) gives every gradient of the float64 reference."""
-    g = _gen("grads")
-    inputs = make_inputs(g, B=2, T=7, H=1, d=8, h=8)
-    kw = flags(chunk_size=3, mask=make_mask("random", g, 2, 7))
-    state = _prefix_state(inputs, 2, kw)
-    w_o = torch.randn(2, 7, 1, 8, generator=g, dtype=F64)
+GRAD_CASES = {
+    # name: (flags, B, T, d, h, position, mask)
+    "default_mid_chunk": (flags(chunk_size=3), 2, 7, 8, 8, 2, "random"),
+    "no_momentum_dot_value": (flags(chunk_size=3, momentum=False, objective="dot", memory_target="value"),
+                              2, 7, 8, 12, 1, "random"),
+    "no_dgd_value_l2": (flags(chunk_size=4, dgd=False, memory_target="value"), 1, 9, 5, 3, 0, "none"),
+    "dot_self_adaptive_subset": (flags(chunk_size=4, objective="dot", adaptive=("v", "alpha")), 2, 6, 8, 8, 2,
+                                 "right_pad"),  # ends on a chunk boundary
+    "chunk_one": (flags(chunk_size=1, adaptive=("k", "eta")), 1, 4, 8, 20, 1, "random"),
+    "one_segment": (flags(chunk_size=8), 2, 4, 8, 8, 3, "random"),  # mid-chunk start and end, one segment
+}
+
+
+@pytest.mark.parametrize("case", list(GRAD_CASES))
+def test_gradients_of_every_input(case):
+    """The Triton backward gives every gradient of the float64 reference: q, a, the initial parameters
+    (w1_0, w2_0, z0), b_eta, b_alpha, momentum_logit and all nine tensors of a (mid-chunk) start state, through o and
+    every tensor of the final state (chunk-start copies included)."""
+    kw0, B, T, d, h, position, mask = GRAD_CASES[case]
+    g = _gen("grads", case)
+    inputs = make_inputs(g, B=B, T=T, H=1, d=d, h=h)
+    kw = dict(kw0, mask=make_mask(mask, g, B, T))
+    state = _prefix_state(inputs, position, kw) if position else _prefix_state(inputs, 3, kw)
+    w_o = torch.randn(B, T, 1, d, generator=g, dtype=F64)
     w_s = [torch.randn(x.shape, generator=g, dtype=F64) for x in state[:9]]
+    mask_dev = None if kw["mask"] is None else kw["mask"].to(DEV)
     grads = []
     for dtype, fn in ((F64, titans_deep_memory_reference), (F32, titans_deep_memory_triton)):
         leaves = [x.to(DEV, dtype).requires_grad_() for x in inputs]
-        st = [x.to(DEV, dtype).requires_grad_() for x in state[:9]]
-        o, fin = fn(*leaves, **dict(kw, mask=kw["mask"].to(DEV)), state=DeepTitansState(*st, state.position),
-                    output_final_state=True)
+        st = [x.to(DEV, dtype).clone().requires_grad_() for x in state[:9]]  # distinct leaves (z_chunk may alias z)
+        start = DeepTitansState(*st, state.position if position else 0)
+        o, fin = fn(*leaves, **dict(kw, mask=mask_dev), state=start if position else None, output_final_state=True)
         loss = (o * w_o.to(DEV, dtype)).sum() + sum((x * w.to(DEV, x.dtype)).sum() for x, w in zip(fin[:9], w_s))
-        o2, _ = fn(*leaves, **dict(kw, mask=kw["mask"].to(DEV)))  # and from the initial parameters
-        loss = loss + (o2 * w_o.to(DEV, dtype)).sum()
-        grads.append(torch.autograd.grad(loss, leaves + st))
+        if position:
+            o2, _ = fn(*leaves, **dict(kw, mask=mask_dev))  # and from the initial parameters
+            loss = loss + (o2 * w_o.to(DEV, dtype)).sum()
+        grads.append(torch.autograd.grad(loss, leaves + (st if position else []), allow_unused=True))
     names = ["q", "a", "w1_0", "w2_0", "z0", "b_eta", "b_alpha", "momentum_logit", *DeepTitansState._fields[:9]]
     for name, ref, ker in zip(names, *grads):
+        if name == "momentum_logit" and not kw["momentum"]:
+            assert ref is None and (ker is None or ker.abs().max() == 0)
+            continue
+        assert ref is not None and ker is not None, name
         assert ker.dtype == F32
         assert ref.abs().max() > 0, name
         assert rel(ker, ref) <= TOL, f"grad {name}: {rel(ker, ref):.2e}"
