@@ -14,7 +14,8 @@ Design (as the linear kernel, hope_kernels/titans/chunk.py, whose Triton helpers
 * Per segment: k, v, eta, alpha and the log-space decay matrices from the chunk-start adaptive rows (the linear
   kernel's `_coeffs`), the adaptive rows' new state (`_advance_adaptive`), then the TTT-MLP dual form of the
   reference's `_deep_segment`: p = K W2_cᵀ, the errors E and back-propagated G = silu'(P) ⊙ E W1_c at the chunk
-  start; the reads H = silu(γ Q W2_sᵀ + σ Q S2_sᵀ - Wdᵀ P - Wgᵀ G), O = Q + γ H W1_sᵀ + σ H S1_sᵀ - W1gᵀ E;
+  start; the reads H = silu(γ Q W2_sᵀ + σ Q S2_sᵀ - Wdᵀ P - Wgᵀ G),
+  O = Q + γ H W1_sᵀ + σ H S1_sᵀ - W1gᵀ E;
   then the state after the segment. All masked BC x BC and BC x D (BC x HD) tl.dots.
 * The state lives in fp32 ping-pong workspaces (two slots per (b, h)); `tl.debug_barrier()` orders a
   segment's stores before the next segment's loads.
@@ -608,7 +609,8 @@ def _deep_forward(q: Tensor, a: Tensor, valid: Optional[Tensor], st: Sequence[Te
     D, BC = _block_sizes(d, C)
     nslot = max(nseg if save else min(nseg, 2), 1)
     o = torch.empty_like(q)
-    work = [torch.empty(B * H, nslot, *st[i].shape[2:], device=q.device, dtype=torch.float32) for i in (1, 2, 4, 5, 7, 8)]
+    work = [torch.empty(B * H, nslot, *st[i].shape[2:], device=q.device, dtype=torch.float32)
+            for i in (1, 2, 4, 5, 7, 8)]
     if nseg == 0:
         return o, [x.clone() for x in st], work, 0
     _launch(_deep_fwd_kernel, (B * H,), (

@@ -26,8 +26,10 @@ Decisions of the lead where the SPEC is silent:
 
 Within a chunk this is the TTT-MLP dual form: with the SPEC §2 decay coefficients gamma, c_{i,t}, sigma_t
 (`chunk_decays`, log space),
-    W2_t q_t = gamma_t W2_s q_t + sigma_t S2_s q_t - Σ_{i<=t} eta_i (k_i . q_t) (eps (gamma_t/gamma_i) p_i + c_{i,t} g_i)
-    W1_t h_t = gamma_t W1_s h_t + sigma_t S1_s h_t - Σ_{i<=t} eta_i c_{i,t} (sigma(p_i) . h_t) e_i,   h_t = sigma(W2_t q_t)
+    W2_t q_t = gamma_t W2_s q_t + sigma_t S2_s q_t
+               - Σ_{i<=t} eta_i (k_i . q_t) (eps (gamma_t/gamma_i) p_i + c_{i,t} g_i)
+    W1_t h_t = gamma_t W1_s h_t + sigma_t S1_s h_t - Σ_{i<=t} eta_i c_{i,t} (sigma(p_i) . h_t) e_i,
+    h_t = sigma(W2_t q_t)
 where g_i = sigma'(p_i) ⊙ W1_cᵀ e_i and (W_s, S_s) is the segment-start state (the chunk start, or a mid-chunk
 cached state): a handful of masked C x C and C x d (C x h) matmuls per chunk.
 
@@ -148,7 +150,9 @@ def _prepare(
     return dtype, [t.to(dtype) for t in state[:9]], state.position, log_beta
 
 
-def _targets(k: Tensor, v: Tensor, w1c: Tensor, w2c: Tensor, objective: str, value_target: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _targets(
+    k: Tensor, v: Tensor, w1c: Tensor, w2c: Tensor, objective: str, value_target: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """Inner-loss pieces at the chunk start for tokens (..., L, d): p = W2_c k, e and g = sigma'(p) ⊙ W1_cᵀ e.
 
     The target is M_c(v) (self) or v (value); no inner gradient flows through it (it is a constant of the inner
@@ -165,7 +169,10 @@ def _targets(k: Tensor, v: Tensor, w1c: Tensor, w2c: Tensor, objective: str, val
 
 
 def _rank_one_sum(w: Tensor, left: Tensor, right: Tensor) -> Tensor:
-    """Σ_i w_i left_i right_iᵀ over the tokens i. w: (B, H, L); left: (B, H, L, m); right: (B, H, L, n) -> (B, H, m, n)."""
+    """Σ_i w_i left_i right_iᵀ over the tokens i.
+
+    w: (B, H, L); left: (B, H, L, m); right: (B, H, L, n). Returns (B, H, m, n).
+    """
     return (w.unsqueeze(-1) * left).transpose(-1, -2) @ right
 
 
@@ -305,7 +312,9 @@ def _step_main_grads(
     """One token's main-memory inner gradients G1 (B, H, d, h), G2 (B, H, h, d) and DGD matrix W2_c k kᵀ."""
     p, e, g = _targets(k.unsqueeze(-2), v.unsqueeze(-2), w1c, w2c, objective, value_target)
     p, e, g = p.squeeze(-2), e.squeeze(-2), g.squeeze(-2)
-    return e.unsqueeze(-1) * F.silu(p).unsqueeze(-2), g.unsqueeze(-1) * k.unsqueeze(-2), p.unsqueeze(-1) * k.unsqueeze(-2)
+    g1 = e.unsqueeze(-1) * F.silu(p).unsqueeze(-2)  # e sigma(p)ᵀ
+    g2 = g.unsqueeze(-1) * k.unsqueeze(-2)  # (sigma'(p) ⊙ W1_cᵀ e) kᵀ
+    return g1, g2, p.unsqueeze(-1) * k.unsqueeze(-2)
 
 
 def _read(q: Tensor, w1: Tensor, w2: Tensor) -> Tensor:

@@ -169,7 +169,8 @@ def titans_deep_memory_step_triton(
         D = max(16, _next_pow2(d))
         _deep_step_kernel[(B * H,)](
             q_c, a_c, valid if valid is not None else q_c, *st, *outs, o,
-            b_eta.to(f32).contiguous(), b_alpha.to(f32).contiguous(), torch.sigmoid(momentum_logit.to(f32)).contiguous(),
+            b_eta.to(f32).contiguous(), b_alpha.to(f32).contiguous(),
+            torch.sigmoid(momentum_logit.to(f32)).contiguous(),
             H, d, hidden, float(eta_max), 1.0 if dgd else 0.0, int((position + 1) % chunk_size == 0),
             D=D, HD=max(16, _next_pow2(hidden)), BR=min(D, 32), MOM=bool(momentum), OBJ_L2=objective == "l2",
             VALUE=memory_target == "value",

@@ -223,7 +223,8 @@ def test_triton_backend_equals_torch_logits_loss_gradients(monkeypatch):
     launches = []
     for name in ("_deep_forward", "_deep_backward"):
         original = getattr(chunk_module, name)
-        monkeypatch.setattr(chunk_module, name, lambda *a, _f=original, _n=name, **k: launches.append(_n) or _f(*a, **k))
+        monkeypatch.setattr(chunk_module, name,
+                            lambda *a, _f=original, _n=name, **k: launches.append(_n) or _f(*a, **k))
     ids = random_ids(2, 13).to(dev)
     mask = torch.ones(2, 13, dtype=torch.long, device=dev)
     mask[1, 10:] = 0  # right padding in one row

@@ -110,7 +110,8 @@ def test_adaptive_subsets(adaptive):
     assert_close(o, o_ref, "o")
     assert_states_close(st, st_ref)
     d = inputs[0].shape[-1]
-    blocks = {"k": slice(0, d), "v": slice(d, 2 * d), "eta": slice(2 * d, 2 * d + 1), "alpha": slice(2 * d + 1, 2 * d + 2)}
+    blocks = {"k": slice(0, d), "v": slice(d, 2 * d), "eta": slice(2 * d, 2 * d + 1),
+              "alpha": slice(2 * d + 1, 2 * d + 2)}
     for name, rows in blocks.items():
         moved = (st.z[:, :, rows] - inputs[4][:, rows]).abs().max().item()
         assert (moved > 1e-6) == (name in adaptive), f"{name}: moved {moved}"
