@@ -531,7 +531,15 @@ def _deep_bwd_kernel(
         tl.store(dq_ptr + offs_x, dQ, mask=mx)
         tl.store(da_ptr + offs_x, da, mask=mx)
 
-        # ---- state gradients: into the carry (n > 0) or the outputs (n = 0)
+        # ---- state gradients: into the carry (n > 0) or the outputs (n = 0). Fresh loads and a recomputation of
+        # k, v, u, W (as the linear kernel's pass B): these tl.dot operands then share no shared-memory copy with
+        # the ones above, which keeps the kernel's shared-memory footprint smaller.
+        a = tl.load(a_ptr + offs_x, mask=mx, other=0.0).to(tl.float32)
+        k = tl.dot(a, tl.trans(tl.load(zc + boff, mask=bm, other=0.0)), input_precision=PREC) / nn[:, None]
+        v = tl.dot(a, tl.trans(tl.load(zc + d * d + boff, mask=bm, other=0.0)), input_precision=PREC)
+        u, u_unused = _targets(k, v, OBJ_L2, False)
+        W = e_d[:, None] * k + e_g[:, None] * u
+        Ws = e_m[:, None] * u
         xl = tl.where(n == NSEG - 1, extra_last, 0.0)  # the final chunk-start state is this segment's start
         _adaptive_out_grads(n, cz, cs, gzc_last + pid64 * AD, nz, ns, dzc_o, dz_o, ds_o, k, u, a, W, Ws, dkr, dv,
                             de_pre, dal_pre, e_d, e_g, e_m, gL, sL, bL, xl, d, offs_d, md, boff, bm,
