@@ -1,4 +1,5 @@
-"""Triton forward kernel of the chunked deep Titans memory (SPEC §2 "Deep memory", Eq. 91, memory_depth=2).
+"""Triton kernels of the chunked deep Titans memory (SPEC §2 "Deep memory", Eq. 91, memory_depth=2), forward
+and backward.
 
 `titans_deep_memory_triton` has the signature and semantics of `titans_deep_memory_reference`
 (hope_kernels/deep_titans/reference.py): it returns the reads o_t = q_t + W1_t silu(W2_t q_t) and, on request,
@@ -19,7 +20,6 @@ Design (as the linear kernel, hope_kernels/titans/chunk.py, whose Triton helpers
   then the state after the segment. All masked BC x BC and BC x D (BC x HD) tl.dots.
 * The state lives in fp32 ping-pong workspaces (two slots per (b, h)); `tl.debug_barrier()` orders a
   segment's stores before the next segment's loads.
-
 * With a backward to follow, the forward keeps every segment's end state (one slot per segment: the saved
   chunk-start states, O(T/C (2d+2+2h) d) per (b, h)). The backward kernel walks the segments in reverse,
   recomputes each one from its saved start state and carries dL/d(state) in two ping-pong slots. Its deep part
@@ -28,7 +28,17 @@ Design (as the linear kernel, hope_kernels/titans/chunk.py, whose Triton helpers
 
 Constraints (ValueError otherwise): 1 <= d, h <= 128; 1 <= chunk_size <= 128; q and a of one dtype among
 float32, float16, bfloat16; CUDA tensors (or CPU tensors under TRITON_INTERPRET=1, where half inputs are upcast
-to fp32 first). States and sums are fp32; o comes back in the input dtype. Not run or timed on a GPU.
+to fp32 first). States and sums are fp32; o comes back in the input dtype. tl.dot precision and the
+launch retry at the other tensor-core precision are the linear kernel's (`dot_precision`, `_launch`): a launch
+that fits at neither raises a RuntimeError (kernel_backend="triton" never falls back).
+
+GPU resources (no GPU was at hand: nothing here has been run or timed on one; shared memory as reported by an
+offline compile for sm_90a with triton 3.7.1, bf16 inputs, tf32 dots): the forward needs 112 KB at d = h = C = 64,
+the decode step 0.5 KB. The backward needs 212 KB at d = h = 64, C = 32 (fits the H200's 227 KB) and 288 KB at
+C = 64 (does not fit: there a launch raises); at most 161 KB at d = h = 64, C = 16 and 160 KB at d = h = 32,
+C = 64 (measured before the re-load of a in the state-gradient pass, which lowered C = 32 from 236 KB). Making
+the model default (d = 64, C = 64) fit needs a backward that keeps fewer tl.dot operands live (row-tiled state
+blocks, or more re-loads and re-computations as in the linear kernel's pass B).
 """
 from __future__ import annotations
 
