@@ -33,12 +33,12 @@ launch retry at the other tensor-core precision are the linear kernel's (`dot_pr
 that fits at neither raises a RuntimeError (kernel_backend="triton" never falls back).
 
 GPU resources (no GPU was at hand: nothing here has been run or timed on one; shared memory as reported by an
-offline compile for sm_90a with triton 3.7.1, bf16 inputs, tf32 dots): the forward needs 112 KB at d = h = C = 64,
-the decode step 0.5 KB. The backward needs 212 KB at d = h = 64, C = 32 (fits the H200's 227 KB) and 288 KB at
-C = 64 (does not fit: there a launch raises); at most 161 KB at d = h = 64, C = 16 and 160 KB at d = h = 32,
-C = 64 (measured before the re-load of a in the state-gradient pass, which lowered C = 32 from 236 KB). Making
-the model default (d = 64, C = 64) fit needs a backward that keeps fewer tl.dot operands live (row-tiled state
-blocks, or more re-loads and re-computations as in the linear kernel's pass B).
+offline compile for sm_90a with triton 3.7.1, bf16 inputs, num_warps=8): the forward needs 112 KB at
+d = h = C = 64 and the decode step 0.5 KB; the backward at d = h = C = 64 needs 224 KB at tf32 and 208 KB at
+tf32x3, just inside the H200's 227 KB (at most 212 KB at d = h = 64, C = 32). That fit comes from re-loading W1_c, W2_c
+and a (and recomputing k, v) behind a barrier in the backward's later passes, so that the shared-memory copies of
+the recomputation's tl.dot operands are not kept live (288 KB without). Larger d, h or C may not fit: a launch that
+fits at neither precision raises. Registers and speed are unmeasured.
 """
 from __future__ import annotations
 
@@ -497,6 +497,14 @@ def _deep_bwd_kernel(
             gS2s = gW2s * 0.0
 
         # ---- back through G = silu'(P) ⊙ E W1_c, E, the target and P = K W2_cᵀ (all at the chunk start)
+        # Fresh loads behind a barrier (no CSE with the copies above) so that the shared-memory copies of the
+        # tl.dot operands W1_c, W2_c, k, v made for the recomputation do not stay live down to here.
+        tl.debug_barrier()
+        W1c = tl.load(w1c + off1, mask=m1, other=0.0)
+        W2c = tl.load(w2c + off2, mask=m2w, other=0.0)
+        a = tl.load(a_ptr + offs_x, mask=mx, other=0.0).to(tl.float32)
+        k = tl.dot(a, tl.trans(tl.load(zc + boff, mask=bm, other=0.0)), input_precision=PREC) / nn[:, None]
+        v = tl.dot(a, tl.trans(tl.load(zc + d * d + boff, mask=bm, other=0.0)), input_precision=PREC)
         dGE = dG * Gs
         dP += dG * GE * _silu_grad2(P)
         dE += tl.dot(dGE, tl.trans(W1c), input_precision=PREC)
