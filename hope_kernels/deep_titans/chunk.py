@@ -35,10 +35,10 @@ that fits at neither raises a RuntimeError (kernel_backend="triton" never falls 
 GPU resources (no GPU was at hand: nothing here has been run or timed on one; shared memory as reported by an
 offline compile for sm_90a with triton 3.7.1, bf16 inputs, num_warps=8): the forward needs 112 KB at
 d = h = C = 64 and the decode step 0.5 KB; the backward at d = h = C = 64 needs 224 KB at tf32 and 208 KB at
-tf32x3, just inside the H200's 227 KB (at most 212 KB at d = h = 64, C = 32). That fit comes from re-loading W1_c, W2_c
-and a (and recomputing k, v) behind a barrier in the backward's later passes, so that the shared-memory copies of
-the recomputation's tl.dot operands are not kept live (288 KB without). Larger d, h or C may not fit: a launch that
-fits at neither precision raises. Registers and speed are unmeasured.
+tf32x3, just inside the H200's 227 KB (at most 212 KB at d = h = 64, C = 32). That fit comes from re-loading
+W1_c, W2_c and a (and recomputing k, v) behind a barrier in the backward's later passes, so that the shared-memory
+copies of the recomputation's tl.dot operands are not kept live (288 KB without). Larger d, h or C may not fit:
+a launch that fits at neither precision raises. Registers and speed are unmeasured.
 """
 from __future__ import annotations
 
