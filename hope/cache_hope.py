@@ -14,7 +14,9 @@ class HopeLayerCache:
     """State of one HopeBlock.
 
     conv: the short-convolution tails by name, each (B, K-1, D).
-    memory: the Titans TitansState (Z_c, Z_t, S_t, position), or None before the first token.
+    memory: the Titans TitansState (Z_c, Z_t, S_t, position), or with memory_depth=2 a DeepTitansState (the
+            adaptive rows' and W1's and W2's chunk-start copy, current value and momentum, position); None before
+            the first token.
     cms: one entry per CMS level: a CMSState (θ_c, this chunk's summed inner gradients, position), or None
          for a level that never learns in context.
     key, value: (B, H, T_past, d) of an attention layer; key_valid: (B, T_past) bool, which past keys exist;

@@ -9,6 +9,7 @@ from transformers import PretrainedConfig
 MIXERS = ("titans", "attention")
 OBJECTIVES = ("l2", "dot")
 MEMORY_TARGETS = ("self", "value")
+MEMORY_DEPTHS = (1, 2)
 ADAPTIVE = ("k", "v", "eta", "alpha")
 CMS_VARIANTS = ("sequential", "independent")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
@@ -30,7 +31,9 @@ class HopeConfig(PretrainedConfig):
 
     Shape: vocab_size, hidden_size, num_hidden_layers, num_heads, mixer ("titans" | "attention"), conv_size.
     Titans mixer (SPEC §2): chunk_size, momentum, dgd, objective ("l2" | "dot"), memory_target
-    ("self" | "value"), adaptive (subset of k/v/eta/alpha), eta_max, memory_depth.
+    ("self" | "value"), adaptive (subset of k/v/eta/alpha), eta_max, memory_depth (1: linear main memory;
+    2: the deep memory M(z) = z + W1 silu(W2 z) of SPEC §2 / Eq. 91), memory_hidden (h, the hidden width of
+    the deep memory, default the head dim d; read only with memory_depth=2).
     CMS (SPEC §3): cms_chunk_sizes (a list, None = a level that never learns in context), cms_hidden_size,
     cms_variant ("sequential" | "independent"), cms_objective ("l2" | "dot"), cms_eta_max, cms_decay;
     the last three and cms_hidden_size take one value for all levels or a list with one per level;
@@ -57,6 +60,7 @@ class HopeConfig(PretrainedConfig):
         adaptive: Sequence[str] = ADAPTIVE,
         eta_max: Optional[float] = None,
         memory_depth: int = 1,
+        memory_hidden: Optional[int] = None,
         cms_chunk_sizes: Sequence[Optional[int]] = (16, 128, None),
         cms_hidden_size: Union[int, Sequence[int], None] = None,
         cms_variant: str = "sequential",
@@ -90,6 +94,11 @@ class HopeConfig(PretrainedConfig):
         # A chunk sums up to C steps taken at one state: eta_max = 1/C bounds that sum (the NLMS condition).
         self.eta_max = 1.0 / chunk_size if eta_max is None and isinstance(chunk_size, int) and chunk_size > 0 else eta_max
         self.memory_depth = memory_depth
+        # The deep memory's hidden width defaults to the head dim d (W1, W2 square): as many fast weights as two
+        # linear memories. A non-int hidden_size / num_heads is rejected by _validate below.
+        if memory_hidden is None and isinstance(hidden_size, int) and isinstance(num_heads, int) and num_heads > 0:
+            memory_hidden = hidden_size // num_heads
+        self.memory_hidden = memory_hidden
         self.cms_chunk_sizes = list(cms_chunk_sizes)
         levels = len(self.cms_chunk_sizes)
         # SwiGLU keeps the FFN's parameter count at 8/3 D per level, rounded for matmul-friendly shapes.
@@ -145,11 +154,12 @@ class HopeConfig(PretrainedConfig):
         choice("cms_variant", self.cms_variant, CMS_VARIANTS)
         choice("cms_objective", self.cms_objective, OBJECTIVES)
         choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
-        if self.memory_depth != 1:
+        if isinstance(self.memory_depth, bool) or self.memory_depth not in MEMORY_DEPTHS:
             raise ValueError(
-                f"memory_depth={self.memory_depth!r} is not allowed yet: only 1 (linear memories) is implemented; "
-                "the deep memory of SPEC §2 / Eq. 91 (memory_depth=2) is planned"
+                f"memory_depth={self.memory_depth!r} is not allowed: choose 1 (linear main memory) or 2 (the deep "
+                "memory M(z) = z + W1 silu(W2 z) of SPEC §2 / Eq. 91)"
             )
+        positive_int("memory_hidden", self.memory_hidden)
         for name in ("momentum", "dgd"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: it must be True or False")

@@ -1,4 +1,6 @@
-"""The self-modifying Titans mixer (SPEC §2, paper Eqs. 79-93) around the `hope_kernels.titans` op."""
+"""The self-modifying Titans mixer (SPEC §2, paper Eqs. 79-93) around the `hope_kernels.titans` op (linear main
+memory, `memory_depth=1`) or the `hope_kernels.deep_titans` op (deep main memory M(z) = z + W1 silu(W2 z), Eq. 91,
+`memory_depth=2`)."""
 from __future__ import annotations
 
 import math
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hope.cache_hope import HopeLayerCache
+from hope_kernels.deep_titans import adaptive_rows, titans_deep_memory, titans_deep_memory_step
 from hope_kernels.titans import memory_rows, titans_memory, titans_memory_step
 
 from .common import RMSNorm, ShortConv
@@ -30,8 +33,17 @@ class TitansMixer(nn.Module):
         self.q_conv = ShortConv(D, config.conv_size)
         self.a_conv = ShortConv(D, config.conv_size)
         d = self.head_dim
-        # Initial fast memories Z_0 = [M ; M_k ; M_v ; m_eta ; m_alpha] per head, meta-learned (SPEC §2).
-        self.memory_init = nn.Parameter(torch.empty(H, memory_rows(d), d))
+        self.deep = config.memory_depth == 2
+        if self.deep:
+            # Deep main memory M(z) = z + W1 silu(W2 z) per head (Eq. 91); the adaptive memories
+            # [M_k ; M_v ; m_eta ; m_alpha] stay linear. All initial values are meta-learned (SPEC §2).
+            h = config.memory_hidden
+            self.memory_w1 = nn.Parameter(torch.empty(H, d, h))
+            self.memory_w2 = nn.Parameter(torch.empty(H, h, d))
+            self.adaptive_init = nn.Parameter(torch.empty(H, adaptive_rows(d), d))
+        else:
+            # Initial fast memories Z_0 = [M ; M_k ; M_v ; m_eta ; m_alpha] per head, meta-learned (SPEC §2).
+            self.memory_init = nn.Parameter(torch.empty(H, memory_rows(d), d))
         self.b_eta = nn.Parameter(torch.empty(H))
         self.b_alpha = nn.Parameter(torch.empty(H))
         if config.momentum:
@@ -44,11 +56,21 @@ class TitansMixer(nn.Module):
     @torch.no_grad()
     def reset_memory_parameters(self) -> None:
         d = self.head_dim
-        z = self.memory_init
-        z[:, :d].normal_(0.0, d**-0.5)  # M: unit-norm q reads unit-scale o
-        z[:, d : 2 * d].normal_(0.0, d**-0.5)  # M_k: k is normalised anyway
-        z[:, 2 * d : 3 * d].normal_(0.0, 1.0 / d)  # M_v: small targets keep the first in-context steps gentle
-        z[:, 3 * d :].normal_(0.0, self.config.initializer_range)  # m_eta, m_alpha start near their biases
+        if self.deep:
+            # W2 (input side): ~N(0, 1/d) entries give ||W2 z|| about 1 for unit z (h = d), SiLU's curved range.
+            self.memory_w2.normal_(0.0, d**-0.5)
+            # W1 (output side): small, so M(z) = z + W1 silu(W2 z) starts near the identity and the read o ~ q is
+            # unit-scale like the linear M's; non-zero, so that W2's inner gradient (through W1ᵀ e) and its outer
+            # gradient exist from the first chunk (W1 = 0 would leave W2 to retention alone there).
+            self.memory_w1.normal_(0.0, self.config.initializer_range)
+            z = self.adaptive_init
+        else:
+            z = self.memory_init
+            z[:, :d].normal_(0.0, d**-0.5)  # M: unit-norm q reads unit-scale o
+            z = z[:, d:]
+        z[:, :d].normal_(0.0, d**-0.5)  # M_k: k is normalised anyway
+        z[:, d : 2 * d].normal_(0.0, 1.0 / d)  # M_v: small targets keep the first in-context steps gentle
+        z[:, 2 * d :].normal_(0.0, self.config.initializer_range)  # m_eta, m_alpha start near their biases
         self.b_eta.zero_()  # eta starts at eta_max / 2
         self.b_alpha.fill_(math.log(0.99 / 0.01))  # alpha about 0.99 (SPEC §2)
         if isinstance(self.momentum_logit, nn.Parameter):
@@ -70,18 +92,23 @@ class TitansMixer(nn.Module):
             objective=config.objective, memory_target=config.memory_target, adaptive=tuple(config.adaptive),
             backend=config.kernel_backend,
         )
-        params = (self.memory_init, self.b_eta, self.b_alpha, self.momentum_logit)
+        if self.deep:
+            memory, memory_step = titans_deep_memory, titans_deep_memory_step
+            params = (self.memory_w1, self.memory_w2, self.adaptive_init, self.b_eta, self.b_alpha, self.momentum_logit)
+        else:
+            memory, memory_step = titans_memory, titans_memory_step
+            params = (self.memory_init, self.b_eta, self.b_alpha, self.momentum_logit)
         if cache is None:
-            o, _ = titans_memory(q, a, *params, mask=valid, **kwargs)
+            o, _ = memory(q, a, *params, mask=valid, **kwargs)
         else:
             cache.conv["q"], cache.conv["a"] = q_tail, a_tail
             if T == 1 and cache.memory is not None:
-                o, cache.memory = titans_memory_step(
+                o, cache.memory = memory_step(
                     q[:, 0], a[:, 0], *params, mask=None if valid is None else valid[:, 0], state=cache.memory, **kwargs
                 )
                 o = o.unsqueeze(1)
             else:
-                o, cache.memory = titans_memory(
+                o, cache.memory = memory(
                     q, a, *params, mask=valid, state=cache.memory, output_final_state=True, **kwargs
                 )
         o = self.o_norm(o.to(x.dtype)).reshape(B, T, D)

@@ -209,6 +209,52 @@ def _targets(k, v, OBJ_L2: tl.constexpr, VALUE: tl.constexpr):
     return u, u_m
 
 
+@triton.jit
+def _advance_adaptive(zs, zc, ss, ze, se, me, ma, W, Ws, k, gL, sL, bL, d, boff, bm, offs_d, md,
+                      AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr,
+                      MOM: tl.constexpr, PREC: tl.constexpr):
+    """The adaptive rows [M_k ; M_v ; m_eta ; m_alpha] after a segment (self targets, SPEC §2 closed form):
+    X_end = gL X_s - (X_c W^T) k + sL S_s, S_end = bL S_s - (X_c Ws^T) k; rows outside `adaptive` are copied.
+    zs, zc, ss, ze, se point at the M_k row of (2d+2, d) row-major blocks (start, chunk start, start momentum,
+    end, end momentum); me, ma: the chunk-start m_eta, m_alpha rows; W, Ws: (BC, D) right factors."""
+    for blk in tl.static_range(0, 2):
+        if (blk == 0 and AD_K) or (blk == 1 and AD_V):
+            Xe = gL * tl.load(zs + blk * d * d + boff, mask=bm, other=0.0) - tl.dot(
+                tl.dot(tl.load(zc + blk * d * d + boff, mask=bm, other=0.0), tl.trans(W), input_precision=PREC),
+                k, input_precision=PREC)
+            if MOM:
+                SXs = tl.load(ss + blk * d * d + boff, mask=bm, other=0.0)
+                Xe += sL * SXs
+                tl.store(se + blk * d * d + boff, bL * SXs - tl.dot(
+                    tl.dot(tl.load(zc + blk * d * d + boff, mask=bm, other=0.0), tl.trans(Ws), input_precision=PREC),
+                    k, input_precision=PREC), mask=bm)
+            tl.store(ze + blk * d * d + boff, Xe, mask=bm)
+        else:
+            tl.store(ze + blk * d * d + boff, tl.load(zs + blk * d * d + boff, mask=bm, other=0.0), mask=bm)
+            if MOM:
+                tl.store(se + blk * d * d + boff, tl.load(ss + blk * d * d + boff, mask=bm, other=0.0), mask=bm)
+    # m_eta and m_alpha rows: (x_c W^T) k with vector ops
+    for rr in tl.static_range(0, 2):
+        row = 2 * d + rr
+        xs = tl.load(zs + row * d + offs_d, mask=md, other=0.0)
+        if (rr == 0 and AD_E) or (rr == 1 and AD_A):
+            if rr == 0:
+                xc = me
+            else:
+                xc = ma
+            xe = gL * xs - tl.reduce(tl.reduce(W * xc[None, :], 1, _sum_combine)[:, None] * k, 0, _sum_combine)
+            if MOM:
+                sxs = tl.load(ss + row * d + offs_d, mask=md, other=0.0)
+                xe += sL * sxs
+                tl.store(se + row * d + offs_d, bL * sxs - tl.reduce(
+                    tl.reduce(Ws * xc[None, :], 1, _sum_combine)[:, None] * k, 0, _sum_combine), mask=md)
+            tl.store(ze + row * d + offs_d, xe, mask=md)
+        else:
+            tl.store(ze + row * d + offs_d, xs, mask=md)
+            if MOM:
+                tl.store(se + row * d + offs_d, tl.load(ss + row * d + offs_d, mask=md, other=0.0), mask=md)
+
+
 # --------------------------------------------------------------------------------------------- forward
 
 
@@ -315,43 +361,9 @@ def _titans_fwd_kernel(
             tl.store(se + boff, seM, mask=bm)
         tl.store(ze + boff, zeM, mask=bm)
 
-        # M_k and M_v blocks
-        for blk in tl.static_range(1, 3):
-            if (blk == 1 and AD_K) or (blk == 2 and AD_V):
-                Xe = gL * tl.load(zs + blk * d * d + boff, mask=bm, other=0.0) - tl.dot(
-                    tl.dot(tl.load(zc + blk * d * d + boff, mask=bm, other=0.0), tl.trans(W), input_precision=PREC),
-                    k, input_precision=PREC)
-                if MOM:
-                    SXs = tl.load(ss + blk * d * d + boff, mask=bm, other=0.0)
-                    Xe += sL * SXs
-                    tl.store(se + blk * d * d + boff, bL * SXs - tl.dot(
-                        tl.dot(tl.load(zc + blk * d * d + boff, mask=bm, other=0.0), tl.trans(Ws), input_precision=PREC),
-                        k, input_precision=PREC), mask=bm)
-                tl.store(ze + blk * d * d + boff, Xe, mask=bm)
-            else:
-                tl.store(ze + blk * d * d + boff, tl.load(zs + blk * d * d + boff, mask=bm, other=0.0), mask=bm)
-                if MOM:
-                    tl.store(se + blk * d * d + boff, tl.load(ss + blk * d * d + boff, mask=bm, other=0.0), mask=bm)
-        # m_eta and m_alpha rows: (x_c W^T) k with vector ops
-        for rr in tl.static_range(0, 2):
-            row = 3 * d + rr
-            xs = tl.load(zs + row * d + offs_d, mask=md, other=0.0)
-            if (rr == 0 and AD_E) or (rr == 1 and AD_A):
-                if rr == 0:
-                    xc = me
-                else:
-                    xc = ma
-                xe = gL * xs - tl.reduce(tl.reduce(W * xc[None, :], 1, _sum_combine)[:, None] * k, 0, _sum_combine)
-                if MOM:
-                    sxs = tl.load(ss + row * d + offs_d, mask=md, other=0.0)
-                    xe += sL * sxs
-                    tl.store(se + row * d + offs_d, bL * sxs - tl.reduce(
-                        tl.reduce(Ws * xc[None, :], 1, _sum_combine)[:, None] * k, 0, _sum_combine), mask=md)
-                tl.store(ze + row * d + offs_d, xe, mask=md)
-            else:
-                tl.store(ze + row * d + offs_d, xs, mask=md)
-                if MOM:
-                    tl.store(se + row * d + offs_d, tl.load(ss + row * d + offs_d, mask=md, other=0.0), mask=md)
+        # M_k, M_v, m_eta, m_alpha: the adaptive rows, which start d rows into Z
+        _advance_adaptive(zs + d * d, zc + d * d, ss + d * d, ze + d * d, se + d * d, me, ma, W, Ws, k, gL, sL, bL,
+                          d, boff, bm, offs_d, md, AD_K, AD_V, AD_E, AD_A, MOM, PREC)
         # the next segment reads what this one stored
         tl.debug_barrier()
 
@@ -470,6 +482,183 @@ def _store_row_grads(n, nxt_z, nxt_s, dzc_out, dz_out, ds_out, r, d, offs_d, dzc
         tl.store(dz_out + (r) * d + offs_d, dzs, mask=md)
         if MOM:
             tl.store(ds_out + (r) * d + offs_d, dss, mask=md)
+
+
+@triton.jit
+def _adaptive_state_grads(zs, zc, ss, dzcur, dscur, me, ma, k, W, Ws, dk, dgL, dsL, dbL, d, boff, bm, offs_d, md,
+                          AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr,
+                          MOM: tl.constexpr, PREC: tl.constexpr):
+    """Pass-A gradients of the adaptive rows [M_k ; M_v ; m_eta ; m_alpha] (pointers at the M_k row of (2d+2, d)
+    blocks: start, chunk start, start momentum, and the carried dZ_end, dS_end): returns dW, dWs (summed over the
+    rows) and dk, dgL, dsL, dbL with these rows' terms added."""
+    dW_R = W * 0.0
+    dWs_R = W * 0.0
+    if AD_K:
+        Xs = tl.load(zs + (0) * d + boff, mask=bm, other=0.0)
+        dze = tl.load(dzcur + (0) * d + boff, mask=bm, other=0.0)
+        if MOM:
+            SXs = tl.load(ss + (0) * d + boff, mask=bm, other=0.0)
+            dse = tl.load(dscur + (0) * d + boff, mask=bm, other=0.0)
+        else:
+            SXs = Xs * 0.0
+            dse = dze * 0.0
+        t1, t2, dW_b, dWs_b, dk_add, g1, g2, g3 = _blk_state_grads(tl.load(zc + boff, mask=bm, other=0.0), Xs, SXs, dze, dse, k, W, Ws, MOM, PREC)
+        dW_R += dW_b
+        dWs_R += dWs_b
+        dk += dk_add
+        dgL += g1
+        dsL += g2
+        dbL += g3
+    if AD_V:
+        Xs = tl.load(zs + (d) * d + boff, mask=bm, other=0.0)
+        dze = tl.load(dzcur + (d) * d + boff, mask=bm, other=0.0)
+        if MOM:
+            SXs = tl.load(ss + (d) * d + boff, mask=bm, other=0.0)
+            dse = tl.load(dscur + (d) * d + boff, mask=bm, other=0.0)
+        else:
+            SXs = Xs * 0.0
+            dse = dze * 0.0
+        t1, t2, dW_b, dWs_b, dk_add, g1, g2, g3 = _blk_state_grads(tl.load(zc + d * d + boff, mask=bm, other=0.0), Xs, SXs, dze, dse, k, W, Ws, MOM, PREC)
+        dW_R += dW_b
+        dWs_R += dWs_b
+        dk += dk_add
+        dgL += g1
+        dsL += g2
+        dbL += g3
+    if AD_E:
+        xs = tl.load(zs + (2 * d) * d + offs_d, mask=md, other=0.0)
+        dzer = tl.load(dzcur + (2 * d) * d + offs_d, mask=md, other=0.0)
+        if MOM:
+            sxs = tl.load(ss + (2 * d) * d + offs_d, mask=md, other=0.0)
+            dser = tl.load(dscur + (2 * d) * d + offs_d, mask=md, other=0.0)
+        else:
+            sxs = xs * 0.0
+            dser = dzer * 0.0
+        dW_b, dWs_b, dk_add, g1, g2, g3 = _row_state_grads(me, xs, sxs, dzer, dser, k, W, Ws, MOM)
+        dW_R += dW_b
+        dWs_R += dWs_b
+        dk += dk_add
+        dgL += g1
+        dsL += g2
+        dbL += g3
+    if AD_A:
+        xs = tl.load(zs + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
+        dzer = tl.load(dzcur + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
+        if MOM:
+            sxs = tl.load(ss + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
+            dser = tl.load(dscur + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
+        else:
+            sxs = xs * 0.0
+            dser = dzer * 0.0
+        dW_b, dWs_b, dk_add, g1, g2, g3 = _row_state_grads(ma, xs, sxs, dzer, dser, k, W, Ws, MOM)
+        dW_R += dW_b
+        dWs_R += dWs_b
+        dk += dk_add
+        dgL += g1
+        dsL += g2
+        dbL += g3
+    return dW_R, dWs_R, dk, dgL, dsL, dbL
+
+
+@triton.jit
+def _scalar_chain(deta, de_d, de_g, de_m, dgL, dsL, dbL, dgamma, dsigma, ddec, dc, eta, eps, eta_max, valid, sig_e,
+                  al_pre, dec, gamma, dlast, gL, mo, wexp, clast, molast, bL, rev, MOM: tl.constexpr,
+                  PREC: tl.constexpr):
+    """The scalar chain of a segment's backward: the gradients of e_d, e_g, e_m, gL, sL, bL, gamma, sigma, the decay
+    matrix and c, through log(alpha), log(beta) and eta, down to the pre-activations. Returns
+    de_pre (d/d(m_eta.a + b_eta)), dal_pre (d/d(m_alpha.a + b_alpha)), both (BC,), and d/d(log beta)."""
+    deta += eps * dlast * de_d + clast * de_g
+    ddlast = eps * eta * de_d
+    dclast = eta * de_g
+    if MOM:
+        deta += molast * de_m
+        dmolast = eta * de_m
+        dmo = dclast[:, None] * (valid * dlast)[None, :]
+        ddlast += valid * tl.reduce(mo * dclast[:, None], 0, _sum_combine)
+        ddlast += dsL * wexp
+        dlb = dsL * wexp * dlast - dmolast * molast
+        dlb_tot = tl.reduce(dmolast * molast, 0, _sum_combine) + dbL * bL
+        dmo += tl.dot(dc, tl.trans(valid[:, None] * dec), input_precision=PREC)
+        ddec += valid[:, None] * tl.dot(tl.trans(mo), dc, input_precision=PREC)
+        ddec += wexp[:, None] * dsigma[None, :]
+        dlb += wexp * tl.reduce(dec * dsigma[None, :], 1, _sum_combine)
+        pm = dmo * mo
+        dlb += tl.reduce(pm, 0, _sum_combine) - tl.reduce(pm, 1, _sum_combine)
+        drev = tl.reduce(tl.where(rev, dlb[None, :], 0.0), 1, _sum_combine) + dlb_tot
+        dlbeta = tl.reduce(valid * drev, 0, _sum_combine)
+    else:
+        ddlast += dclast
+        ddec += dc
+        dlbeta = gL * 0.0
+    dlg_tot = tl.reduce(ddlast * dlast, 0, _sum_combine) + dgL * gL
+    dlg = dgamma * gamma - ddlast * dlast
+    pdm = ddec * dec
+    dlg += tl.reduce(pdm, 0, _sum_combine) - tl.reduce(pdm, 1, _sum_combine)
+    dla = tl.reduce(tl.where(rev, dlg[None, :], 0.0), 1, _sum_combine) + dlg_tot
+    dal_pre = dla * valid * _sigmoid(-al_pre)
+    de_pre = deta * valid * eta_max * sig_e * (1.0 - sig_e)
+    return de_pre, dal_pre, dlbeta
+
+
+@triton.jit
+def _input_grads(dk, dv, k, nn, nrm, adapt, de_pre, dal_pre, me, ma, d, boff, bm, PREC: tl.constexpr):
+    """Back through k = normalize(a M_kᵀ), v = a M_vᵀ, eta and alpha (Eq. 90): returns dkr (the gradient of the
+    unnormalised k) and da. adapt: the chunk-start M_k row of the (2d+2, d) adaptive rows."""
+    kdk = tl.reduce(k * dk, 1, _sum_combine)
+    dkr = dk / nn[:, None] - tl.where(nrm > 1e-12, kdk / nn, 0.0)[:, None] * k
+    da = tl.dot(dkr, tl.load(adapt + boff, mask=bm, other=0.0), input_precision=PREC)
+    da += tl.dot(dv, tl.load(adapt + d * d + boff, mask=bm, other=0.0), input_precision=PREC)
+    da += de_pre[:, None] * me[None, :] + dal_pre[:, None] * ma[None, :]
+    return dkr, da
+
+
+@triton.jit
+def _adaptive_out_grads(n, dzcur, dscur, dzc_last, nxt_z, nxt_s, dzc_out, dz_out, ds_out, k, u, a, W, Ws, dkr, dv,
+                        de_pre, dal_pre, e_d, e_g, e_m, gL, sL, bL, xl, d, offs_d, md, boff, bm,
+                        AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr,
+                        D: tl.constexpr, MOM: tl.constexpr, PREC: tl.constexpr):
+    """Pass-B gradients of the adaptive rows [M_k ; M_v ; m_eta ; m_alpha] w.r.t. the chunk-start, start and start
+    momentum state, stored to the carry (n > 0) or the outputs (n = 0). Every pointer is at the M_k row."""
+    # M_k rows
+    dze = tl.load(dzcur + (0) * d + boff, mask=bm, other=0.0)
+    if MOM:
+        dse = tl.load(dscur + (0) * d + boff, mask=bm, other=0.0)
+    else:
+        dse = dze * 0.0
+    g_zc, g_zs, g_ss = _blk_out_grads(dze, dse, k, u, e_d, e_g, e_m, gL, sL, bL, AD_K, MOM, PREC)
+    g_zc += tl.dot(tl.trans(dkr), a, input_precision=PREC)
+    g_zc += xl * tl.load(dzc_last + (0) * d + boff, mask=bm, other=0.0)
+    _store_blk_grads(n, nxt_z, nxt_s, dzc_out, dz_out, ds_out, 0, d, offs_d, g_zc, g_zs, g_ss, D, MOM)
+    # M_v rows
+    dze = tl.load(dzcur + (d) * d + boff, mask=bm, other=0.0)
+    if MOM:
+        dse = tl.load(dscur + (d) * d + boff, mask=bm, other=0.0)
+    else:
+        dse = dze * 0.0
+    g_zc, g_zs, g_ss = _blk_out_grads(dze, dse, k, u, e_d, e_g, e_m, gL, sL, bL, AD_V, MOM, PREC)
+    g_zc += tl.dot(tl.trans(dv), a, input_precision=PREC)
+    g_zc += xl * tl.load(dzc_last + (d) * d + boff, mask=bm, other=0.0)
+    _store_blk_grads(n, nxt_z, nxt_s, dzc_out, dz_out, ds_out, d, d, offs_d, g_zc, g_zs, g_ss, D, MOM)
+    # m_eta row
+    dzer = tl.load(dzcur + (2 * d) * d + offs_d, mask=md, other=0.0)
+    if MOM:
+        dser = tl.load(dscur + (2 * d) * d + offs_d, mask=md, other=0.0)
+    else:
+        dser = dzer * 0.0
+    g_zc, g_zs, g_ss = _row_out_grads(dzer, dser, k, W, Ws, gL, sL, bL, AD_E, MOM)
+    g_zc += tl.reduce(de_pre[:, None] * a, 0, _sum_combine)
+    g_zc += xl * tl.load(dzc_last + (2 * d) * d + offs_d, mask=md, other=0.0)
+    _store_row_grads(n, nxt_z, nxt_s, dzc_out, dz_out, ds_out, 2 * d, d, offs_d, g_zc, g_zs, g_ss, MOM)
+    # m_alpha row
+    dzer = tl.load(dzcur + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
+    if MOM:
+        dser = tl.load(dscur + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
+    else:
+        dser = dzer * 0.0
+    g_zc, g_zs, g_ss = _row_out_grads(dzer, dser, k, W, Ws, gL, sL, bL, AD_A, MOM)
+    g_zc += tl.reduce(dal_pre[:, None] * a, 0, _sum_combine)
+    g_zc += xl * tl.load(dzc_last + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
+    _store_row_grads(n, nxt_z, nxt_s, dzc_out, dz_out, ds_out, 2 * d + 1, d, offs_d, g_zc, g_zs, g_ss, MOM)
 
 
 @triton.autotune(configs=_configs(), key=["D", "BC", "MOM", "VALUE", "PREC"],
@@ -615,72 +804,9 @@ def _titans_bwd_kernel(
                 dk += tl.dot(e_m[:, None] * v, dse, input_precision=PREC)
                 de_m += tl.reduce(t2 * v, 1, _sum_combine)
                 dv += e_m[:, None] * t2
-        dW_R = dW_M * 0.0
-        dWs_R = dW_M * 0.0
-        if AD_K:
-            Xs = tl.load(zs + (d) * d + boff, mask=bm, other=0.0)
-            dze = tl.load(dzcur + (d) * d + boff, mask=bm, other=0.0)
-            if MOM:
-                SXs = tl.load(ss + (d) * d + boff, mask=bm, other=0.0)
-                dse = tl.load(dscur + (d) * d + boff, mask=bm, other=0.0)
-            else:
-                SXs = Xs * 0.0
-                dse = dze * 0.0
-            t1, t2, dW_b, dWs_b, dk_add, g1, g2, g3 = _blk_state_grads(tl.load(zc + d * d + boff, mask=bm, other=0.0), Xs, SXs, dze, dse, k, W, Ws, MOM, PREC)
-            dW_R += dW_b
-            dWs_R += dWs_b
-            dk += dk_add
-            dgL += g1
-            dsL += g2
-            dbL += g3
-        if AD_V:
-            Xs = tl.load(zs + (2 * d) * d + boff, mask=bm, other=0.0)
-            dze = tl.load(dzcur + (2 * d) * d + boff, mask=bm, other=0.0)
-            if MOM:
-                SXs = tl.load(ss + (2 * d) * d + boff, mask=bm, other=0.0)
-                dse = tl.load(dscur + (2 * d) * d + boff, mask=bm, other=0.0)
-            else:
-                SXs = Xs * 0.0
-                dse = dze * 0.0
-            t1, t2, dW_b, dWs_b, dk_add, g1, g2, g3 = _blk_state_grads(tl.load(zc + 2 * d * d + boff, mask=bm, other=0.0), Xs, SXs, dze, dse, k, W, Ws, MOM, PREC)
-            dW_R += dW_b
-            dWs_R += dWs_b
-            dk += dk_add
-            dgL += g1
-            dsL += g2
-            dbL += g3
-        if AD_E:
-            xs = tl.load(zs + (3 * d) * d + offs_d, mask=md, other=0.0)
-            dzer = tl.load(dzcur + (3 * d) * d + offs_d, mask=md, other=0.0)
-            if MOM:
-                sxs = tl.load(ss + (3 * d) * d + offs_d, mask=md, other=0.0)
-                dser = tl.load(dscur + (3 * d) * d + offs_d, mask=md, other=0.0)
-            else:
-                sxs = xs * 0.0
-                dser = dzer * 0.0
-            dW_b, dWs_b, dk_add, g1, g2, g3 = _row_state_grads(me, xs, sxs, dzer, dser, k, W, Ws, MOM)
-            dW_R += dW_b
-            dWs_R += dWs_b
-            dk += dk_add
-            dgL += g1
-            dsL += g2
-            dbL += g3
-        if AD_A:
-            xs = tl.load(zs + (3 * d + 1) * d + offs_d, mask=md, other=0.0)
-            dzer = tl.load(dzcur + (3 * d + 1) * d + offs_d, mask=md, other=0.0)
-            if MOM:
-                sxs = tl.load(ss + (3 * d + 1) * d + offs_d, mask=md, other=0.0)
-                dser = tl.load(dscur + (3 * d + 1) * d + offs_d, mask=md, other=0.0)
-            else:
-                sxs = xs * 0.0
-                dser = dzer * 0.0
-            dW_b, dWs_b, dk_add, g1, g2, g3 = _row_state_grads(ma, xs, sxs, dzer, dser, k, W, Ws, MOM)
-            dW_R += dW_b
-            dWs_R += dWs_b
-            dk += dk_add
-            dgL += g1
-            dsL += g2
-            dbL += g3
+        dW_R, dWs_R, dk, dgL, dsL, dbL = _adaptive_state_grads(
+            zs + d * d, zc + d * d, ss + d * d, dzcur + d * d, dscur + d * d, me, ma, k, W, Ws, dk, dgL, dsL, dbL,
+            d, boff, bm, offs_d, md, AD_K, AD_V, AD_E, AD_A, MOM, PREC)
         dW_all = dW_M + dW_R
         de_d = tl.reduce(dW_all * k, 1, _sum_combine)
         de_g += tl.reduce(dW_M * u_m + dW_R * u, 1, _sum_combine)
@@ -693,37 +819,12 @@ def _titans_bwd_kernel(
             du += e_m[:, None] * dWs_R
 
         # ---- scalar chain: e_d, e_g, e_m, gL, sL, bL, gamma, sigma, decay, c -> log alpha, log beta, eta
-        deta += eps * dlast * de_d + clast * de_g
-        ddlast = eps * eta * de_d
-        dclast = eta * de_g
-        if MOM:
-            deta += molast * de_m
-            dmolast = eta * de_m
-            dmo = dclast[:, None] * (valid * dlast)[None, :]
-            ddlast += valid * tl.reduce(mo * dclast[:, None], 0, _sum_combine)
-            ddlast += dsL * wexp
-            dlb = dsL * wexp * dlast - dmolast * molast
-            dlb_tot = tl.reduce(dmolast * molast, 0, _sum_combine) + dbL * bL
-            dmo += tl.dot(dc, tl.trans(valid[:, None] * dec), input_precision=PREC)
-            ddec += valid[:, None] * tl.dot(tl.trans(mo), dc, input_precision=PREC)
-            ddec += wexp[:, None] * dsigma[None, :]
-            dlb += wexp * tl.reduce(dec * dsigma[None, :], 1, _sum_combine)
-            pm = dmo * mo
-            dlb += tl.reduce(pm, 0, _sum_combine) - tl.reduce(pm, 1, _sum_combine)
-            drev = tl.reduce(tl.where(rev, dlb[None, :], 0.0), 1, _sum_combine) + dlb_tot
-            acc_lbeta += tl.reduce(valid * drev, 0, _sum_combine)
-        else:
-            ddlast += dclast
-            ddec += dc
-        dlg_tot = tl.reduce(ddlast * dlast, 0, _sum_combine) + dgL * gL
-        dlg = dgamma * gamma - ddlast * dlast
-        pdm = ddec * dec
-        dlg += tl.reduce(pdm, 0, _sum_combine) - tl.reduce(pdm, 1, _sum_combine)
-        dla = tl.reduce(tl.where(rev, dlg[None, :], 0.0), 1, _sum_combine) + dlg_tot
-        dal_pre = dla * valid * _sigmoid(-al_pre)
-        de_pre = deta * valid * eta_max * sig_e * (1.0 - sig_e)
+        de_pre, dal_pre, dlbeta = _scalar_chain(
+            deta, de_d, de_g, de_m, dgL, dsL, dbL, dgamma, dsigma, ddec, dc, eta, eps, eta_max, valid, sig_e, al_pre,
+            dec, gamma, dlast, gL, mo, wexp, clast, molast, bL, rev, MOM, PREC)
         acc_beta += tl.reduce(de_pre, 0, _sum_combine)
         acc_balpha += tl.reduce(dal_pre, 0, _sum_combine)
+        acc_lbeta += dlbeta
 
         # ---- k, v chain: u = k - v or -v; k = normalize(a M_k^T); v = a M_v^T
         if OBJ_L2:
@@ -736,12 +837,8 @@ def _titans_bwd_kernel(
             if OBJ_L2:
                 dk += du_m
             dv -= du_m
-        kdk = tl.reduce(k * dk, 1, _sum_combine)
-        dkr = dk / nn[:, None] - tl.where(nrm > 1e-12, kdk / nn, 0.0)[:, None] * k
+        dkr, da = _input_grads(dk, dv, k, nn, nrm, zc + d * d, de_pre, dal_pre, me, ma, d, boff, bm, PREC)
         tl.store(dq_ptr + offs_x, dq, mask=m2)
-        da = tl.dot(dkr, tl.load(zc + d * d + boff, mask=bm, other=0.0), input_precision=PREC)
-        da += tl.dot(dv, tl.load(zc + 2 * d * d + boff, mask=bm, other=0.0), input_precision=PREC)
-        da += de_pre[:, None] * me[None, :] + dal_pre[:, None] * ma[None, :]
         tl.store(da_ptr + offs_x, da, mask=m2)
 
         # ================= pass B: dZ_c, dZ_s, dS_s row block by row block
@@ -770,46 +867,10 @@ def _titans_bwd_kernel(
             g_ss += tl.dot(tl.trans(sigma[:, None] * dO), q, input_precision=PREC)
         g_zc += xl * tl.load(dzc_last + (0) * d + boff, mask=bm, other=0.0)
         _store_blk_grads(n, nxt_z, nxt_s, dzc_out, dz_out, ds_out, 0, d, offs_d, g_zc, g_zs, g_ss, D, MOM)
-        # M_k rows
-        dze = tl.load(dzcur + (d) * d + boff, mask=bm, other=0.0)
-        if MOM:
-            dse = tl.load(dscur + (d) * d + boff, mask=bm, other=0.0)
-        else:
-            dse = dze * 0.0
-        g_zc, g_zs, g_ss = _blk_out_grads(dze, dse, k, u, e_d, e_g, e_m, gL, sL, bL, AD_K, MOM, PREC)
-        g_zc += tl.dot(tl.trans(dkr), a, input_precision=PREC)
-        g_zc += xl * tl.load(dzc_last + (d) * d + boff, mask=bm, other=0.0)
-        _store_blk_grads(n, nxt_z, nxt_s, dzc_out, dz_out, ds_out, d, d, offs_d, g_zc, g_zs, g_ss, D, MOM)
-        # M_v rows
-        dze = tl.load(dzcur + (2 * d) * d + boff, mask=bm, other=0.0)
-        if MOM:
-            dse = tl.load(dscur + (2 * d) * d + boff, mask=bm, other=0.0)
-        else:
-            dse = dze * 0.0
-        g_zc, g_zs, g_ss = _blk_out_grads(dze, dse, k, u, e_d, e_g, e_m, gL, sL, bL, AD_V, MOM, PREC)
-        g_zc += tl.dot(tl.trans(dv), a, input_precision=PREC)
-        g_zc += xl * tl.load(dzc_last + (2 * d) * d + boff, mask=bm, other=0.0)
-        _store_blk_grads(n, nxt_z, nxt_s, dzc_out, dz_out, ds_out, 2 * d, d, offs_d, g_zc, g_zs, g_ss, D, MOM)
-        # m_eta row
-        dzer = tl.load(dzcur + (3 * d) * d + offs_d, mask=md, other=0.0)
-        if MOM:
-            dser = tl.load(dscur + (3 * d) * d + offs_d, mask=md, other=0.0)
-        else:
-            dser = dzer * 0.0
-        g_zc, g_zs, g_ss = _row_out_grads(dzer, dser, k, W, Ws, gL, sL, bL, AD_E, MOM)
-        g_zc += tl.reduce(de_pre[:, None] * a, 0, _sum_combine)
-        g_zc += xl * tl.load(dzc_last + (3 * d) * d + offs_d, mask=md, other=0.0)
-        _store_row_grads(n, nxt_z, nxt_s, dzc_out, dz_out, ds_out, 3 * d, d, offs_d, g_zc, g_zs, g_ss, MOM)
-        # m_alpha row
-        dzer = tl.load(dzcur + (3 * d + 1) * d + offs_d, mask=md, other=0.0)
-        if MOM:
-            dser = tl.load(dscur + (3 * d + 1) * d + offs_d, mask=md, other=0.0)
-        else:
-            dser = dzer * 0.0
-        g_zc, g_zs, g_ss = _row_out_grads(dzer, dser, k, W, Ws, gL, sL, bL, AD_A, MOM)
-        g_zc += tl.reduce(dal_pre[:, None] * a, 0, _sum_combine)
-        g_zc += xl * tl.load(dzc_last + (3 * d + 1) * d + offs_d, mask=md, other=0.0)
-        _store_row_grads(n, nxt_z, nxt_s, dzc_out, dz_out, ds_out, 3 * d + 1, d, offs_d, g_zc, g_zs, g_ss, MOM)
+        _adaptive_out_grads(n, dzcur + d * d, dscur + d * d, dzc_last + d * d, nxt_z + d * d, nxt_s + d * d,
+                            dzc_out + d * d, dz_out + d * d, ds_out + d * d, k, u, a, W, Ws, dkr, dv, de_pre, dal_pre,
+                            e_d, e_g, e_m, gL, sL, bL, xl, d, offs_d, md, boff, bm, AD_K, AD_V, AD_E, AD_A, D, MOM,
+                            PREC)
         # the next (earlier) segment reads the carry this one stored
         tl.debug_barrier()
 

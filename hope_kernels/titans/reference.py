@@ -88,7 +88,10 @@ def _check_inputs(
     mask: Optional[Tensor],
     state: Optional[TitansState],
     token_dim: bool = True,
+    adaptive_only: bool = False,
 ) -> None:
+    """ValueError for any malformed input. `adaptive_only`: z0 holds only the adaptive rows
+    [M_k ; M_v ; m_eta ; m_alpha], (H, 2d+2, d) (the deep memory's main memory lives elsewhere)."""
     lead = "(B, T, H, d)" if token_dim else "(B, H, d)"
     if q.dim() != (4 if token_dim else 3):
         raise ValueError(f"q must be {lead}, got shape {tuple(q.shape)}")
@@ -100,8 +103,9 @@ def _check_inputs(
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     H, d = q.shape[-2], q.shape[-1]
-    if z0.shape != (H, memory_rows(d), d):
-        raise ValueError(f"z0 must be (H, 3d+2, d) = {(H, memory_rows(d), d)}, got {tuple(z0.shape)}")
+    want_rows, rows_label = (memory_rows(d) - d, "2d+2") if adaptive_only else (memory_rows(d), "3d+2")
+    if z0.shape != (H, want_rows, d):
+        raise ValueError(f"z0 must be (H, {rows_label}, d) = {(H, want_rows, d)}, got {tuple(z0.shape)}")
     for name, t in (("b_eta", b_eta), ("b_alpha", b_alpha), ("momentum_logit", momentum_logit)):
         if t.shape != (H,):
             raise ValueError(f"{name} must be (H,) = ({H},), got {tuple(t.shape)}")
@@ -137,6 +141,139 @@ def _stacked_update(x_chunk: Tensor, w_u: Tensor, w_k: Tensor, k: Tensor, u: Ten
     return x_chunk @ rank_sum
 
 
+class ChunkDecays(NamedTuple):
+    """Decay coefficients of the SPEC §2 closed form over the L tokens of one segment (`chunk_decays`).
+
+    decay: (B, H, L, L), [j, t] = gamma_t/gamma_j for j <= t, else 0.
+    gamma: (B, H, L), the retention product gamma_t = prod_{s<=t} alpha_s.
+    c:     (B, H, L, L), [i, t] = Σ_{j=i..t} valid_j (gamma_t/gamma_j)(B_j/B_i); equal to decay without momentum.
+    sigma: (B, H, L), Σ_{j<=t} valid_j (gamma_t/gamma_j) B_j; None without momentum.
+    mom:   (B, H, L, L), [i, j] = B_j/B_i for i <= j, B the momentum product; None without momentum.
+    log_b: (B, H, L), log B_t; None without momentum.
+    """
+
+    decay: Tensor
+    gamma: Tensor
+    c: Tensor
+    sigma: Optional[Tensor]
+    mom: Optional[Tensor]
+    log_b: Optional[Tensor]
+
+
+def chunk_reads(
+    a: Tensor, adaptive_chunk: Tensor, valid: Tensor, b_eta: Tensor, b_alpha: Tensor, eta_max: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Eq. 90: k, v, eta and log(alpha) of every token of a chunk, read from the chunk-start adaptive memories.
+
+    a: (B, H, L, d); adaptive_chunk: (B, H, 2d+2, d) = [M_k ; M_v ; m_eta ; m_alpha] at the chunk start;
+    valid: (B, H, L) 0/1; b_eta, b_alpha: (H,). Returns k, v (B, H, L, d) and eta, log_alpha (B, H, L);
+    a masked token has eta = 0 and alpha = 1.
+    """
+    d = a.shape[-1]
+    k = F.normalize(a @ adaptive_chunk[..., :d, :].transpose(-1, -2), dim=-1)
+    v = a @ adaptive_chunk[..., d : 2 * d, :].transpose(-1, -2)
+    eta = eta_max * torch.sigmoid((a * adaptive_chunk[..., 2 * d, :].unsqueeze(-2)).sum(-1) + b_eta[:, None]) * valid
+    log_alpha = F.logsigmoid((a * adaptive_chunk[..., 2 * d + 1, :].unsqueeze(-2)).sum(-1) + b_alpha[:, None]) * valid
+    return k, v, eta, log_alpha
+
+
+def chunk_decays(log_alpha: Tensor, valid: Tensor, log_beta: Optional[Tensor]) -> ChunkDecays:
+    """The decay coefficients of one segment from log(alpha), valid (B, H, L) and log(beta) (H,) or None.
+
+    Computed in log space: only exponents of non-positive numbers are ever formed (no beta^{-i}, no 1/gamma).
+    """
+    L = log_alpha.shape[-1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=log_alpha.device).triu()  # [j, t]: j <= t
+    log_gamma = log_alpha.cumsum(-1)
+    decay = torch.where(causal, log_gamma.unsqueeze(-2) - log_gamma.unsqueeze(-1), -torch.inf).exp()  # gamma_t/gamma_j
+    gamma = log_gamma.exp()
+    if log_beta is None:
+        # S_t = -eta_t g_t: token i's gradient enters X_i once, then decays like X.
+        return ChunkDecays(decay, gamma, decay, None, None, None)
+    log_b = (log_beta[:, None] * valid).cumsum(-1)
+    mom = torch.where(causal, log_b.unsqueeze(-2) - log_b.unsqueeze(-1), -torch.inf).exp()  # B_j/B_i, i <= j
+    c = mom @ (valid.unsqueeze(-1) * decay)
+    sigma = ((valid * log_b.exp()).unsqueeze(-2) @ decay).squeeze(-2)
+    return ChunkDecays(decay, gamma, c, sigma, mom, log_b)
+
+
+def read_weights(scores: Tensor, eta: Tensor, decays: ChunkDecays, eps: float) -> tuple[Tensor, Tensor]:
+    """Weights [i, t] of token i's DGD and gradient terms in a read at token t (t >= i) inside a segment.
+
+    scores: (B, H, L, L), [i, t] = r_i . z_t, the right factor of token i's rank-one update applied to the
+    read's input z_t; eta: (B, H, L). Returns eps eta_i (gamma_t/gamma_i) scores and eta_i c_{i,t} scores.
+    """
+    return eps * eta.unsqueeze(-1) * scores * decays.decay, eta.unsqueeze(-1) * scores * decays.c
+
+
+def end_weights(eta: Tensor, decays: ChunkDecays, eps: float) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Weights of token i's DGD, gradient and momentum terms in the state after the segment's last token L:
+    eps eta_i gamma_L/gamma_i, eta_i c_{i,L} and eta_i B_L/B_i (None without momentum). Each (B, H, L)."""
+    eta_mom = None if decays.mom is None else eta * decays.mom[..., :, -1]
+    return eps * eta * decays.decay[..., :, -1], eta * decays.c[..., :, -1], eta_mom
+
+
+def advance_rows(
+    x_chunk: Tensor, x_start: Tensor, s_start: Tensor, k: Tensor, u: Tensor, eta: Tensor, decays: ChunkDecays,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Memory and momentum of self-target rows after the segment's last token L (SPEC §2 closed form):
+
+        X_L = gamma_L X_s - X_c Σ_i eta_i (eps (gamma_L/gamma_i) k_i + c_{i,L} u_i) k_iᵀ + sigma_L S_s
+        S_L = B_L S_s - X_c Σ_i eta_i (B_L/B_i) u_i k_iᵀ                 (S_L = S_s without momentum)
+
+    x_chunk, x_start, s_start: (B, H, R, d); k, u: (B, H, L, d); eta: (B, H, L). Returns X_L, S_L (B, H, R, d).
+    """
+    eta_dgd, eta_grad, eta_mom = end_weights(eta, decays, eps)
+    x_end = decays.gamma[..., -1, None, None] * x_start - _stacked_update(x_chunk, eta_grad, eta_dgd, k, u)
+    if eta_mom is None:
+        return x_end, s_start
+    x_end = x_end + decays.sigma[..., -1, None, None] * s_start
+    s_end = decays.log_b[..., -1, None, None].exp() * s_start - _stacked_update(
+        x_chunk, eta_mom, torch.zeros_like(eta_mom), k, u)
+    return x_end, s_end
+
+
+def step_reads(
+    a: Tensor, adaptive_chunk: Tensor, valid: Tensor, b_eta: Tensor, b_alpha: Tensor, eta_max: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Eq. 90 for one decode token: k, v (B, H, d) and eta, alpha (B, H) from the chunk-start adaptive rows.
+
+    a: (B, H, d); adaptive_chunk: (B, H, 2d+2, d) = [M_k ; M_v ; m_eta ; m_alpha]; valid: (B, 1) 0/1;
+    b_eta, b_alpha: (H,). A masked token has eta = 0 and alpha = 1.
+    """
+    d = a.shape[-1]
+    k = F.normalize(torch.einsum("bhed,bhd->bhe", adaptive_chunk[..., :d, :], a), dim=-1)
+    v = torch.einsum("bhed,bhd->bhe", adaptive_chunk[..., d : 2 * d, :], a)
+    eta = eta_max * torch.sigmoid((adaptive_chunk[..., 2 * d, :] * a).sum(-1) + b_eta) * valid
+    alpha = torch.sigmoid((adaptive_chunk[..., 2 * d + 1, :] * a).sum(-1) + b_alpha)
+    return k, v, eta, torch.where(valid > 0, alpha, torch.ones_like(alpha))
+
+
+def step_update(
+    x: Tensor, s: Tensor, grad: Tensor, dgd: Tensor, eta: Tensor, alpha: Tensor, valid: Tensor,
+    beta: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """One token of Eq. 88 with Titans momentum, for any memory block X (B, H, R, R'):
+
+        S_t = beta S_{t-1} - eta_t grad_t        (without momentum, beta None: S_t = -eta_t grad_t, s is kept)
+        X_t = alpha_t X_{t-1} - eta_t dgd_t + S_t
+
+    grad, dgd: (B, H, R, R') the inner gradient and the DGD term (eps X_c k kᵀ), both at the chunk start;
+    eta, alpha: (B, H); valid: (B, 1) 0/1, a masked token changes nothing; beta: (H,) or None.
+    Returns X_t and the momentum to carry.
+    """
+    step = -eta[..., None, None] * grad
+    upd = valid[..., None, None] > 0
+    if beta is None:
+        s_new, new = s, step
+    else:
+        s_new = torch.where(upd, beta[:, None, None] * s + step, s)
+        new = s_new
+    x_new = alpha[..., None, None] * x - eta[..., None, None] * dgd + new
+    return torch.where(upd, x_new, x), s_new
+
+
 def _segment(
     q: Tensor,
     a: Tensor,
@@ -164,26 +301,10 @@ def _segment(
     B the momentum product; a masked token has alpha = 1, eta = 0 and takes no momentum step.
     """
     d = q.shape[-1]
-    L = q.shape[-2]
     m_chunk = z_chunk[..., :d, :]
     # Eq. 90: k, v, eta and alpha of every token of the chunk are read from the chunk-start memories.
-    k = F.normalize(a @ z_chunk[..., d : 2 * d, :].transpose(-1, -2), dim=-1)
-    v = a @ z_chunk[..., 2 * d : 3 * d, :].transpose(-1, -2)
-    eta = eta_max * torch.sigmoid((a * z_chunk[..., 3 * d, :].unsqueeze(-2)).sum(-1) + b_eta[:, None]) * valid
-    log_alpha = F.logsigmoid((a * z_chunk[..., 3 * d + 1, :].unsqueeze(-2)).sum(-1) + b_alpha[:, None]) * valid
-
-    # Decay factors in log space: only exponents of non-positive numbers are ever formed.
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).triu()  # [j, t]: j <= t
-    log_gamma = log_alpha.cumsum(-1)
-    decay = torch.where(causal, log_gamma.unsqueeze(-2) - log_gamma.unsqueeze(-1), -torch.inf).exp()  # gamma_t/gamma_j
-    gamma = log_gamma.exp()
-    if log_beta is not None:
-        log_b = (log_beta[:, None] * valid).cumsum(-1)
-        mom = torch.where(causal, log_b.unsqueeze(-2) - log_b.unsqueeze(-1), -torch.inf).exp()  # B_j/B_i, i <= j
-        c = mom @ (valid.unsqueeze(-1) * decay)
-        sigma = ((valid * log_b.exp()).unsqueeze(-2) @ decay).squeeze(-2)
-    else:
-        c = decay  # S_t = -eta_t g_t: token i's gradient enters X_i once, then decays like X.
+    k, v, eta, log_alpha = chunk_reads(a, z_chunk[..., d:, :], valid, b_eta, b_alpha, eta_max)
+    decays = chunk_decays(log_alpha, valid, log_beta)
 
     # Self-generated targets X_c v_t (Eqs. 83-85) turn every gradient into X_c u_t k_tᵀ.
     u = k - v if objective == "l2" else -v
@@ -194,33 +315,22 @@ def _segment(
         u_m = u
 
     # Read o_t = M_t q_t (Eq. 79, after token t's update).
-    kq = k @ q.transpose(-1, -2)  # [i, t] = k_i . q_t
-    w_dgd = eps * eta.unsqueeze(-1) * kq * decay
-    w_grad = eta.unsqueeze(-1) * kq * c
+    w_dgd, w_grad = read_weights(k @ q.transpose(-1, -2), eta, decays, eps)  # scores [i, t] = k_i . q_t
     r = w_dgd.transpose(-1, -2) @ k + w_grad.transpose(-1, -2) @ u_m
-    o = gamma.unsqueeze(-1) * (q @ z_start[..., :d, :].transpose(-1, -2)) - r @ m_chunk.transpose(-1, -2)
+    o = decays.gamma.unsqueeze(-1) * (q @ z_start[..., :d, :].transpose(-1, -2)) - r @ m_chunk.transpose(-1, -2)
     if log_beta is not None:
-        o = o + sigma.unsqueeze(-1) * (q @ s_start[..., :d, :].transpose(-1, -2))
+        o = o + decays.sigma.unsqueeze(-1) * (q @ s_start[..., :d, :].transpose(-1, -2))
     if value_target:
         o = o + w_grad.transpose(-1, -2) @ v
 
     # State after token L: every row moves by the same right-multiplication (M differs with value targets).
-    eta_dgd = eps * eta * decay[..., :, -1]
-    eta_grad = eta * c[..., :, -1]
-    z_end = gamma[..., -1, None, None] * z_start - _stacked_update(z_chunk, eta_grad, eta_dgd, k, u)
+    z_end, s_end = advance_rows(z_chunk, z_start, s_start, k, u, eta, decays, eps)
     if value_target:
-        m_end = gamma[..., -1, None, None] * z_start[..., :d, :] - _stacked_update(m_chunk, eta_grad, eta_dgd, k, u_m)
+        m_end, s_m = advance_rows(m_chunk, z_start[..., :d, :], s_start[..., :d, :], k, u_m, eta, decays, eps)
+        _, eta_grad, eta_mom = end_weights(eta, decays, eps)
         m_end = m_end + (eta_grad.unsqueeze(-1) * v).transpose(-1, -2) @ k
         z_end = torch.cat([m_end, z_end[..., d:, :]], dim=-2)
-    if log_beta is None:
-        s_end = s_start
-    else:
-        z_end = z_end + sigma[..., -1, None, None] * s_start
-        eta_mom = eta * mom[..., :, -1]
-        zero = torch.zeros_like(eta_mom)
-        s_end = log_b[..., -1, None, None].exp() * s_start - _stacked_update(z_chunk, eta_mom, zero, k, u)
-        if value_target:
-            s_m = log_b[..., -1, None, None].exp() * s_start[..., :d, :] - _stacked_update(m_chunk, eta_mom, zero, k, u_m)
+        if eta_mom is not None:
             s_m = s_m + (eta_mom.unsqueeze(-1) * v).transpose(-1, -2) @ k
             s_end = torch.cat([s_m, s_end[..., d:, :]], dim=-2)
     # Rows outside `adaptive` keep their initial value: they are ordinary projections.
@@ -329,11 +439,7 @@ def titans_memory_step_reference(
     valid = (torch.ones(B, dtype=dtype, device=q.device) if mask is None else mask.to(dtype))[:, None]  # (B, 1)
     rows = adaptive_row_mask(adaptive, d, q.device)[:, None]
 
-    k = F.normalize(torch.einsum("bhed,bhd->bhe", z_chunk[..., d : 2 * d, :], a), dim=-1)
-    v = torch.einsum("bhed,bhd->bhe", z_chunk[..., 2 * d : 3 * d, :], a)
-    eta = eta_max * torch.sigmoid((z_chunk[..., 3 * d, :] * a).sum(-1) + b_eta.to(dtype)) * valid  # (B, H)
-    alpha = torch.sigmoid((z_chunk[..., 3 * d + 1, :] * a).sum(-1) + b_alpha.to(dtype))
-    alpha = torch.where(valid > 0, alpha, torch.ones_like(alpha))
+    k, v, eta, alpha = step_reads(a, z_chunk[..., d:, :], valid, b_eta.to(dtype), b_alpha.to(dtype), eta_max)
 
     # Eqs. 83-86: self targets X_c v, L2 (or dot) gradient at the chunk start.
     target = torch.einsum("bhrd,bhd->bhr", z_chunk, v)
@@ -343,17 +449,8 @@ def titans_memory_step_reference(
         err_m = pred[..., :d] - v if objective == "l2" else -v
         err = torch.cat([err_m, err[..., d:]], dim=-1)
     grad = err.unsqueeze(-1) * k.unsqueeze(-2)  # (B, H, R, d)
-
-    step = -eta[..., None, None] * grad
-    if momentum:
-        beta = log_beta.exp()[:, None, None]
-        s_new = torch.where(valid[..., None, None] > 0, beta * s + step, s)
-    else:
-        s_new = s
-    # Eq. 88: X_t = alpha X_{t-1} - eps eta X_c k kᵀ + S_t; a masked token changes nothing.
-    dgd_term = (1.0 if dgd else 0.0) * eta[..., None, None] * pred.unsqueeze(-1) * k.unsqueeze(-2)
-    z_new = alpha[..., None, None] * z - dgd_term + (s_new if momentum else step)
-    z_new = torch.where(valid[..., None, None] > 0, z_new, z)
+    dgd = (1.0 if dgd else 0.0) * pred.unsqueeze(-1) * k.unsqueeze(-2)  # Eq. 88: X_c k kᵀ
+    z_new, s_new = step_update(z, s, grad, dgd, eta, alpha, valid, log_beta.exp() if momentum else None)
     z_new = torch.where(rows, z_new, z)
     s_new = torch.where(rows, s_new, s)
     o = torch.einsum("bhed,bhd->bhe", z_new[..., :d, :], q)

@@ -108,6 +108,31 @@ def _step_row(zc, z, s, zc_out, z_out, s_out, r, d, offs_d, md, k, v, eta, alpha
 
 
 @triton.jit
+def _step_reads(a_ptr, a, adapt, d, offs_d, offs_r, md, b_eta, b_alpha, eta_max, valid, D: tl.constexpr,
+                BR: tl.constexpr):
+    """Eq. 90 for one token: k (normalised), v, eta, alpha and `upd` (valid > 0) from the chunk-start adaptive rows
+    at `adapt` = [M_k ; M_v ; m_eta ; m_alpha] ((2d+2, d) row-major); a_ptr: the token's a, a: its (D,) fp32 tile.
+    k_j = M_k[j] . a by column tiles of M_k (BR columns at a time)."""
+    kr = tl.zeros([D], dtype=tl.float32)
+    v = tl.zeros([D], dtype=tl.float32)
+    for ct in tl.static_range(0, D // BR):
+        cols = ct * BR + offs_r
+        mc = cols < d
+        a_t = tl.load(a_ptr + cols, mask=mc, other=0.0).to(tl.float32)
+        off = offs_d[:, None] * d + cols[None, :]
+        m = md[:, None] & mc[None, :]
+        kr += tl.reduce(tl.load(adapt + off, mask=m, other=0.0) * a_t[None, :], 1, _sum_combine)
+        v += tl.reduce(tl.load(adapt + d * d + off, mask=m, other=0.0) * a_t[None, :], 1, _sum_combine)
+    k = kr / tl.maximum(tl.sqrt(tl.reduce(kr * kr, 0, _sum_combine)), 1e-12)
+    me = tl.load(adapt + 2 * d * d + offs_d, mask=md, other=0.0)
+    ma = tl.load(adapt + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
+    eta = eta_max * _sigmoid(tl.reduce(me * a, 0, _sum_combine) + b_eta) * valid
+    upd = valid > 0
+    alpha = tl.where(upd, _sigmoid(tl.reduce(ma * a, 0, _sum_combine) + b_alpha), 1.0)
+    return k, v, eta, alpha, upd
+
+
+@triton.jit
 def _titans_step_kernel(
     q_ptr, a_ptr, valid_ptr, zc_ptr, z_ptr, s_ptr, o_ptr, zc_out_ptr, z_out_ptr, s_out_ptr,
     b_eta_ptr, b_alpha_ptr, beta_ptr,
@@ -137,23 +162,9 @@ def _titans_step_kernel(
     s_out = s_out_ptr + pid64 * RD
     o_out = o_ptr + pid64 * d
 
-    # Eq. 90: k, v, eta, alpha from the chunk-start memories; k_j = M_k[j] . a by column tiles of M_k.
-    kr = tl.zeros([D], dtype=tl.float32)
-    v = tl.zeros([D], dtype=tl.float32)
-    for ct in tl.static_range(0, D // BR):
-        cols = ct * BR + offs_r
-        mc = cols < d
-        a_t = tl.load(a_ptr + pid64 * d + cols, mask=mc, other=0.0).to(tl.float32)
-        off = offs_d[:, None] * d + cols[None, :]
-        m = md[:, None] & mc[None, :]
-        kr += tl.reduce(tl.load(zc + d * d + off, mask=m, other=0.0) * a_t[None, :], 1, _sum_combine)
-        v += tl.reduce(tl.load(zc + 2 * d * d + off, mask=m, other=0.0) * a_t[None, :], 1, _sum_combine)
-    k = kr / tl.maximum(tl.sqrt(tl.reduce(kr * kr, 0, _sum_combine)), 1e-12)
-    me = tl.load(zc + 3 * d * d + offs_d, mask=md, other=0.0)
-    ma = tl.load(zc + (3 * d + 1) * d + offs_d, mask=md, other=0.0)
-    eta = eta_max * _sigmoid(tl.reduce(me * a, 0, _sum_combine) + tl.load(b_eta_ptr + h)) * valid
-    upd = valid > 0
-    alpha = tl.where(upd, _sigmoid(tl.reduce(ma * a, 0, _sum_combine) + tl.load(b_alpha_ptr + h)), 1.0)
+    # Eq. 90: k, v, eta, alpha from the chunk-start memories.
+    k, v, eta, alpha, upd = _step_reads(a_ptr + pid64 * d, a, zc + d * d, d, offs_d, offs_r, md,
+                                        tl.load(b_eta_ptr + h), tl.load(b_alpha_ptr + h), eta_max, valid, D, BR)
     beta = tl.load(beta_ptr + h)
 
     for rt in tl.static_range(0, D // BR):

@@ -116,10 +116,6 @@ def test_cms_per_level_list_of_wrong_length(field):
     )
 
 
-def test_memory_depth_2_is_not_implemented_yet():
-    _raises(["memory_depth", "2", "1"], memory_depth=2)
-
-
 def test_empty_cms_is_rejected():
     _raises(["cms_chunk_sizes"], cms_chunk_sizes=[])
 
