@@ -15,8 +15,9 @@ class HopeLayerCache:
 
     conv: the short-convolution tails by name, each (B, K-1, D).
     memory: the Titans TitansState (Z_c, Z_t, S_t, position), or None before the first token.
-    cms: one entry per CMS level: a CMSState (θ_c, this chunk's summed inner gradients, position), or None
-         for a level that never learns in context.
+    cms: one entry per CMS level: a CMSState (θ_c, this chunk's summed inner gradients, position, and
+         chunk_has_valid (B,) bool: whether this chunk has seen a valid token, so its cms_decay pull applies),
+         or None for a level that never learns in context. Every tensor is per batch row (reorder/repeat/detach).
     key, value: (B, H, T_past, d) of an attention layer; key_valid: (B, T_past) bool, which past keys exist;
     key_padded: whether any of them is padding.
     """

@@ -619,7 +619,8 @@ def cms_level_triton(
             if not output_final_state:
                 return z.new_zeros(B, 0, D), None
             if state is not None:
-                return z.new_zeros(B, 0, D), state._replace(**{k: getattr(state, k).to(f32) for k in CMSState._fields[:6]})
+                same = {k: getattr(state, k).to(f32) for k in CMSState._fields[:6]}
+                return z.new_zeros(B, 0, D), state._replace(**same)
             theta = [w.to(f32).expand(B, -1, -1).contiguous() for w in (w_gate, w_up, w_down)]
             return z.new_zeros(B, 0, D), CMSState(*theta, *(torch.zeros_like(w) for w in theta), position=0,
                                                   chunk_has_valid=torch.zeros(B, dtype=torch.bool, device=z.device))

@@ -317,9 +317,10 @@ def cms_level_reference(
         chunk_size: C >= 1; θ is updated after every C tokens counted from absolute position 0.
         eta_max: > 0, the bound of eta_t.
         objective: "l2" or "dot".
-        decay: in [0, 1], the retention pull of θ_c toward θ_0 at each update.
-        mask: (B, T) bool or 0/1, None = all valid. Masked tokens are still read but add no gradient.
-        state: a CMSState to continue from; None starts at θ_0, position 0.
+        decay: in [0, 1], the retention pull of θ_c toward θ_0 at each update of a chunk that held a valid token.
+        mask: (B, T) bool or 0/1, None = all valid. Masked tokens are still read but add no gradient, and a chunk
+            without a valid token (counting the state's tokens of the chunk in progress) skips the decay pull.
+        state: a CMSState to continue from; None starts at θ_0, position 0, no valid token seen.
         output_final_state: return the state after the last token.
 
     Returns:

@@ -200,7 +200,7 @@ def test_empty_sequence():
     leaves, _ = make_case(1, 2, 0, 16, 16)
     y, st = cms_level_triton(*(leaves[n].float().to(DEV) for n in NAMES), chunk_size=4, eta_max=ETA_MAX,
                              output_final_state=True)
-    assert y.shape == (2, 0, 16) and st.position == 0
+    assert y.shape == (2, 0, 16) and st.position == 0 and st.chunk_has_valid.tolist() == [False, False]
 
 
 # ------------------------------------------------------------------------------------------- bad inputs
@@ -251,11 +251,13 @@ def test_rejects_bad_options(kw, match):
 
 def test_rejects_bad_state():
     args = _good()
-    st = CMSState(*(torch.zeros(2, *s) for s in [(32, 16)] * 2 + [(16, 32)] + [(32, 16)] * 2 + [(16, 32)]), position=-1,
-                  chunk_has_valid=torch.zeros(2, dtype=torch.bool))
+    shapes = [(32, 16)] * 2 + [(16, 32)] + [(32, 16)] * 2 + [(16, 32)]
+    seen = torch.zeros(2, dtype=torch.bool)
+    st = CMSState(*(torch.zeros(2, *s) for s in shapes), position=-1, chunk_has_valid=seen)
     with pytest.raises(ValueError, match="position"):
         cms_level_triton(*args, chunk_size=4, eta_max=ETA_MAX, state=st)
-    st = CMSState(*(torch.zeros(2, *s, dtype=F64) for s in [(32, 16)] * 2 + [(16, 32)] + [(32, 16)] * 2 + [(16, 32)]), position=1,
-                  chunk_has_valid=torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="chunk_has_valid"):
+        cms_level_triton(*args, chunk_size=4, eta_max=ETA_MAX, state=st._replace(position=1, chunk_has_valid=None))
+    st = CMSState(*(torch.zeros(2, *s, dtype=F64) for s in shapes), position=1, chunk_has_valid=seen)
     with pytest.raises(ValueError, match="float64"):
         cms_level_triton(*args, chunk_size=4, eta_max=ETA_MAX, state=st)
