@@ -17,8 +17,9 @@ class HopeLayerCache:
     memory: the Titans TitansState (Z_c, Z_t, S_t, position), or with memory_depth=2 a DeepTitansState (the
             adaptive rows' and W1's and W2's chunk-start copy, current value and momentum, position); None before
             the first token.
-    cms: one entry per CMS level: a CMSState (θ_c, this chunk's summed inner gradients, position), or None
-         for a level that never learns in context.
+    cms: one entry per CMS level: a CMSState (θ_c, this chunk's summed inner gradients, position, and
+         chunk_has_valid (B,) bool: whether this chunk has seen a valid token, so its cms_decay pull applies),
+         or None for a level that never learns in context. Every tensor is per batch row (reorder/repeat/detach).
     key, value: (B, H, T_past, d) of an attention layer; key_valid: (B, T_past) bool, which past keys exist;
     key_padded: whether any of them is padding.
     """

@@ -31,7 +31,11 @@ Design
       Ē = H Ḡ_downᵀ + dH̄ W_downᵀ, ēta_t = <Ē_t, r_t>, R̄ = eta⊙Ē, Ȳ = dL/dy + R̄ (l2), target̄ = -R̄
       H̄ = E Ḡ_down + Ȳ W_down, Ā = H̄⊙b⊙silu' + dB̄⊙dH⊙silu' + dĀ⊙dH⊙b⊙silu'', B̄ = H̄⊙silu(a) + dĀ⊙dH⊙silu'
       W̄_gate = Āᵀ Z, W̄_up = B̄ᵀ Z, W̄_down = Ȳᵀ H + Eᵀ dH̄, Z̄ = Ā W_gate + B̄ W_up + dA Ḡ_gate + dB Ḡ_up
-  plus the decay chain: dL/dθ_n = (1 - decay) dL/dθ_{n+1} + W̄, dL/dθ_0 += decay dL/dθ_{n+1}.
+  plus the decay chain: dL/dθ_n = (1 - λ_n) dL/dθ_{n+1} + W̄, dL/dθ_0 += λ_n dL/dθ_{n+1}.
+* λ_n is the per-(sequence, segment) retention pull of Eq. 31: decay if the chunk that segment n closes held a
+  valid token of the sequence (in the segment, or for n = 0 before it, `CMSState.chunk_has_valid`), else 0:
+  an all-padding chunk changes no state (SPEC §5). PyTorch computes it from the mask, a (B, NSEG) tensor
+  that both kernels read; it is a constant of the graph (the mask has no gradient).
 * A level that never updates within the call (no state, no final state requested, T <= chunk_size) is an
   ordinary SwiGLU FFN: three plain fp32 matmuls in PyTorch, no kernel, no gradient work.
 
@@ -115,13 +119,13 @@ def _ldv(ptr, r0, nr, BR: tl.constexpr):
 
 
 @triton.jit
-def _update(cur, nxt, g, th0, r0, c0, nr, nc, stride, p, closes, decay, BR: tl.constexpr, BC: tl.constexpr):
-    """Running sum += p; if the segment closes its chunk, θ_next = (1-decay)θ + decay θ_0 - sum, sum = 0."""
+def _update(cur, nxt, g, th0, r0, c0, nr, nc, stride, p, closes, lam, BR: tl.constexpr, BC: tl.constexpr):
+    """Running sum += p; if the segment closes its chunk, θ_next = (1-λ)θ + λ θ_0 - sum (Eq. 31), sum = 0."""
     gs = _ld(g, r0, c0, nr, nc, stride, BR, BC) + p
     if closes:
         w = _ld(cur, r0, c0, nr, nc, stride, BR, BC)
         w0 = _ld(th0, r0, c0, nr, nc, stride, BR, BC)
-        _st(nxt, r0, c0, nr, nc, stride, (1.0 - decay) * w + decay * w0 - gs, BR, BC)
+        _st(nxt, r0, c0, nr, nc, stride, (1.0 - lam) * w + lam * w0 - gs, BR, BC)
         _st(g, r0, c0, nr, nc, stride, gs * 0.0, BR, BC)
     else:
         _st(g, r0, c0, nr, nc, stride, gs, BR, BC)
@@ -167,8 +171,8 @@ def _y_tile(sa, sb, wd, tt, dt, L, D, Fh, BT: tl.constexpr, BD: tl.constexpr, BF
 
 @triton.jit
 def _cms_fwd_kernel(
-    z_ptr, tg_ptr, eta_ptr, th0_ptr, th_ptr, g_ptr, y_ptr, sa_ptr, sb_ptr, sr_ptr, sda_ptr, sdb_ptr,
-    T, D, Fh, C, shift, NSEG, NSLOT, CP, decay, closes_last, learn_last,
+    z_ptr, tg_ptr, eta_ptr, lam_ptr, th0_ptr, th_ptr, g_ptr, y_ptr, sa_ptr, sb_ptr, sr_ptr, sda_ptr, sdb_ptr,
+    T, D, Fh, C, shift, NSEG, NSLOT, CP, closes_last, learn_last,
     OBJ_L2: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -198,6 +202,7 @@ def _cms_fwd_kernel(
         etas = eta_b + s0
         learn = (n < NSEG - 1) | (learn_last != 0)
         closes = (n < NSEG - 1) | (closes_last != 0)
+        lam = tl.load(lam_ptr + b * NSEG + n)  # Eq. 31's pull for this sequence's chunk: 0 if all padding
         # ---- read: y = (silu(Z W_gateᵀ) * Z W_upᵀ) W_downᵀ with θ_n for every token of the segment
         _phase_ab(zs, cur, cur + FD, sa, sb, L, D, Fh, BT, BD, BF, PREC)
         tl.debug_barrier()
@@ -223,7 +228,7 @@ def _cms_fwd_kernel(
                         a, bb, sg, s, h = _h_tile(sa, sb, tt, ft, L, Fh, BT, BF)
                         gd += tl.dot(tl.trans(e), h, input_precision=PREC)
                     _update(cur + 2 * FD, nxt + 2 * FD, g_b + 2 * FD, th0_ptr + 2 * FD, dt * BD, ft * BF, D, Fh, Fh,
-                            gd, closes, decay, BD, BF)
+                            gd, closes, lam, BD, BF)
                 for tt in range(0, ntt):
                     dh = tl.zeros((BT, BF), dtype=tl.float32)
                     eta_t = _ldv(etas, tt * BT, L, BT)
@@ -241,8 +246,8 @@ def _cms_fwd_kernel(
                         zt = _ld(zs, tt * BT, dt * BD, L, D, D, BT, BD)
                         gg += tl.dot(tl.trans(_ld(sda, tt * BT, ft * BF, L, Fh, Fh, BT, BF)), zt, input_precision=PREC)
                         gu += tl.dot(tl.trans(_ld(sdb, tt * BT, ft * BF, L, Fh, Fh, BT, BF)), zt, input_precision=PREC)
-                    _update(cur, nxt, g_b, th0_ptr, ft * BF, dt * BD, Fh, D, D, gg, closes, decay, BF, BD)
-                    _update(cur + FD, nxt + FD, g_b + FD, th0_ptr + FD, ft * BF, dt * BD, Fh, D, D, gu, closes, decay,
+                    _update(cur, nxt, g_b, th0_ptr, ft * BF, dt * BD, Fh, D, D, gg, closes, lam, BF, BD)
+                    _update(cur + FD, nxt + FD, g_b + FD, th0_ptr + FD, ft * BF, dt * BD, Fh, D, D, gu, closes, lam,
                             BF, BD)
                 tl.debug_barrier()
         tl.debug_barrier()
@@ -253,10 +258,10 @@ def _cms_fwd_kernel(
 
 @triton.jit
 def _cms_bwd_kernel(
-    z_ptr, tg_ptr, eta_ptr, th_ptr, gy_ptr, gbf_ptr, carry_ptr, th0b_ptr, gin_b_ptr,
+    z_ptr, tg_ptr, eta_ptr, lam_ptr, th_ptr, gy_ptr, gbf_ptr, carry_ptr, th0b_ptr, gin_b_ptr,
     zb_ptr, tgb_ptr, etab_ptr,
     sa_ptr, sb_ptr, sr_ptr, sda_ptr, sdb_ptr, sdhb_ptr, sx1_ptr, sx2_ptr, syb_ptr,
-    T, D, Fh, C, shift, NSEG, NSLOT, CP, decay, closes_last,
+    T, D, Fh, C, shift, NSEG, NSLOT, CP, closes_last,
     OBJ_L2: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -296,11 +301,12 @@ def _cms_bwd_kernel(
         nb = carry + ((n + 1) % 2) * 3 * FD  # dL/dθ_{n+1} (or dL/dθ_final for the last segment)
         ob = carry + (n % 2) * 3 * FD  # dL/dθ_n, written here
         closes = (n < NSEG - 1) | (closes_last != 0)
+        lam = tl.load(lam_ptr + b * NSEG + n)  # the forward's per-(sequence, chunk) pull λ_n
         # Ḡ = gs * gp: the adjoint of this segment's inner-gradient sum; dirs: dθ_n gets dirs * dθ_{n+1}
         if closes:
             gp = nb
             gs = -1.0
-            dirs = 1.0 - decay
+            dirs = 1.0 - lam
         else:
             gp = gbf
             gs = 1.0
@@ -410,13 +416,13 @@ def _cms_bwd_kernel(
                 _st(ob + FD, ft * BF, dt * BD, Fh, D, D, dirs * nbu + wub, BF, BD)
                 _st(ob + 2 * FD, dt * BD, ft * BF, D, Fh, Fh, dirs * nbd + wdb, BD, BF)
                 if closes:
-                    if decay != 0.0:
+                    if lam != 0.0:
                         _st(th0b, ft * BF, dt * BD, Fh, D, D,
-                            _ld(th0b, ft * BF, dt * BD, Fh, D, D, BF, BD) + decay * nbg, BF, BD)
+                            _ld(th0b, ft * BF, dt * BD, Fh, D, D, BF, BD) + lam * nbg, BF, BD)
                         _st(th0b + FD, ft * BF, dt * BD, Fh, D, D,
-                            _ld(th0b + FD, ft * BF, dt * BD, Fh, D, D, BF, BD) + decay * nbu, BF, BD)
+                            _ld(th0b + FD, ft * BF, dt * BD, Fh, D, D, BF, BD) + lam * nbu, BF, BD)
                         _st(th0b + 2 * FD, dt * BD, ft * BF, D, Fh, Fh,
-                            _ld(th0b + 2 * FD, dt * BD, ft * BF, D, Fh, Fh, BD, BF) + decay * nbd, BD, BF)
+                            _ld(th0b + 2 * FD, dt * BD, ft * BF, D, Fh, Fh, BD, BF) + lam * nbd, BD, BF)
                 if n == 0:
                     _st(gin_b, ft * BF, dt * BD, Fh, D, D, gs * _ld(gp, ft * BF, dt * BD, Fh, D, D, BF, BD), BF, BD)
                     _st(gin_b + FD, ft * BF, dt * BD, Fh, D, D,
@@ -456,6 +462,19 @@ def _num_segments(T: int, C: int, shift: int) -> int:
     return (T + shift + C - 1) // C if T > 0 else 0
 
 
+def _segment_has_valid(mask: Optional[Tensor], chunk_has_valid: Tensor, T: int, C: int, shift: int) -> Tensor:
+    """(B, NSEG) bool: whether the chunk that segment n belongs to has held a valid (mask = 1) token by the
+    segment's end: one in the segment, or, for n = 0, one consumed before it (`chunk_has_valid`, (B,) bool).
+    This decides Eq. 31's retention pull λ_n (SPEC §5: a chunk of padding changes no state)."""
+    B = chunk_has_valid.shape[0]
+    nseg = _num_segments(T, C, shift)
+    valid = torch.ones(B, T, dtype=torch.bool, device=chunk_has_valid.device) if mask is None else mask != 0
+    # Segment n covers the tokens [nC - shift, (n+1)C - shift): pad to whole chunks and reduce per chunk.
+    valid = Fn.pad(valid, (shift, nseg * C - shift - T), value=False).reshape(B, nseg, C).any(-1)
+    valid[:, 0] |= chunk_has_valid
+    return valid
+
+
 def check_kernel_inputs(tensors: dict, device: torch.device) -> None:
     """The constraints of the Triton kernels on top of the reference's own checks (ValueError)."""
     for name, t in tensors.items():
@@ -473,7 +492,7 @@ def check_kernel_inputs(tensors: dict, device: torch.device) -> None:
 
 class _CMSChunkFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, tg, eta, w_gate, w_up, w_down, s_wg, s_wu, s_wd, s_gg, s_gu, s_gd, cfg):
+    def forward(ctx, z, tg, eta, lam, w_gate, w_up, w_down, s_wg, s_wu, s_wd, s_gg, s_gu, s_gd, cfg):
         B, T, D = z.shape
         Fh = w_gate.shape[0]
         C, pos = cfg["chunk_size"], cfg["position"]
@@ -501,8 +520,8 @@ class _CMSChunkFn(torch.autograd.Function):
         sr = torch.empty(B, CP, D, device=dev, dtype=f32)
         y = torch.empty(B, T, D, device=dev, dtype=z.dtype)
         _cms_fwd_kernel[(B,)](
-            z_c, tg, eta, th0, th, g, y, sa, sb, sr, sda, sdb,
-            T, D, Fh, C, shift, nseg, nslot, CP, float(cfg["decay"]), int(closes_last), int(cfg["learn_last"]),
+            z_c, tg, eta, lam, th0, th, g, y, sa, sb, sr, sda, sdb,
+            T, D, Fh, C, shift, nseg, nslot, CP, int(closes_last), int(cfg["learn_last"]),
             OBJ_L2=cfg["objective"] == "l2", BT=BT, BD=BD, BF=BF, PREC=DOT_PRECISION, num_warps=NUM_WARPS, num_stages=1,
         )
         fin = th[:, (nseg if closes_last else nseg - 1) % nslot]
@@ -510,7 +529,7 @@ class _CMSChunkFn(torch.autograd.Function):
                fin[:, 2 * FD:].reshape(B, D, Fh).clone()]
         gf = [g[:, :FD].reshape(B, Fh, D), g[:, FD:2 * FD].reshape(B, Fh, D), g[:, 2 * FD:].reshape(B, D, Fh)]
         if save:
-            ctx.save_for_backward(z_c, tg, eta, th)
+            ctx.save_for_backward(z_c, tg, eta, lam, th)
         ctx.cfg = cfg
         ctx.dims = (B, T, D, Fh, nseg, shift, nslot)
         ctx.has_state = s_wg is not None
@@ -520,7 +539,7 @@ class _CMSChunkFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, d_wg, d_wu, d_wd, d_gg, d_gu, d_gd):
-        z, tg, eta, th = ctx.saved_tensors
+        z, tg, eta, lam, th = ctx.saved_tensors
         cfg = ctx.cfg
         B, T, D, Fh, nseg, shift, nslot = ctx.dims
         C, pos = cfg["chunk_size"], cfg["position"]
@@ -543,9 +562,9 @@ class _CMSChunkFn(torch.autograd.Function):
         sr = torch.empty(B, CP, D, device=dev, dtype=f32)
         syb = torch.empty_like(sr)
         _cms_bwd_kernel[(B,)](
-            z, tg, eta, th, gy.contiguous(), gbf, carry, th0b, gin_b, zb, tgb, etab,
+            z, tg, eta, lam, th, gy.contiguous(), gbf, carry, th0b, gin_b, zb, tgb, etab,
             sa, sb, sr, sda, sdb, sdhb, sx1, sx2, syb,
-            T, D, Fh, C, shift, nseg, nslot, CP, float(cfg["decay"]), int(closes_last),
+            T, D, Fh, C, shift, nseg, nslot, CP, int(closes_last),
             OBJ_L2=cfg["objective"] == "l2", BT=BT, BD=BD, BF=BF, PREC=DOT_PRECISION, num_warps=NUM_WARPS, num_stages=1,
         )
         thb = carry[:, 0]  # dL/dθ of the first segment's start weights (segment 0 writes slot 0)
@@ -559,7 +578,7 @@ class _CMSChunkFn(torch.autograd.Function):
         else:
             s_grads = (None,) * 6
             p_grads = tuple(x[0] + y.sum(0) for x, y in zip(p_grads, split(thb)))
-        return (zb.to(dt[0]), tgb, etab, p_grads[0].to(dt[1]), p_grads[1].to(dt[2]), p_grads[2].to(dt[3]),
+        return (zb.to(dt[0]), tgb, etab, None, p_grads[0].to(dt[1]), p_grads[1].to(dt[2]), p_grads[2].to(dt[3]),
                 *s_grads, None)
 
 
@@ -600,9 +619,11 @@ def cms_level_triton(
             if not output_final_state:
                 return z.new_zeros(B, 0, D), None
             if state is not None:
-                return z.new_zeros(B, 0, D), CMSState(*(t.to(f32) for t in state[:6]), position=position)
+                same = {k: getattr(state, k).to(f32) for k in CMSState._fields[:6]}
+                return z.new_zeros(B, 0, D), state._replace(**same)
             theta = [w.to(f32).expand(B, -1, -1).contiguous() for w in (w_gate, w_up, w_down)]
-            return z.new_zeros(B, 0, D), CMSState(*theta, *(torch.zeros_like(w) for w in theta), position=0)
+            return z.new_zeros(B, 0, D), CMSState(*theta, *(torch.zeros_like(w) for w in theta), position=0,
+                                                  chunk_has_valid=torch.zeros(B, dtype=torch.bool, device=z.device))
         if state is None and not output_final_state and T <= chunk_size:
             # No update is ever read: an ordinary SwiGLU FFN with θ_0, at the cost of one.
             wg, wu, wd = (w.to(f32) for w in (w_gate, w_up, w_down))
@@ -613,9 +634,16 @@ def cms_level_triton(
         if mask is not None:
             eta = eta * mask.to(device=z.device, dtype=f32)
         eta = eta.contiguous()
-        cfg = dict(chunk_size=chunk_size, position=position, decay=float(decay), objective=objective,
-                   learn_last=bool(output_final_state))
+        seen = torch.zeros(B, dtype=torch.bool, device=z.device) if state is None else state.chunk_has_valid
+        seg_valid = _segment_has_valid(mask, seen, T, chunk_size, position % chunk_size)  # (B, NSEG)
+        # λ_n of Eq. 31 per (sequence, segment): decay, or 0 for a chunk with no valid token (SPEC §5).
+        lam = (float(decay) * seg_valid.to(f32)).contiguous()
+        cfg = dict(chunk_size=chunk_size, position=position, objective=objective, learn_last=bool(output_final_state))
         s = (None,) * 6 if state is None else tuple(state[:6])
-        y, *fin = _CMSChunkFn.apply(z, tg, eta, w_gate, w_up, w_down, *s, cfg)
-    final = CMSState(*fin, position=position + T) if output_final_state else None
+        y, *fin = _CMSChunkFn.apply(z, tg, eta, lam, w_gate, w_up, w_down, *s, cfg)
+    final = None
+    if output_final_state:
+        # the chunk in progress after the last token: none if it closed, else the last segment's
+        seen = seg_valid[:, -1] & ((position + T) % chunk_size != 0)
+        final = CMSState(*fin, position=position + T, chunk_has_valid=seen)
     return y, final

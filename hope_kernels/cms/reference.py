@@ -5,7 +5,8 @@ inside the forward pass. With row tensors (z_t is a row of z):
 
     MLP_θ(z)  = (silu(z W_gateᵀ) * (z W_upᵀ)) W_downᵀ
     y_t       = MLP_{θ_c}(z_t)                                     every token of chunk c reads θ_c (Eq. 31)
-    θ_{c+1}   = θ_c - decay (θ_c - θ_0) - Σ_{t in c} eta_t ∇_θ ℓ_t(θ_c)
+    θ_{c+1}   = θ_c - decay_c (θ_c - θ_0) - Σ_{t in c} eta_t ∇_θ ℓ_t(θ_c)
+    decay_c   = decay if chunk c holds a valid (mask = 1) token of the sequence, else 0
     eta_t     = eta_max * sigmoid(z_t · w_eta + b_eta) * mask_t
     ℓ_t       = ½ ||MLP_θ(z_t) - z_t P_v||²   ("l2")   or   -<MLP_θ(z_t), z_t P_v>   ("dot")
 
@@ -19,6 +20,12 @@ Three functions with one semantics:
 Chunk c is the tokens at absolute positions [cC, (c+1)C); absolute position = tokens the state has already
 consumed + index in `z` (SPEC §5: chunk phase counts from position 0). The model applies the level's RMSNorm
 before calling these functions, so `z` is the normed input.
+
+Masks (SPEC §5: a masked position changes no state): a masked token has eta_t = 0, so it adds no gradient, and
+a chunk with no valid token of a sequence skips the retention pull too (decay_c = 0 above), so padding that
+covers whole chunks leaves θ exactly as it was. A chunk with at least one valid token decays as usual.
+`CMSState.chunk_has_valid` remembers whether the chunk in progress has seen a valid token, so that a chunk
+split across calls (prefill, then decode) decides the same way.
 """
 from __future__ import annotations
 
@@ -45,6 +52,9 @@ class CMSState(NamedTuple):
     grad_up:   (B, F, D)   zeros right after a chunk boundary, where the update has been applied.
     grad_down: (B, D, F)
     position:  tokens consumed so far; the chunk phase is position % chunk_size.
+    chunk_has_valid: (B,) bool, whether a valid (mask = 1) token of the chunk in progress has been consumed,
+               i.e. whether Eq. 31's retention pull applies when that chunk closes (SPEC §5: a chunk that is
+               all padding changes no state). False right after a chunk boundary.
     """
 
     w_gate: Tensor
@@ -54,7 +64,7 @@ class CMSState(NamedTuple):
     grad_up: Tensor
     grad_down: Tensor
     position: int
-
+    chunk_has_valid: Tensor
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,6 +154,11 @@ def _validate(
         pos = state.position
         if isinstance(pos, bool) or not isinstance(pos, int) or pos < 0:
             raise ValueError(f"state.position must be an int >= 0, got {pos!r}")
+        seen = state.chunk_has_valid
+        if not isinstance(seen, Tensor) or seen.dtype != torch.bool or tuple(seen.shape) != (B,):
+            got = f"{seen.dtype} {_shape_str(seen)}" if isinstance(seen, Tensor) else type(seen).__name__
+            raise ValueError(f"state.chunk_has_valid must be a bool tensor of shape ({B},) (B from z), got {got}")
+        devices["state.chunk_has_valid"] = seen.device
 
     bad = {name: dev for name, dev in devices.items() if dev != z.device}
     if bad:
@@ -167,6 +182,7 @@ def _chunk_piece(
     mask: Tensor | None,
     theta: tuple[Tensor, Tensor, Tensor],
     grads: tuple[Tensor, Tensor, Tensor] | None,
+    seen: Tensor,
     theta0: tuple[Tensor, Tensor, Tensor],
     p_v: Tensor,
     w_eta: Tensor,
@@ -177,18 +193,19 @@ def _chunk_piece(
     decay: float,
     learn: bool,
     closes_chunk: bool,
-) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor] | None]:
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor] | None, Tensor]:
     """Process L consecutive tokens that all lie in one chunk c.
 
     z: (B, L, D); mask: (B, L) in the compute dtype or None.
     theta: θ_c, either shared (F, D), (F, D), (D, F) (θ_0 before any update, read with one plain matmul
            over the batch) or per sequence (B, F, D), (B, F, D), (B, D, F).
     grads: the chunk's running Σ eta_t ∇ℓ_t(θ_c) so far, (B, F, D), (B, F, D), (B, D, F), or None for zeros.
+    seen: (B,) bool, whether chunk c has had a valid token before this piece (CMSState.chunk_has_valid).
     learn: compute this piece's inner gradients, and apply Eq. 31's update if the piece closes its chunk;
            False when nobody will read the result, so the piece is only read.
     closes_chunk: the piece ends on a chunk boundary.
 
-    Returns y (B, L, D) and the (θ, grads) to carry on: θ_{c+1} and None after a boundary.
+    Returns y (B, L, D) and the (θ, grads, seen) to carry on: θ_{c+1}, None and all False after a boundary.
     """
     w_gate, w_up, w_down = theta
     # Read: every token of the chunk uses θ_c (Eq. 31), which makes the chunk one batch of matmuls.
@@ -198,7 +215,7 @@ def _chunk_piece(
     h = s * b
     y = h @ w_down.mT  # (B, L, D)
     if not learn:
-        return y, theta, grads
+        return y, theta, grads, seen
 
     # eta_t = eta_max sigmoid(z_t·w_eta + b_eta) (SPEC §3), zero on masked tokens so they change no state (§5).
     eta = eta_max * torch.sigmoid(z @ w_eta + b_eta)  # (B, L)
@@ -221,24 +238,29 @@ def _chunk_piece(
     g_up = db.mT @ z  # (B, F, D)
     piece = (g_gate, g_up, g_down)
     grads = piece if grads is None else tuple(g + p for g, p in zip(grads, piece))
+    seen = torch.ones_like(seen) if mask is None else seen | (mask > 0).any(dim=1)
 
     if closes_chunk:
-        # θ_{c+1} = θ_c - decay (θ_c - θ_0) - Σ_{t in c} eta_t ∇ℓ_t(θ_c)   (Eq. 31 with SPEC's retention pull)
+        # θ_{c+1} = θ_c - decay_c (θ_c - θ_0) - Σ_{t in c} eta_t ∇ℓ_t(θ_c)   (Eq. 31 with SPEC's retention pull)
+        # decay_c = decay only if chunk c held a valid token: a chunk of padding changes no state (SPEC §5).
         if decay:
-            theta = tuple(w - decay * (w - w0) for w, w0 in zip(theta, theta0))
+            lam = decay * seen.to(z.dtype)[:, None, None]  # (B, 1, 1)
+            theta = tuple(w - lam * (w - w0) for w, w0 in zip(theta, theta0))
         theta = tuple(w - g for w, g in zip(theta, grads))
         grads = None
-    return y, theta, grads
+        seen = torch.zeros_like(seen)
+    return y, theta, grads, seen
 
 
 def _final_state(
-    theta: tuple[Tensor, Tensor, Tensor], grads: tuple[Tensor, Tensor, Tensor] | None, B: int, position: int
+    theta: tuple[Tensor, Tensor, Tensor], grads: tuple[Tensor, Tensor, Tensor] | None, seen: Tensor, B: int,
+    position: int,
 ) -> CMSState:
-    """Package (θ_c, running sums) as per-sequence (B, ...) tensors; None sums mean zeros."""
+    """Package (θ_c, running sums, seen (B,) bool) as per-sequence (B, ...) tensors; None sums mean zeros."""
     theta = tuple(w if w.dim() == 3 else w.expand(B, -1, -1).contiguous() for w in theta)
     if grads is None:
         grads = tuple(torch.zeros_like(w) for w in theta)
-    return CMSState(*theta, *grads, position=position)
+    return CMSState(*theta, *grads, position=position, chunk_has_valid=seen)
 
 
 def _cast_inputs(
@@ -251,8 +273,17 @@ def _cast_inputs(
     b_eta = b_eta.to(dt).reshape(())
     mask = None if mask is None else mask.to(dt)
     if state is not None:
-        state = CMSState(*(t.to(dt) for t in state[:6]), position=state.position)
+        state = state._replace(**{name: getattr(state, name).to(dt) for name in CMSState._fields[:6]})
     return z.to(dt), params, b_eta, mask, state
+
+
+def _initial(
+    theta0: tuple[Tensor, Tensor, Tensor], state: CMSState | None, B: int
+) -> tuple[int, tuple[Tensor, ...], tuple[Tensor, ...] | None, Tensor]:
+    """(position, θ, running sums or None, chunk_has_valid (B,) bool) to start from: the state, or θ_0 at 0."""
+    if state is None:
+        return 0, theta0, None, torch.zeros(B, dtype=torch.bool, device=theta0[0].device)
+    return state.position, tuple(state[:3]), tuple(state[3:6]), state.chunk_has_valid
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -286,9 +317,10 @@ def cms_level_reference(
         chunk_size: C >= 1; θ is updated after every C tokens counted from absolute position 0.
         eta_max: > 0, the bound of eta_t.
         objective: "l2" or "dot".
-        decay: in [0, 1], the retention pull of θ_c toward θ_0 at each update.
-        mask: (B, T) bool or 0/1, None = all valid. Masked tokens are still read but add no gradient.
-        state: a CMSState to continue from; None starts at θ_0, position 0.
+        decay: in [0, 1], the retention pull of θ_c toward θ_0 at each update of a chunk that held a valid token.
+        mask: (B, T) bool or 0/1, None = all valid. Masked tokens are still read but add no gradient, and a chunk
+            without a valid token (counting the state's tokens of the chunk in progress) skips the decay pull.
+        state: a CMSState to continue from; None starts at θ_0, position 0, no valid token seen.
         output_final_state: return the state after the last token.
 
     Returns:
@@ -304,10 +336,7 @@ def cms_level_reference(
             z, w_gate, w_up, w_down, p_v, w_eta, b_eta, mask, state
         )
         theta0 = (w_gate, w_up, w_down)
-        if state is None:
-            start, theta, grads = 0, theta0, None
-        else:
-            start, theta, grads = state.position, tuple(state[:3]), tuple(state[3:6])
+        start, theta, grads, seen = _initial(theta0, state, B)
 
         ys = []
         t = 0
@@ -317,10 +346,10 @@ def cms_level_reference(
             # What the last piece learns is only read through the returned state: without one, skip its inner
             # gradients. With no state and C >= T this makes the level a plain FFN at the cost of one.
             learn = output_final_state or t + length < T
-            y, theta, grads = _chunk_piece(
+            y, theta, grads, seen = _chunk_piece(
                 z[:, t : t + length],
                 None if mask is None else mask[:, t : t + length],
-                theta, grads, theta0, p_v, w_eta, b_eta,
+                theta, grads, seen, theta0, p_v, w_eta, b_eta,
                 eta_max=eta_max, objective=objective, decay=decay,
                 learn=learn, closes_chunk=phase + length == chunk_size,
             )
@@ -328,7 +357,7 @@ def cms_level_reference(
             t += length
 
         y = torch.cat(ys, dim=1) if ys else z.new_zeros(B, 0, D)
-        final = _final_state(theta, grads, B, start + T) if output_final_state else None
+        final = _final_state(theta, grads, seen, B, start + T) if output_final_state else None
     return y.to(out_dtype), final
 
 
@@ -376,16 +405,13 @@ def cms_level_step_reference(
             z, w_gate, w_up, w_down, p_v, w_eta, b_eta, mask, state
         )
         theta0 = (w_gate, w_up, w_down)
-        if state is None:
-            position, theta, grads = 0, theta0, None
-        else:
-            position, theta, grads = state.position, tuple(state[:3]), tuple(state[3:6])
-        y, theta, grads = _chunk_piece(
-            z, mask, theta, grads, theta0, p_v, w_eta, b_eta,
+        position, theta, grads, seen = _initial(theta0, state, B)
+        y, theta, grads, seen = _chunk_piece(
+            z, mask, theta, grads, seen, theta0, p_v, w_eta, b_eta,
             eta_max=eta_max, objective=objective, decay=decay,
             learn=True, closes_chunk=(position + 1) % chunk_size == 0,
         )
-        final = _final_state(theta, grads, B, position + 1)
+        final = _final_state(theta, grads, seen, B, position + 1)
     return y.squeeze(1).to(out_dtype), final
 
 
@@ -424,10 +450,12 @@ def cms_level_naive(
         position = 0
         theta = list(theta0)
         grads = [torch.zeros_like(w) for w in theta0]
+        seen = torch.zeros(B, dtype=torch.bool, device=z.device)
     else:
         position = state.position
         theta = [w.to(dt) for w in state[:3]]
         grads = [g.to(dt) for g in state[3:6]]
+        seen = state.chunk_has_valid
 
     ys = []
     with torch.enable_grad():  # the inner loop is a gradient step, whatever the caller's grad mode
@@ -447,13 +475,17 @@ def cms_level_naive(
             inner = torch.autograd.grad(loss.sum(), th, create_graph=True)
             eta = eta_max * torch.sigmoid(z_t @ w_eta + b_eta) * valid[:, t]  # (B,)
             grads = [g + eta[:, None, None] * d for g, d in zip(grads, inner)]
+            seen = seen | (valid[:, t] > 0)
             ys.append(y_t)
             if (position + t + 1) % chunk_size == 0:  # token t closes its chunk: Eq. 31
-                theta = [w - decay * (w - w0) - g for w, w0, g in zip(theta, theta0, grads)]
+                # the pull applies only to a chunk that held a valid token (SPEC §5: padding changes no state)
+                lam = decay * seen.to(dt)[:, None, None]
+                theta = [w - lam * (w - w0) - g for w, w0, g in zip(theta, theta0, grads)]
                 grads = [torch.zeros_like(g) for g in grads]
+                seen = torch.zeros_like(seen)
 
     y = torch.stack(ys, dim=1) if ys else z.new_zeros(B, 0, D)
     final = None
     if output_final_state:
-        final = CMSState(*theta, *grads, position=position + T)
+        final = CMSState(*theta, *grads, position=position + T, chunk_has_valid=seen)
     return y.to(out_dtype), final

@@ -1,7 +1,8 @@
 """Triton kernels of one Continuum Memory System decode step (SPEC §3, §5 cache); no autograd.
 
 Same signature and semantics as `cms_level_step_reference`: read θ_c for one token, add eta_t ∇ℓ_t(θ_c) to
-the running sums, and apply Eq. 31's update when the token closes its chunk.
+the running sums, and apply Eq. 31's update when the token closes its chunk (its retention pull only if the
+chunk held a valid token, `CMSState.chunk_has_valid` or this one: SPEC §5, a chunk of padding changes no state).
 
 Design: one token is matrix-vector work, memory-bound on reading θ_c and the running sums, so it is split
 over many programs and three launches (the W_down products couple all F rows through e = y - target):
@@ -79,9 +80,9 @@ def _step_y_kernel(a_ptr, b_ptr, wd_ptr, tg_ptr, eta_ptr, y_ptr, e_ptr, D, Fh, t
 
 @triton.jit
 def _step_update_kernel(z_ptr, a_ptr, b_ptr, e_ptr, wg_ptr, wu_ptr, wd_ptr, gg_ptr, gu_ptr, gd_ptr,
-                        w0g_ptr, w0u_ptr, w0d_ptr, og_ptr, ou_ptr, od_ptr, D, Fh, th_bstride, decay,
+                        w0g_ptr, w0u_ptr, w0d_ptr, og_ptr, ou_ptr, od_ptr, lam_ptr, D, Fh, th_bstride,
                         HAS_G: tl.constexpr, CLOSES: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
-    """CLOSES: o* = new θ = (1-decay)θ + decay θ_0 - (G + p); else o* = new running sums G + p."""
+    """CLOSES: o* = new θ = (1-λ)θ + λ θ_0 - (G + p) (Eq. 31, λ (B,) per sequence); else o* = new sums G + p."""
     bi = tl.program_id(0).to(tl.int64)
     ft = tl.program_id(1)
     FD = Fh * D
@@ -121,10 +122,11 @@ def _step_update_kernel(z_ptr, a_ptr, b_ptr, e_ptr, wg_ptr, wu_ptr, wd_ptr, gg_p
             pu += tl.load(gu_ptr + bi * FD + off, mask=m, other=0.0)
             pd += tl.load(gd_ptr + bi * FD + off_t, mask=md_t, other=0.0)
         if CLOSES:
-            pg = (1.0 - decay) * tl.load(wg + off, mask=m, other=0.0) + decay * tl.load(w0g_ptr + off, mask=m, other=0.0) - pg
-            pu = (1.0 - decay) * tl.load(wu + off, mask=m, other=0.0) + decay * tl.load(w0u_ptr + off, mask=m, other=0.0) - pu
-            pd = ((1.0 - decay) * tl.load(wd + off_t, mask=md_t, other=0.0)
-                  + decay * tl.load(w0d_ptr + off_t, mask=md_t, other=0.0) - pd)
+            lam = tl.load(lam_ptr + bi)  # 0 for a chunk without a valid token
+            pg = (1.0 - lam) * tl.load(wg + off, mask=m, other=0.0) + lam * tl.load(w0g_ptr + off, mask=m, other=0.0) - pg
+            pu = (1.0 - lam) * tl.load(wu + off, mask=m, other=0.0) + lam * tl.load(w0u_ptr + off, mask=m, other=0.0) - pu
+            pd = ((1.0 - lam) * tl.load(wd + off_t, mask=md_t, other=0.0)
+                  + lam * tl.load(w0d_ptr + off_t, mask=md_t, other=0.0) - pd)
         tl.store(og_ptr + bi * FD + off, pg, mask=m)
         tl.store(ou_ptr + bi * FD + off, pu, mask=m)
         tl.store(od_ptr + bi * FD + off_t, pd, mask=md_t)
@@ -182,6 +184,9 @@ def cms_level_step_triton(
             grads = [t.detach().to(f32).contiguous() for t in state[3:6]]
             bstride = Fh * D
         closes = (position + 1) % chunk_size == 0
+        prev = torch.zeros(B, dtype=torch.bool, device=dev) if state is None else state.chunk_has_valid
+        seen = torch.ones_like(prev) if mask is None else prev | (mask != 0)
+        lam = (float(decay) * seen.to(f32)).contiguous()  # Eq. 31's pull: only for a chunk with a valid token
         a = torch.empty(B, Fh, device=dev, dtype=f32)
         b = torch.empty_like(a)
         y = torch.empty(B, D, device=dev, dtype=z_t.dtype)
@@ -193,12 +198,13 @@ def cms_level_step_triton(
         _step_y_kernel[(B, ndt)](a, b, theta[2], tg, eta, y, e, D, Fh, bstride,
                                  OBJ_L2=objective == "l2", BD=BD, BF=BF)
         g_in = grads if grads is not None else out  # unused when HAS_G is False
-        _step_update_kernel[(B, nft)](z, a, b, e, *theta, *g_in, *w0, *out, D, Fh, bstride, float(decay),
+        _step_update_kernel[(B, nft)](z, a, b, e, *theta, *g_in, *w0, *out, lam, D, Fh, bstride,
                                       HAS_G=grads is not None, CLOSES=closes, BD=BD, BF=BF)
         if closes:
-            final = CMSState(*out, *(torch.zeros_like(t) for t in out), position=position + 1)
+            final = CMSState(*out, *(torch.zeros_like(t) for t in out), position=position + 1,
+                             chunk_has_valid=torch.zeros_like(seen))
         else:
             if state is None:
                 theta = [w.expand(B, -1, -1).contiguous() for w in w0]
-            final = CMSState(*theta, *out, position=position + 1)
+            final = CMSState(*theta, *out, position=position + 1, chunk_has_valid=seen)
     return y, final

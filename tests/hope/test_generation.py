@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hope import HopeCache
+from hope_kernels.cms import CMSState
 from tests.hope.utils_hope import (
     CHUNK, CMS_CHUNKS, VARIANTS, VOCAB, cache_of, max_diff, random_ids, tiny_model, variant_config,
 )
@@ -155,6 +156,64 @@ def test_generate_with_left_padding(name):
         assert max_diff(logits[0], alone_logits[0]) < 1e-5
 
 
+def _assert_cms_states_equal(actual: HopeCache, row: int, expected: HopeCache, expected_row: int) -> int:
+    """Every CMS level's θ, running sums and chunk_has_valid of `actual[row]` equal `expected[expected_row]`;
+    returns how many levels were compared."""
+    compared = 0
+    for layer_a, layer_e in zip(actual.layers, expected.layers):
+        for level_a, level_e in zip(layer_a.cms, layer_e.cms):
+            assert (level_a is None) == (level_e is None)
+            if level_a is None:
+                continue
+            for name in CMSState._fields:
+                if name != "position":
+                    a, e = getattr(level_a, name)[row], getattr(level_e, name)[expected_row]
+                    assert max_diff(a.double(), e.double()) < 1e-12, f"{name} of a CMS level"
+            compared += 1
+    return compared
+
+
+def test_cms_decay_right_padding_over_whole_chunks_changes_no_state():
+    """SPEC §5 with cms_decay > 0: right padding that covers whole CMS chunks leaves every level as the unpadded
+    run left it. 35 valid tokens end a chunk of both levels (5, 7); the 15 pads close 3 and 2 chunks of padding,
+    which must not pull θ toward θ_0. The other row has no padding and equals its own run."""
+    model = tiny_model(variant_config("hope", cms_decay=0.5))
+    ids = random_ids(2, 50)
+    mask = torch.ones_like(ids)
+    mask[0, 35:] = 0
+    with torch.no_grad():
+        padded = _cache_of(model(ids, attention_mask=mask, use_cache=True))
+        alone = _cache_of(model(ids[:1, :35], use_cache=True))
+        full = _cache_of(model(ids[1:], use_cache=True))
+    assert _assert_cms_states_equal(padded, 0, alone, 0) == 4  # 2 layers x 2 learning levels
+    assert _assert_cms_states_equal(padded, 1, full, 0) == 4
+    level = alone.layers[0].cms[0]  # θ moved away from θ_0, so a wrong pull would show
+    assert max_diff(level.w_gate[0], model.model.layers[0].cms.levels[0].w_gate) > 1e-6
+
+
+@pytest.mark.parametrize("one_token_at_a_time", [False, True])
+def test_cms_decay_padding_only_continuation_changes_no_state(one_token_at_a_time):
+    """A cached stream continued by a row of nothing but padding (SPEC §5, cms_decay > 0): 35 pads from a
+    boundary of both CMS levels close only padding chunks, so that row's CMS states stay as the prompt left them,
+    whether the pads come as one chunked call or decode steps; the other row keeps learning."""
+    model = tiny_model(variant_config("hope", cms_decay=0.5))
+    ids = random_ids(2, 70)
+    mask = torch.ones_like(ids)
+    mask[0, 35:] = 0
+    with torch.no_grad():
+        cache = _cache_of(model(ids[:, :35], use_cache=True))
+        before = _cache_of(model(ids[:, :35], use_cache=True))  # a copy: `cache` is updated in place
+        if one_token_at_a_time:
+            for t in range(35, 70):
+                model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
+        else:
+            model(ids[:, 35:], attention_mask=mask, cache=cache, use_cache=True)
+        full = _cache_of(model(ids[1:], use_cache=True))
+    assert cache.get_seq_length() == 70
+    assert _assert_cms_states_equal(cache, 0, before, 0) == 4
+    assert _assert_cms_states_equal(cache, 1, full, 0) == 4
+
+
 def test_num_return_sequences():
     model = tiny_model(variant_config("hope"))
     prompt = random_ids(2, 5)
@@ -201,6 +260,24 @@ def test_cache_reorder_and_repeat_select_batch_rows():
         history = torch.cat([ids[[2, 0]], nxt], dim=1).repeat_interleave(2, dim=0)
         want = model(torch.cat([history, nxt2], dim=1), use_cache=False).logits[:, -1:]
         assert max_diff(logits, want) < 1e-9
+
+
+def test_cache_reorder_and_repeat_carry_chunk_has_valid():
+    """Each CMS state's chunk_has_valid (B,) is per batch row like θ: beam search reorders and repeats it."""
+    model = tiny_model(variant_config("hope", cms_decay=0.5))
+    ids = random_ids(3, 8)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # row 1: the chunks in progress, [5, 10) and [7, 14), hold no valid token yet
+    with torch.no_grad():
+        cache = _cache_of(model(ids, attention_mask=mask, use_cache=True))
+    levels = cache.layers[1].cms[:2]
+    assert [level.chunk_has_valid.tolist() for level in levels] == [[True, False, True]] * 2
+    cache.reorder_cache(torch.tensor([1, 0]))
+    cache.batch_repeat_interleave(2)
+    cache.detach()
+    for before, after in zip(levels, cache.layers[1].cms):
+        assert after.chunk_has_valid.tolist() == [False, False, True, True]
+        assert torch.equal(after.w_gate, before.w_gate[[1, 1, 0, 0]])
 
 
 def test_generate_with_a_user_supplied_cache():

@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover
 
 from hope_kernels.cms.chunk import cms_level_triton  # noqa: E402
 from hope_kernels.cms.reference import CMSState, cms_level_reference  # noqa: E402
+from tests.hope_kernels.cms.test_reference import chunk_pad_mask  # noqa: E402
 
 F64, F32 = torch.float64, torch.float32
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,6 +72,8 @@ def make_case(seed, B, T, D, Fh, *, position=None, mask="none"):
     elif mask == "right_pad":
         lengths = torch.tensor([T, T - 5, 3, T - 1][:B])
         m = (torch.arange(T)[None] < lengths[:, None]).long()
+    elif mask == "chunk_pad":
+        m = chunk_pad_mask(B, T)
     return leaves, m
 
 
@@ -79,7 +82,11 @@ def run(fn, leaves, dtype, *, mask, position, output_final_state=True, grad=True
     xs = {k: v.detach().to(device=DEV, dtype=dtype).requires_grad_(grad) for k, v in leaves.items()}
     state = None
     if position is not None:
-        state = CMSState(*(xs[f"state.{n}"] for n in CMSState._fields[:6]), position=position)
+        # mid-chunk: sequences alternate between a chunk in progress with and without a valid token so far
+        seen = torch.arange(len(xs["z"]), device=DEV) % 2 == 0
+        if position % kw["chunk_size"] == 0:
+            seen = torch.zeros_like(seen)
+        state = CMSState(*(xs[f"state.{n}"] for n in CMSState._fields[:6]), position=position, chunk_has_valid=seen)
     m = None if mask is None else mask.to(DEV)
     y, fs = fn(*(xs[n] for n in NAMES), eta_max=ETA_MAX, mask=m, state=state,
                output_final_state=output_final_state, **kw)
@@ -118,6 +125,7 @@ def check_case(B, T, D, Fh, C, objective, decay, mask_kind, position, *, output_
         assert rel(a, b) <= tol, f"{name}: rel err {rel(a, b):.2e} {msg}"
     if output_final_state:
         assert s_k.position == s_ref.position
+        assert torch.equal(s_k.chunk_has_valid.cpu(), s_ref.chunk_has_valid), f"chunk_has_valid {msg}"
         assert all(t.dtype == F32 for t in s_k[:6])
     for name in g_ref:
         err = rel(g_k[name], g_ref[name])
@@ -144,6 +152,10 @@ CASES = [
     (2, 11, 16, 16, 4, "l2", 0.1, "right_pad", 8),
     (1, 5, 16, 16, 8, "l2", 0.1, "none", 2),  # one partial segment that does not close its chunk
     (2, 5, 16, 16, 1, "l2", 0.1, "random", 3),  # chunk size 1: every token updates
+    # padding over whole chunks with decay > 0 (SPEC §5): those chunks skip the pull, forward and backward
+    (3, 13, 16, 16, 4, "l2", 0.3, "chunk_pad", 6),  # mid-chunk state, with and without a valid token so far
+    (1, 11, 16, 24, 4, "dot", 0.3, "chunk_pad", 8),  # left padding from a state on a boundary
+    (3, 10, 16, 16, 3, "dot", 0.2, "chunk_pad", None),
 ]
 
 
@@ -188,7 +200,7 @@ def test_empty_sequence():
     leaves, _ = make_case(1, 2, 0, 16, 16)
     y, st = cms_level_triton(*(leaves[n].float().to(DEV) for n in NAMES), chunk_size=4, eta_max=ETA_MAX,
                              output_final_state=True)
-    assert y.shape == (2, 0, 16) and st.position == 0
+    assert y.shape == (2, 0, 16) and st.position == 0 and st.chunk_has_valid.tolist() == [False, False]
 
 
 # ------------------------------------------------------------------------------------------- bad inputs
@@ -239,9 +251,13 @@ def test_rejects_bad_options(kw, match):
 
 def test_rejects_bad_state():
     args = _good()
-    st = CMSState(*(torch.zeros(2, *s) for s in [(32, 16)] * 2 + [(16, 32)] + [(32, 16)] * 2 + [(16, 32)]), position=-1)
+    shapes = [(32, 16)] * 2 + [(16, 32)] + [(32, 16)] * 2 + [(16, 32)]
+    seen = torch.zeros(2, dtype=torch.bool)
+    st = CMSState(*(torch.zeros(2, *s) for s in shapes), position=-1, chunk_has_valid=seen)
     with pytest.raises(ValueError, match="position"):
         cms_level_triton(*args, chunk_size=4, eta_max=ETA_MAX, state=st)
-    st = CMSState(*(torch.zeros(2, *s, dtype=F64) for s in [(32, 16)] * 2 + [(16, 32)] + [(32, 16)] * 2 + [(16, 32)]), position=1)
+    with pytest.raises(ValueError, match="chunk_has_valid"):
+        cms_level_triton(*args, chunk_size=4, eta_max=ETA_MAX, state=st._replace(position=1, chunk_has_valid=None))
+    st = CMSState(*(torch.zeros(2, *s, dtype=F64) for s in shapes), position=1, chunk_has_valid=seen)
     with pytest.raises(ValueError, match="float64"):
         cms_level_triton(*args, chunk_size=4, eta_max=ETA_MAX, state=st)

@@ -54,13 +54,26 @@ def make_inputs(seed, B=3, T=T, D=D, Fh=FH, requires_grad=True):
 
 
 def make_state(seed, params, B, position, zero_grads=False, requires_grad=True):
-    """θ_c near θ_0 and small running sums; at a chunk boundary the sums are zero, as after an update."""
+    """θ_c near θ_0 and small running sums; at a chunk boundary the sums are zero, as after an update.
+    chunk_has_valid: all False with zero sums (nothing consumed in the chunk yet), else True, False, True, ...
+    so that both ways of a mid-chunk state's pending retention pull are exercised."""
     g = torch.Generator().manual_seed(seed + 1000)
     theta = [(params[n].detach() + 0.05 * torch.randn(B, *params[n].shape, generator=g, dtype=F64))
              for n in ("w_gate", "w_up", "w_down")]
     grads = [torch.zeros_like(w) if zero_grads else 0.02 * torch.randn(w.shape, generator=g, dtype=F64)
              for w in theta]
-    return CMSState(*(t.requires_grad_(requires_grad) for t in theta + grads), position=position)
+    seen = torch.zeros(B, dtype=torch.bool) if zero_grads else torch.arange(B) % 2 == 0
+    return CMSState(*(t.requires_grad_(requires_grad) for t in theta + grads), position=position, chunk_has_valid=seen)
+
+
+def chunk_pad_mask(B: int, T: int) -> torch.Tensor:
+    """(B, T) int64 padding over whole chunks of C = 1, 2, 4, 8 (SPEC §5): sequence 0 is left-padded by 8 tokens,
+    sequence 1 right-padded after 5 valid tokens, sequence 2 all padding."""
+    m = torch.ones(B, T, dtype=torch.long)
+    m[0, :8] = 0
+    m[1:2, 5:] = 0
+    m[2:3] = 0
+    return m
 
 
 def make_mask(kind, B, T, seed):
@@ -69,6 +82,8 @@ def make_mask(kind, B, T, seed):
     if kind == "random":  # holes anywhere, bool
         g = torch.Generator().manual_seed(seed + 2000)
         return torch.rand(B, T, generator=g) < 0.7
+    if kind == "chunk_pad":
+        return chunk_pad_mask(B, T)
     # right padding as an HF attention_mask (int64 0/1): different valid lengths per sequence
     lengths = torch.tensor([T, T - 5, 3, T - 1][:B])
     return (torch.arange(T)[None] < lengths[:, None]).long()
@@ -95,6 +110,7 @@ def run_and_grad(fn, z, params, seed, **kw):
 
 def assert_states_close(actual, expected, **tol):
     assert actual.position == expected.position
+    assert torch.equal(actual.chunk_has_valid, expected.chunk_has_valid)
     for name in CMSState._fields[:6]:
         close(getattr(actual, name), getattr(expected, name), msg=f"state.{name}", **tol)
 
@@ -103,7 +119,7 @@ def assert_states_close(actual, expected, **tol):
 # the chunked op equals the token loop of Eq. 31, forward and (second-order) backward
 
 STATES = {"none": None, "boundary": 32, "mid_chunk": 7}  # 32 is a boundary of C = 1, 4, 16; 7 is not of 4, 16
-OBJECTIVES, CHUNKS, MASKS = ("l2", "dot"), (1, 4, 16), ("none", "random", "right_pad")
+OBJECTIVES, CHUNKS, MASKS = ("l2", "dot"), (1, 4, 16), ("none", "random", "right_pad", "chunk_pad")
 # (B, objective, decay, chunk_size, mask_kind, state_kind): the full product with decay 0.1 (decay touches
 # every update); decay 0 once per objective/chunk/state, where θ_0 drops out of the graph once a state is
 # given; B = 1 on a small grid, since batch-size-1 broadcasting is its only extra risk.
@@ -111,6 +127,7 @@ GRID = (
     [(3, o, 0.1, c, m, s) for o, c, m, s in itertools.product(OBJECTIVES, CHUNKS, MASKS, STATES)]
     + [(3, o, 0.0, c, "random", s) for o, c, s in itertools.product(OBJECTIVES, CHUNKS, STATES)]
     + [(1, o, 0.1, c, "none", s) for o, c, s in itertools.product(OBJECTIVES, CHUNKS, STATES)]
+    + [(1, o, 0.1, 4, "chunk_pad", s) for o, s in itertools.product(OBJECTIVES, STATES)]
 )
 
 
@@ -152,7 +169,7 @@ def test_gradcheck(objective, with_state):
     inputs = (z, *params.values()) + (tuple(state[:6]) if with_state else ())
 
     def fn(*args):
-        s = CMSState(*args[7:], position=3) if with_state else None
+        s = CMSState(*args[7:], position=3, chunk_has_valid=state.chunk_has_valid) if with_state else None
         y, final = cms_level_reference(*args[:7], chunk_size=C, eta_max=ETA_MAX, objective=objective,
                                        decay=0.1, mask=mask, state=s, output_final_state=True)
         return (y, *final[:6])
@@ -200,13 +217,15 @@ def test_state_at_boundary_has_zero_running_sums():
     assert s_mid.grad_gate.abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("mask_kind", ["random", "chunk_pad"])
 @pytest.mark.parametrize("objective", ["l2", "dot"])
 @pytest.mark.parametrize("start", [None, 6])
-def test_decode_steps_equal_chunked(objective, start):
+def test_decode_steps_equal_chunked(objective, start, mask_kind):
     """Generation (SPEC §5): one token at a time with the cache reproduces the full-sequence forward,
-    from scratch and from a mid-chunk state, with masked tokens in between."""
+    from scratch and from a mid-chunk state, with masked tokens in between or padding over whole chunks
+    (decay 0.1: the step must skip the pull of a chunk without a valid token, counting the state's tokens)."""
     z, params = make_inputs(21)
-    mask = make_mask("random", 3, T, 21)
+    mask = make_mask(mask_kind, 3, T, 21)
     state = None if start is None else make_state(21, params, 3, position=start)
     kw = dict(chunk_size=4, eta_max=ETA_MAX, objective=objective, decay=0.1)
     y_full, s_full = cms_level_reference(z, *params.values(), mask=mask, state=state, output_final_state=True, **kw)
@@ -248,6 +267,90 @@ def test_right_padding_across_chunks_adds_no_gradient():
             flushed_pad = getattr(s_pad, w)[b] - getattr(s_pad, g)[b]
             flushed_cut = getattr(s_cut, w)[0] - getattr(s_cut, g)[0]
             close(flushed_pad, flushed_cut, msg=f"{w} - {g} of sequence {b}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SPEC §5 with decay > 0: a chunk with no valid token of a sequence skips Eq. 31's retention pull too
+
+
+def _row(state: CMSState | None, b: int) -> CMSState | None:
+    """Sequence b of a state, as a batch of one."""
+    if state is None:
+        return None
+    return state._replace(**{name: getattr(state, name)[b : b + 1] for name in CMSState._fields if name != "position"})
+
+
+@pytest.mark.parametrize("objective", ["l2", "dot"])
+@pytest.mark.parametrize("start", [None, 4])
+def test_right_padding_over_whole_chunks_changes_no_state(objective, start):
+    """Right padding over whole chunks, and a fully padded row: each row's final state equals the run that stops
+    at the end of its last chunk with a valid token, which for a length that is a multiple of C is the
+    unpadded run. The padding chunks close without pulling θ toward θ_0 (and add no gradient)."""
+    C, s0 = 4, start or 0
+    z, params = make_inputs(61, requires_grad=False)
+    state = None if start is None else make_state(61, params, 3, start, zero_grads=True, requires_grad=False)
+    lengths = [8, 5, 0]  # a multiple of C (3 padding chunks close after it), mid-chunk, fully padded
+    mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
+    kw = dict(chunk_size=C, eta_max=ETA_MAX, objective=objective, decay=0.3)
+    y_pad, s_pad = cms_level_reference(z, *params.values(), mask=mask, state=state, output_final_state=True, **kw)
+    for b, n in enumerate(lengths):
+        cut = -(-(s0 + n) // C) * C - s0  # tokens up to the end of the chunk of the last valid token
+        y_cut, s_cut = cms_level_reference(z[b : b + 1, :cut], *params.values(), mask=mask[b : b + 1, :cut],
+                                           state=_row(state, b), output_final_state=True, **kw)
+        close(y_pad[b : b + 1, :n], y_cut[:, :n], msg=f"valid outputs of sequence {b}")
+        for name in CMSState._fields[:6]:
+            close(getattr(s_pad, name)[b : b + 1], getattr(s_cut, name), msg=f"state.{name} of sequence {b}")
+        assert not s_pad.chunk_has_valid[b] and not s_cut.chunk_has_valid[0]
+        # θ is away from θ_0 where the padding starts (but for a padded row without a state), so a pull would show
+        if n or state is not None:
+            assert (s_cut.w_gate[0] - params["w_gate"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("objective", ["l2", "dot"])
+@pytest.mark.parametrize("chunk_size", [1, 4, 8])
+def test_left_padding_over_whole_chunks_changes_no_state(objective, chunk_size):
+    """From a state on a chunk boundary with θ ≠ θ_0 (a previous call's cache), a left pad of 8 tokens, a
+    multiple of every chunk size here, gives the unpadded run: the same valid outputs and final state."""
+    pad = 8
+    z, params = make_inputs(67, requires_grad=False)
+    state = make_state(67, params, 3, position=8, zero_grads=True, requires_grad=False)
+    mask = torch.ones(3, T, dtype=torch.bool)
+    mask[:, :pad] = False
+    kw = dict(chunk_size=chunk_size, eta_max=ETA_MAX, objective=objective, decay=0.3, state=state,
+              output_final_state=True)
+    y_pad, s_pad = cms_level_reference(z, *params.values(), mask=mask, **kw)
+    y_cut, s_cut = cms_level_reference(z[:, pad:], *params.values(), **kw)
+    close(y_pad[:, pad:], y_cut, msg="valid outputs")
+    assert (s_pad.position, s_cut.position) == (8 + T, 8 + T - pad)
+    assert torch.equal(s_pad.chunk_has_valid, s_cut.chunk_has_valid)
+    for name in CMSState._fields[:6]:
+        close(getattr(s_pad, name), getattr(s_cut, name), msg=f"state.{name}")
+
+
+@pytest.mark.parametrize("step", [False, True])
+def test_fully_masked_input_applies_only_the_pending_pull(step):
+    """All padding from a mid-chunk state (position 6, C = 4): the chunk in progress includes the tokens consumed
+    before, so it closes at 8 with θ <- (1 - λ)θ + λθ_0 - G if it had seen a valid token and θ <- θ - G if not;
+    the all-padding chunks after it change nothing. The same token by token with the decode step."""
+    decay, C = 0.3, 4
+    z, params = make_inputs(71, requires_grad=False)
+    state = make_state(71, params, 3, position=6, requires_grad=False)
+    assert state.chunk_has_valid.tolist() == [True, False, True]
+    mask = torch.zeros(3, 11, dtype=torch.bool)  # positions 6..16: boundaries at 8, 12, 16
+    kw = dict(chunk_size=C, eta_max=ETA_MAX, decay=decay)
+    if step:
+        final = state
+        for t in range(11):
+            _, final = cms_level_step_reference(z[:, t], *params.values(), mask=mask[:, t], state=final, **kw)
+    else:
+        _, final = cms_level_reference(z[:, :11], *params.values(), mask=mask, state=state, output_final_state=True,
+                                       **kw)
+    lam = decay * state.chunk_has_valid.to(F64)[:, None, None]
+    for w, g in (("w_gate", "grad_gate"), ("w_up", "grad_up"), ("w_down", "grad_down")):
+        th = getattr(state, w)
+        close(getattr(final, w), th - lam * (th - params[w]) - getattr(state, g), msg=w)
+        assert torch.count_nonzero(getattr(final, g)) == 0
+    assert final.position == 17 and not final.chunk_has_valid.any()
 
 
 @pytest.mark.parametrize("t", [0, 2, 3, 9, 17])
@@ -360,6 +463,10 @@ def test_bad_state_raises():
         cms_level_reference(z[:2], *params.values(), chunk_size=4, eta_max=ETA_MAX, state=good)
     with pytest.raises(ValueError, match=r"state.position must be an int >= 0, got -1"):
         cms_level_reference(z, *params.values(), chunk_size=4, eta_max=ETA_MAX, state=good._replace(position=-1))
+    for bad in (good.chunk_has_valid.long(), good.chunk_has_valid[:2], None):
+        with pytest.raises(ValueError, match=r"state.chunk_has_valid must be a bool tensor of shape \(3,\)"):
+            cms_level_reference(z, *params.values(), chunk_size=4, eta_max=ETA_MAX,
+                                state=good._replace(chunk_has_valid=bad))
     with pytest.raises(ValueError, match=r"z_t must be \(B, D\)"):
         cms_level_step_reference(z, *params.values(), chunk_size=4, eta_max=ETA_MAX, state=good)
 

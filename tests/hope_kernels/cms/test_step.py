@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover
 
 from hope_kernels.cms.chunk import cms_level_triton  # noqa: E402
 from hope_kernels.cms.reference import CMSState, cms_level_reference, cms_level_step_reference  # noqa: E402
+from tests.hope_kernels.cms.test_reference import chunk_pad_mask  # noqa: E402
 from hope_kernels.cms.step import cms_level_step_triton  # noqa: E402
 
 F64, F32 = torch.float64, torch.float32
@@ -58,31 +59,35 @@ def make(seed, B, T, D, Fh, position):
     if position is not None:
         th = [p[n] + 0.05 * torch.randn(B, *p[n].shape, generator=g, dtype=F64) for n in NAMES[:3]]
         gr = [0.02 * torch.randn(B, *p[n].shape, generator=g, dtype=F64) for n in NAMES[:3]]
-        state = CMSState(*th, *gr, position=position)
+        state = CMSState(*th, *gr, position=position, chunk_has_valid=torch.arange(B) % 2 == 0)
     mask = torch.rand(B, T, generator=g) < 0.7
     return z, p, state, mask
 
 
 def to(x, dtype):
     if isinstance(x, CMSState):
-        return CMSState(*(t.to(device=DEV, dtype=dtype) for t in x[:6]), position=x.position)
+        return CMSState(*(t.to(device=DEV, dtype=dtype) for t in x[:6]), position=x.position,
+                        chunk_has_valid=x.chunk_has_valid.to(DEV))
     return x.to(device=DEV, dtype=dtype) if x.is_floating_point() else x.to(DEV)
 
 
 @pytest.mark.parametrize(
-    "B,T,D,Fh,C,objective,decay,position,masked",
+    "B,T,D,Fh,C,objective,decay,position,mask_kind",
     [
-        (3, 9, 16, 32, 4, "l2", 0.1, None, True),
-        (2, 10, 32, 16, 4, "dot", 0.0, 6, True),
-        (1, 7, 16, 16, 8, "l2", 0.0, 5, False),
-        (2, 6, 24, 40, 1, "l2", 0.1, 8, True),  # non-power-of-two D, F; every token closes a chunk
+        (3, 9, 16, 32, 4, "l2", 0.1, None, "random"),
+        (2, 10, 32, 16, 4, "dot", 0.0, 6, "random"),
+        (1, 7, 16, 16, 8, "l2", 0.0, 5, "none"),
+        (2, 6, 24, 40, 1, "l2", 0.1, 8, "random"),  # non-power-of-two D, F; every token closes a chunk
+        # padding over whole chunks with decay > 0 (SPEC §5): the step skips their pull, counting the state's tokens
+        (3, 11, 16, 16, 4, "l2", 0.3, 6, "chunk_pad"),  # mid-chunk state, with and without a valid token so far
+        (1, 9, 16, 16, 4, "dot", 0.3, 4, "chunk_pad"),  # left padding from a state on a boundary
     ],
 )
-def test_step_equals_chunked(B, T, D, Fh, C, objective, decay, position, masked):
-    seed = _seed(B, T, D, Fh, C, objective, decay, position, masked)
+def test_step_equals_chunked(B, T, D, Fh, C, objective, decay, position, mask_kind):
+    seed = _seed(B, T, D, Fh, C, objective, decay, position, mask_kind)
     msg = f"seed={seed} (HOPE_TEST_SEED={RUN_SEED})"
     z, p, state, mask = make(seed, B, T, D, Fh, position)
-    mask = mask if masked else None
+    mask = {"random": mask, "none": None, "chunk_pad": chunk_pad_mask(B, T)}[mask_kind]
     kw = dict(chunk_size=C, eta_max=ETA_MAX, objective=objective, decay=decay)
     y_ref, s_ref = cms_level_reference(z, *p.values(), mask=mask, state=state, output_final_state=True, **kw)
     pk = [to(t, F32) for t in p.values()]
@@ -98,6 +103,8 @@ def test_step_equals_chunked(B, T, D, Fh, C, objective, decay, position, masked)
         ys.append(y_t)
     y_step = torch.stack(ys, 1)
     assert st.position == s_ref.position
+    assert torch.equal(st.chunk_has_valid.cpu(), s_ref.chunk_has_valid), f"chunk_has_valid {msg}"
+    assert torch.equal(s_chunk.chunk_has_valid.cpu(), s_ref.chunk_has_valid), f"chunk_has_valid {msg}"
     assert rel(y_step, y_ref) <= TOL, f"y vs reference {msg}"
     assert rel(y_step, y_chunk) <= TOL, f"y vs chunked kernel {msg}"
     for name in CMSState._fields[:6]:
