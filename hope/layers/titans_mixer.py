@@ -84,8 +84,9 @@ class TitansMixer(nn.Module):
         H, d = self.num_heads, self.head_dim
         q, q_tail = self.q_conv(self.q_proj(x), None if cache is None else cache.conv.get("q"), valid)
         a, a_tail = self.a_conv(self.a_proj(x), None if cache is None else cache.conv.get("a"), valid)
-        q = F.normalize(F.silu(q).view(B, T, H, d), dim=-1)
         a = F.silu(a).view(B, T, H, d)
+        # CUDA autocast runs normalize in fp32; the memory ops take q and a in one dtype.
+        q = F.normalize(F.silu(q).view(B, T, H, d), dim=-1).to(a.dtype)
         config = self.config
         kwargs = dict(
             chunk_size=config.chunk_size, eta_max=config.eta_max, momentum=config.momentum, dgd=config.dgd,

@@ -68,3 +68,18 @@ def test_triton_decode_equals_torch(name):
                 steps.append(out.logits)
             logits.append(torch.cat(steps, dim=1))
     assert _rel(logits[1], logits[0]) < 1e-4
+
+
+@pytest.mark.parametrize("memory_depth", [1, 2])
+def test_titans_mixer_hands_the_kernel_one_dtype_under_autocast(monkeypatch, memory_depth):
+    """CUDA autocast runs F.normalize in fp32 while the rest of the mixer stays bf16, so q would reach the kernel
+    fp32 and a bf16 (a ValueError in the Triton op). CPU autocast keeps both bf16, so the CUDA policy is imitated
+    by an upcasting normalize; the mixer must hand the kernel q and a of one dtype."""
+    import hope.layers.titans_mixer as mixer_module
+
+    normalize = mixer_module.F.normalize
+    monkeypatch.setattr(mixer_module.F, "normalize", lambda x, *args, **kw: normalize(x.float(), *args, **kw))
+    model = tiny_model(variant_config("hope", memory_depth=memory_depth, kernel_backend="triton"),
+                       dtype=torch.bfloat16).to(DEV)
+    logits = model(random_ids(2, 9)).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
