@@ -1,4 +1,4 @@
-"""The GPU benchmark suite: one command, under 10 minutes on an H200, every figure of issue #6 side by side.
+"""The GPU benchmark suite: one command, under 10 minutes on an H200, every figure of issues #6 and #7 side by side.
 
     python benchmarks/gpu_suite.py                               # CUDA GPU; writes benchmarks/results/
     python benchmarks/gpu_suite.py --out-dir $OUT --budget-s 400 # as benchmarks/run_h200.sh runs it
@@ -8,8 +8,9 @@ Sections, in order (a case that fails records its error string and the run goes 
 after the time budget are recorded as skipped):
 1. ceilings: device-to-device copy bandwidth (bytes read + written) and an 8192^3 bf16 matmul rate, on random
    data; every later rate is also given as a fraction of these.
-2. kernels (until 45% of the budget): each op (`titans_memory`, `cms_level` forward and forward+backward, their
-   decode steps) through the Triton kernels and the eager reference, bf16, at the 340M model's shapes: median
+2. kernels (until 45% of the budget): each op (`titans_memory`, `cms_level`, the deep memory of memory_depth=2
+   `titans_deep_memory` forward and forward+backward, their decode steps) through the Triton kernels and the
+   eager reference, bf16, at the 340M model's shapes (the deep op at the linear op's first shape, h = d): median
    ms (CUDA events), TFLOP/s and GB/s from the counted FLOPs and minimum bytes (benchmarks/workloads.py), the
    floor max(FLOPs / matmul rate, bytes / copy rate) and the fraction of it reached. Peers on the same shapes:
    FLA's `chunk_gated_delta_rule` (package fla-core, imported lazily; "not installed" is recorded), SDPA causal
@@ -19,7 +20,8 @@ after the time budget are recorded as skipped):
    at T = 4096 and 16384; then prefill of 1k and 32k-token prompts and decode tokens/s, ms per token and memory
    at batch 1 and 64 (the batch-1 cache repeated 64 times; a cache that cannot fit is skipped with its size).
 4. the torch.compile'd references (first shape of each op only: a compile per shape and grad mode), last.
-5. goals: hit / miss / not measured for each goal of issue #6, from the figures above.
+5. goals: hit / miss / not measured for each goal of issue #6, and issue #7's deep memory fwd+bwd <= 2.5x the
+   linear memory fwd+bwd (both Triton, same shape), from the figures above.
 Outputs `<device>_<date>.json` (device, driver, versions, plan, every figure) and `<device>_<date>.md` (the
 tables, for the README) in --out-dir, rewritten after every case so that a killed run keeps what it had.
 
@@ -65,6 +67,8 @@ class Plan:
     cms_shapes: list  # {B, T, D, F, C}
     titans_step_shapes: list  # {B, H, d, C}
     cms_step_shapes: list  # {B, D, F, C}
+    deep_titans_shapes: list  # {B, T, H, d, h, C}; each also in titans_shapes without h (the goal pairs them)
+    deep_titans_step_shapes: list  # {B, H, d, h, C}
     compile_shapes: int  # the compiled reference runs on the first N shapes of each op
     compile_backend: str  # "inductor"; the dry run uses "eager" (dynamo only: no C compile in CI)
     reps: int
@@ -87,6 +91,9 @@ FULL = Plan(
     cms_shapes=[dict(B=8, T=4096, D=1024, F=640, C=16), dict(B=8, T=4096, D=1024, F=640, C=128)],
     titans_step_shapes=[dict(B=1, H=16, d=64, C=64), dict(B=64, H=16, d=64, C=64)],
     cms_step_shapes=[dict(B=1, D=1024, F=640, C=16), dict(B=64, D=1024, F=640, C=16)],
+    # Issue #7's shape only: the deep backward just fits shared memory at d = h = C = 64 (benchmarks/NOTES.md).
+    deep_titans_shapes=[dict(B=8, T=4096, H=16, d=64, h=64, C=64)],
+    deep_titans_step_shapes=[dict(B=1, H=16, d=64, h=64, C=64), dict(B=64, H=16, d=64, h=64, C=64)],
     compile_shapes=1, compile_backend="inductor", reps=10, max_case_s=8.0,
     copy_bytes=4 << 30, matmul_n=8192,
     model_size="340m", train=[(4096, 4), (16384, 1)], decode_prompts=[1024, 32768], decode_batches=[1, 64],
@@ -99,6 +106,8 @@ DRY = Plan(
     cms_shapes=[dict(B=1, T=16, D=16, F=16, C=8)],
     titans_step_shapes=[dict(B=2, H=2, d=16, C=16)],
     cms_step_shapes=[dict(B=2, D=16, F=16, C=8)],
+    deep_titans_shapes=[dict(B=1, T=32, H=2, d=16, h=16, C=16)],
+    deep_titans_step_shapes=[dict(B=2, H=2, d=16, h=16, C=16)],
     compile_shapes=1, compile_backend="eager", reps=1, max_case_s=2.0,
     copy_bytes=8 << 20, matmul_n=128,
     model_size="tiny", train=[(64, 2), (128, 1)], decode_prompts=[16, 48], decode_batches=[1, 2],
@@ -421,7 +430,8 @@ def section_kernels(run: Run, ops: list, methods: set, backends: tuple, with_pee
     plan = run.plan
     dtype = getattr(torch, plan.dtype)
     shapes = {"titans_memory": plan.titans_shapes, "cms_level": plan.cms_shapes,
-              "titans_memory_step": plan.titans_step_shapes, "cms_level_step": plan.cms_step_shapes}
+              "titans_memory_step": plan.titans_step_shapes, "cms_level_step": plan.cms_step_shapes,
+              "titans_deep_memory": plan.deep_titans_shapes, "titans_deep_memory_step": plan.deep_titans_step_shapes}
     compile_pass = "compile" in backends
     # Shape index outermost: every op's first (main) shape runs before any op's second, so a budget cut (FLA's
     # autotuning alone can take a minute) costs the extra shapes, not a whole op.
@@ -509,7 +519,7 @@ def case_note(entry: dict) -> str:
 
 def log_kernel(run: Run, e: dict) -> None:
     """One log line per kernel entry: time and rates, or why there are none."""
-    head = f"  {e['op']:19s} {e['method']:27s} {e['mode']:7s} {shape_label(e['shape']):28s}"
+    head = f"  {e['op']:23s} {e['method']:27s} {e['mode']:7s} {shape_label(e['shape']):28s}"
     if "ms" in e:
         run.log(f"{head} {e['ms']:10.3f} ms {e.get('tflops', 0):8.2f} TFLOP/s {e.get('gbps', 0):9.1f} GB/s"
                 f" {100 * e.get('frac_of_floor', 0):5.1f}% of floor")
@@ -665,7 +675,7 @@ def _goal(gid: str, goal: str, target: str, values: dict, ok: Optional[bool], me
 
 
 def evaluate_goals(results: dict) -> list:
-    """The goals of issue #6 as hit / miss / not measured, computed from the figures in `results` only.
+    """The goals of issues #6 and #7 as hit / miss / not measured, computed from the figures in `results` only.
 
     The training lengths and decode prompts come from the plan (4096 / 16384 and 1k / 32k in the full run), so
     the dry run evaluates the same rules on its tiny shapes.
@@ -742,6 +752,27 @@ def evaluate_goals(results: dict) -> list:
                        None if not speed else all(v >= 2.0 for v in speed.values()),
                        "; ".join([", ".join(f"batch {b}: {v:.2f}x" for b, v in speed.items())] + tpp_note).strip("; ")
                        or "not measured"))
+
+    # 5. Issue #7: the deep memory's Triton fwd+bwd within 2.5x the linear memory's at the same (B, T, H, d, C).
+    deep_pairs, deep_notes = [], []
+    for e in k:
+        if (e["op"], e["method"], e["mode"]) != ("titans_deep_memory", "triton", "fwd+bwd"):
+            continue
+        label = shape_label(e["shape"])
+        linear_shape = {key: v for key, v in e["shape"].items() if key != "h"}
+        linear = next((x for x in k if (x["op"], x["method"], x["mode"], x["shape"])
+                       == ("titans_memory", "triton", "fwd+bwd", linear_shape)), None)
+        if "ms" in e and linear is not None and linear.get("ms"):
+            deep_pairs.append((label, e["ms"] / linear["ms"]))
+        elif "ms" not in e:
+            deep_notes.append(f"{label}: deep {case_note(e) or 'no timing'}")
+        else:
+            deep_notes.append(f"{label}: linear {case_note(linear) if linear else 'not run'}")
+    goals.append(_goal("deep_vs_linear", "Deep memory (memory_depth=2) fwd+bwd within 2.5x the linear memory fwd+bwd",
+                       "<= 2.5x", {"ratios": dict(deep_pairs)},
+                       None if not deep_pairs else all(v <= 2.5 for _, v in deep_pairs),
+                       "; ".join([", ".join(f"{s}: {v:.2f}x" for s, v in deep_pairs)] + deep_notes).strip("; ")
+                       or "not measured: no deep Triton fwd+bwd timing"))
     return goals
 
 

@@ -1,10 +1,11 @@
 """Every op through every available backend at a small grid of shapes (pytest-benchmark; `make bench`).
 
-Ops: `titans_memory`, `cms_level` (forward, forward + backward) and their decode steps `titans_memory_step`,
-`cms_level_step` (one token from a mid-chunk state). Backends (benchmarks/workloads.py): the eager PyTorch
-reference, the reference under torch.compile (the smallest shape only: each shape and grad mode costs a
-compile of ~20 s on the 2-core CPU box), and the Triton kernels, which are timed only on a CUDA GPU; without
-one those cases are skipped with the reason. fp32 on CPU, bf16 on CUDA.
+Ops: `titans_memory`, `titans_deep_memory` (memory_depth=2, hidden width h = d), `cms_level` (forward, forward +
+backward) and their decode steps `titans_memory_step`, `titans_deep_memory_step`, `cms_level_step` (one token from
+a mid-chunk state). Backends (benchmarks/workloads.py): the eager PyTorch reference, the reference under
+torch.compile (the smallest shape only: each shape and grad mode costs a compile of ~20 s on the 2-core CPU
+box), and the Triton kernels, which are timed only on a CUDA GPU; without one those cases are skipped with the
+reason. fp32 on CPU, bf16 on CUDA.
 
 Each benchmark records the op's FLOPs and minimum bytes in extra_info (formulas in workloads.py), so the JSON
 gives achieved rates.
@@ -25,6 +26,9 @@ SHAPES = {
     "cms_level": [dict(B=1, T=128, D=64, F=128, C=16), dict(B=2, T=512, D=128, F=256, C=64)],
     "titans_memory_step": [dict(B=1, H=2, d=32, C=32), dict(B=8, H=4, d=64, C=64)],
     "cms_level_step": [dict(B=1, D=64, F=128, C=16), dict(B=8, D=128, F=256, C=64)],
+    # The deep op at the linear op's shapes, h = d (the config's default), so the two compare case by case.
+    "titans_deep_memory": [dict(B=1, T=128, H=2, d=32, h=32, C=32), dict(B=2, T=512, H=4, d=64, h=64, C=64)],
+    "titans_deep_memory_step": [dict(B=1, H=2, d=32, h=32, C=32), dict(B=8, H=4, d=64, h=64, C=64)],
 }
 
 

@@ -2,22 +2,26 @@
 
 * Op cases: `op_case(op, backend, shape, mode, dtype, device)` returns a zero-argument callable that runs one
   op once (forward, forward + backward, or one decode token) through one backend:
-    eager    the PyTorch reference (`hope_kernels.<op>.reference`)
+    eager    the PyTorch reference (`hope_kernels.<family>.reference`)
     compile  the same reference under torch.compile: for the chunked ops only the per-chunk piece is compiled
-             (`_segment` / `_chunk_piece`; compiling the whole function would unroll the Python chunk loop,
-             minutes of compile at long T), for the decode steps the whole step function
+             (`_segment` / `_chunk_piece` / `_deep_segment`; compiling the whole function would unroll the
+             Python chunk loop, minutes of compile at long T), for the decode steps the whole step function
     triton   the Triton kernels (`chunk.py`, `step.py`); compiled on CUDA, Triton's interpreter on CPU
 * FLOP and byte counts of every op and peer (`*_flops`, `*_bytes`): matmul FLOPs of each algorithm (elementwise
   work not counted) and the fewest bytes it must move through device memory.
 * Models: `model_config(name, size)` for Hope, Hope-Attention and Transformer++ at one parameter budget
   (`hope/presets.py`), training-step and decode-step callables.
 
-Shapes use the ops' own layouts: Titans (B, T, H, d) with chunk size C; CMS (B, T, D) with hidden F and chunk C;
-decode steps drop T.
+Ops: the linear Titans memory (`titans_memory`), the deep Titans memory of `memory_depth=2`
+(`titans_deep_memory`, M(z) = z + W1 silu(W2 z) with hidden width h), one CMS level (`cms_level`), and the
+decode step of each (`*_step`). Shapes use the ops' own layouts: Titans (B, T, H, d) with chunk size C, the deep
+op adds h; CMS (B, T, D) with hidden F and chunk C; decode steps drop T.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 import math
 from typing import Callable, Iterator, Optional
 
@@ -25,11 +29,54 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-OPS = ("titans_memory", "cms_level", "titans_memory_step", "cms_level_step")
+OPS = ("titans_memory", "cms_level", "titans_memory_step", "cms_level_step", "titans_deep_memory",
+       "titans_deep_memory_step")
 OP_BACKENDS = ("eager", "compile", "triton")
-STEP_OPS = ("titans_memory_step", "cms_level_step")
+STEP_OPS = ("titans_memory_step", "cms_level_step", "titans_deep_memory_step")
 CMS_ETA_MAX = 0.1
 MODEL_NAMES = ("hope", "hope-attention", "transformer++")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpFamily:
+    """Where one chunked op and its decode step live: the reference module with the chunked function, the
+    step function and the per-chunk piece that the compile backend compiles, and the Triton entry points
+    ("module:function")."""
+
+    reference: str
+    chunked: str
+    step: str
+    piece: str
+    triton_chunked: str
+    triton_step: str
+
+
+FAMILIES = {
+    "titans_memory": OpFamily("hope_kernels.titans.reference", "titans_memory_reference",
+                              "titans_memory_step_reference", "_segment",
+                              "hope_kernels.titans.chunk:titans_memory_triton",
+                              "hope_kernels.titans.step:titans_memory_step_triton"),
+    "cms_level": OpFamily("hope_kernels.cms.reference", "cms_level_reference", "cms_level_step_reference",
+                          "_chunk_piece", "hope_kernels.cms.chunk:cms_level_triton",
+                          "hope_kernels.cms.step:cms_level_step_triton"),
+    "titans_deep_memory": OpFamily("hope_kernels.deep_titans.reference", "titans_deep_memory_reference",
+                                   "titans_deep_memory_step_reference", "_deep_segment",
+                                   "hope_kernels.deep_titans.chunk:titans_deep_memory_triton",
+                                   "hope_kernels.deep_titans.step:titans_deep_memory_step_triton"),
+}
+
+
+def chunked_op(op: str) -> str:
+    """The chunked op of `op`: itself, or the op whose decode step it is ("titans_memory_step" -> "titans_memory")."""
+    if op not in OPS:
+        raise ValueError(f"op {op!r} is not one of {OPS}")
+    return op[: -len("_step")] if op in STEP_OPS else op
+
+
+def _import(path: str) -> Callable:
+    """'module:function' -> the function (the kernel modules import triton: only when a backend needs them)."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 # ------------------------------------------------------------------------------------------- backends
@@ -85,39 +132,23 @@ def _patched(module, name: str, compile_backend: str) -> Iterator[None]:
 
 def op_function(op: str, backend: str, compile_backend: str = "inductor") -> Callable:
     """The callable that runs `op` through `backend`, with the reference's signature."""
-    if op not in OPS:
-        raise ValueError(f"op {op!r} is not one of {OPS}")
-    if op.startswith("titans"):
-        import hope_kernels.titans.reference as ref
-
-        piece = "_segment"
-        eager = ref.titans_memory_step_reference if op in STEP_OPS else ref.titans_memory_reference
-    else:
-        import hope_kernels.cms.reference as ref
-
-        piece = "_chunk_piece"
-        eager = ref.cms_level_step_reference if op in STEP_OPS else ref.cms_level_reference
+    fam = FAMILIES[chunked_op(op)]
+    step = op in STEP_OPS
+    ref = importlib.import_module(fam.reference)
+    eager = getattr(ref, fam.step if step else fam.chunked)
     if backend == "eager":
         return eager
     if backend == "compile":
-        if op in STEP_OPS:
+        if step:
             return compiled(eager, compile_backend)
 
         def run_compiled(*args, **kwargs):
-            with _patched(ref, piece, compile_backend):
+            with _patched(ref, fam.piece, compile_backend):
                 return eager(*args, **kwargs)
 
         return run_compiled
     if backend == "triton":
-        if op == "titans_memory":
-            from hope_kernels.titans.chunk import titans_memory_triton as fn
-        elif op == "titans_memory_step":
-            from hope_kernels.titans.step import titans_memory_step_triton as fn
-        elif op == "cms_level":
-            from hope_kernels.cms.chunk import cms_level_triton as fn
-        else:
-            from hope_kernels.cms.step import cms_level_step_triton as fn
-        return fn
+        return _import(fam.triton_step if step else fam.triton_chunked)
     raise ValueError(f"backend {backend!r} is not one of {OP_BACKENDS}")
 
 
@@ -170,41 +201,65 @@ def cms_inputs(B: int, T: int, D: int, Fh: int, dtype: torch.dtype, device, requ
     return [x.to(device=device, dtype=dtype).requires_grad_(requires_grad) for x in xs]
 
 
-def _decode_state(op: str, shape: dict, dtype: torch.dtype, device) -> tuple[list[Tensor], object]:
-    """Inputs of one decode token and the state after a prompt of C + 3 tokens (mid-chunk, as in decoding),
-    made by the chunked reference. Returns (args of the step op, state)."""
-    from hope_kernels.cms.reference import cms_level_reference
-    from hope_kernels.titans.reference import titans_memory_reference
+def deep_titans_inputs(B: int, T: int, H: int, d: int, h: int, dtype: torch.dtype, device,
+                       requires_grad: bool = False, seed: int = 0) -> list[Tensor]:
+    """[q (B, T, H, d) unit rows, a (B, T, H, d), w1_0 (H, d, h), w2_0 (H, h, d), z0 (H, 2d+2, d), b_eta, b_alpha,
+    momentum_logit (H,)] for the deep op: `titans_inputs` with the linear M rows dropped from z0 (the deep op's
+    adaptive rows are [M_k ; M_v ; m_eta ; m_alpha]) and the two main-memory layers at the model's scales
+    (hope/layers/titans_mixer.py: W2 ~ N(0, 1/d), so silu(W2 q) is in SiLU's curved range; W1 small, so M starts
+    near the identity), and b_eta lowered by 2 (eta ~ 0.005 instead of ~ 0.027): with momentum and every gradient
+    of a chunk taken at its start, the deep memory on these random inputs diverges at the linear op's eta (NaN
+    from token ~400 at d = 64, C = 64), while at the lower one its reads stay below 1 up to T = 4096 (the GPU
+    suite's length). q and a in `dtype`, the parameters fp32."""
+    q, a, z0, b_eta, b_alpha, mlog = titans_inputs(B, T, H, d, dtype, device, seed=seed)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)  # other draws than titans_inputs' own generator
+    w1 = 0.02 * torch.randn(H, d, h, generator=g)
+    w2 = torch.randn(H, h, d, generator=g) / math.sqrt(d)
+    out = [q, a, w1.to(device), w2.to(device), z0[:, d:].contiguous(), b_eta - 2.0, b_alpha, mlog]
+    return [t.requires_grad_(requires_grad) for t in out]
 
-    C, prompt = shape["C"], shape["C"] + 3
+
+def _chunked_case(op: str, shape: dict, T: int, dtype: torch.dtype, device, requires_grad: bool = False
+                  ) -> tuple[list[Tensor], int, dict]:
+    """Inputs of chunked op `op` over T tokens at `shape` (whose own T, if any, is ignored), how many of them
+    have a token dimension (they come first), and the op's keyword arguments."""
+    s, C = shape, shape["C"]
+    if op == "titans_memory":
+        return titans_inputs(s["B"], T, s["H"], s["d"], dtype, device, requires_grad), 2, titans_kwargs(C)
+    if op == "titans_deep_memory":
+        xs = deep_titans_inputs(s["B"], T, s["H"], s["d"], s["h"], dtype, device, requires_grad)
+        return xs, 2, titans_kwargs(C)  # the deep op takes the linear op's settings
+    if op == "cms_level":
+        return cms_inputs(s["B"], T, s["D"], s["F"], dtype, device, requires_grad), 1, cms_kwargs(C)
+    raise ValueError(f"op {op!r} is not one of the chunked ops {tuple(FAMILIES)}")
+
+
+def _decode_state(op: str, shape: dict, dtype: torch.dtype, device) -> tuple[list[Tensor], object, dict]:
+    """Inputs of one decode token of step op `op` and the state after a prompt of C + 3 tokens (mid-chunk, as in
+    decoding), made by the chunked reference. Returns (args of the step op, state, keyword arguments)."""
+    base = chunked_op(op)
+    prompt = shape["C"] + 3
+    reference = _import(f"{FAMILIES[base].reference}:{FAMILIES[base].chunked}")
     with torch.no_grad():
-        if op == "titans_memory_step":
-            B, H, d = shape["B"], shape["H"], shape["d"]
-            xs = titans_inputs(B, prompt + 1, H, d, dtype, device)
-            _, state = titans_memory_reference(xs[0][:, :prompt], xs[1][:, :prompt], *xs[2:], **titans_kwargs(C),
-                                               output_final_state=True)
-            return [xs[0][:, prompt], xs[1][:, prompt], *xs[2:]], state
-        B, D, Fh = shape["B"], shape["D"], shape["F"]
-        xs = cms_inputs(B, prompt + 1, D, Fh, dtype, device)
-        _, state = cms_level_reference(xs[0][:, :prompt], *xs[1:], **cms_kwargs(C), output_final_state=True)
-        return [xs[0][:, prompt], *xs[1:]], state
+        xs, n_tok, kwargs = _chunked_case(base, shape, prompt + 1, dtype, device)
+        _, state = reference(*(x[:, :prompt] for x in xs[:n_tok]), *xs[n_tok:], **kwargs, output_final_state=True)
+    return [x[:, prompt] for x in xs[:n_tok]] + xs[n_tok:], state, kwargs
 
 
 def op_case(op: str, backend: str, shape: dict, mode: str, dtype: torch.dtype, device,
             compile_backend: str = "inductor") -> Callable[[], Tensor]:
     """A callable that runs `op` once through `backend` on fixed random inputs and returns its output.
 
-    shape: Titans {B, T, H, d, C}, CMS {B, T, D, F, C}; the decode steps take the same keys without T.
+    shape: Titans {B, T, H, d, C}, deep Titans {B, T, H, d, h, C}, CMS {B, T, D, F, C}; the decode steps take the
+    same keys without T.
     mode: "fwd", "fwd+bwd" (backward of sum(output * 1), gradients into every input) or, for the step ops,
     "step" (one decode token from a mid-chunk state, no autograd).
     """
     fn = op_function(op, backend, compile_backend)
-    C = shape["C"]
     if op in STEP_OPS:
         if mode != "step":
             raise ValueError(f"{op} has only mode 'step', got {mode!r}")
-        args, state = _decode_state(op, shape, dtype, device)
-        kwargs = titans_kwargs(C) if op.startswith("titans") else cms_kwargs(C)
+        args, state, kwargs = _decode_state(op, shape, dtype, device)
 
         def step() -> Tensor:
             with torch.no_grad():
@@ -214,12 +269,7 @@ def op_case(op: str, backend: str, shape: dict, mode: str, dtype: torch.dtype, d
     if mode not in ("fwd", "fwd+bwd"):
         raise ValueError(f"{op} has modes 'fwd' and 'fwd+bwd', got {mode!r}")
     backward = mode == "fwd+bwd"
-    if op == "titans_memory":
-        xs = titans_inputs(shape["B"], shape["T"], shape["H"], shape["d"], dtype, device, requires_grad=backward)
-        kwargs = titans_kwargs(C)
-    else:
-        xs = cms_inputs(shape["B"], shape["T"], shape["D"], shape["F"], dtype, device, requires_grad=backward)
-        kwargs = cms_kwargs(C)
+    xs, _, kwargs = _chunked_case(op, shape, shape["T"], dtype, device, requires_grad=backward)
 
     def run() -> Tensor:
         with torch.set_grad_enabled(backward):
@@ -248,17 +298,24 @@ def titans_flops(B: int, T: int, H: int, d: int, C: int, backward: bool = False,
     return float(B * H * nseg * per)
 
 
-def titans_bytes(B: int, T: int, H: int, d: int, C: int, elt: int = 2, backward: bool = False) -> float:
-    """q, a in and o out, plus the fp32 state stream per segment (read Z_c, Z_s, S_s; write Z, S); the backward
-    adds q, a, do in, dq, da out, the saved states and the gradient carry."""
+def _memory_bytes(B: int, T: int, H: int, d: int, C: int, state: int, elt: int, backward: bool) -> float:
+    """Bytes of a chunked Titans-style memory with `state` fp32 elements per (b, h) in each of its state tensors
+    (linear: (3d+2) d; deep: (2d+2) d + 2 d h): q, a in and o out, plus the state stream per segment (read the
+    chunk-start, start and start-momentum states; write the end state and momentum); the backward adds q, a, do
+    in, dq, da out, the saved states and the gradient carry."""
     nseg = math.ceil(T / C)
-    R = 3 * d + 2
     act = 3 * B * T * H * d * elt
-    state = B * H * nseg * 5 * R * d * 4
+    stream = B * H * nseg * 5 * state * 4
     if backward:
         act += 4 * B * T * H * d * elt
-        state += B * H * nseg * 7 * R * d * 4
-    return float(act + state)
+        stream += B * H * nseg * 7 * state * 4
+    return float(act + stream)
+
+
+def titans_bytes(B: int, T: int, H: int, d: int, C: int, elt: int = 2, backward: bool = False) -> float:
+    """q, a in and o out, plus the fp32 state stream per segment (read Z_c, Z_s, S_s; write Z, S); the backward
+    adds q, a, do in, dq, da out, the saved states and the gradient carry (`_memory_bytes`)."""
+    return _memory_bytes(B, T, H, d, C, (3 * d + 2) * d, elt, backward)
 
 
 def titans_step_flops(B: int, H: int, d: int, C: int) -> float:
@@ -268,10 +325,68 @@ def titans_step_flops(B: int, H: int, d: int, C: int) -> float:
     return float(B * H * (10 * R * d + 2 * d * d))
 
 
+def _memory_step_bytes(B: int, H: int, d: int, state: int, elt: int) -> float:
+    """One decode token of a Titans-style memory with `state` fp32 elements per (b, h) in each state tensor: read
+    the chunk-start, current and momentum states, write the current state and momentum; q, a in, o out."""
+    return float(B * H * (5 * state * 4 + 3 * d * elt))
+
+
 def titans_step_bytes(B: int, H: int, d: int, C: int, elt: int = 2) -> float:
     """Read Z_c, Z_t, S_t and write Z_t, S_t (fp32, (R, d) each per (b, h)); q, a in, o out."""
-    R = 3 * d + 2
-    return float(B * H * (5 * R * d * 4 + 3 * d * elt))
+    return _memory_step_bytes(B, H, d, (3 * d + 2) * d, elt)
+
+
+# The deep Titans memory (memory_depth=2, hope_kernels/deep_titans/reference.py `_deep_segment`), per segment of C
+# tokens and per (b, h), with head dim d, hidden width h and the 2d+2 adaptive rows A = [M_k ; M_v ; m_eta ; m_alpha]
+# (matmul FLOPs, 2 per multiply-add, as above):
+#   adaptive rows, the linear rule (as `titans_flops`): k, v = a A_cᵀ                     4 C d^2
+#     decay matrix c = mom @ decay                                                        2 C^3
+#     end state and momentum: Σ_i w_i u_i k_iᵀ (2 C d^2), then A_c @ it (2 (2d+2) d^2)    4 C d^2
+#                                                                                          + 4 (2d+2) d^2
+#   main memory at the chunk start: p = K W2_cᵀ; the self target v + silu(V W2_cᵀ) W1_cᵀ (2 matmuls);
+#     e = K + silu(P) W1_cᵀ - target; g = silu'(P) ⊙ E W1_c                              5 x 2 C d h
+#   reads (TTT-MLP dual form): scores K Qᵀ                                                2 C^2 d
+#     first layer gamma Q W2_sᵀ + sigma Q S2_sᵀ - Wdᵀ P - Wgᵀ G                           2 x 2 C d h + 2 x 2 C^2 h
+#     scores silu(P) Hᵀ; second layer gamma H W1_sᵀ + sigma H S1_sᵀ - W1gᵀ E              2 C^2 h + 2 x 2 C d h
+#                                                                                          + 2 C^2 d
+#   end state: W1 and S1 (Eᵀ silu(P) each), W2 and S2 (G, P against K: the reference's two rank-one sums
+#     of W2 fold into one matmul, (e_g G + e_d P)ᵀ K, as the kernel does)                 4 x 2 C d h
+#   forward per segment: 8 C d^2 + 4 (2d+2) d^2 + 2 C^3 + 26 C d h + 4 C^2 d + 6 C^2 h.
+# The backward (the kernel's, hope_kernels/deep_titans/chunk.py `_deep_bwd_kernel`: a recomputation of the
+# segment from its saved start state, then the gradients; its tl.dots counted one by one, with momentum, DGD and
+# the self target):
+#   main memory: 35 matmuls of C x d x h (recomputation 7, the reads' gradients 10, the end state's 8, the
+#     chunk-start pieces 10), 5 of C x C x d, 9 of C x C x h           70 C d h + 10 C^2 d + 18 C^2 h
+#   adaptive rows and decays: k, v three times (12 C d^2), the state gradients of M_k and M_v (8 matmuls,
+#     16 C d^2 each), the input gradients (4 C d^2), the chunk-start gradients (5 matmuls, 10 C d^2 each), c and
+#     its two gradients (2 C^3 each)                                     68 C d^2 + 6 C^3
+# At d = h = C = 64 the deep op costs 1.59x the linear one forward and 1.35x forward+backward in these counts.
+
+
+def deep_titans_flops(B: int, T: int, H: int, d: int, h: int, C: int, backward: bool = False) -> float:
+    """Chunked TTT-MLP dual form of the deep memory with momentum and DGD (the count above), per segment of C."""
+    nseg = math.ceil(T / C)
+    per = 8 * C * d * d + 4 * (2 * d + 2) * d * d + 2 * C**3 + 26 * C * d * h + 4 * C * C * d + 6 * C * C * h
+    if backward:
+        per += 70 * C * d * h + 10 * C * C * d + 18 * C * C * h + 68 * C * d * d + 6 * C**3
+    return float(B * H * nseg * per)
+
+
+def deep_titans_bytes(B: int, T: int, H: int, d: int, h: int, C: int, elt: int = 2, backward: bool = False) -> float:
+    """As `titans_bytes` with the deep state per (b, h): the (2d+2, d) adaptive rows plus W1 (d, h) and W2 (h, d)."""
+    return _memory_bytes(B, T, H, d, C, (2 * d + 2) * d + 2 * d * h, elt, backward)
+
+
+def deep_titans_step_flops(B: int, H: int, d: int, h: int, C: int) -> float:
+    """One token per (b, h): the adaptive rows as `titans_step_flops` over their R = 2d+2 rows (10 R d); the main
+    memory's p = W2_c k, the self target (2 mat-vecs), e, g = W1_cᵀ e, the outer products G1 = e silu(p)ᵀ,
+    G2 = g kᵀ and the DGD term p kᵀ, and the read W1 silu(W2 q) (10 x 2 d h)."""
+    return float(B * H * (10 * (2 * d + 2) * d + 20 * d * h))
+
+
+def deep_titans_step_bytes(B: int, H: int, d: int, h: int, C: int, elt: int = 2) -> float:
+    """As `titans_step_bytes` with the deep state: (2d+2) d + 2 d h fp32 elements per state tensor and (b, h)."""
+    return _memory_step_bytes(B, H, d, (2 * d + 2) * d + 2 * d * h, elt)
 
 
 def cms_flops(B: int, T: int, D: int, F: int, C: int, backward: bool = False) -> float:
@@ -354,6 +469,12 @@ def op_flops_bytes(op: str, shape: dict, mode: str, elt: int) -> tuple[float, fl
     if op == "cms_level_step":
         args = (s["B"], s["D"], s["F"], s["C"])
         return cms_step_flops(*args), cms_step_bytes(*args, elt=elt)
+    if op == "titans_deep_memory":
+        args = (s["B"], s["T"], s["H"], s["d"], s["h"], s["C"])
+        return deep_titans_flops(*args, backward=backward), deep_titans_bytes(*args, elt=elt, backward=backward)
+    if op == "titans_deep_memory_step":
+        args = (s["B"], s["H"], s["d"], s["h"], s["C"])
+        return deep_titans_step_flops(*args), deep_titans_step_bytes(*args, elt=elt)
     raise ValueError(f"op {op!r} is not one of {OPS}")
 
 

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+from typing import Optional
 
 from benchmarks import gpu_suite as S
 from benchmarks import workloads as W
@@ -30,8 +31,8 @@ def test_dry_run(tmp_path) -> None:
     with open(tmp_path / jsons[0].replace(".json", ".md")) as f:
         markdown = f.read()
     run = (results, markdown, files)
-    for check in (check_files_and_header, check_kernel_cases, check_peers_recorded_explicitly, check_model_level,
-                  check_goals_and_markdown):
+    for check in (check_files_and_header, check_kernel_cases, check_deep_memory_cases, check_peers_recorded_explicitly,
+                  check_model_level, check_goals_and_markdown):
         check(run)
 
 
@@ -75,6 +76,35 @@ def check_kernel_cases(dry_run: tuple) -> None:
     compiled = [e for e in kernels if e["method"] == "compile"]
     assert compiled and all(e["compile_backend"] == "eager" for e in compiled)
     assert {(e["op"], e["mode"]) for e in compiled} == {(e["op"], e["mode"]) for e in kernels if e["method"] == "eager"}
+
+
+def check_deep_memory_cases(dry_run: tuple) -> None:
+    """The deep op (issue #7) runs beside the linear op at the same (B, T, H, d, C), with its own FLOP and byte
+    counts: more than the linear op's (W1 and W2 on top of the adaptive rows), less than 2.5x at h = d."""
+    results, markdown, _ = dry_run
+    kernels = results["kernels"]
+    (shape,) = S.DRY.deep_titans_shapes
+    (step_shape,) = S.DRY.deep_titans_step_shapes
+    linear_shape = {k: v for k, v in shape.items() if k != "h"}
+    assert linear_shape in S.DRY.titans_shapes
+    by_key = {(e["op"], e["method"], e["mode"]): e for e in kernels
+              if e["shape"] in (shape, step_shape, linear_shape)}
+    for mode in ("fwd", "fwd+bwd"):
+        deep, linear = by_key[("titans_deep_memory", "eager", mode)], by_key[("titans_memory", "eager", mode)]
+        assert deep["shape"] == shape and linear["shape"] == linear_shape
+        args = (shape["B"], shape["T"], shape["H"], shape["d"], shape["h"], shape["C"])
+        assert deep["flops"] == W.deep_titans_flops(*args, backward=mode == "fwd+bwd")
+        assert deep["bytes"] == W.deep_titans_bytes(*args, elt=4, backward=mode == "fwd+bwd")  # fp32 dry run
+        assert linear["flops"] < deep["flops"] < 2.5 * linear["flops"]
+        assert linear["bytes"] < deep["bytes"] < 2.5 * linear["bytes"]
+        assert by_key[("titans_deep_memory", "compile", mode)]["rel_err_vs_eager"] < 1e-5
+        if INTERPRETER:
+            assert by_key[("titans_deep_memory", "triton", mode)]["rel_err_vs_eager"] < 1e-4
+    step = by_key[("titans_deep_memory_step", "eager", "step")]
+    assert step["shape"] == step_shape and step["stat"] == "median" and step["ms"] > 0
+    assert step["flops"] == W.deep_titans_step_flops(*(step_shape[k] for k in ("B", "H", "d", "h", "C")))
+    assert f"| titans_deep_memory | eager | fwd+bwd | {S.shape_label(shape)} |" in markdown
+    assert f"| titans_deep_memory_step | eager | step | {S.shape_label(step_shape)} |" in markdown
 
 
 def check_peers_recorded_explicitly(dry_run: tuple) -> None:
@@ -121,8 +151,18 @@ def check_model_level(dry_run: tuple) -> None:
 def check_goals_and_markdown(dry_run: tuple) -> None:
     results, markdown, _ = dry_run
     goals = {g["id"]: g for g in results["goals"]}
-    assert set(goals) == {"train_ref", "train_long", "titans_vs_fla", "cms_matmul", "decode_flat", "decode_speed"}
+    assert set(goals) == {"train_ref", "train_long", "titans_vs_fla", "cms_matmul", "decode_flat", "decode_speed",
+                          "deep_vs_linear"}
     assert all(g["status"] in S.STATUSES for g in goals.values())
+    # The deep goal pairs the two Triton fwd+bwd timings (the interpreter's in the dry run, when it is on).
+    timed = {e["op"]: e["ms"] for e in results["kernels"]
+             if e["method"] == "triton" and e["mode"] == "fwd+bwd" and "ms" in e}
+    if INTERPRETER:
+        deep = timed["titans_deep_memory"] / timed["titans_memory"]
+        assert close(goals["deep_vs_linear"]["values"]["ratios"][S.shape_label(S.DRY.deep_titans_shapes[0])], deep)
+        assert goals["deep_vs_linear"]["status"] == ("hit" if deep <= 2.5 else "miss")
+    else:
+        assert not timed and goals["deep_vs_linear"]["status"] == "not measured"
     train = {(e["model"], e["T"]): e["tokens_per_s"] for e in results["model"]["train"]}
     T = S.DRY.train[0][0]
     ratio = train[("hope", T)] / train[("transformer++", T)]
@@ -167,11 +207,15 @@ def test_failing_case_is_recorded_and_the_run_continues(tmp_path, monkeypatch) -
         assert "ERROR RuntimeError: titans Triton kernel does not fit" in f.read()
 
 
-def _figures(train: dict, titans: tuple, cms_frac: float, decode: dict) -> dict:
+def _figures(train: dict, titans: tuple, cms_frac: float, decode: dict, deep: Optional[dict] = None) -> dict:
     """A results dict of the full plan with the given figures: train {(model, T): tokens/s}, titans (our fwd+bwd
-    ms, FLA's), the CMS fraction of matmul, decode {(model, prompt, batch): ms}."""
+    ms, FLA's), the CMS fraction of matmul, decode {(model, prompt, batch): ms}, and the deep op's Triton fwd+bwd
+    entry fields (e.g. {"ms": 50.0} or {"error": ...}) at the full plan's deep shape, or None for no deep entry."""
     shape = S.FULL.titans_shapes[0]
-    kernels = [
+    kernels = [] if deep is None else [
+        {"op": "titans_deep_memory", "method": "triton", "mode": "fwd+bwd", "shape": S.FULL.deep_titans_shapes[0],
+         **deep}]
+    kernels += [
         {"op": "titans_memory", "method": "triton", "mode": "fwd+bwd", "shape": shape, "ms": titans[0]},
         {"op": "titans_memory", "method": "fla_chunk_gated_delta_rule", "mode": "fwd+bwd", "shape": shape,
          "ms": titans[1]},
@@ -197,8 +241,13 @@ def test_goal_rules_on_known_figures() -> None:
         cms_frac=0.5,
         decode={("hope", 1024, 1): 10.0, ("hope", 32768, 1): 11.0, ("transformer++", 32768, 1): 23.0,
                 ("hope", 1024, 64): 10.0, ("hope", 32768, 64): 10.5},
+        deep={"ms": 50.0},  # against the linear op's 20 ms at the same shape
     )
     goals = {g["id"]: g for g in S.evaluate_goals(results)}
+    assert goals["deep_vs_linear"]["status"] == "hit"  # 2.5x exactly
+    label = S.shape_label(S.FULL.deep_titans_shapes[0])
+    assert goals["deep_vs_linear"]["values"]["ratios"] == {label: 2.5}
+    assert goals["deep_vs_linear"]["measured"] == f"{label}: 2.50x"
     assert goals["train_ref"]["status"] == "hit"  # 0.70 exactly
     assert goals["train_long"]["status"] == "hit"  # 1.01 > 1
     assert goals["titans_vs_fla"]["status"] == "hit"  # 2.0x exactly
@@ -217,13 +266,43 @@ def test_goal_rules_miss_and_not_measured() -> None:
         titans=(20.1, 10.0),
         cms_frac=0.49,
         decode={("hope", 1024, 1): 10.0, ("hope", 32768, 1): 11.2, ("transformer++", 32768, 1): 15.0},
+        deep={"ms": 50.3},  # 2.515x the linear op's 20 ms
     )
     goals = {g["id"]: g for g in S.evaluate_goals(results)}
     assert [goals[k]["status"] for k in ("train_ref", "train_long", "titans_vs_fla", "cms_matmul", "decode_flat",
-                                         "decode_speed")] == ["miss"] * 6
+                                         "decode_speed", "deep_vs_linear")] == ["miss"] * 7
     assert close(goals["decode_speed"]["values"]["ratios"]["1"], (1 / 11.2) / (1 / 15.0))
     empty = {"plan": dataclasses.asdict(S.FULL), "kernels": [], "model": {"train": [], "decode": []}}
     assert {g["status"] for g in S.evaluate_goals(empty)} == {"not measured"}
+
+
+def test_deep_goal_not_measured_says_why() -> None:
+    """The deep goal is "not measured" whenever either side lacks a timing, and says which side and why: the deep
+    kernel may not fit shared memory on the GPU (benchmarks/NOTES.md), and that must show in the goal row."""
+    figures = dict(train={}, titans=(20.0, 10.0), cms_frac=0.5, decode={})
+    label = S.shape_label(S.FULL.deep_titans_shapes[0])
+
+    def deep_goal(results: dict) -> dict:
+        return {g["id"]: g for g in S.evaluate_goals(results)}["deep_vs_linear"]
+
+    g = deep_goal(_figures(**figures))  # no deep entry at all
+    assert g["status"] == "not measured" and g["measured"] == "not measured: no deep Triton fwd+bwd timing"
+    g = deep_goal(_figures(**figures, deep={"error": "RuntimeError: out of shared memory"}))
+    assert g["status"] == "not measured" and g["values"]["ratios"] == {}
+    assert g["measured"] == f"{label}: deep ERROR RuntimeError: out of shared memory"
+    # A deep timing without the linear op's (its case failed) measures nothing either.
+    results = _figures(**figures, deep={"ms": 30.0})
+    linear = next(e for e in results["kernels"] if e["op"] == "titans_memory" and e["method"] == "triton")
+    del linear["ms"]
+    linear["skipped"] = "time budget exhausted (--budget-s)"
+    g = deep_goal(results)
+    assert g["status"] == "not measured"
+    assert g["measured"] == f"{label}: linear skipped: time budget exhausted (--budget-s)"
+    # The linear op timed at another shape only does not pair with the deep op.
+    results = _figures(**figures, deep={"ms": 30.0})
+    linear = next(e for e in results["kernels"] if e["op"] == "titans_memory" and e["method"] == "triton")
+    linear["shape"] = S.FULL.titans_shapes[1]
+    assert deep_goal(results)["measured"] == f"{label}: linear not run"
 
 
 def test_full_plan_matches_the_340m_model() -> None:
@@ -239,6 +318,14 @@ def test_full_plan_matches_the_340m_model() -> None:
     for shape in S.FULL.cms_shapes + S.FULL.cms_step_shapes:
         assert shape["D"] == hope.hidden_size and (shape["C"], shape["F"]) in learning
     assert {s["C"] for s in S.FULL.cms_shapes} == {size for size, _ in learning}
+    # Issue #7's shape: the 340M model with memory_depth=2 (h defaults to the head dim), paired with a linear shape.
+    deep = W.model_config("hope", S.FULL.model_size, memory_depth=2)
+    assert S.FULL.deep_titans_shapes == [dict(B=8, T=4096, H=16, d=64, h=64, C=64)]
+    for shape in S.FULL.deep_titans_shapes + S.FULL.deep_titans_step_shapes:
+        assert (shape["H"], shape["d"], shape["h"], shape["C"]) == (deep.num_heads, deep.head_dim, deep.memory_hidden,
+                                                                    deep.chunk_size)
+    for shape in S.FULL.deep_titans_shapes:
+        assert {k: v for k, v in shape.items() if k != "h"} in S.FULL.titans_shapes
     assert [T for T, _ in S.FULL.train] == [4096, 16384] and S.FULL.decode_prompts == [1024, 32768]
     assert S.FULL.decode_batches == [1, 64]
     budget = count_parameters(W.model_config("transformer++", S.FULL.model_size))
