@@ -1,6 +1,6 @@
 """The deep Titans memory at model level (SPEC §2 "Deep memory", Eq. 91, memory_depth=2): config fields, the
 mixer's parameters and their gradients, cached decoding and generate() == the full forward, save/load, and
-kernel_backend="triton" (which must never fall back silently)."""
+kernel_backend="triton" == "torch" is checked with the other ops in test_kernel_backends.py."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-import hope_kernels.deep_titans as deep_kernels
 from hope import HopeCache, HopeConfig
 from hope.layers.titans_mixer import TitansMixer
 from hope_kernels.deep_titans import DeepTitansState, titans_deep_memory_naive
@@ -197,70 +196,3 @@ def test_save_load_round_trip(tmp_path):
     ids = random_ids(2, 11)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
-
-
-# ---------------------------------------------------------------------------------------------- backend
-
-
-def _backend_models(**overrides):
-    pytest.importorskip("triton", reason="the Triton backend needs the triton package")
-    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors run in Triton's interpreter (conftest)
-    return dev, tuple(tiny_model(deep_config("deep", kernel_backend=b, **overrides), dtype=torch.float32).to(dev)
-                      for b in ("torch", "triton"))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-
-
-def test_triton_backend_equals_torch_logits_loss_gradients(monkeypatch):
-    """kernel_backend="triton" runs the deep kernels (forward and backward) and matches "torch" in logits, loss and
-    every parameter gradient."""
-    assert deep_kernels.HAS_TRITON
-    dev, (reference, kernel) = _backend_models()
-    import hope_kernels.deep_titans.chunk as chunk_module
-
-    launches = []
-    for name in ("_deep_forward", "_deep_backward"):
-        original = getattr(chunk_module, name)
-        monkeypatch.setattr(chunk_module, name,
-                            lambda *a, _f=original, _n=name, **k: launches.append(_n) or _f(*a, **k))
-    ids = random_ids(2, 13).to(dev)
-    mask = torch.ones(2, 13, dtype=torch.long, device=dev)
-    mask[1, 10:] = 0  # right padding in one row
-    outputs = []
-    for model in (reference, kernel):
-        model.train()
-        out = model(ids, attention_mask=mask, labels=ids)
-        out.loss.backward()
-        outputs.append(out)
-    assert _rel(outputs[1].logits, outputs[0].logits) < 1e-4
-    assert abs(outputs[1].loss.item() - outputs[0].loss.item()) < 1e-4 * abs(outputs[0].loss.item())
-    for (name, p_ref), (_, p_ker) in zip(reference.named_parameters(), kernel.named_parameters()):
-        assert p_ref.grad is not None and p_ker.grad is not None, name
-        assert _rel(p_ker.grad, p_ref.grad) < 1e-4, name
-    layers = kernel.config.num_hidden_layers
-    assert sorted(launches) == ["_deep_backward"] * layers + ["_deep_forward"] * layers
-
-
-def test_triton_backend_decode_equals_torch(monkeypatch):
-    """Cached decoding on the Triton step kernel matches the reference backend; the kernels really run."""
-    dev, (reference, kernel) = _backend_models(memory_hidden=12)
-    calls = []
-    import hope_kernels.deep_titans.step as step_module
-
-    original = step_module.titans_deep_memory_step_triton
-    monkeypatch.setattr(step_module, "titans_deep_memory_step_triton",
-                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
-    ids = random_ids(2, 9).to(dev)
-    logits = []
-    with torch.no_grad():
-        for model in (reference, kernel):
-            out = model(ids[:, :6], use_cache=True)
-            cache, steps = cache_of(out), [out.logits]
-            for t in range(6, 9):
-                out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
-                steps.append(out.logits)
-            logits.append(torch.cat(steps, dim=1))
-    assert len(calls) == 3 * kernel.config.num_hidden_layers
-    assert _rel(logits[1], logits[0]) < 1e-4

@@ -1,11 +1,12 @@
 """Model level: kernel_backend="triton" (Triton's interpreter on CPU) gives the logits, loss and parameter
-gradients of kernel_backend="torch", for every op that ships a Triton kernel."""
+gradients of kernel_backend="torch", for every op that ships a Triton kernel, and really dispatches to it."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import hope_kernels.cms as cms_kernels
+import hope_kernels.deep_titans as deep_titans_kernels
 import hope_kernels.titans as titans_kernels
 from tests.hope.utils_hope import cache_of, random_ids, tiny_model, variant_config
 
@@ -18,8 +19,23 @@ CASES = {
     "cms_sequential": (dict(mixer="attention", cms_variant="sequential"), ["cms"]),
     "cms_independent": (dict(mixer="attention", cms_variant="independent"), ["cms"]),
     "hope": (dict(), ["titans", "cms"]),
+    "hope_deep": (dict(memory_depth=2, memory_hidden=12), ["deep_titans", "cms"]),  # h != d = 8
 }
-KERNELS = {"titans": titans_kernels, "cms": cms_kernels}
+KERNELS = {"titans": titans_kernels, "deep_titans": deep_titans_kernels, "cms": cms_kernels}
+
+
+@pytest.fixture
+def dispatched(monkeypatch) -> list:
+    """Every (op, backend) the ops' dispatchers choose while the test runs."""
+    seen = []
+    for module in KERNELS.values():
+        def recording(*args, _resolve=module.resolve_backend, **kwargs):
+            choice = _resolve(*args, **kwargs)
+            seen.append((kwargs["op"], choice))
+            return choice
+
+        monkeypatch.setattr(module, "resolve_backend", recording)
+    return seen
 
 
 def _models(name: str):
@@ -36,7 +52,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_triton_equals_torch_logits_loss_gradients(name):
+def test_triton_equals_torch_logits_loss_gradients(name, dispatched):
     reference, kernel = _models(name)
     ids = random_ids(2, 13).to(DEV)
     mask = torch.ones(2, 13, dtype=torch.long, device=DEV)
@@ -44,6 +60,7 @@ def test_triton_equals_torch_logits_loss_gradients(name):
     outputs = []
     for model in (reference, kernel):
         model.train()
+        dispatched.clear()
         out = model(ids, attention_mask=mask, labels=ids)
         out.loss.backward()
         outputs.append(out)
@@ -52,15 +69,17 @@ def test_triton_equals_torch_logits_loss_gradients(name):
     for (pname, p_ref), (_, p_ker) in zip(reference.named_parameters(), kernel.named_parameters()):
         assert p_ref.grad is not None and p_ker.grad is not None, pname
         assert _rel(p_ker.grad, p_ref.grad) < 1e-4, pname
+    assert set(dispatched) == {(op, "triton") for op in CASES[name][1]}
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_triton_decode_equals_torch(name):
+def test_triton_decode_equals_torch(name, dispatched):
     reference, kernel = _models(name)
     ids = random_ids(2, 9).to(DEV)
     logits = []
     with torch.no_grad():
         for model in (reference, kernel):
+            dispatched.clear()
             out = model(ids[:, :6], use_cache=True)
             cache, steps = cache_of(out), [out.logits]
             for t in range(6, 9):
@@ -68,6 +87,7 @@ def test_triton_decode_equals_torch(name):
                 steps.append(out.logits)
             logits.append(torch.cat(steps, dim=1))
     assert _rel(logits[1], logits[0]) < 1e-4
+    assert set(dispatched) == {(op, "triton") for op in CASES[name][1]}
 
 
 @pytest.mark.parametrize("memory_depth", [1, 2])
