@@ -1,0 +1,520 @@
+"""Triton kernels of the chunked self-modifying Titans memory, SPEC §2 v2, linear memories: forward and backward.
+
+Same signature and semantics as `titans_memory_reference` (hope_kernels/titans/reference.py), without momentum.
+
+The split (derived here from the reference's unrolled gated delta rule, `delta_rule_corrections`)
+---------------------------------------------------------------------------------------------------
+Per (batch, head) the state is Z = [W ; G], G = [W_k ; W_v ; w_eta ; w_alpha] ((2d+2) x d). A call is cut into
+segments exactly as the reference does (chunk phase counts from position 0; segment n holds tokens
+[max(nC - p%C, 0), min((n+1)C - p%C, T)) for a call that starts at position p). In a segment of L tokens every row
+block X follows X_t = X_{t-1}(alpha_t I - eps eta_t k_t k_tᵀ) + w_t k_tᵀ with writes w_t known at the segment start.
+With lg_t = Σ_{s<=t} log alpha_s (within the segment), gamma_t = exp(lg_t) and n_j = w_j - eps eta_j X_{j-1} k_j:
+
+    X_t = gamma_t X_0 + Σ_{j<=t} (gamma_t/gamma_j) n_j k_jᵀ,
+    n_t = w_t - eps eta_t gamma_{t-1} X_0 k_t - Σ_{j<t} A[t,j] n_j,   A[t,j] = eps eta_t (gamma_{t-1}/gamma_j) k_j.k_t,
+
+so, rows t of the L x R matrices N, Wr (writes) and with T = (I + A)^-1 (one unit-lower-triangular inverse per
+segment, shared by every row of Z: same keys, same transition),
+
+    N = T Wr - (T Kd) X_0ᵀ,   Kd = diag(eps eta_t gamma_{t-1}) K,   X_end = gamma_L X_0 + Nᵀ (diag(gamma_L/gamma) K).
+
+(a) The generating rows G evolve on their own: k, v, eta, alpha and G's writes -eta_t (E_G + G_c) u_t all come from
+    the adaptive-chunk-start G_c. So `_gen_fwd_kernel` is a serial scan over segments per (batch, head) (B x H
+    programs; self-modification makes the segments sequential): it emits k, v, eta, lg for every token and T for
+    every segment, and advances G (checkpointed at every segment start: the backward recomputes from there).
+(b) Given those, W's write w_t = V0_t + W_c p_t is affine in the chunk-start W_c: V0 = -eta r u, p = -eta u (self
+    target), V0 = -eta (r k - v), p = -eta k (value target, "l2"), V0 = eta v, p = 0 (value, "dot"); r = 1 with
+    `memory_residual`, else 0. For a segment that starts on a chunk boundary W_c = W_0, so in FLA's layout
+    (h = Wᵀ) N^W = u' - w' h_0 with
+        u' = T V0,   w' = T (Kd - P)                                       (`_main_prep_kernel`, parallel)
+    and the first segment of a call (whose W_c is the cached chunk start, not W_0) has u' = T (V0 + P W_cᵀ),
+    w' = T Kd. Without DGD (eps = 0) A = 0 and T = I. Every row of W is independent, so `_main_state_fwd_kernel`
+    passes W's state over the segments with W's rows split into BV-wide tiles across programs (the state tile
+    stays in registers; checkpoints go to memory), storing N^W = v_new; `_main_out_fwd_kernel` forms
+        o_t = r q_t + gamma_t W_0 q_t + Σ_{j<=t} (gamma_t/gamma_j) (k_j.q_t) n_j
+    in parallel over (segment, batch, head, tile). The reference evaluates the same closed form
+    (`delta_rule_read`), so both agree to rounding.
+(c) The backward mirrors it: `_main_dv_bwd_kernel` (dv_new from o, parallel), `_main_state_bwd_kernel` (dW over the
+    segments in reverse, BV tiles, dW checkpoints), `_main_chunk_bwd_kernel` (dq, the k / lg parts of the main
+    memory, and the gradient through w', u' and T's A, parallel), `_gen_bwd_kernel` (the reverse serial scan of G:
+    T is read back from the forward, G recomputed from its checkpoints). Memory: O(T/C (3d+2) d) checkpoints plus
+    O(T d) per-token buffers and O(T C) for T, per (batch, head).
+
+Where T is needed the products involving it run in fp32 (tf32); the state products take 16-bit operands for 16-bit
+inputs (hope_kernels/titans/_common.py). Decays are exp of non-positive log sums only (no 1/gamma).
+
+Constraints (ValueError otherwise): momentum=False; 1 <= d <= 128; 1 <= chunk_size <= 128; q and a of one dtype
+among float32, float16, bfloat16; CUDA tensors (or CPU tensors under TRITON_INTERPRET=1). o and the input
+gradients come back in the input dtype, the states and their gradients in fp32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hope_kernels.titans._common import (
+    block_sizes,
+    check_kernel_inputs,
+    check_no_momentum,
+    dot_precision,
+    launch,
+    log_sigmoid,
+    low_precision_dots,
+    mm,
+    num_segments,
+    num_warps,
+    sigmoid,
+    unit_lower_inverse,
+)
+from hope_kernels.titans.reference import (
+    ADAPTIVE_NAMES,
+    TitansState,
+    adaptive_row_mask,
+    check_memory_inputs,
+    check_state,
+    memory_rows,
+    resolve_adaptive_chunk_size,
+)
+
+__all__ = ["titans_memory_triton"]
+
+
+# ------------------------------------------------------------------------------------- segment geometry
+
+
+@triton.jit
+def _segment(n, C, shift, T):
+    """First token and length of segment n."""
+    start = tl.maximum(n * C - shift, 0)
+    return start, tl.minimum((n + 1) * C - shift, T) - start
+
+
+@triton.jit
+def _gc_slot(n, C, CA, pos, shift, T):
+    """Which generating state segment n reads: -1 for the call's input chunk start, else the checkpoint slot of the
+    last adaptive-chunk boundary inside the call (boundaries are chunk boundaries, so they start segments)."""
+    start, _ = _segment(n, C, shift, T)
+    pb = ((pos + start) // CA) * CA
+    slot = (pb - (pos - shift)) // C
+    return tl.where(pb > pos, slot, -1)
+
+
+# ------------------------------------------------------------------------ (a) the generating memories
+
+
+@triton.jit
+def _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d, md, PREC: tl.constexpr,
+               LOWP: tl.constexpr):
+    """k, v, eta, log alpha of a segment's tokens from the chunk-start generating memories gc (Eq. 90, residual).
+    Also returns the unnormalised k, its norm, the sigmoid of eta's logit and alpha's logit (for the backward)."""
+    boff = offs_d[:, None] * d + offs_d[None, :]
+    bm = md[:, None] & md[None, :]
+    eye = tl.where(bm & (offs_d[:, None] == offs_d[None, :]), resid, 0.0)
+    k_raw = mm(a, tl.trans(tl.load(gc + boff, mask=bm, other=0.0) + eye), PREC, LOWP)
+    v = mm(a, tl.trans(tl.load(gc + d * d + boff, mask=bm, other=0.0) + eye), PREC, LOWP)
+    nrm = tl.sqrt(tl.sum(k_raw * k_raw, 1))
+    k = k_raw / tl.maximum(nrm, 1e-12)[:, None]
+    w_eta = tl.load(gc + 2 * d * d + offs_d, mask=md, other=0.0)
+    w_alpha = tl.load(gc + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
+    sig_eta = sigmoid(tl.sum(a * w_eta[None, :], 1) + b_eta)
+    pre_alpha = tl.sum(a * w_alpha[None, :], 1) + b_alpha
+    return k, v, eta_max * sig_eta * valid, log_sigmoid(pre_alpha) * valid, k_raw, nrm, sig_eta, pre_alpha
+
+
+@triton.jit
+def _delta_coefficients(k, eta, la, eps, offs_c, PREC: tl.constexpr):
+    """A of the segment (strictly lower) and the decay vectors: lg (within-segment log gamma), Kd's scale
+    eps eta_t gamma_{t-1} and gamma_L / gamma_t."""
+    lg = tl.cumsum(la, 0)
+    lg_end = tl.sum(la, 0)
+    before = offs_c[None, :] < offs_c[:, None]  # [t, j]: j < t
+    kk = tl.dot(k, tl.trans(k), input_precision=PREC)
+    A = tl.where(before, eps * eta[:, None] * tl.exp(tl.where(before, (lg - la)[:, None] - lg[None, :], 0.0)) * kk,
+                 0.0)
+    return A, lg, lg_end, eps * eta * tl.exp(lg - la), tl.exp(lg_end - lg)
+
+
+@triton.jit
+def _gen_tile_fwd(gc, g0, g1, rloc, mr, learn, er, d, U, eta, Tm, TKd, Kt, gamma_end, offs_d, md,
+                  PREC: tl.constexpr, LOWP: tl.constexpr):
+    """One row tile of G through a segment: Wr = -eta U (E + X_c)ᵀ, N = T Wr - (T Kd) X_0ᵀ,
+    X_end = gamma_L X_0 + Nᵀ K~ (rows that do not learn keep X_0). gc, g0, g1 point at the tile's block in the
+    chunk-start, segment-start and segment-end states; rloc (BR,) are the rows within the block, er the identity
+    weight of the block (resid for square blocks, 0 for w_eta, w_alpha)."""
+    xoff = rloc[:, None] * d + offs_d[None, :]
+    m = mr[:, None] & md[None, :]
+    Xh = tl.load(gc + xoff, mask=m, other=0.0) + tl.where(m & (rloc[:, None] == offs_d[None, :]), er, 0.0)
+    Wr = -eta[:, None] * mm(U, tl.trans(Xh), PREC, LOWP)
+    X0 = tl.load(g0 + xoff, mask=m, other=0.0)
+    N = tl.dot(Tm, Wr, input_precision=PREC) - tl.dot(TKd, tl.trans(X0), input_precision=PREC)
+    Xe = gamma_end * X0 + mm(tl.trans(N), Kt, PREC, LOWP)
+    tl.store(g1 + xoff, tl.where(learn[:, None], Xe, X0), mask=m)
+
+
+@triton.jit
+def _gen_fwd_kernel(
+    a_ptr, valid_ptr, gc_in_ptr, g_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, b_eta_ptr, b_alpha_ptr,
+    T, H, d, C, CA, pos, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot,
+    BC: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, OBJ_L2: tl.constexpr,
+    AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+):
+    """K1: serial scan of the generating memories over the segments of one (batch, head). Slot 0 of g holds the
+    call's start state; slot n+1 receives the state after segment n."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    b_eta = tl.load(b_eta_ptr + h)
+    b_alpha = tl.load(b_alpha_ptr + h)
+    g_base = g_ptr + bh * g_bh
+    r_sq = tl.arange(0, BR)
+    r_ea = tl.arange(0, 16)
+    for n in range(0, NSEG):
+        start, L = _segment(n, C, shift, T)
+        mt = offs_c < L
+        tok = start + offs_c
+        m2 = mt[:, None] & md[None, :]
+        a = tl.load(a_ptr + ((b * T + tok) * H + h)[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            valid = tl.load(valid_ptr + b * T + tok, mask=mt, other=0.0)
+        else:
+            valid = tl.where(mt, 1.0, 0.0)
+        slot = _gc_slot(n, C, CA, pos, shift, T)
+        if slot < 0:
+            gc = gc_in_ptr + bh * gc_bh
+        else:
+            gc = g_base + slot * g_slot
+        g0 = g_base + n * g_slot
+        g1 = g0 + g_slot
+
+        k, v, eta, la, _kr, _nrm, _se, _pa = _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d, md,
+                                                        PREC, LOWP)
+        A, lg, lg_end, kd_scale, kt_scale = _delta_coefficients(k, eta, la, eps, offs_c, PREC)
+        row = (bh * T + tok)
+        tl.store(k_ptr + row[:, None] * d + offs_d[None, :], k, mask=m2)
+        tl.store(v_ptr + row[:, None] * d + offs_d[None, :], v, mask=m2)
+        tl.store(eta_ptr + row, eta, mask=mt)
+        tl.store(lg_ptr + row, lg, mask=mt)
+        Tm = unit_lower_inverse(A, tmat_ptr + (bh * NSEG + n) * BC * BC, offs_c, BC, PREC)
+        TKd = tl.dot(Tm, kd_scale[:, None] * k, input_precision=PREC)
+        Kt = kt_scale[:, None] * k
+        gamma_end = tl.exp(lg_end)
+        if OBJ_L2:
+            U = k - v
+        else:
+            U = -v
+        for blk in tl.static_range(2):
+            if (blk == 0 and AD_K) or (blk == 1 and AD_V):
+                for rt in tl.static_range(D // BR):
+                    rloc = rt * BR + r_sq
+                    mr = rloc < d
+                    _gen_tile_fwd(gc + blk * d * d, g0 + blk * d * d, g1 + blk * d * d, rloc, mr, mr, resid, d, U,
+                                  eta, Tm, TKd, Kt, gamma_end, offs_d, md, PREC, LOWP)
+            else:
+                boff = offs_d[:, None] * d + offs_d[None, :]
+                bm = md[:, None] & md[None, :]
+                tl.store(g1 + blk * d * d + boff, tl.load(g0 + blk * d * d + boff, mask=bm, other=0.0), mask=bm)
+        learn = ((r_ea == 0) & AD_E) | ((r_ea == 1) & AD_A)
+        _gen_tile_fwd(gc + 2 * d * d, g0 + 2 * d * d, g1 + 2 * d * d, r_ea, r_ea < 2, learn, 0.0, d, U, eta, Tm,
+                      TKd, Kt, gamma_end, offs_d, md, PREC, LOWP)
+        tl.debug_barrier()  # the next segment reads the state (and maybe its chunk start) stored here
+
+
+# ------------------------------------------------------------------------------- (b) the main memory W
+
+
+@triton.jit
+def _main_writes(k, v, eta, resid, OBJ_L2: tl.constexpr, VALUE: tl.constexpr):
+    """W's write w_t = V0_t + W_c p_t (SPEC §2; value target: M regresses on v_t)."""
+    if OBJ_L2:
+        U = k - v
+    else:
+        U = -v
+    if VALUE:
+        if OBJ_L2:
+            V0 = -eta[:, None] * (resid * k - v)
+            P = -eta[:, None] * k
+        else:
+            V0 = eta[:, None] * v
+            P = v * 0.0
+    else:
+        V0 = -eta[:, None] * resid * U
+        P = -eta[:, None] * U
+    return V0, P
+
+
+@triton.jit
+def _load_tokens(ptr, bh, T, start, offs_c, mt, offs_d, md, d):
+    """A (BC, D) tile of a (BH, T, d) fp32 buffer."""
+    row = bh * T + start + offs_c
+    return tl.load(ptr + row[:, None] * d + offs_d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
+
+
+@triton.jit
+def _lg_before(lg_ptr, bh, T, start, offs_c, mt):
+    """lg_{t-1} within the segment (0 at its first token)."""
+    row = bh * T + start + offs_c
+    return tl.load(lg_ptr + row - 1, mask=mt & (offs_c > 0), other=0.0)
+
+
+@triton.jit
+def _main_prep_kernel(
+    k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, wc_ptr, wp_ptr, up_ptr,
+    T, C, shift, NSEG, d, eps, resid, wc_bh,
+    BC: tl.constexpr, D: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr,
+):
+    """w', u' of one segment (parallel over segments): N^W = u' - w' h_0."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    start, L = _segment(n, C, shift, T)
+    mt = offs_c < L
+    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    v = _load_tokens(v_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    row = bh * T + start + offs_c
+    eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
+    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+    Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
+    V0, P = _main_writes(k, v, eta, resid, OBJ_L2, VALUE)
+    Kd = (eps * eta * tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt)))[:, None] * k
+    if n == 0:  # the call's own chunk-start W_c (a cached state may sit mid-chunk)
+        boff = offs_d[:, None] * d + offs_d[None, :]
+        Wc = tl.load(wc_ptr + bh * wc_bh + boff, mask=md[:, None] & md[None, :], other=0.0)
+        up = tl.dot(Tm, V0 + mm(P, tl.trans(Wc), PREC, LOWP), input_precision=PREC)
+        wp = tl.dot(Tm, Kd, input_precision=PREC)
+    else:
+        up = tl.dot(Tm, V0, input_precision=PREC)
+        wp = tl.dot(Tm, Kd - P, input_precision=PREC)
+    out = row[:, None] * d + offs_d[None, :]
+    m2 = mt[:, None] & md[None, :]
+    tl.store(up_ptr + out, up, mask=m2)
+    tl.store(wp_ptr + out, wp, mask=m2)
+
+
+@triton.jit
+def _main_state_fwd_kernel(
+    k_ptr, lg_ptr, wp_ptr, up_ptr, z_ptr, vn_ptr,
+    T, C, shift, NSEG, d, z_bh, z_slot,
+    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+):
+    """K2: W's rows [iv BV, (iv+1) BV) over the segments (state in registers); v_new = u' - w' h_0 stored for the
+    output and the backward, the state after every segment stored in slot n+1 of z."""
+    bh = tl.program_id(0).to(tl.int64)
+    iv = tl.program_id(1)
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    rows = iv * BV + tl.arange(0, BV)
+    mr = rows < d
+    woff = rows[:, None] * d + offs_d[None, :]
+    wm = mr[:, None] & md[None, :]
+    z_base = z_ptr + bh * z_bh
+    W = tl.load(z_base + woff, mask=wm, other=0.0)
+    for n in range(0, NSEG):
+        start, L = _segment(n, C, shift, T)
+        mt = offs_c < L
+        row = bh * T + start + offs_c
+        k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+        wp = _load_tokens(wp_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+        vm = mt[:, None] & mr[None, :]
+        up = tl.load(up_ptr + row[:, None] * d + rows[None, :], mask=vm, other=0.0)
+        lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+        lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
+        vn = up - mm(wp, tl.trans(W), PREC, LOWP)
+        tl.store(vn_ptr + row[:, None] * d + rows[None, :], vn, mask=vm)
+        Kt = tl.where(mt, tl.exp(lg_end - lg), 0.0)[:, None] * k
+        W = tl.exp(lg_end) * W + mm(tl.trans(vn), Kt, PREC, LOWP)
+        tl.store(z_base + (n + 1) * z_slot + woff, W, mask=wm)
+
+
+@triton.jit
+def _main_out_fwd_kernel(
+    q_ptr, k_ptr, lg_ptr, vn_ptr, z_ptr, o_ptr,
+    T, H, C, shift, d, z_bh, z_slot, resid,
+    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+):
+    """K3: o_t = r q_t + gamma_t W_0 q_t + Σ_{j<=t} (gamma_t/gamma_j)(k_j.q_t) n_j, parallel over segments."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    iv = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    rows = iv * BV + tl.arange(0, BV)
+    mr = rows < d
+    start, L = _segment(n, C, shift, T)
+    mt = offs_c < L
+    tok = (b * T + start + offs_c) * H + h
+    q = tl.load(q_ptr + tok[:, None] * d + offs_d[None, :], mask=mt[:, None] & md[None, :], other=0.0).to(tl.float32)
+    vm = mt[:, None] & mr[None, :]
+    q_tile = tl.load(q_ptr + tok[:, None] * d + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    row = bh * T + start + offs_c
+    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+    vn = tl.load(vn_ptr + row[:, None] * d + rows[None, :], mask=vm, other=0.0)
+    W0 = tl.load(z_ptr + bh * z_bh + n * z_slot + rows[:, None] * d + offs_d[None, :],
+                 mask=mr[:, None] & md[None, :], other=0.0)
+    causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]  # [t, j]: j <= t < L
+    qk = mm(q, tl.trans(k), PREC, LOWP)
+    decay = tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
+    o = resid * q_tile + tl.exp(lg)[:, None] * mm(q, tl.trans(W0), PREC, LOWP) + mm(qk * decay, vn, PREC, LOWP)
+    tl.store(o_ptr + tok[:, None] * d + rows[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
+
+
+# ---------------------------------------------------------------------------------------------- python
+
+
+def _config(d: int, chunk_size: int, adaptive_chunk_size: int, position: int, eta_max: float, dgd: bool,
+            objective: str, memory_target: str, memory_residual: bool, adaptive: Sequence[str]) -> dict:
+    rows = adaptive_row_mask(adaptive, d)
+    D, BC = block_sizes(d, chunk_size)
+    return dict(C=chunk_size, CA=adaptive_chunk_size, pos=position, shift=position % chunk_size,
+                eta_max=float(eta_max), eps=1.0 if dgd else 0.0, resid=1.0 if memory_residual else 0.0,
+                OBJ_L2=objective == "l2", VALUE=memory_target == "value",
+                ad=(bool(rows[d]), bool(rows[2 * d]), bool(rows[3 * d]), bool(rows[3 * d + 1])),
+                D=D, BC=BC, BR=min(D, 64), BV=min(D, 32))
+
+
+def generating_forward(a: Tensor, valid: Optional[Tensor], gc_in: Tensor, g: Tensor, b_eta: Tensor, b_alpha: Tensor,
+                       cfg: dict, nseg: int, lowp: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Run K1. a: (B, T, H, d) contiguous; gc_in: (BH, *, d) view whose rows 0.. are the input chunk-start G;
+    g: (BH, nseg+1, *, d) view whose rows 0.. are G (slot 0 filled with the start state). Returns k, v (BH, T, d),
+    eta, lg (BH, T) and T (BH, nseg, BC, BC), all fp32."""
+    B, T, H, d = a.shape
+    BC, dev, f32 = cfg["BC"], a.device, torch.float32
+    k = torch.empty(B * H, T, d, device=dev, dtype=f32)
+    v = torch.empty_like(k)
+    eta = torch.empty(B * H, T, device=dev, dtype=f32)
+    lg = torch.empty_like(eta)
+    tmat = torch.empty(B * H, nseg, BC, BC, device=dev, dtype=f32)
+    launch(_gen_fwd_kernel, (B * H,),
+           a, valid if valid is not None else a, gc_in, g, k, v, eta, lg, tmat, b_eta, b_alpha,
+           T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg, cfg["eta_max"], cfg["eps"], cfg["resid"],
+           gc_in.stride(0), g.stride(0), g.stride(1),
+           BC=BC, D=cfg["D"], BR=cfg["BR"], OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0], AD_V=cfg["ad"][1],
+           AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, PREC=dot_precision(), LOWP=lowp,
+           num_warps=num_warps(True))
+    return k, v, eta, lg, tmat
+
+
+def _chunk_start_slots(T: int, cfg: dict, nseg: int) -> tuple[Optional[int], Optional[int]]:
+    """Slots of the final chunk starts: (W's, G's); None = the call's input chunk start."""
+    C, CA, pos, shift = cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"]
+    end = pos + T
+
+    def slot(size: int) -> Optional[int]:
+        boundary = (end // size) * size
+        return None if boundary <= pos else (boundary - (pos - shift)) // C
+
+    return slot(C), slot(CA)
+
+
+def _forward(q, a, zc, z, b_eta, b_alpha, valid, cfg, save: bool):
+    B, T, H, d = q.shape
+    R = memory_rows(d)
+    C, BC, D, BV = cfg["C"], cfg["BC"], cfg["D"], cfg["BV"]
+    nseg = num_segments(T, C, cfg["shift"])
+    dev, f32 = q.device, torch.float32
+    lowp = low_precision_dots(q.dtype)
+    prec = dot_precision()
+    zbuf = torch.empty(B * H, nseg + 1, R, d, device=dev, dtype=f32)
+    zbuf[:, 0] = z.reshape(B * H, R, d)
+    zc = zc.reshape(B * H, R, d).contiguous()
+    k, v, eta, lg, tmat = generating_forward(a, valid, zc[:, d:], zbuf[:, :, d:], b_eta, b_alpha, cfg, nseg, lowp)
+    wp = torch.empty_like(k)
+    up = torch.empty_like(k)
+    launch(_main_prep_kernel, (nseg, B * H),
+           k, v, eta, lg, tmat, zc, wp, up, T, C, cfg["shift"], nseg, d, cfg["eps"], cfg["resid"], zc.stride(0),
+           BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=prec, LOWP=lowp, num_warps=num_warps(False))
+    vn = torch.empty_like(k)
+    nv = triton.cdiv(d, BV)
+    launch(_main_state_fwd_kernel, (B * H, nv),
+           k, lg, wp, up, zbuf, vn, T, C, cfg["shift"], nseg, d, zbuf.stride(0), zbuf.stride(1),
+           BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, num_warps=num_warps(False))
+    o = torch.empty_like(q)
+    launch(_main_out_fwd_kernel, (nseg, B * H, nv),
+           q, k, lg, vn, zbuf, o, T, H, C, cfg["shift"], d, zbuf.stride(0), zbuf.stride(1), cfg["resid"],
+           BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, num_warps=num_warps(False))
+    z_end = zbuf[:, nseg]
+    w_slot, g_slot = _chunk_start_slots(T, cfg, nseg)
+    zc_end = torch.cat([zc[:, :d] if w_slot is None else zbuf[:, w_slot, :d],
+                        zc[:, d:] if g_slot is None else zbuf[:, g_slot, d:]], dim=1)
+    saved = (k, v, eta, lg, tmat, wp, up, vn, zbuf, zc) if save else None
+    return o, zc_end.reshape(B, H, R, d), z_end.reshape(B, H, R, d).clone(), saved, nseg
+
+
+class _TitansChunkFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, a, zc, z, b_eta, b_alpha, valid, cfg):
+        o, zc_end, z_end, saved, nseg = _forward(q, a, zc.detach().float(), z.detach().float(),
+                                                 b_eta.detach().float().contiguous(),
+                                                 b_alpha.detach().float().contiguous(), valid, cfg,
+                                                 save=any(ctx.needs_input_grad))
+        if saved is not None:
+            ctx.save_for_backward(q, a, valid, b_eta, b_alpha, *saved)
+        ctx.cfg, ctx.nseg = cfg, nseg
+        ctx.dtypes = (q.dtype, a.dtype, zc.dtype, z.dtype, b_eta.dtype, b_alpha.dtype)
+        return o, zc_end, z_end
+
+    @staticmethod
+    def backward(ctx, do, dzc_end, dz_end):
+        raise NotImplementedError("the Titans Triton backward is not written yet")
+
+
+def titans_memory_triton(
+    q: Tensor,
+    a: Tensor,
+    z0: Tensor,
+    b_eta: Tensor,
+    b_alpha: Tensor,
+    momentum_logit: Optional[Tensor] = None,
+    *,
+    chunk_size: int,
+    eta_max: float,
+    adaptive_chunk_size: Optional[int] = None,
+    momentum: bool = False,
+    dgd: bool = True,
+    objective: str = "l2",
+    memory_target: str = "self",
+    memory_residual: bool = True,
+    adaptive: Sequence[str] = ADAPTIVE_NAMES,
+    mask: Optional[Tensor] = None,
+    state: Optional[TitansState] = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, Optional[TitansState]]:
+    """Chunked self-modifying Titans memory on Triton; shapes and semantics as `titans_memory_reference`
+    (momentum=False only). Differentiable in q, a, z0, b_eta, b_alpha and the tensors of `state`."""
+    check_memory_inputs(q, a, z0, b_eta, b_alpha, momentum_logit, chunk_size=chunk_size,
+                        adaptive_chunk_size=adaptive_chunk_size, eta_max=eta_max, momentum=momentum,
+                        objective=objective, memory_target=memory_target, adaptive=adaptive, mask=mask)
+    check_no_momentum(momentum, op="titans")
+    check_kernel_inputs(q, a, chunk_size, op="titans")
+    B, T, H, d = q.shape
+    R = memory_rows(d)
+    if state is None:
+        zc = z = z0.unsqueeze(0).expand(B, H, R, d)
+        position = 0
+    else:
+        check_state(state, dict(z_chunk=(B, H, R, d), z=(B, H, R, d), s=(B, H, R, d)), momentum)
+        zc, z, position = state.z_chunk, state.z, int(state.position)
+    cfg = _config(d, chunk_size, resolve_adaptive_chunk_size(chunk_size, adaptive_chunk_size), position, eta_max,
+                  dgd, objective, memory_target, memory_residual, adaptive)
+    valid = None if mask is None else mask.detach().to(device=q.device, dtype=torch.float32).contiguous()
+    if T == 0:
+        o = q.new_zeros(q.shape)
+        final = TitansState(zc.float().clone(), z.float().clone(), None, position) if output_final_state else None
+        return o, final
+    o, zc_end, z_end = _TitansChunkFn.apply(q.contiguous(), a.contiguous(), zc, z, b_eta, b_alpha, valid, cfg)
+    return o, (TitansState(zc_end, z_end, None, position + T) if output_final_state else None)
