@@ -105,7 +105,26 @@ def check_no_momentum(momentum: bool, *, op: str) -> None:
 # --------------------------------------------------------------------------------------------- jit helpers
 
 
-@triton.jit
+def device_fn(fn):
+    """`triton.jit` for a device function called from the kernels. Under the interpreter every call of a nested
+    jit function re-patches triton.language (~3 ms, thousands of calls per launch); the kernel's own launch has
+    patched it already, so there the helper runs as the interpreter's rewritten Python function directly."""
+    jitted = triton.jit(fn)
+    if not triton_interpreting():
+        return jitted
+    rewritten = []
+
+    def call(*args, **kwargs):
+        if not rewritten:
+            rewritten.append(jitted.rewrite())
+        return rewritten[0](*args, **kwargs)
+
+    call.__name__ = fn.__name__
+    call.__doc__ = fn.__doc__
+    return call
+
+
+@device_fn
 def mm(x, y, PREC: tl.constexpr, LOWP: tl.constexpr):
     """x @ y with fp32 accumulation: 16-bit operands when LOWP (16-bit inputs, compiled), else fp32 at PREC."""
     if LOWP:
@@ -114,18 +133,18 @@ def mm(x, y, PREC: tl.constexpr, LOWP: tl.constexpr):
         return tl.dot(x, y, input_precision=PREC)
 
 
-@triton.jit
+@device_fn
 def log_sigmoid(x):
     return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 
-@triton.jit
+@device_fn
 def sigmoid(x):
     e = tl.exp(-tl.abs(x))  # exp of non-positive numbers only
     return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-@triton.jit
+@device_fn
 def unit_lower_inverse(A, scratch, offs_c, BC: tl.constexpr, PREC: tl.constexpr):
     """T = (I + A)^-1 for A (BC, BC) strictly lower triangular, in fp32.
 

@@ -60,6 +60,7 @@ from hope_kernels.titans._common import (
     block_sizes,
     check_kernel_inputs,
     check_no_momentum,
+    device_fn,
     dot_precision,
     launch,
     log_sigmoid,
@@ -86,14 +87,14 @@ __all__ = ["titans_memory_triton"]
 # ------------------------------------------------------------------------------------- segment geometry
 
 
-@triton.jit
+@device_fn
 def _segment(n, C, shift, T):
     """First token and length of segment n."""
     start = tl.maximum(n * C - shift, 0)
     return start, tl.minimum((n + 1) * C - shift, T) - start
 
 
-@triton.jit
+@device_fn
 def _gc_slot(n, C, CA, pos, shift, T):
     """Which generating state segment n reads: -1 for the call's input chunk start, else the checkpoint slot of the
     last adaptive-chunk boundary inside the call (boundaries are chunk boundaries, so they start segments)."""
@@ -106,7 +107,7 @@ def _gc_slot(n, C, CA, pos, shift, T):
 # ------------------------------------------------------------------------ (a) the generating memories
 
 
-@triton.jit
+@device_fn
 def _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d, md, PREC: tl.constexpr,
                LOWP: tl.constexpr):
     """k, v, eta, log alpha of a segment's tokens from the chunk-start generating memories gc (Eq. 90, residual).
@@ -125,7 +126,7 @@ def _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d, md, PREC
     return k, v, eta_max * sig_eta * valid, log_sigmoid(pre_alpha) * valid, k_raw, nrm, sig_eta, pre_alpha
 
 
-@triton.jit
+@device_fn
 def _delta_coefficients(k, eta, la, eps, offs_c, PREC: tl.constexpr):
     """A of the segment (strictly lower) and the decay vectors: lg (within-segment log gamma), Kd's scale
     eps eta_t gamma_{t-1} and gamma_L / gamma_t."""
@@ -138,7 +139,7 @@ def _delta_coefficients(k, eta, la, eps, offs_c, PREC: tl.constexpr):
     return A, lg, lg_end, eps * eta * tl.exp(lg - la), tl.exp(lg_end - lg)
 
 
-@triton.jit
+@device_fn
 def _gen_tile_fwd(gc, g0, g1, rloc, mr, learn, er, d, U, eta, Tm, TKd, Kt, gamma_end, offs_d, md,
                   PREC: tl.constexpr, LOWP: tl.constexpr):
     """One row tile of G through a segment: Wr = -eta U (E + X_c)ᵀ, N = T Wr - (T Kd) X_0ᵀ,
@@ -230,7 +231,7 @@ def _gen_fwd_kernel(
 # ------------------------------------------------------------------------------- (b) the main memory W
 
 
-@triton.jit
+@device_fn
 def _main_writes(k, v, eta, resid, OBJ_L2: tl.constexpr, VALUE: tl.constexpr):
     """W's write w_t = V0_t + W_c p_t (SPEC §2; value target: M regresses on v_t)."""
     if OBJ_L2:
@@ -250,14 +251,14 @@ def _main_writes(k, v, eta, resid, OBJ_L2: tl.constexpr, VALUE: tl.constexpr):
     return V0, P
 
 
-@triton.jit
+@device_fn
 def _load_tokens(ptr, bh, T, start, offs_c, mt, offs_d, md, d):
     """A (BC, D) tile of a (BH, T, d) fp32 buffer."""
     row = bh * T + start + offs_c
     return tl.load(ptr + row[:, None] * d + offs_d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
 
 
-@triton.jit
+@device_fn
 def _lg_before(lg_ptr, bh, T, start, offs_c, mt):
     """lg_{t-1} within the segment (0 at its first token)."""
     row = bh * T + start + offs_c
@@ -373,6 +374,400 @@ def _main_out_fwd_kernel(
     tl.store(o_ptr + tok[:, None] * d + rows[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
 
 
+
+# ------------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _main_dv_bwd_kernel(
+    q_ptr, k_ptr, lg_ptr, do_ptr, dv_ptr,
+    T, H, C, shift, d,
+    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+):
+    """B1: dv_new from the reads, (Gamma ⊙ Q Kᵀ)ᵀ dO, parallel over (segment, batch-head, tile)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    iv = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    rows = iv * BV + tl.arange(0, BV)
+    mr = rows < d
+    start, L = _segment(n, C, shift, T)
+    mt = offs_c < L
+    tok = (b * T + start + offs_c) * H + h
+    vm = mt[:, None] & mr[None, :]
+    q = tl.load(q_ptr + tok[:, None] * d + offs_d[None, :], mask=mt[:, None] & md[None, :], other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + tok[:, None] * d + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    row = bh * T + start + offs_c
+    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+    causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]  # [t, j]: j <= t < L
+    kq = mm(k, tl.trans(q), PREC, LOWP)  # [j, t]
+    decay = tl.exp(tl.where(tl.trans(causal), lg[None, :] - lg[:, None], float("-inf")))  # [j, t]
+    tl.store(dv_ptr + row[:, None] * d + rows[None, :], mm(kq * decay, do, PREC, LOWP), mask=vm)
+
+
+@triton.jit
+def _main_state_bwd_kernel(
+    q_ptr, k_ptr, lg_ptr, wp_ptr, do_ptr, dv_ptr, dw_init_ptr, dzc_w_ptr, dwbuf_ptr, dw_out_ptr,
+    T, H, C, shift, NSEG, d, W_SLOT,
+    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+):
+    """B2: gradient of W's state over the segments in reverse (rows tiled by BV). Stores dW_{n+1} (slot n of dwbuf)
+    for B3, turns dv from the reads into the total dv_new (in place), and returns dW_0. W_SLOT: the segment whose
+    start state is the final chunk start (it receives that state's cotangent dzc_w), or -1."""
+    bh = tl.program_id(0).to(tl.int64)
+    iv = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    rows = iv * BV + tl.arange(0, BV)
+    mr = rows < d
+    woff = rows[:, None] * d + offs_d[None, :]
+    wm = mr[:, None] & md[None, :]
+    dW = tl.load(dw_init_ptr + bh * d * d + woff, mask=wm, other=0.0)
+    for i in range(0, NSEG):
+        n = NSEG - 1 - i
+        start, L = _segment(n, C, shift, T)
+        mt = offs_c < L
+        row = bh * T + start + offs_c
+        tok = (b * T + start + offs_c) * H + h
+        vm = mt[:, None] & mr[None, :]
+        tl.store(dwbuf_ptr + (bh * NSEG + n) * d * d + woff, dW, mask=wm)
+        k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+        wp = _load_tokens(wp_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+        q = tl.load(q_ptr + tok[:, None] * d + offs_d[None, :], mask=mt[:, None] & md[None, :],
+                    other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + tok[:, None] * d + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+        lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+        lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
+        Kt = tl.where(mt, tl.exp(lg_end - lg), 0.0)[:, None] * k
+        dv = tl.load(dv_ptr + row[:, None] * d + rows[None, :], mask=vm, other=0.0) + mm(Kt, tl.trans(dW), PREC, LOWP)
+        tl.store(dv_ptr + row[:, None] * d + rows[None, :], dv, mask=vm)
+        gamma = tl.where(mt, tl.exp(lg), 0.0)
+        dW = tl.exp(lg_end) * dW - mm(tl.trans(dv), wp, PREC, LOWP) + mm(tl.trans(gamma[:, None] * do), q, PREC, LOWP)
+        if n == W_SLOT:
+            dW += tl.load(dzc_w_ptr + bh * d * d + woff, mask=wm, other=0.0)
+    tl.store(dw_out_ptr + bh * d * d + woff, dW, mask=wm)
+
+
+@device_fn
+def _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC: tl.constexpr):
+    """Gradients through A[t,j] = eps eta_t exp(lg_{t-1} - lg_j) k_j.k_t (j < t) given dA (already strictly lower):
+    returns dk, deta, dlg, dla. lg_{t-1} = lg_t - la_t routes the row terms to lg_t and (minus) la_t."""
+    lgb = lg - la
+    before = offs_c[None, :] < offs_c[:, None]
+    F_ = tl.where(before, eps * tl.exp(tl.where(before, lgb[:, None] - lg[None, :], 0.0)), 0.0)
+    kk = tl.dot(k, tl.trans(k), input_precision=PREC)
+    dKK = eta[:, None] * F_ * dA
+    dk = tl.dot(dKK, k, input_precision=PREC) + tl.dot(tl.trans(dKK), k, input_precision=PREC)
+    deta = tl.sum(dA * F_ * kk, 1)
+    GA = dKK * kk  # = dA ⊙ A
+    row = tl.sum(GA, 1)
+    return dk, deta, row - tl.sum(GA, 0), -row
+
+
+@triton.jit
+def _main_chunk_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, wp_ptr, up_ptr, vn_ptr, dv_ptr, do_ptr, z_ptr, dwbuf_ptr,
+    wc_ptr, dq_ptr, dk_ptr, dvx_ptr, deta_ptr, dlg_ptr, dla_ptr, dwc_ptr,
+    T, H, C, shift, NSEG, d, z_bh, z_slot, wc_bh, eps, resid,
+    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr,
+    PREC: tl.constexpr, LOWP: tl.constexpr,
+):
+    """B3, parallel over (segment, batch-head): dq, and the main memory's gradients of k, v, eta, lg and la (through
+    the reads, W's state update, w' = T(Kd - P), u' = T V0 and T's A) for the generating scan's backward."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    start, L = _segment(n, C, shift, T)
+    mt = offs_c < L
+    m2 = mt[:, None] & md[None, :]
+    row = bh * T + start + offs_c
+    tok = (b * T + start + offs_c) * H + h
+    q = tl.load(q_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+    lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
+    gamma = tl.where(mt, tl.exp(lg), 0.0)
+    kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
+
+    dq_state = q * 0.0  # Σ_tiles dO W_n (before the gamma_t weight)
+    dS = tl.zeros([BC, BC], dtype=tl.float32)  # [t, j] = dO_t . v_new_j
+    dKt = q * 0.0
+    dwp = q * 0.0
+    dgamma_end = tl.sum(lg * 0.0, 0)
+    for iv in range(0, tl.cdiv(d, BV)):
+        rows = iv * BV + tl.arange(0, BV)
+        mr = rows < d
+        vm = mt[:, None] & mr[None, :]
+        wm = mr[:, None] & md[None, :]
+        woff = rows[:, None] * d + offs_d[None, :]
+        Wn = tl.load(z_ptr + bh * z_bh + n * z_slot + woff, mask=wm, other=0.0)
+        dWe = tl.load(dwbuf_ptr + (bh * NSEG + n) * d * d + woff, mask=wm, other=0.0)
+        vn = tl.load(vn_ptr + row[:, None] * d + rows[None, :], mask=vm, other=0.0)
+        dvt = tl.load(dv_ptr + row[:, None] * d + rows[None, :], mask=vm, other=0.0)
+        do = tl.load(do_ptr + tok[:, None] * d + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+        dq_state += mm(do, Wn, PREC, LOWP)
+        dS += mm(do, tl.trans(vn), PREC, LOWP)
+        dKt += mm(vn, dWe, PREC, LOWP)
+        dgamma_end += tl.sum(tl.sum(Wn * dWe, 1), 0)
+        dwp -= mm(dvt, Wn, PREC, LOWP)
+    causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]
+    decay = tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
+    qk = mm(q, tl.trans(k), PREC, LOWP)
+    dSd = dS * decay  # the gradient of (Q Kᵀ)[t, j]
+    do_full = tl.load(do_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+    dq = resid * do_full + gamma[:, None] * dq_state + mm(dSd, k, PREC, LOWP)
+    tl.store(dq_ptr + tok[:, None] * d + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=m2)
+    dk = mm(tl.trans(dSd), q, PREC, LOWP) + kappa[:, None] * dKt
+    gd = dSd * qk
+    c = kappa * tl.sum(k * dKt, 1)
+    dlg = tl.sum(gd, 1) - tl.sum(gd, 0) + gamma * tl.sum(dq_state * q, 1) - c
+    dlg_end = tl.sum(c, 0) + tl.exp(lg_end) * dgamma_end
+
+    # ---- through w' = T (Kd - P) (first segment: T Kd), u' = T (V0 [+ P W_cᵀ]) and T = (I + A)^-1
+    v = _load_tokens(v_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
+    lgb = _lg_before(lg_ptr, bh, T, start, offs_c, mt)
+    Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
+    wp = _load_tokens(wp_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    up = _load_tokens(up_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    dup = _load_tokens(dv_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    dYw = tl.dot(tl.trans(Tm), dwp, input_precision=PREC)
+    dYu = tl.dot(tl.trans(Tm), dup, input_precision=PREC)
+    M = tl.dot(dwp, tl.trans(wp), input_precision=PREC) + tl.dot(dup, tl.trans(up), input_precision=PREC)
+    before = offs_c[None, :] < offs_c[:, None]
+    dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
+    dk_a, deta, dlg_a, dla = _tri_chain(dA, k, eta, lg, lg - lgb, eps, offs_c, PREC)
+    dk += dk_a
+    dlg += dlg_a
+    # Kd = diag(eps eta_t gamma_{t-1}) K
+    kd_scale = eps * eta * tl.exp(lgb)
+    dk += kd_scale[:, None] * dYw
+    dks = tl.sum(dYw * k, 1)
+    deta += eps * tl.exp(lgb) * dks
+    dlg += dks * kd_scale
+    dla -= dks * kd_scale
+    V0, P = _main_writes(k, v, eta, resid, OBJ_L2, VALUE)
+    if n == 0:
+        boff = offs_d[:, None] * d + offs_d[None, :]
+        bm = md[:, None] & md[None, :]
+        Wc = tl.load(wc_ptr + bh * wc_bh + boff, mask=bm, other=0.0)
+        dP = mm(dYu, Wc, PREC, LOWP)
+        tl.store(dwc_ptr + bh * d * d + boff, mm(tl.trans(dYu), P, PREC, LOWP), mask=bm)
+    else:
+        dP = -dYw
+    dV0 = dYu
+    dv = v * 0.0
+    if VALUE:
+        if OBJ_L2:  # V0 = -eta (r k - v), P = -eta k
+            dk -= eta[:, None] * (resid * dV0 + dP)
+            dv += eta[:, None] * dV0
+            deta -= tl.sum(dV0 * (resid * k - v), 1) + tl.sum(dP * k, 1)
+        else:  # V0 = eta v
+            dv += eta[:, None] * dV0
+            deta += tl.sum(dV0 * v, 1)
+    else:  # V0 = -eta r U, P = -eta U
+        if OBJ_L2:
+            U = k - v
+        else:
+            U = -v
+        dUs = resid * dV0 + dP
+        deta -= tl.sum(dUs * U, 1)
+        dU = -eta[:, None] * dUs
+        if OBJ_L2:
+            dk += dU
+        dv -= dU
+    dlg += tl.where(offs_c == L - 1, dlg_end, 0.0)
+    out = row[:, None] * d + offs_d[None, :]
+    tl.store(dk_ptr + out, dk, mask=m2)
+    tl.store(dvx_ptr + out, dv, mask=m2)
+    tl.store(deta_ptr + row, deta, mask=mt)
+    tl.store(dlg_ptr + row, dlg, mask=mt)
+    tl.store(dla_ptr + row, dla, mask=mt)
+
+
+@device_fn
+def _gen_tile_bwd(gc, g0, dg, acc, rloc, mr, learn, er, d, U, eta, Tm, TKd, Kd, Kt, gamma_end, offs_d, md,
+                  dKt, dKd, dU, deta, dgamma_end, M, PREC: tl.constexpr, LOWP: tl.constexpr):
+    """Backward of `_gen_tile_fwd` for one row tile: dg holds dX_end on entry and dX_0 on return (in place); acc
+    (the chunk-start gradient) gets dX_c; returns the updated sums dK~, dKd, dU, deta, dgamma_L and M = Σ dN Nᵀ."""
+    xoff = rloc[:, None] * d + offs_d[None, :]
+    m = mr[:, None] & md[None, :]
+    Xh = tl.load(gc + xoff, mask=m, other=0.0) + tl.where(m & (rloc[:, None] == offs_d[None, :]), er, 0.0)
+    UXt = mm(U, tl.trans(Xh), PREC, LOWP)
+    X0 = tl.load(g0 + xoff, mask=m, other=0.0)
+    N = tl.dot(Tm, -eta[:, None] * UXt, input_precision=PREC) - tl.dot(TKd, tl.trans(X0), input_precision=PREC)
+    dXe_all = tl.load(dg + xoff, mask=m, other=0.0)
+    dXe = tl.where(learn[:, None], dXe_all, 0.0)
+    dN = mm(Kt, tl.trans(dXe), PREC, LOWP)
+    dKt += mm(N, dXe, PREC, LOWP)
+    dgamma_end += tl.sum(tl.sum(X0 * dXe, 1), 0)
+    dY = tl.dot(tl.trans(Tm), dN, input_precision=PREC)
+    M += tl.dot(dN, tl.trans(N), input_precision=PREC)
+    dKd -= tl.dot(dY, X0, input_precision=PREC)
+    dX0 = gamma_end * dXe - tl.dot(tl.trans(dY), Kd, input_precision=PREC) + (dXe_all - dXe)
+    deta -= tl.sum(dY * UXt, 1)
+    edY = eta[:, None] * dY
+    dU -= mm(edY, Xh, PREC, LOWP)
+    dXc = -mm(tl.trans(edY), U, PREC, LOWP)
+    tl.store(dg + xoff, dX0, mask=m)
+    tl.store(acc + xoff, tl.load(acc + xoff, mask=m, other=0.0) + dXc, mask=m)
+    return dKt, dKd, dU, deta, dgamma_end, M
+
+
+@triton.jit
+def _gen_bwd_kernel(
+    a_ptr, valid_ptr, gc_in_ptr, g_ptr, tmat_ptr, b_eta_ptr, b_alpha_ptr,
+    dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, dg_ptr, acc_ptr, da_ptr, dbias_ptr,
+    T, H, d, C, CA, pos, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot, dg_bh,
+    BC: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, OBJ_L2: tl.constexpr,
+    AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+):
+    """B4: the generating scan in reverse. dk..dla hold the main memory's gradients of every token's k, v, eta, lg
+    and la (from B3); dg holds dG_end on entry and dG_0 on return; acc holds the cotangent of the final chunk-start G
+    on entry and dG_c of the call's input chunk start on return. Writes da and (db_eta, db_alpha) per program."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    boff = offs_d[:, None] * d + offs_d[None, :]
+    bm = md[:, None] & md[None, :]
+    eye = tl.where(bm & (offs_d[:, None] == offs_d[None, :]), resid, 0.0)
+    b_eta = tl.load(b_eta_ptr + h)
+    b_alpha = tl.load(b_alpha_ptr + h)
+    g_base = g_ptr + bh * g_bh
+    dg = dg_ptr + bh * dg_bh
+    acc = acc_ptr + bh * dg_bh
+    r_sq = tl.arange(0, BR)
+    r_ea = tl.arange(0, 16)
+    learn_ea = ((r_ea == 0) & AD_E) | ((r_ea == 1) & AD_A)
+    db_eta = tl.sum(offs_d * 0.0, 0)
+    db_alpha = db_eta
+    for i in range(0, NSEG):
+        n = NSEG - 1 - i
+        start, L = _segment(n, C, shift, T)
+        mt = offs_c < L
+        tok = start + offs_c
+        m2 = mt[:, None] & md[None, :]
+        a = tl.load(a_ptr + ((b * T + tok) * H + h)[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            valid = tl.load(valid_ptr + b * T + tok, mask=mt, other=0.0)
+        else:
+            valid = tl.where(mt, 1.0, 0.0)
+        slot = _gc_slot(n, C, CA, pos, shift, T)
+        if slot < 0:
+            gc = gc_in_ptr + bh * gc_bh
+        else:
+            gc = g_base + slot * g_slot
+        g0 = g_base + n * g_slot
+        k, v, eta, la, k_raw, nrm, sig_eta, pre_alpha = _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d,
+                                                                   offs_d, md, PREC, LOWP)
+        lg = tl.cumsum(la, 0)
+        lg_end = tl.sum(la, 0)
+        kd_scale = eps * eta * tl.exp(lg - la)
+        kappa = tl.exp(lg_end - lg)
+        Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
+        Kd = kd_scale[:, None] * k
+        TKd = tl.dot(Tm, Kd, input_precision=PREC)
+        Kt = kappa[:, None] * k
+        gamma_end = tl.exp(lg_end)
+        if OBJ_L2:
+            U = k - v
+        else:
+            U = -v
+        row = bh * T + tok
+        out = row[:, None] * d + offs_d[None, :]
+        dk = tl.load(dk_ptr + out, mask=m2, other=0.0)
+        dv = tl.load(dv_ptr + out, mask=m2, other=0.0)
+        deta = tl.load(deta_ptr + row, mask=mt, other=0.0)
+        dlg = tl.load(dlg_ptr + row, mask=mt, other=0.0)
+        dla = tl.load(dla_ptr + row, mask=mt, other=0.0)
+        dKt = k * 0.0
+        dKd = k * 0.0
+        dU = k * 0.0
+        dgamma_end = lg_end * 0.0
+        M = tl.zeros([BC, BC], dtype=tl.float32)
+        for blk in tl.static_range(2):
+            if (blk == 0 and AD_K) or (blk == 1 and AD_V):
+                for rt in tl.static_range(D // BR):
+                    rloc = rt * BR + r_sq
+                    mr = rloc < d
+                    dKt, dKd, dU, deta, dgamma_end, M = _gen_tile_bwd(
+                        gc + blk * d * d, g0 + blk * d * d, dg + blk * d * d, acc + blk * d * d, rloc, mr, mr, resid,
+                        d, U, eta, Tm, TKd, Kd, Kt, gamma_end, offs_d, md, dKt, dKd, dU, deta, dgamma_end, M,
+                        PREC, LOWP)
+        dKt, dKd, dU, deta, dgamma_end, M = _gen_tile_bwd(
+            gc + 2 * d * d, g0 + 2 * d * d, dg + 2 * d * d, acc + 2 * d * d, r_ea, r_ea < 2, learn_ea, 0.0, d, U,
+            eta, Tm, TKd, Kd, Kt, gamma_end, offs_d, md, dKt, dKd, dU, deta, dgamma_end, M, PREC, LOWP)
+        # T = (I + A)^-1: dA = -Tᵀ (Σ dX Xᵀ) for every product X = T Y
+        before = offs_c[None, :] < offs_c[:, None]
+        dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
+        dk_a, deta_a, dlg_a, dla_a = _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC)
+        dk += dk_a + kd_scale[:, None] * dKd + kappa[:, None] * dKt
+        deta += deta_a
+        dks = tl.sum(dKd * k, 1)
+        deta += eps * tl.exp(lg - la) * dks
+        c = kappa * tl.sum(k * dKt, 1)
+        dlg += dlg_a + dks * kd_scale - c
+        dla += dla_a - dks * kd_scale
+        dlg_end = tl.sum(c, 0) + gamma_end * dgamma_end
+        dlg += tl.where(offs_c == L - 1, dlg_end, 0.0)
+        if OBJ_L2:
+            dk += dU
+        dv -= dU
+        # la = logsigmoid(pre_alpha) valid: dla_s += Σ_{t >= s} dlg_t
+        dla += tl.sum(dlg, 0) - tl.cumsum(dlg, 0) + dlg
+        dpre_alpha = dla * valid * sigmoid(-pre_alpha)
+        dpre_eta = deta * valid * eta_max * sig_eta * (1.0 - sig_eta)
+        kdk = tl.sum(k * dk, 1)
+        dk_raw = dk / tl.maximum(nrm, 1e-12)[:, None] - tl.where(nrm > 1e-12, kdk / tl.maximum(nrm, 1e-12), 0.0)[:, None] * k
+        tl.debug_barrier()  # acc's tiles were written with another layout
+        Wkh = tl.load(gc + boff, mask=bm, other=0.0) + eye
+        Wvh = tl.load(gc + d * d + boff, mask=bm, other=0.0) + eye
+        w_eta = tl.load(gc + 2 * d * d + offs_d, mask=md, other=0.0)
+        w_alpha = tl.load(gc + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
+        da = mm(dk_raw, Wkh, PREC, LOWP) + mm(dv, Wvh, PREC, LOWP)
+        da += dpre_eta[:, None] * w_eta[None, :] + dpre_alpha[:, None] * w_alpha[None, :]
+        tl.store(da_ptr + ((b * T + tok) * H + h)[:, None] * d + offs_d[None, :], da.to(da_ptr.dtype.element_ty),
+                 mask=m2)
+        tl.store(acc + boff, tl.load(acc + boff, mask=bm, other=0.0) + mm(tl.trans(dk_raw), a, PREC, LOWP), mask=bm)
+        tl.store(acc + d * d + boff, tl.load(acc + d * d + boff, mask=bm, other=0.0) + mm(tl.trans(dv), a, PREC, LOWP),
+                 mask=bm)
+        ea = acc + 2 * d * d + offs_d
+        tl.store(ea, tl.load(ea, mask=md, other=0.0) + tl.sum(dpre_eta[:, None] * a, 0), mask=md)
+        tl.store(ea + d, tl.load(ea + d, mask=md, other=0.0) + tl.sum(dpre_alpha[:, None] * a, 0), mask=md)
+        db_eta += tl.sum(dpre_eta, 0)
+        db_alpha += tl.sum(dpre_alpha, 0)
+        tl.debug_barrier()
+        if slot == n:  # this segment starts on an adaptive-chunk boundary: its start state was the chunk start
+            for blk in tl.static_range(2):
+                tl.store(dg + blk * d * d + boff, tl.load(dg + blk * d * d + boff, mask=bm, other=0.0)
+                         + tl.load(acc + blk * d * d + boff, mask=bm, other=0.0), mask=bm)
+                tl.store(acc + blk * d * d + boff, eye * 0.0, mask=bm)
+            eoff = 2 * d * d + r_ea[:, None] * d + offs_d[None, :]
+            em = (r_ea < 2)[:, None] & md[None, :]
+            tl.store(dg + eoff, tl.load(dg + eoff, mask=em, other=0.0) + tl.load(acc + eoff, mask=em, other=0.0),
+                     mask=em)
+            tl.store(acc + eoff, tl.zeros([16, D], dtype=tl.float32), mask=em)
+            tl.debug_barrier()
+    tl.store(dbias_ptr + bh * 2, db_eta)
+    tl.store(dbias_ptr + bh * 2 + 1, db_alpha)
+
+
 # ---------------------------------------------------------------------------------------------- python
 
 
@@ -455,6 +850,77 @@ def _forward(q, a, zc, z, b_eta, b_alpha, valid, cfg, save: bool):
     return o, zc_end.reshape(B, H, R, d), z_end.reshape(B, H, R, d).clone(), saved, nseg
 
 
+def generating_backward(a, valid, gc_in, g, tmat, b_eta, b_alpha, dk, dv, deta, dlg, dla, dg, acc, cfg, nseg, lowp):
+    """Run B4. dk..dla: the main memory's gradients of k, v (BH, T, d), eta, lg, la (BH, T); dg (BH, 2d+2, d): dG_end
+    in, dG_0 out; acc (BH, 2d+2, d): the final chunk-start cotangent in, dG_c of the input chunk start out.
+    Returns da (B, T, H, d) in a's dtype and (db_eta, db_alpha) (BH, 2)."""
+    B, T, H, d = a.shape
+    da = torch.empty_like(a)
+    dbias = torch.empty(B * H, 2, device=a.device, dtype=torch.float32)
+    launch(_gen_bwd_kernel, (B * H,),
+           a, valid if valid is not None else a, gc_in, g, tmat, b_eta, b_alpha, dk, dv, deta, dlg, dla, dg, acc,
+           da, dbias, T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg, cfg["eta_max"], cfg["eps"],
+           cfg["resid"], gc_in.stride(0), g.stride(0), g.stride(1), dg.stride(0),
+           BC=cfg["BC"], D=cfg["D"], BR=cfg["BR"], OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0], AD_V=cfg["ad"][1],
+           AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, PREC=dot_precision(), LOWP=lowp,
+           num_warps=num_warps(True))
+    return da, dbias
+
+
+def _backward(q, a, valid, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf, zc, do, dzc_end, dz_end, cfg,
+              nseg):
+    B, T, H, d = q.shape
+    R = memory_rows(d)
+    BC, D, BV = cfg["BC"], cfg["D"], cfg["BV"]
+    dev, f32 = q.device, torch.float32
+    lowp = low_precision_dots(q.dtype)
+    prec = dot_precision()
+    do = do.contiguous()
+    dzc_end = (torch.zeros(B, H, R, d, device=dev, dtype=f32) if dzc_end is None else dzc_end.float()).reshape(B * H, R, d)
+    dz_end = (torch.zeros(B, H, R, d, device=dev, dtype=f32) if dz_end is None else dz_end.float()).reshape(B * H, R, d)
+    w_slot, g_slot = _chunk_start_slots(T, cfg, nseg)
+    nv = triton.cdiv(d, BV)
+    shift = cfg["shift"]
+    # main memory: dv_new from the reads, then W's state in reverse, then the per-segment gradients
+    dvn = torch.empty_like(k)
+    launch(_main_dv_bwd_kernel, (nseg, B * H, nv), q, k, lg, do, dvn, T, H, cfg["C"], shift, d,
+           BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, num_warps=num_warps(False))
+    dw_init = dz_end[:, :d].contiguous()
+    if w_slot == nseg:
+        dw_init += dzc_end[:, :d]
+    dzc_w = dzc_end[:, :d].contiguous()
+    dwbuf = torch.empty(B * H, nseg, d, d, device=dev, dtype=f32)
+    dw0 = torch.empty(B * H, d, d, device=dev, dtype=f32)
+    launch(_main_state_bwd_kernel, (B * H, nv), q, k, lg, wp, do, dvn, dw_init, dzc_w, dwbuf, dw0,
+           T, H, cfg["C"], shift, nseg, d, w_slot if w_slot is not None and 1 <= w_slot < nseg else -1,
+           BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, num_warps=num_warps(False))
+    dq = torch.empty_like(q)
+    dk, dv = torch.empty_like(k), torch.empty_like(k)
+    deta, dlg, dla = torch.empty_like(eta), torch.empty_like(eta), torch.empty_like(eta)
+    dwc = torch.empty(B * H, d, d, device=dev, dtype=f32)
+    launch(_main_chunk_bwd_kernel, (nseg, B * H),
+           q, k, v, eta, lg, tmat, wp, up, vn, dvn, do, zbuf, dwbuf, zc, dq, dk, dv, deta, dlg, dla, dwc,
+           T, H, cfg["C"], shift, nseg, d, zbuf.stride(0), zbuf.stride(1), zc.stride(0), cfg["eps"], cfg["resid"],
+           BC=BC, D=D, BV=BV, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=prec, LOWP=lowp,
+           num_warps=num_warps(True))
+    # the generating rows, in reverse
+    dg = dz_end[:, d:].contiguous()
+    if g_slot == nseg:
+        dg += dzc_end[:, d:]
+        acc = torch.zeros_like(dg)
+    else:
+        acc = dzc_end[:, d:].contiguous()
+    da, dbias = generating_backward(a, valid, zc[:, d:], zbuf[:, :, d:], tmat, b_eta.detach().float().contiguous(),
+                                    b_alpha.detach().float().contiguous(), dk, dv, deta, dlg, dla, dg, acc, cfg,
+                                    nseg, lowp)
+    if w_slot is None:
+        dwc += dzc_end[:, :d]
+    dzc = torch.cat([dwc, acc], dim=1).reshape(B, H, R, d)
+    dz = torch.cat([dw0, dg], dim=1).reshape(B, H, R, d)
+    dbias = dbias.reshape(B, H, 2).sum(0)
+    return dq, da, dzc, dz, dbias[:, 0], dbias[:, 1]
+
+
 class _TitansChunkFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, a, zc, z, b_eta, b_alpha, valid, cfg):
@@ -470,7 +936,13 @@ class _TitansChunkFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dzc_end, dz_end):
-        raise NotImplementedError("the Titans Triton backward is not written yet")
+        q, a, valid, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf, zc = ctx.saved_tensors
+        cfg, nseg = ctx.cfg, ctx.nseg
+        dq, da, dzc, dz, db_eta, db_alpha = _backward(q, a, valid, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn,
+                                                      zbuf, zc, do, dzc_end, dz_end, cfg, nseg)
+        dt = ctx.dtypes
+        return (dq.to(dt[0]), da.to(dt[1]), dzc.to(dt[2]), dz.to(dt[3]), db_eta.to(dt[4]), db_alpha.to(dt[5]),
+                None, None)
 
 
 def titans_memory_triton(

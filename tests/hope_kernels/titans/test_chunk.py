@@ -142,9 +142,32 @@ def test_forward(case):
     check_case(_seed("fwd", case), B, T, H, d, flags(**kw), position=position, mask=mask, grad=False)
 
 
-def test_forward_real_size():
-    """The presets' tile: d = 64, C = 64, a partial last chunk."""
-    check_case(_seed("fwd64"), 1, 70, 1, 64, flags(chunk_size=64), grad=False)
+# ------------------------------------------------------------------------------------------ 2. every gradient
+
+# A covering set: each value of each flag with a mask and an initial state (mid-chunk and on a boundary); B = 1
+# and 3; T never a multiple of C; adaptive_chunk_size > chunk_size; rows that do not learn.
+GRAD_CASES = [
+    # flags, B, T, H, d, position, mask
+    (dict(), 1, 20, 1, 16, None, None),
+    (dict(objective="dot", adaptive_chunk_size=16), 3, 21, 2, 16, 5, "random"),
+    (dict(memory_target="value"), 3, 19, 1, 16, 8, "right"),
+    (dict(memory_target="value", objective="dot", memory_residual=False), 1, 21, 1, 16, 3, "random"),
+    (dict(dgd=False, adaptive=("v", "alpha")), 1, 21, 1, 16, None, "random"),
+    (dict(adaptive=("k", "eta"), chunk_size=4, adaptive_chunk_size=12), 1, 29, 1, 8, 7, None),
+    (dict(adaptive=(), memory_residual=False), 1, 13, 1, 24, 11, "random"),
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[f"g{i}" for i in range(len(GRAD_CASES))])
+def test_gradients(case):
+    kw, B, T, H, d, position, mask = case
+    check_case(_seed("grad", case), B, T, H, d, flags(**kw), position=position, mask=mask)
+
+
+def test_real_size():
+    """The presets' tile, d = 64, C = 64 (the interpreter never runs it otherwise): two segments, the first
+    mid-chunk, every gradient."""
+    check_case(_seed("real"), 1, 70, 1, 64, flags(chunk_size=64), position=40, mask="random")
 
 
 # ----------------------------------------------------------------------------------------- 3. API details
