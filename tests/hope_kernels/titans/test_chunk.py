@@ -180,6 +180,24 @@ def test_momentum_raises():
         titans_memory_triton(*x, torch.zeros(1, device=DEV), momentum=True, **flags())
 
 
+def test_dispatcher_momentum():
+    """kernel_backend="triton" with momentum names the flag; "auto" runs the reference for it."""
+    from hope_kernels.titans import titans_memory, titans_memory_step
+
+    inputs, _, _ = make_case(_seed("dispatch"), 1, 5, 1, 8)
+    x = [inputs[n].to(DEV, F32) for n in INPUTS]
+    logit = torch.zeros(1, device=DEV)
+    with pytest.raises(ValueError, match="momentum=True"):
+        titans_memory(*x, logit, momentum=True, backend="triton", **flags())
+    with pytest.raises(ValueError, match="momentum=True"):
+        titans_memory_step(x[0][:, 0], x[1][:, 0], *x[2:], logit, momentum=True, backend="triton", **flags())
+    o, _ = titans_memory(*x, logit, momentum=True, backend="auto", **flags())
+    o_ref, _ = titans_memory_reference(*x, logit, momentum=True, **flags())
+    assert torch.equal(o, o_ref)
+    o, _ = titans_memory(*x, backend="triton", **flags())  # the kernel, not the reference, and equal to it
+    assert rel_err(o, titans_memory_reference(*inputs.values(), **flags())[0]) <= TOL
+
+
 def test_no_final_state_and_empty_sequence():
     inputs, _, _ = make_case(_seed("api"), 2, 7, 1, 16)
     x = [inputs[n].to(DEV, F32) for n in INPUTS]
