@@ -59,6 +59,41 @@ def pick(x, rloc, offs_d):
     return tl.sum(tl.where(rloc[:, None] == offs_d[None, :], x[None, :], 0.0), 1)
 
 
+@device_fn
+def step_rows(zc, z, zc_out, z_out, o_ptr, r0, base, d, k, v, u, q, eta, alpha, eps, resid, move_w, move_g, offs_d, md,
+              BR: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, AD_K: tl.constexpr, AD_V: tl.constexpr,
+              AD_E: tl.constexpr, AD_A: tl.constexpr):
+    """Rows [r0, r0 + BR) of Z = [W ; W_k ; W_v ; w_eta ; w_alpha] through one token (row indices of the full
+    (3d+2, d) stack; the buffers start at row `base`: 0 for the linear op, d for the deep op's generating rows)."""
+    rows = r0 + tl.arange(0, BR)
+    mr = rows < 3 * d + 2
+    off = (rows - base)[:, None] * d + offs_d[None, :]
+    m = mr[:, None] & md[None, :]
+    Xc = tl.load(zc + off, mask=m, other=0.0)
+    X = tl.load(z + off, mask=m, other=0.0)
+    rloc = rows % d
+    is_w = rows < d
+    # the write -eta (E_X + X_c) u (Eq. 91 at the chunk start); W's value target regresses on v
+    err = tl.where(rows < 3 * d, resid * pick(u, rloc, offs_d), 0.0) + tl.sum(Xc * u[None, :], 1)
+    if VALUE:
+        if OBJ_L2:
+            err_w = resid * pick(k, rloc, offs_d) + tl.sum(Xc * k[None, :], 1) - pick(v, rloc, offs_d)
+        else:
+            err_w = -pick(v, rloc, offs_d)
+        err = tl.where(is_w, err_w, err)
+    Xk = tl.sum(X * k[None, :], 1)
+    X_new = alpha * X + (-eps * eta * Xk - eta * err)[:, None] * k[None, :]
+    learn = is_w | ((rows >= d) & (rows < 2 * d) & AD_K) | ((rows >= 2 * d) & (rows < 3 * d) & AD_V)
+    learn = learn | ((rows == 3 * d) & AD_E) | ((rows == 3 * d + 1) & AD_A)
+    X_new = tl.where(learn[:, None], X_new, X)
+    tl.store(z_out + off, X_new, mask=m)
+    move = tl.where(is_w, move_w, move_g) != 0
+    tl.store(zc_out + off, tl.where(move[:, None], X_new, Xc), mask=m)
+    if r0 < d:  # the read after the token's update, o = E q + W_t q
+        o = resid * pick(q, rloc, offs_d) + tl.sum(X_new * q[None, :], 1)
+        tl.store(o_ptr + rows, o.to(o_ptr.dtype.element_ty), mask=is_w)
+
+
 @triton.jit
 def _titans_step_kernel(
     q_ptr, a_ptr, valid_ptr, zc_ptr, z_ptr, zc_out_ptr, z_out_ptr, o_ptr, b_eta_ptr, b_alpha_ptr,
@@ -79,7 +114,6 @@ def _titans_step_kernel(
     else:
         valid = 1.0
     zc = zc_ptr + bh * R * d
-    z = z_ptr + bh * R * d
     k, v, eta, alpha = step_reads(a, valid, zc + d * d, tl.load(b_eta_ptr + h), tl.load(b_alpha_ptr + h), eta_max,
                                   resid, d, offs_d, md)
     if OBJ_L2:
@@ -87,34 +121,9 @@ def _titans_step_kernel(
     else:
         u = -v
     for r0 in range(0, R, BR):
-        rows = r0 + tl.arange(0, BR)
-        mr = rows < R
-        off = rows[:, None] * d + offs_d[None, :]
-        m = mr[:, None] & md[None, :]
-        Xc = tl.load(zc + off, mask=m, other=0.0)
-        X = tl.load(z + off, mask=m, other=0.0)
-        rloc = rows % d
-        square = rows < 3 * d
-        is_w = rows < d
-        # the write -eta (E_X + X_c) u (Eq. 91 at the chunk start); W's value target regresses on v
-        err = tl.where(square, resid * pick(u, rloc, offs_d), 0.0) + tl.sum(Xc * u[None, :], 1)
-        if VALUE:
-            if OBJ_L2:
-                err_w = resid * pick(k, rloc, offs_d) + tl.sum(Xc * k[None, :], 1) - pick(v, rloc, offs_d)
-            else:
-                err_w = -pick(v, rloc, offs_d)
-            err = tl.where(is_w, err_w, err)
-        Xk = tl.sum(X * k[None, :], 1)
-        X_new = alpha * X + (-eps * eta * Xk - eta * err)[:, None] * k[None, :]
-        learn = is_w | ((rows >= d) & (rows < 2 * d) & AD_K) | ((rows >= 2 * d) & (rows < 3 * d) & AD_V)
-        learn = learn | ((rows == 3 * d) & AD_E) | ((rows == 3 * d + 1) & AD_A)
-        X_new = tl.where(learn[:, None], X_new, X)
-        tl.store(z_out_ptr + bh * R * d + off, X_new, mask=m)
-        move = tl.where(is_w, move_w, move_g) != 0
-        tl.store(zc_out_ptr + bh * R * d + off, tl.where(move[:, None], X_new, Xc), mask=m)
-        if r0 < d:  # the read after the token's update, o = E q + W_t q
-            o = resid * pick(q, rloc, offs_d) + tl.sum(X_new * q[None, :], 1)
-            tl.store(o_ptr + bh * d + rows, o.to(o_ptr.dtype.element_ty), mask=is_w)
+        step_rows(zc, z_ptr + bh * R * d, zc_out_ptr + bh * R * d, z_out_ptr + bh * R * d, o_ptr + bh * d, r0, 0, d,
+                  k, v, u, q, eta, alpha, eps, resid, move_w, move_g, offs_d, md, BR, OBJ_L2, VALUE, AD_K, AD_V,
+                  AD_E, AD_A)
 
 
 def titans_memory_step_triton(

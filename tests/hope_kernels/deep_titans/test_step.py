@@ -1,15 +1,10 @@
-"""Triton decode-step kernel of the deep Titans memory (hope_kernels/deep_titans/step.py): token-by-token decoding
-from a cached state equals the float64 chunked reference (o and every state tensor, <= 1e-4 relative).
-Runs in Triton's CPU interpreter without a GPU, so the shapes are tiny."""
+"""Triton decode step of the deep Titans memory (hope_kernels/deep_titans/step.py): equal to the float64 reference
+step and, token by token, to the chunked forward (kernel and reference), SPEC §5. Interpreter on CPU; fresh random
+inputs every run (HOPE_TEST_SEED replays)."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
@@ -19,53 +14,98 @@ from hope_kernels.deep_titans import (  # noqa: E402
     titans_deep_memory_step,
     titans_deep_memory_step_reference,
 )
+from hope_kernels.deep_titans.chunk import titans_deep_memory_triton  # noqa: E402
 from hope_kernels.deep_titans.step import titans_deep_memory_step_triton  # noqa: E402
-from tests.hope_kernels.deep_titans.test_chunk import DEV, F32, TOL, rel  # noqa: E402
-from tests.hope_kernels.deep_titans.test_reference import _gen, flags, make_inputs, make_mask  # noqa: E402
+from tests.hope_kernels.deep_titans.test_chunk import (  # noqa: E402
+    DEV,
+    F32,
+    F64,
+    INPUTS,
+    STATE,
+    TOL,
+    _seed,
+    flags,
+    make_case,
+    rel_err,
+)
 
 
-@pytest.mark.parametrize("momentum,dgd,objective,target,adaptive,d,h", [
-    (True, True, "l2", "self", ("k", "v", "eta", "alpha"), 8, 12),
-    (False, True, "dot", "value", ("k", "v", "eta", "alpha"), 8, 8),
-    (True, False, "dot", "self", ("eta",), 5, 3),  # odd d and h
-    (False, False, "l2", "value", ("k", "alpha"), 8, 20),
+def _state(x: dict, position: int, dtype=F32) -> DeepTitansState:
+    t = {n: x[n].to(DEV, dtype) for n in STATE}
+    return DeepTitansState(t["z_chunk"], t["z"], None, t["w1_chunk"], t["w1"], None, t["w2_chunk"], t["w2"], None,
+                           position)
+
+
+def assert_states(st, ref, what=""):
+    assert st.position == ref.position and st.s is None and st.s1 is None and st.s2 is None, what
+    for name in STATE:
+        t = getattr(st, name)
+        assert t.dtype == F32, (what, name)
+        e = rel_err(t, getattr(ref, name))
+        assert e <= TOL, f"{what} state.{name}: relative error {e:.2e}"
+
+
+@pytest.mark.parametrize("kw,d,h", [
+    (dict(), 8, 12),
+    (dict(objective="dot", memory_target="value", dgd=False, adaptive_chunk_size=8), 8, 8),
+    (dict(memory_residual=False, adaptive=("k", "alpha")), 24, 20),  # several row tiles, odd h
 ])
-def test_decode_equals_chunked_reference(momentum, dgd, objective, target, adaptive, d, h):
-    """Prefill 2 tokens with the reference (mid-chunk at C = 3), then decode 4 with the kernel, crossing a chunk
-    boundary, under a random mask."""
-    g = _gen("step", momentum, dgd, objective, target, adaptive, d, h)
-    B, T, H, prefill = 2, 6, 2, 2
-    inputs = make_inputs(g, B=B, T=T, H=H, d=d, h=h)
-    mask = make_mask("random", g, B, T)
-    kw = flags(chunk_size=3, momentum=momentum, dgd=dgd, objective=objective, memory_target=target, adaptive=adaptive)
-    o_ref, st_ref = titans_deep_memory_reference(*inputs, mask=mask, output_final_state=True, **kw)
-    q, a, rest = inputs[0], inputs[1], inputs[2:]
-    _, state = titans_deep_memory_reference(q[:, :prefill], a[:, :prefill], *rest, mask=mask[:, :prefill],
+def test_step_matches_reference_step(kw, d, h):
+    """Batch row 1 masked; positions inside a chunk, at a chunk's last token and at an adaptive chunk's last."""
+    kw = flags(**kw)
+    B, H = 3, 2
+    x, _, _ = make_case(_seed("step", kw, d, h), B, 1, H, d, h, position=0)
+    mask = torch.tensor([1.0, 0.0, 1.0], dtype=F64)
+    q, a = x["q"][:, 0], x["a"][:, 0]
+    rest = [x[n] for n in INPUTS[2:]]
+    for position in (0, 1, 3, 7):
+        state = None if position == 0 else DeepTitansState(*(x[n] if n in x else None for n in DeepTitansState._fields[:9]),
+                                                           position)
+        o_ref, st_ref = titans_deep_memory_step_reference(q, a, *rest, mask=mask, state=state, **kw)
+        k_state = None if position == 0 else _state(x, position)
+        o, st = titans_deep_memory_step_triton(q.to(DEV, F32), a.to(DEV, F32), *(t.to(DEV, F32) for t in rest),
+                                               mask=mask.to(DEV), state=k_state, **kw)
+        assert o.dtype == F32 and rel_err(o, o_ref) <= TOL, (position, rel_err(o, o_ref))
+        assert_states(st, st_ref, what=f"position {position}")
+    assert torch.equal(st.w1[1].cpu(), x["w1"][1].to(F32))  # the masked row changed no memory
+
+
+@pytest.mark.parametrize("kw,prompt", [(dict(), 3), (dict(objective="dot", adaptive_chunk_size=8), 0)])
+def test_decode_equals_chunked_forward(kw, prompt):
+    """A mid-chunk cached state, a prompt through the chunk kernel, then step by step over chunk boundaries."""
+    kw = flags(**kw)
+    B, T, H, d, h = 2, 11, 1, 8, 12
+    x, m, _ = make_case(_seed("decode", kw, prompt), B, T, H, d, h, position=2, mask="random")
+    q, a = x["q"].to(DEV, F32), x["a"].to(DEV, F32)
+    rest = [x[n].to(DEV, F32) for n in INPUTS[2:]]
+    m = m.to(DEV, F32)
+    ref_state = DeepTitansState(*(x[n] if n in x else None for n in DeepTitansState._fields[:9]), 2)
+    o_ref, st_ref = titans_deep_memory_reference(x["q"], x["a"], *(x[n] for n in INPUTS[2:]), mask=m.double().cpu(),
+                                                 state=ref_state, output_final_state=True, **kw)
+    outs, st = [], _state(x, 2)
+    if prompt:
+        o_p, st = titans_deep_memory_triton(q[:, :prompt], a[:, :prompt], *rest, mask=m[:, :prompt], state=st,
                                             output_final_state=True, **kw)
-    state = DeepTitansState(*(x.to(DEV, F32) for x in state[:9]), state.position)
-    k_rest = [x.to(DEV, F32) for x in rest]
-    for t in range(prefill, T):
-        o, state = titans_deep_memory_step_triton(q[:, t].to(DEV, F32), a[:, t].to(DEV, F32), *k_rest,
-                                                  mask=mask[:, t].to(DEV), state=state, **kw)
-        assert o.dtype == F32
-        assert rel(o, o_ref[:, t]) <= TOL, f"o at token {t}: {rel(o, o_ref[:, t]):.2e}"
-    assert state.position == T
-    for name in DeepTitansState._fields[:9]:
-        assert rel(getattr(state, name), getattr(st_ref, name)) <= TOL, name
+        outs.append(o_p)
+    for t in range(prompt, T):
+        o_t, st = titans_deep_memory_step_triton(q[:, t], a[:, t], *rest, mask=m[:, t], state=st, **kw)
+        outs.append(o_t.unsqueeze(1))
+    assert rel_err(torch.cat(outs, 1), o_ref) <= TOL
+    assert_states(st, st_ref, what="decoded")
 
 
-def test_first_token_without_state_and_dispatch():
-    g = _gen("step_first")
-    inputs = make_inputs(g, B=2, T=1, H=1, d=8, h=8)
-    q, a, rest = inputs[0][:, 0], inputs[1][:, 0], inputs[2:]
-    o_ref, st_ref = titans_deep_memory_step_reference(q, a, *rest, **flags(chunk_size=1))
-    k_args = [x.to(DEV, F32) for x in (q, a, *rest)]
+def test_first_token_half_inputs_dispatch_and_bad_input():
+    x, _, _ = make_case(_seed("first"), 2, 1, 1, 8, 8)
+    args = [x["q"][:, 0], x["a"][:, 0]] + [x[n] for n in INPUTS[2:]]
+    o_ref, st_ref = titans_deep_memory_step_reference(*args, **flags(chunk_size=1))
+    k_args = [t.to(DEV, F32) for t in args]
     o, st = titans_deep_memory_step_triton(*k_args, **flags(chunk_size=1))
-    assert rel(o, o_ref) <= TOL
-    assert rel(st.w2_chunk, st_ref.w2_chunk) <= TOL  # C = 1: the token completes a chunk
+    assert rel_err(o, o_ref) <= TOL and rel_err(st.w2_chunk, st_ref.w2_chunk) <= TOL  # C = 1: the chunk moves
     assert torch.equal(titans_deep_memory_step(*k_args, **flags(chunk_size=1), backend="triton")[0], o)
-    bf16 = titans_deep_memory_step_triton(*[x.to(torch.bfloat16) if i < 2 else x for i, x in enumerate(k_args)],
+    bf16 = titans_deep_memory_step_triton(*[t.to(torch.bfloat16) if i < 2 else t for i, t in enumerate(k_args)],
                                           **flags(chunk_size=1))[0]
-    assert bf16.dtype == torch.bfloat16 and rel(bf16, o_ref) <= 1e-2
+    assert bf16.dtype == torch.bfloat16 and rel_err(bf16, o_ref) <= 1e-2
     with pytest.raises(ValueError, match="float64"):
-        titans_deep_memory_step_triton(q, a, *rest, **flags())
+        titans_deep_memory_step_triton(*(t.to(DEV) for t in args), **flags())
+    with pytest.raises(ValueError, match="momentum=True"):
+        titans_deep_memory_step(*k_args, torch.zeros(1, device=DEV), momentum=True, backend="triton", **flags())
