@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     rows = []
     for d, dtype, kernel, grid, a, kw in tqdm(jobs, desc="sm_90a compile", unit="kernel"):
         rows.append(dict(d=d, dtype=dtype, **compile_launch(kernel, grid, a, kw)))
-    write_table(rows, args.out)
+        write_table(rows, args.out)  # after every kernel: an interrupted run keeps what it compiled
     print((args.out / "sm90_check.md").read_text())
     return 0
 

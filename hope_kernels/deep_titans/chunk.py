@@ -38,7 +38,7 @@ from hope_kernels.titans._common import (
     mm,
     next_pow2,
     num_segments,
-    num_warps,
+    launch_options,
     sigmoid,
 )
 from hope_kernels.titans.chunk import (
@@ -334,7 +334,7 @@ def _forward(q, a, w1c, w1, w2c, w2, zc, z, b_eta, b_alpha, valid, cfg, save: bo
            q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, o, T, H, cfg["C"], cfg["shift"], nseg, d, hd, cfg["eps"],
            w1buf.stride(0), w1buf.stride(1), w2buf.stride(0), w2buf.stride(1), w1c.stride(0),
            BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=dot_precision(),
-           LOWP=lowp, num_warps=num_warps(True))
+           LOWP=lowp, **launch_options("serial", cfg["D"]))
     w_slot, g_slot = _chunk_start_slots(T, cfg, nseg)
     finals = [
         zc if g_slot is None else gbuf[:, g_slot], gbuf[:, nseg],
@@ -374,7 +374,7 @@ def _backward(q, a, valid, b_eta, b_alpha, k, v, eta, lg, tmat, gbuf, zc, w1buf,
            T, H, cfg["C"], cfg["shift"], nseg, d, hd, cfg["eps"], w1buf.stride(0), w1buf.stride(1), w2buf.stride(0),
            w2buf.stride(1), w1c.stride(0), w_slot if w_slot is not None and 1 <= w_slot < nseg else -1,
            BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=dot_precision(),
-           LOWP=lowp, num_warps=num_warps(True))
+           LOWP=lowp, **launch_options("serial", cfg["D"]))
     if w_slot is None:
         dw1c += dw1c_end
         dw2c += dw2c_end

@@ -18,7 +18,15 @@ from torch import Tensor
 
 from hope_kernels.deep_titans.chunk import MAX_HIDDEN, silu_grad
 from hope_kernels.deep_titans.reference import DeepTitansState, _check_deep_inputs, _kwargs
-from hope_kernels.titans._common import block_sizes, check_kernel_inputs, check_no_momentum, launch, next_pow2, sigmoid
+from hope_kernels.titans._common import (
+    block_sizes,
+    check_kernel_inputs,
+    check_no_momentum,
+    launch,
+    launch_options,
+    next_pow2,
+    sigmoid,
+)
 from hope_kernels.titans.reference import ADAPTIVE_NAMES, adaptive_row_mask, resolve_adaptive_chunk_size
 from hope_kernels.titans.step import step_reads, step_rows
 
@@ -140,6 +148,6 @@ def titans_deep_memory_step_triton(
            int((position + 1) % ca == 0),
            D=D, HD=max(16, next_pow2(hd)), BR=min(D, 32), OBJ_L2=objective == "l2", VALUE=memory_target == "value",
            AD_K=bool(rows[d]), AD_V=bool(rows[2 * d]), AD_E=bool(rows[3 * d]), AD_A=bool(rows[3 * d + 1]),
-           HAS_MASK=valid is not None, num_warps=4)
+           HAS_MASK=valid is not None, **launch_options("step", D))
     zc, z, w1c, w1, w2c, w2 = outs
     return o, DeepTitansState(zc, z, None, w1c, w1, None, w2c, w2, None, position + 1)

@@ -45,9 +45,24 @@ def low_precision_dots(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16) and not triton_interpreting()
 
 
-def num_warps(big: bool) -> int:
-    """One config (the interpreter cannot autotune); 8 warps for the d x d-state kernels, 4 for the thin ones."""
-    return 4 if triton_interpreting() or not big else 8
+def launch_options(kind: str, D: int) -> dict:
+    """num_warps and num_stages of a kernel kind at head-dim block D, chosen with the offline sm_90a compile table
+    (`make sm90-check`, benchmarks/results/sm90_check.md): the d x d-state and chunk tiles are fp32, so 4 warps
+    spill at d = 64. num_stages=1 everywhere: prefetching the next segment's tiles (the pipeliner's default 3
+    stages) doubled the shared memory and caused most spills, and in the serial scans (K1, B4) segment n+1 reads
+    what segment n stored, which a prefetch would read stale. The interpreter takes one config (it cannot
+    autotune). kinds: "tile" (parallel and BV-tiled kernels), "serial" (the scans that keep whole states per
+    (batch, head)), "step" (decode)."""
+    if triton_interpreting():
+        return dict(num_warps=4, num_stages=1)
+    warps = {"tile": 8, "serial": 8 if D <= 64 else 16, "step": 4 if D <= 32 else 8}[kind]
+    return dict(num_warps=warps, num_stages=1)
+
+
+def block_v(D: int, lowp: bool) -> int:
+    """BV, the width of W's row tiles in the state-passing kernels: 32, or 16 at d = 128 in fp32 (a 32 x 128 fp32
+    tile plus the chunk's fp32 operands spill at 8 warps)."""
+    return min(D, 16 if D > 64 and not lowp else 32)
 
 
 def next_pow2(x: int) -> int:

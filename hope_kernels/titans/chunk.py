@@ -35,8 +35,9 @@ segment, shared by every row of Z: same keys, same transition),
     in parallel over (segment, batch, head, tile). The reference evaluates the same closed form
     (`delta_rule_read`), so both agree to rounding.
 (c) The backward mirrors it: `_main_dv_bwd_kernel` (dv_new from o, parallel), `_main_state_bwd_kernel` (dW over the
-    segments in reverse, BV tiles, dW checkpoints), `_main_chunk_bwd_kernel` (dq, the k / lg parts of the main
-    memory, and the gradient through w', u' and T's A, parallel), `_gen_bwd_kernel` (the reverse serial scan of G:
+    segments in reverse, BV tiles, dW checkpoints), `_main_chunk_bwd_kernel` (dq, the k / lg parts of the reads and
+    W's update, dw', parallel), `_main_wy_bwd_kernel` (through w', u' and T's A, parallel: dA = -Tᵀ Σ dX Xᵀ over
+    the products X = T Y), `_gen_bwd_kernel` (the reverse serial scan of G:
     T is read back from the forward, G recomputed from its checkpoints). Memory: O(T/C (3d+2) d) checkpoints plus
     O(T d) per-token buffers and O(T C) for T, per (batch, head).
 
@@ -67,7 +68,8 @@ from hope_kernels.titans._common import (
     low_precision_dots,
     mm,
     num_segments,
-    num_warps,
+    launch_options,
+    block_v,
     sigmoid,
     unit_lower_inverse,
 )
@@ -474,14 +476,12 @@ def _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC: tl.constexpr):
 
 @triton.jit
 def _main_chunk_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, wp_ptr, up_ptr, vn_ptr, dv_ptr, do_ptr, z_ptr, dwbuf_ptr,
-    wc_ptr, dq_ptr, dk_ptr, dvx_ptr, deta_ptr, dlg_ptr, dla_ptr, dwc_ptr,
-    T, H, C, shift, NSEG, d, z_bh, z_slot, wc_bh, eps, resid,
-    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr,
-    PREC: tl.constexpr, LOWP: tl.constexpr,
+    q_ptr, k_ptr, lg_ptr, vn_ptr, dv_ptr, do_ptr, z_ptr, dwbuf_ptr, dq_ptr, dk_ptr, dlg_ptr, dwp_ptr,
+    T, H, C, shift, NSEG, d, z_bh, z_slot, resid,
+    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
-    """B3, parallel over (segment, batch-head): dq, and the main memory's gradients of k, v, eta, lg and la (through
-    the reads, W's state update, w' = T(Kd - P), u' = T V0 and T's A) for the generating scan's backward."""
+    """B3, parallel over (segment, batch-head), W's rows in BV tiles: dq, the gradients of k and lg through the reads
+    and W's state update, and dw' = -dv_new W_0 (for `_main_wy_bwd_kernel`)."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -495,11 +495,9 @@ def _main_chunk_bwd_kernel(
     row = bh * T + start + offs_c
     tok = (b * T + start + offs_c) * H + h
     q = tl.load(q_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
     lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
     lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
     gamma = tl.where(mt, tl.exp(lg), 0.0)
-    kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
 
     dq_state = q * 0.0  # Σ_tiles dO W_n (before the gamma_t weight)
     dS = tl.zeros([BC, BC], dtype=tl.float32)  # [t, j] = dO_t . v_new_j
@@ -522,42 +520,69 @@ def _main_chunk_bwd_kernel(
         dKt += mm(vn, dWe, PREC, LOWP)
         dgamma_end += tl.sum(tl.sum(Wn * dWe, 1), 0)
         dwp -= mm(dvt, Wn, PREC, LOWP)
+    out = row[:, None] * d + offs_d[None, :]
+    tl.store(dwp_ptr + out, dwp, mask=m2)
+    dlg = gamma * tl.sum(dq_state * q, 1)
+    dq_state = gamma[:, None] * dq_state + resid * tl.load(do_ptr + tok[:, None] * d + offs_d[None, :], mask=m2,
+                                                           other=0.0).to(tl.float32)
+    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
     causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]
     decay = tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
-    qk = mm(q, tl.trans(k), PREC, LOWP)
     dSd = dS * decay  # the gradient of (Q Kᵀ)[t, j]
-    do_full = tl.load(do_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-    dq = resid * do_full + gamma[:, None] * dq_state + mm(dSd, k, PREC, LOWP)
+    dq = dq_state + mm(dSd, k, PREC, LOWP)
     tl.store(dq_ptr + tok[:, None] * d + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=m2)
-    dk = mm(tl.trans(dSd), q, PREC, LOWP) + kappa[:, None] * dKt
-    gd = dSd * qk
+    gd = dSd * mm(q, tl.trans(k), PREC, LOWP)
+    kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
     c = kappa * tl.sum(k * dKt, 1)
-    dlg = tl.sum(gd, 1) - tl.sum(gd, 0) + gamma * tl.sum(dq_state * q, 1) - c
-    dlg_end = tl.sum(c, 0) + tl.exp(lg_end) * dgamma_end
+    dlg += tl.sum(gd, 1) - tl.sum(gd, 0) - c
+    dlg += tl.where(offs_c == L - 1, tl.sum(c, 0) + tl.exp(lg_end) * dgamma_end, 0.0)
+    tl.store(dlg_ptr + row, dlg, mask=mt)
+    tl.store(dk_ptr + out, mm(tl.trans(dSd), q, PREC, LOWP) + kappa[:, None] * dKt, mask=m2)
 
-    # ---- through w' = T (Kd - P) (first segment: T Kd), u' = T (V0 [+ P W_cᵀ]) and T = (I + A)^-1
-    v = _load_tokens(v_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
-    eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
-    lgb = _lg_before(lg_ptr, bh, T, start, offs_c, mt)
+
+@triton.jit
+def _main_wy_bwd_kernel(
+    k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, wp_ptr, up_ptr, dv_ptr, dwp_ptr, wc_ptr,
+    dk_ptr, dvx_ptr, deta_ptr, dlg_ptr, dla_ptr, dwc_ptr,
+    T, C, shift, NSEG, d, wc_bh, eps, resid,
+    BC: tl.constexpr, D: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr,
+):
+    """B3', parallel over (segment, batch-head): the main memory's gradient through w' = T (Kd - P) (first segment:
+    T Kd), u' = T (V0 [+ P W_cᵀ]) and T = (I + A)^-1, added to B3's dk, dlg; writes dv, deta, dla (and dW_c of the
+    first segment)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    start, L = _segment(n, C, shift, T)
+    mt = offs_c < L
+    m2 = mt[:, None] & md[None, :]
+    row = bh * T + start + offs_c
+    out = row[:, None] * d + offs_d[None, :]
     Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
-    wp = _load_tokens(wp_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
-    up = _load_tokens(up_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    dwp = _load_tokens(dwp_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
     dup = _load_tokens(dv_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    M = tl.dot(dwp, tl.trans(_load_tokens(wp_ptr, bh, T, start, offs_c, mt, offs_d, md, d)), input_precision=PREC)
+    M += tl.dot(dup, tl.trans(_load_tokens(up_ptr, bh, T, start, offs_c, mt, offs_d, md, d)), input_precision=PREC)
     dYw = tl.dot(tl.trans(Tm), dwp, input_precision=PREC)
     dYu = tl.dot(tl.trans(Tm), dup, input_precision=PREC)
-    M = tl.dot(dwp, tl.trans(wp), input_precision=PREC) + tl.dot(dup, tl.trans(up), input_precision=PREC)
     before = offs_c[None, :] < offs_c[:, None]
     dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
-    dk_a, deta, dlg_a, dla = _tri_chain(dA, k, eta, lg, lg - lgb, eps, offs_c, PREC)
-    dk += dk_a
-    dlg += dlg_a
+    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
+    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+    lgb = _lg_before(lg_ptr, bh, T, start, offs_c, mt)
+    dk_a, deta, dlg, dla = _tri_chain(dA, k, eta, lg, lg - lgb, eps, offs_c, PREC)
     # Kd = diag(eps eta_t gamma_{t-1}) K
     kd_scale = eps * eta * tl.exp(lgb)
-    dk += kd_scale[:, None] * dYw
+    dk = tl.load(dk_ptr + out, mask=m2, other=0.0) + dk_a + kd_scale[:, None] * dYw
     dks = tl.sum(dYw * k, 1)
     deta += eps * tl.exp(lgb) * dks
-    dlg += dks * kd_scale
+    dlg += dks * kd_scale + tl.load(dlg_ptr + row, mask=mt, other=0.0)
     dla -= dks * kd_scale
+    v = _load_tokens(v_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
     V0, P = _main_writes(k, v, eta, resid, OBJ_L2, VALUE)
     if n == 0:
         boff = offs_d[:, None] * d + offs_d[None, :]
@@ -588,8 +613,6 @@ def _main_chunk_bwd_kernel(
         if OBJ_L2:
             dk += dU
         dv -= dU
-    dlg += tl.where(offs_c == L - 1, dlg_end, 0.0)
-    out = row[:, None] * d + offs_d[None, :]
     tl.store(dk_ptr + out, dk, mask=m2)
     tl.store(dvx_ptr + out, dv, mask=m2)
     tl.store(deta_ptr + row, deta, mask=mt)
@@ -779,7 +802,7 @@ def _config(d: int, chunk_size: int, adaptive_chunk_size: int, position: int, et
                 eta_max=float(eta_max), eps=1.0 if dgd else 0.0, resid=1.0 if memory_residual else 0.0,
                 OBJ_L2=objective == "l2", VALUE=memory_target == "value",
                 ad=(bool(rows[d]), bool(rows[2 * d]), bool(rows[3 * d]), bool(rows[3 * d + 1])),
-                D=D, BC=BC, BR=min(D, 64), BV=min(D, 32))
+                D=D, BC=BC, BR=min(D, 64))
 
 
 def generating_forward(a: Tensor, valid: Optional[Tensor], gc_in: Tensor, g: Tensor, b_eta: Tensor, b_alpha: Tensor,
@@ -800,7 +823,7 @@ def generating_forward(a: Tensor, valid: Optional[Tensor], gc_in: Tensor, g: Ten
            gc_in.stride(0), g.stride(0), g.stride(1),
            BC=BC, D=cfg["D"], BR=cfg["BR"], OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0], AD_V=cfg["ad"][1],
            AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, PREC=dot_precision(), LOWP=lowp,
-           num_warps=num_warps(True))
+           **launch_options("serial", cfg["D"]))
     return k, v, eta, lg, tmat
 
 
@@ -819,10 +842,11 @@ def _chunk_start_slots(T: int, cfg: dict, nseg: int) -> tuple[Optional[int], Opt
 def _forward(q, a, zc, z, b_eta, b_alpha, valid, cfg, save: bool):
     B, T, H, d = q.shape
     R = memory_rows(d)
-    C, BC, D, BV = cfg["C"], cfg["BC"], cfg["D"], cfg["BV"]
+    C, BC, D = cfg["C"], cfg["BC"], cfg["D"]
     nseg = num_segments(T, C, cfg["shift"])
     dev, f32 = q.device, torch.float32
     lowp = low_precision_dots(q.dtype)
+    BV = block_v(D, lowp)
     prec = dot_precision()
     zbuf = torch.empty(B * H, nseg + 1, R, d, device=dev, dtype=f32)
     zbuf[:, 0] = z.reshape(B * H, R, d)
@@ -832,16 +856,16 @@ def _forward(q, a, zc, z, b_eta, b_alpha, valid, cfg, save: bool):
     up = torch.empty_like(k)
     launch(_main_prep_kernel, (nseg, B * H),
            k, v, eta, lg, tmat, zc, wp, up, T, C, cfg["shift"], nseg, d, cfg["eps"], cfg["resid"], zc.stride(0),
-           BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=prec, LOWP=lowp, num_warps=num_warps(False))
+           BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=prec, LOWP=lowp, **launch_options("tile", D))
     vn = torch.empty_like(k)
     nv = triton.cdiv(d, BV)
     launch(_main_state_fwd_kernel, (B * H, nv),
            k, lg, wp, up, zbuf, vn, T, C, cfg["shift"], nseg, d, zbuf.stride(0), zbuf.stride(1),
-           BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, num_warps=num_warps(False))
+           BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, **launch_options("tile", D))
     o = torch.empty_like(q)
     launch(_main_out_fwd_kernel, (nseg, B * H, nv),
            q, k, lg, vn, zbuf, o, T, H, C, cfg["shift"], d, zbuf.stride(0), zbuf.stride(1), cfg["resid"],
-           BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, num_warps=num_warps(False))
+           BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, **launch_options("tile", D))
     z_end = zbuf[:, nseg]
     w_slot, g_slot = _chunk_start_slots(T, cfg, nseg)
     zc_end = torch.cat([zc[:, :d] if w_slot is None else zbuf[:, w_slot, :d],
@@ -863,7 +887,7 @@ def generating_backward(a, valid, gc_in, g, tmat, b_eta, b_alpha, dk, dv, deta, 
            cfg["resid"], gc_in.stride(0), g.stride(0), g.stride(1), dg.stride(0),
            BC=cfg["BC"], D=cfg["D"], BR=cfg["BR"], OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0], AD_V=cfg["ad"][1],
            AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, PREC=dot_precision(), LOWP=lowp,
-           num_warps=num_warps(True))
+           **launch_options("serial", cfg["D"]))
     return da, dbias
 
 
@@ -871,9 +895,10 @@ def _backward(q, a, valid, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf
               nseg):
     B, T, H, d = q.shape
     R = memory_rows(d)
-    BC, D, BV = cfg["BC"], cfg["D"], cfg["BV"]
+    BC, D = cfg["BC"], cfg["D"]
     dev, f32 = q.device, torch.float32
     lowp = low_precision_dots(q.dtype)
+    BV = block_v(D, lowp)
     prec = dot_precision()
     do = do.contiguous()
     dzc_end = (torch.zeros(B, H, R, d, device=dev, dtype=f32) if dzc_end is None else dzc_end.float()).reshape(B * H, R, d)
@@ -884,7 +909,7 @@ def _backward(q, a, valid, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf
     # main memory: dv_new from the reads, then W's state in reverse, then the per-segment gradients
     dvn = torch.empty_like(k)
     launch(_main_dv_bwd_kernel, (nseg, B * H, nv), q, k, lg, do, dvn, T, H, cfg["C"], shift, d,
-           BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, num_warps=num_warps(False))
+           BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, **launch_options("tile", D))
     dw_init = dz_end[:, :d].contiguous()
     if w_slot == nseg:
         dw_init += dzc_end[:, :d]
@@ -893,16 +918,19 @@ def _backward(q, a, valid, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf
     dw0 = torch.empty(B * H, d, d, device=dev, dtype=f32)
     launch(_main_state_bwd_kernel, (B * H, nv), q, k, lg, wp, do, dvn, dw_init, dzc_w, dwbuf, dw0,
            T, H, cfg["C"], shift, nseg, d, w_slot if w_slot is not None and 1 <= w_slot < nseg else -1,
-           BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, num_warps=num_warps(False))
+           BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, **launch_options("tile", D))
     dq = torch.empty_like(q)
     dk, dv = torch.empty_like(k), torch.empty_like(k)
     deta, dlg, dla = torch.empty_like(eta), torch.empty_like(eta), torch.empty_like(eta)
     dwc = torch.empty(B * H, d, d, device=dev, dtype=f32)
+    dwp = torch.empty_like(k)
     launch(_main_chunk_bwd_kernel, (nseg, B * H),
-           q, k, v, eta, lg, tmat, wp, up, vn, dvn, do, zbuf, dwbuf, zc, dq, dk, dv, deta, dlg, dla, dwc,
-           T, H, cfg["C"], shift, nseg, d, zbuf.stride(0), zbuf.stride(1), zc.stride(0), cfg["eps"], cfg["resid"],
-           BC=BC, D=D, BV=BV, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=prec, LOWP=lowp,
-           num_warps=num_warps(True))
+           q, k, lg, vn, dvn, do, zbuf, dwbuf, dq, dk, dlg, dwp, T, H, cfg["C"], shift, nseg, d, zbuf.stride(0),
+           zbuf.stride(1), cfg["resid"], BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, **launch_options("tile", D))
+    launch(_main_wy_bwd_kernel, (nseg, B * H),
+           k, v, eta, lg, tmat, wp, up, dvn, dwp, zc, dk, dv, deta, dlg, dla, dwc, T, cfg["C"], shift, nseg, d,
+           zc.stride(0), cfg["eps"], cfg["resid"], BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=prec,
+           LOWP=lowp, **launch_options("tile", D))
     # the generating rows, in reverse
     dg = dz_end[:, d:].contiguous()
     if g_slot == nseg:

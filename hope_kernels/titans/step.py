@@ -22,6 +22,7 @@ from hope_kernels.titans._common import (
     check_no_momentum,
     device_fn,
     launch,
+    launch_options,
     log_sigmoid,
     sigmoid,
 )
@@ -175,5 +176,5 @@ def titans_memory_step_triton(
            int((position + 1) % ca == 0),
            D=D, BR=min(D, 32), OBJ_L2=objective == "l2", VALUE=memory_target == "value",
            AD_K=bool(rows[d]), AD_V=bool(rows[2 * d]), AD_E=bool(rows[3 * d]), AD_A=bool(rows[3 * d + 1]),
-           HAS_MASK=valid is not None, num_warps=4)
+           HAS_MASK=valid is not None, **launch_options("step", D))
     return o, TitansState(zc_out, z_out, None, position + 1)
