@@ -164,7 +164,7 @@ def _deep_fwd_kernel(
 def _deep_bwd_kernel(
     q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, w1c_ptr, w2c_ptr, w1_ptr, w2_ptr, do_ptr,
     dw1_ptr, dw2_ptr, dzc1_ptr, dzc2_ptr, dw1c_ptr, dw2c_ptr,
-    dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr,
+    dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, sn_ptr, sdn_ptr, sds_ptr,
     T, H, C, shift, NSEG, d, hd, eps, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh, W_SLOT,
     BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr,
     PREC: tl.constexpr, LOWP: tl.constexpr,
@@ -192,16 +192,14 @@ def _deep_bwd_kernel(
         L, mt, m2, row, tok, q, k, v, eta, lg, lgb, Tm = _segment_inputs(
             q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, bh, b, h, n, T, H, C, shift, NSEG, d, offs_c, offs_d,
             md, BC)
-        W1n = tl.load(w1_ptr + bh * w1_bh + n * w1_slot + w1off, mask=w1m, other=0.0)
         W2n = tl.load(w2_ptr + bh * w2_bh + n * w2_slot + w2off, mask=w2m, other=0.0)
         if n == 0:
             W1c = tl.load(w1c_ptr + bh * wc_bh + w1off, mask=w1m, other=0.0)
             W2c = tl.load(w2c_ptr + bh * wc_bh + w2off, mask=w2m, other=0.0)
         else:
-            W1c = W1n
+            W1c = tl.load(w1_ptr + bh * w1_bh + n * w1_slot + w1off, mask=w1m, other=0.0)
             W2c = W2n
-        do = tl.load(do_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-        # ---- recompute the segment
+        # ---- phase A1: recompute the segment's writes
         p, pv, e = _errors(k, v, W1c, W2c, OBJ_L2, VALUE, PREC, LOWP)
         sg = silu_grad(p)
         s = p * sigmoid(p)
@@ -211,6 +209,22 @@ def _deep_bwd_kernel(
         Kd = kd_scale[:, None] * k
         TKd = tl.dot(Tm, Kd, input_precision=PREC)
         N2 = tl.dot(Tm, -eta[:, None] * g, input_precision=PREC) - tl.dot(TKd, tl.trans(W2n), input_precision=PREC)
+        # ---- phase A2, the reads and the state update, from stored N2, s, E1 behind a barrier (shorter live ranges)
+        out = row[:, None] * d + offs_d[None, :]
+        hoff = row[:, None] * hd + offs_h[None, :]
+        hm = mt[:, None] & mh[None, :]
+        tl.store(sn_ptr + hoff, N2, mask=hm)
+        tl.store(sds_ptr + hoff, s, mask=hm)
+        tl.store(dv_ptr + out, -eta[:, None] * e, mask=m2)
+        tl.debug_barrier()
+        N2 = tl.load(sn_ptr + hoff, mask=hm, other=0.0)
+        s = tl.load(sds_ptr + hoff, mask=hm, other=0.0)
+        E1 = tl.load(dv_ptr + out, mask=m2, other=0.0)
+        q = tl.load(q_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + out, mask=m2, other=0.0)
+        do = tl.load(do_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        W1n = tl.load(w1_ptr + bh * w1_bh + n * w1_slot + w1off, mask=w1m, other=0.0)
+        W2n = tl.load(w2_ptr + bh * w2_bh + n * w2_slot + w2off, mask=w2m, other=0.0)
         lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
         gamma_end = tl.exp(lg_end)
         causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]
@@ -220,52 +234,84 @@ def _deep_bwd_kernel(
         qk = mm(q, tl.trans(k), PREC, LOWP)
         Hp = gamma[:, None] * mm(q, tl.trans(W2n), PREC, LOWP) + mm(qk * decay, N2, PREC, LOWP)
         hid = Hp * sigmoid(Hp)
-        E1 = -eta[:, None] * e
+        # ---- the carried dW1_end, dW2_end first: all their uses together, so that they die early.
+        # W1_end = gamma_L W1_0 + E1ᵀ (kappa s), W2_end = gamma_L W2_0 + N2ᵀ (kappa K)
+        dE1 = mm(kappa[:, None] * s, tl.trans(dW1e), PREC, LOWP)
+        E1dW = mm(E1, dW1e, PREC, LOWP)
+        dN2 = mm(kappa[:, None] * k, tl.trans(dW2e), PREC, LOWP)
+        N2dW = mm(N2, dW2e, PREC, LOWP)
+        dW1n = gamma_end * dW1e
+        dW2n = gamma_end * dW2e
+        ds = kappa[:, None] * E1dW
+        c = kappa * tl.sum(s * E1dW, 1)
+        dk = kappa[:, None] * N2dW
+        c2 = kappa * tl.sum(k * N2dW, 1)
+        dlg = -c - c2
+        dlg_end = tl.sum(c, 0) + tl.sum(c2, 0) + gamma_end * (tl.sum(tl.sum(W1n * dW1e, 1), 0)
+                                                              + tl.sum(tl.sum(W2n * dW2e, 1), 0))
+        # ---- o = q + diag(gamma) hid W1_0ᵀ + (Gamma ⊙ hid sᵀ) E1
         hs = mm(hid, tl.trans(s), PREC, LOWP)
-        # ---- o = q + diag(gamma) hid W1_0ᵀ + (Gamma ⊙ hid sᵀ) E1, and W1_end = gamma_L W1_0 + E1ᵀ (kappa s)
         dOW1 = mm(do, W1n, PREC, LOWP)
         dhid = gamma[:, None] * dOW1
-        dlg = gamma * tl.sum(dOW1 * hid, 1)
-        dW1n = gamma_end * dW1e + mm(tl.trans(gamma[:, None] * do), hid, PREC, LOWP)
+        dlg += gamma * tl.sum(dOW1 * hid, 1)
+        dW1n += mm(tl.trans(gamma[:, None] * do), hid, PREC, LOWP)
         G1 = mm(do, tl.trans(E1), PREC, LOWP) * decay
-        dE1 = mm(tl.trans(hs * decay), do, PREC, LOWP) + mm(kappa[:, None] * s, tl.trans(dW1e), PREC, LOWP)
+        dE1 += mm(tl.trans(hs * decay), do, PREC, LOWP)
         dhid += mm(G1, s, PREC, LOWP)
-        ds = mm(tl.trans(G1), hid, PREC, LOWP)
+        ds += mm(tl.trans(G1), hid, PREC, LOWP)
         gd = G1 * hs
         dlg += tl.sum(gd, 1) - tl.sum(gd, 0)
-        E1dW = mm(E1, dW1e, PREC, LOWP)
-        ds += kappa[:, None] * E1dW
-        c = kappa * tl.sum(s * E1dW, 1)
-        dlg -= c
-        dlg_end = tl.sum(c, 0) + gamma_end * tl.sum(tl.sum(W1n * dW1e, 1), 0)
-        # ---- hid = silu(Hp), Hp = diag(gamma) Q W2_0ᵀ + (Gamma ⊙ Q Kᵀ) N2, W2_end = gamma_L W2_0 + N2ᵀ (kappa K)
+        # ---- hid = silu(Hp), Hp = diag(gamma) Q W2_0ᵀ + (Gamma ⊙ Q Kᵀ) N2
         dHp = dhid * silu_grad(Hp)
         dHW2 = mm(dHp, W2n, PREC, LOWP)
         dq = do + gamma[:, None] * dHW2
         dlg += gamma * tl.sum(dHW2 * q, 1)
-        dW2n = gamma_end * dW2e + mm(tl.trans(gamma[:, None] * dHp), q, PREC, LOWP)
-        dN2 = mm(tl.trans(qk * decay), dHp, PREC, LOWP) + mm(kappa[:, None] * k, tl.trans(dW2e), PREC, LOWP)
+        dW2n += mm(tl.trans(gamma[:, None] * dHp), q, PREC, LOWP)
+        dN2 += mm(tl.trans(qk * decay), dHp, PREC, LOWP)
         G2 = mm(dHp, tl.trans(N2), PREC, LOWP) * decay
         dq += mm(G2, k, PREC, LOWP)
         tl.store(dq_ptr + tok[:, None] * d + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=m2)
-        dk = mm(tl.trans(G2), q, PREC, LOWP)
+        dk += mm(tl.trans(G2), q, PREC, LOWP)
         gd = G2 * qk
         dlg += tl.sum(gd, 1) - tl.sum(gd, 0)
-        N2dW = mm(N2, dW2e, PREC, LOWP)
-        dk += kappa[:, None] * N2dW
-        c = kappa * tl.sum(k * N2dW, 1)
-        dlg -= c
-        dlg_end += tl.sum(c, 0) + gamma_end * tl.sum(tl.sum(W2n * dW2e, 1), 0)
+        # ---- phase B: the chunk-start pieces. Its operands are stored here and re-loaded behind a barrier, so that
+        # the compiler keeps phase A's tiles (and their shared-memory copies) out of it.
+        tl.store(dk_ptr + out, dk, mask=m2)
+        tl.store(dv_ptr + out, dE1, mask=m2)
+        tl.store(dlg_ptr + row, dlg, mask=mt)
+        tl.store(sn_ptr + hoff, N2, mask=hm)
+        tl.store(sdn_ptr + hoff, dN2, mask=hm)
+        tl.store(sds_ptr + hoff, ds, mask=hm)
+        tl.debug_barrier()
+        k = tl.load(k_ptr + out, mask=m2, other=0.0)
+        v = tl.load(v_ptr + out, mask=m2, other=0.0)
+        Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
+        if n == 0:
+            W1c = tl.load(w1c_ptr + bh * wc_bh + w1off, mask=w1m, other=0.0)
+            W2c = tl.load(w2c_ptr + bh * wc_bh + w2off, mask=w2m, other=0.0)
+        else:
+            W1c = tl.load(w1_ptr + bh * w1_bh + n * w1_slot + w1off, mask=w1m, other=0.0)
+            W2c = tl.load(w2_ptr + bh * w2_bh + n * w2_slot + w2off, mask=w2m, other=0.0)
+        p, pv, e = _errors(k, v, W1c, W2c, OBJ_L2, VALUE, PREC, LOWP)
+        sg = silu_grad(p)
+        s = p * sigmoid(p)
+        eW = mm(e, W1c, PREC, LOWP)
+        g = sg * eW
+        Kd = kd_scale[:, None] * k
+        dN2 = tl.load(sdn_ptr + hoff, mask=hm, other=0.0)
+        dE1 = tl.load(dv_ptr + out, mask=m2, other=0.0)
+        dk = k * 0.0  # phase A's part is in dk_ptr
         # ---- N2 = T (-eta g) - (T Kd) W2_0ᵀ
         dY2 = tl.dot(tl.trans(Tm), dN2, input_precision=PREC)
-        M = tl.dot(dN2, tl.trans(N2), input_precision=PREC)
-        dKd = -tl.dot(dY2, W2n, input_precision=PREC)
+        M = tl.dot(dN2, tl.trans(tl.load(sn_ptr + hoff, mask=hm, other=0.0)), input_precision=PREC)
+        dKd = -tl.dot(dY2, tl.load(w2_ptr + bh * w2_bh + n * w2_slot + w2off, mask=w2m, other=0.0),
+                      input_precision=PREC)
         dW2n -= tl.dot(tl.trans(dY2), Kd, input_precision=PREC)
         deta = -tl.sum(dY2 * g, 1) - tl.sum(dE1 * e, 1)
         dg = -eta[:, None] * dY2
         de = -eta[:, None] * dE1
         # ---- s = silu(p), g = silu'(p) ⊙ (e W1_c), e, the target, p = K W2_cᵀ
-        dp = ds * sg + dg * eW * silu_grad2(p)
+        dp = tl.load(sds_ptr + hoff, mask=hm, other=0.0) * sg + dg * eW * silu_grad2(p)
         dgw = dg * sg
         de += mm(dgw, tl.trans(W1c), PREC, LOWP)
         dW1c = mm(tl.trans(e), dgw, PREC, LOWP)
@@ -284,12 +330,12 @@ def _deep_bwd_kernel(
         # ---- T = (I + A)^-1 and Kd = diag(eps eta_t gamma_{t-1}) K
         dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
         dk_a, deta_a, dlg_a, dla = _tri_chain(dA, k, eta, lg, lg - lgb, eps, offs_c, PREC)
-        dk += dk_a + kd_scale[:, None] * dKd
+        dk += dk_a + kd_scale[:, None] * dKd + tl.load(dk_ptr + out, mask=m2, other=0.0)
         dks = tl.sum(dKd * k, 1)
         deta += deta_a + eps * tl.exp(lgb) * dks
-        dlg += dlg_a + dks * kd_scale + tl.where(offs_c == L - 1, dlg_end, 0.0)
+        dlg = tl.load(dlg_ptr + row, mask=mt, other=0.0) + dlg_a + dks * kd_scale
+        dlg += tl.where(offs_c == L - 1, dlg_end, 0.0)
         dla -= dks * kd_scale
-        out = row[:, None] * d + offs_d[None, :]
         tl.store(dk_ptr + out, dk, mask=m2)
         tl.store(dv_ptr + out, dv, mask=m2)
         tl.store(deta_ptr + row, deta, mask=mt)
@@ -368,9 +414,10 @@ def _backward(q, a, valid, b_eta, b_alpha, k, v, eta, lg, tmat, gbuf, zc, w1buf,
     dq = torch.empty_like(q)
     dk, dv = torch.empty_like(k), torch.empty_like(k)
     deta, dlg, dla = torch.empty_like(eta), torch.empty_like(eta), torch.empty_like(eta)
+    scratch = [torch.empty(B * H, T, hd, device=dev, dtype=f32) for _ in range(3)]
     launch(_deep_bwd_kernel, (B * H,),
            q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, do.contiguous(), dw1, dw2,
-           dw1c_end.contiguous(), dw2c_end.contiguous(), dw1c, dw2c, dq, dk, dv, deta, dlg, dla,
+           dw1c_end.contiguous(), dw2c_end.contiguous(), dw1c, dw2c, dq, dk, dv, deta, dlg, dla, *scratch,
            T, H, cfg["C"], cfg["shift"], nseg, d, hd, cfg["eps"], w1buf.stride(0), w1buf.stride(1), w2buf.stride(0),
            w2buf.stride(1), w1c.stride(0), w_slot if w_slot is not None and 1 <= w_slot < nseg else -1,
            BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=dot_precision(),

@@ -621,10 +621,11 @@ def _main_wy_bwd_kernel(
 
 
 @device_fn
-def _gen_tile_bwd(gc, g0, dg, acc, rloc, mr, learn, er, d, U, eta, Tm, TKd, Kd, Kt, gamma_end, offs_d, md,
-                  dKt, dKd, dU, deta, dgamma_end, M, PREC: tl.constexpr, LOWP: tl.constexpr):
+def _gen_tile_bwd(gc, g0, dg, acc, rloc, mr, learn, er, d, k, U, eta, Tm, TKd, kd_scale, kappa, gamma_end, offs_d,
+                  md, dk, dU, deta, dks, dkt, dgamma_end, M, PREC: tl.constexpr, LOWP: tl.constexpr):
     """Backward of `_gen_tile_fwd` for one row tile: dg holds dX_end on entry and dX_0 on return (in place); acc
-    (the chunk-start gradient) gets dX_c; returns the updated sums dK~, dKd, dU, deta, dgamma_L and M = Σ dN Nᵀ."""
+    (the chunk-start gradient) gets dX_c. The tile's dKd and dK~ go straight into dk (scaled), keeping only their
+    row sums with k (dks, dkt: the decay and eta terms), so that no (BC, D) accumulator but dk and dU stays live."""
     xoff = rloc[:, None] * d + offs_d[None, :]
     m = mr[:, None] & md[None, :]
     Xh = tl.load(gc + xoff, mask=m, other=0.0) + tl.where(m & (rloc[:, None] == offs_d[None, :]), er, 0.0)
@@ -633,20 +634,22 @@ def _gen_tile_bwd(gc, g0, dg, acc, rloc, mr, learn, er, d, U, eta, Tm, TKd, Kd, 
     N = tl.dot(Tm, -eta[:, None] * UXt, input_precision=PREC) - tl.dot(TKd, tl.trans(X0), input_precision=PREC)
     dXe_all = tl.load(dg + xoff, mask=m, other=0.0)
     dXe = tl.where(learn[:, None], dXe_all, 0.0)
-    dN = mm(Kt, tl.trans(dXe), PREC, LOWP)
-    dKt += mm(N, dXe, PREC, LOWP)
+    dN = mm(kappa[:, None] * k, tl.trans(dXe), PREC, LOWP)
+    dKt = mm(N, dXe, PREC, LOWP)
     dgamma_end += tl.sum(tl.sum(X0 * dXe, 1), 0)
     dY = tl.dot(tl.trans(Tm), dN, input_precision=PREC)
     M += tl.dot(dN, tl.trans(N), input_precision=PREC)
-    dKd -= tl.dot(dY, X0, input_precision=PREC)
-    dX0 = gamma_end * dXe - tl.dot(tl.trans(dY), Kd, input_precision=PREC) + (dXe_all - dXe)
+    dKd = -tl.dot(dY, X0, input_precision=PREC)
+    dk += kd_scale[:, None] * dKd + kappa[:, None] * dKt
+    dks += tl.sum(dKd * k, 1)
+    dkt += tl.sum(dKt * k, 1)
+    dX0 = gamma_end * dXe - tl.dot(tl.trans(dY), kd_scale[:, None] * k, input_precision=PREC) + (dXe_all - dXe)
     deta -= tl.sum(dY * UXt, 1)
     edY = eta[:, None] * dY
     dU -= mm(edY, Xh, PREC, LOWP)
-    dXc = -mm(tl.trans(edY), U, PREC, LOWP)
     tl.store(dg + xoff, dX0, mask=m)
-    tl.store(acc + xoff, tl.load(acc + xoff, mask=m, other=0.0) + dXc, mask=m)
-    return dKt, dKd, dU, deta, dgamma_end, M
+    tl.store(acc + xoff, tl.load(acc + xoff, mask=m, other=0.0) - mm(tl.trans(edY), U, PREC, LOWP), mask=m)
+    return dk, dU, deta, dks, dkt, dgamma_end, M
 
 
 @triton.jit
@@ -686,7 +689,7 @@ def _gen_bwd_kernel(
         mt = offs_c < L
         tok = start + offs_c
         m2 = mt[:, None] & md[None, :]
-        a = tl.load(a_ptr + ((b * T + tok) * H + h)[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        a_off = ((b * T + tok) * H + h)[:, None] * d + offs_d[None, :]
         if HAS_MASK:
             valid = tl.load(valid_ptr + b * T + tok, mask=mt, other=0.0)
         else:
@@ -697,16 +700,15 @@ def _gen_bwd_kernel(
         else:
             gc = g_base + slot * g_slot
         g0 = g_base + n * g_slot
-        k, v, eta, la, k_raw, nrm, sig_eta, pre_alpha = _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d,
-                                                                   offs_d, md, PREC, LOWP)
+        k, v, eta, la, _k_raw, nrm, sig_eta, pre_alpha = _gen_reads(
+            tl.load(a_ptr + a_off, mask=m2, other=0.0).to(tl.float32), valid, gc, b_eta, b_alpha, eta_max, resid, d,
+            offs_d, md, PREC, LOWP)
         lg = tl.cumsum(la, 0)
         lg_end = tl.sum(la, 0)
         kd_scale = eps * eta * tl.exp(lg - la)
         kappa = tl.exp(lg_end - lg)
         Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
-        Kd = kd_scale[:, None] * k
-        TKd = tl.dot(Tm, Kd, input_precision=PREC)
-        Kt = kappa[:, None] * k
+        TKd = tl.dot(Tm, kd_scale[:, None] * k, input_precision=PREC)
         gamma_end = tl.exp(lg_end)
         if OBJ_L2:
             U = k - v
@@ -714,14 +716,11 @@ def _gen_bwd_kernel(
             U = -v
         row = bh * T + tok
         out = row[:, None] * d + offs_d[None, :]
-        dk = tl.load(dk_ptr + out, mask=m2, other=0.0)
-        dv = tl.load(dv_ptr + out, mask=m2, other=0.0)
         deta = tl.load(deta_ptr + row, mask=mt, other=0.0)
-        dlg = tl.load(dlg_ptr + row, mask=mt, other=0.0)
-        dla = tl.load(dla_ptr + row, mask=mt, other=0.0)
-        dKt = k * 0.0
-        dKd = k * 0.0
+        dk = k * 0.0
         dU = k * 0.0
+        dks = eta * 0.0
+        dkt = eta * 0.0
         dgamma_end = lg_end * 0.0
         M = tl.zeros([BC, BC], dtype=tl.float32)
         for blk in tl.static_range(2):
@@ -729,44 +728,40 @@ def _gen_bwd_kernel(
                 for rt in tl.static_range(D // BR):
                     rloc = rt * BR + r_sq
                     mr = rloc < d
-                    dKt, dKd, dU, deta, dgamma_end, M = _gen_tile_bwd(
+                    dk, dU, deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
                         gc + blk * d * d, g0 + blk * d * d, dg + blk * d * d, acc + blk * d * d, rloc, mr, mr, resid,
-                        d, U, eta, Tm, TKd, Kd, Kt, gamma_end, offs_d, md, dKt, dKd, dU, deta, dgamma_end, M,
-                        PREC, LOWP)
-        dKt, dKd, dU, deta, dgamma_end, M = _gen_tile_bwd(
-            gc + 2 * d * d, g0 + 2 * d * d, dg + 2 * d * d, acc + 2 * d * d, r_ea, r_ea < 2, learn_ea, 0.0, d, U,
-            eta, Tm, TKd, Kd, Kt, gamma_end, offs_d, md, dKt, dKd, dU, deta, dgamma_end, M, PREC, LOWP)
+                        d, k, U, eta, Tm, TKd, kd_scale, kappa, gamma_end, offs_d, md, dk, dU, deta, dks, dkt,
+                        dgamma_end, M, PREC, LOWP)
+        dk, dU, deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
+            gc + 2 * d * d, g0 + 2 * d * d, dg + 2 * d * d, acc + 2 * d * d, r_ea, r_ea < 2, learn_ea, 0.0, d, k, U,
+            eta, Tm, TKd, kd_scale, kappa, gamma_end, offs_d, md, dk, dU, deta, dks, dkt, dgamma_end, M, PREC, LOWP)
         # T = (I + A)^-1: dA = -Tᵀ (Σ dX Xᵀ) for every product X = T Y
         before = offs_c[None, :] < offs_c[:, None]
         dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
         dk_a, deta_a, dlg_a, dla_a = _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC)
-        dk += dk_a + kd_scale[:, None] * dKd + kappa[:, None] * dKt
-        deta += deta_a
-        dks = tl.sum(dKd * k, 1)
-        deta += eps * tl.exp(lg - la) * dks
-        c = kappa * tl.sum(k * dKt, 1)
-        dlg += dlg_a + dks * kd_scale - c
-        dla += dla_a - dks * kd_scale
-        dlg_end = tl.sum(c, 0) + gamma_end * dgamma_end
-        dlg += tl.where(offs_c == L - 1, dlg_end, 0.0)
+        dk += dk_a + tl.load(dk_ptr + out, mask=m2, other=0.0)
+        deta += deta_a + eps * tl.exp(lg - la) * dks
+        c = kappa * dkt
+        dlg = tl.load(dlg_ptr + row, mask=mt, other=0.0) + dlg_a + dks * kd_scale - c
+        dla = tl.load(dla_ptr + row, mask=mt, other=0.0) + dla_a - dks * kd_scale
+        dlg += tl.where(offs_c == L - 1, tl.sum(c, 0) + gamma_end * dgamma_end, 0.0)
         if OBJ_L2:
             dk += dU
-        dv -= dU
+        dv = tl.load(dv_ptr + out, mask=m2, other=0.0) - dU
         # la = logsigmoid(pre_alpha) valid: dla_s += Σ_{t >= s} dlg_t
         dla += tl.sum(dlg, 0) - tl.cumsum(dlg, 0) + dlg
         dpre_alpha = dla * valid * sigmoid(-pre_alpha)
         dpre_eta = deta * valid * eta_max * sig_eta * (1.0 - sig_eta)
-        kdk = tl.sum(k * dk, 1)
-        dk_raw = dk / tl.maximum(nrm, 1e-12)[:, None] - tl.where(nrm > 1e-12, kdk / tl.maximum(nrm, 1e-12), 0.0)[:, None] * k
+        nn = tl.maximum(nrm, 1e-12)
+        dk_raw = dk / nn[:, None] - tl.where(nrm > 1e-12, tl.sum(k * dk, 1) / nn, 0.0)[:, None] * k
         tl.debug_barrier()  # acc's tiles were written with another layout
-        Wkh = tl.load(gc + boff, mask=bm, other=0.0) + eye
-        Wvh = tl.load(gc + d * d + boff, mask=bm, other=0.0) + eye
+        a = tl.load(a_ptr + a_off, mask=m2, other=0.0).to(tl.float32)
         w_eta = tl.load(gc + 2 * d * d + offs_d, mask=md, other=0.0)
         w_alpha = tl.load(gc + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
-        da = mm(dk_raw, Wkh, PREC, LOWP) + mm(dv, Wvh, PREC, LOWP)
-        da += dpre_eta[:, None] * w_eta[None, :] + dpre_alpha[:, None] * w_alpha[None, :]
-        tl.store(da_ptr + ((b * T + tok) * H + h)[:, None] * d + offs_d[None, :], da.to(da_ptr.dtype.element_ty),
-                 mask=m2)
+        da = dpre_eta[:, None] * w_eta[None, :] + dpre_alpha[:, None] * w_alpha[None, :]
+        da += mm(dk_raw, tl.load(gc + boff, mask=bm, other=0.0) + eye, PREC, LOWP)
+        da += mm(dv, tl.load(gc + d * d + boff, mask=bm, other=0.0) + eye, PREC, LOWP)
+        tl.store(da_ptr + a_off, da.to(da_ptr.dtype.element_ty), mask=m2)
         tl.store(acc + boff, tl.load(acc + boff, mask=bm, other=0.0) + mm(tl.trans(dk_raw), a, PREC, LOWP), mask=bm)
         tl.store(acc + d * d + boff, tl.load(acc + d * d + boff, mask=bm, other=0.0) + mm(tl.trans(dv), a, PREC, LOWP),
                  mask=bm)
@@ -874,6 +869,12 @@ def _forward(q, a, zc, z, b_eta, b_alpha, valid, cfg, save: bool):
     return o, zc_end.reshape(B, H, R, d), z_end.reshape(B, H, R, d).clone(), saved, nseg
 
 
+def _gen_bwd_rows(D: int, lowp: bool) -> int:
+    """Rows per generating-state tile in B4: 64 up to d = 64; at d = 128 32 (bf16 operands) or 16 (fp32), which
+    brings its shared memory under the H100/H200's 227 KB (sm90_check: 400 KB fp32 / 288 KB bf16 at 64 rows)."""
+    return min(D, 64) if D <= 64 else (32 if lowp else 16)
+
+
 def generating_backward(a, valid, gc_in, g, tmat, b_eta, b_alpha, dk, dv, deta, dlg, dla, dg, acc, cfg, nseg, lowp):
     """Run B4. dk..dla: the main memory's gradients of k, v (BH, T, d), eta, lg, la (BH, T); dg (BH, 2d+2, d): dG_end
     in, dG_0 out; acc (BH, 2d+2, d): the final chunk-start cotangent in, dG_c of the input chunk start out.
@@ -885,9 +886,9 @@ def generating_backward(a, valid, gc_in, g, tmat, b_eta, b_alpha, dk, dv, deta, 
            a, valid if valid is not None else a, gc_in, g, tmat, b_eta, b_alpha, dk, dv, deta, dlg, dla, dg, acc,
            da, dbias, T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg, cfg["eta_max"], cfg["eps"],
            cfg["resid"], gc_in.stride(0), g.stride(0), g.stride(1), dg.stride(0),
-           BC=cfg["BC"], D=cfg["D"], BR=cfg["BR"], OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0], AD_V=cfg["ad"][1],
-           AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, PREC=dot_precision(), LOWP=lowp,
-           **launch_options("serial", cfg["D"]))
+           BC=cfg["BC"], D=cfg["D"], BR=_gen_bwd_rows(cfg["D"], lowp), OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0],
+           AD_V=cfg["ad"][1], AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, PREC=dot_precision(),
+           LOWP=lowp, **launch_options("serial", cfg["D"]))
     return da, dbias
 
 
