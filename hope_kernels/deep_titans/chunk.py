@@ -34,11 +34,11 @@ from hope_kernels.titans._common import (
     device_fn,
     dot_precision,
     launch,
+    launch_options,
     low_precision_dots,
     mm,
     next_pow2,
     num_segments,
-    launch_options,
     sigmoid,
 )
 from hope_kernels.titans.chunk import (

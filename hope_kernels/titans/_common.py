@@ -125,7 +125,7 @@ def device_fn(fn):
     jit function re-patches triton.language (~3 ms, thousands of calls per launch); the kernel's own launch has
     patched it already, so there the helper runs as the interpreter's rewritten Python function directly."""
     jitted = triton.jit(fn)
-    if not triton_interpreting():
+    if not triton_interpreting() or not hasattr(jitted, "rewrite"):  # an interpreter without the AST rewrite
         return jitted
     rewritten = []
 

@@ -59,17 +59,17 @@ from torch import Tensor
 
 from hope_kernels.titans._common import (
     block_sizes,
+    block_v,
     check_kernel_inputs,
     check_no_momentum,
     device_fn,
     dot_precision,
     launch,
+    launch_options,
     log_sigmoid,
     low_precision_dots,
     mm,
     num_segments,
-    launch_options,
-    block_v,
     sigmoid,
     unit_lower_inverse,
 )
