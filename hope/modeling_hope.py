@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from typing import Any, Iterator, Optional, Union
 
 import torch
@@ -60,6 +61,28 @@ class HopePreTrainedModel(PreTrainedModel):
     # The recurrent state cannot be rewound to a prefix: generate() then refuses assisted decoding with its own
     # clear message, as for Mamba and RWKV.
     _is_stateful = True
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], is_main_process: bool = True, *args: Any,
+                        **kwargs: Any) -> Any:
+        """As `PreTrainedModel.save_pretrained`, plus the modeling code next to the weights (`hope.remote_code`), so
+        that `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` needs no `import hope`."""
+        if __package__ != "hope":
+            # Loaded from such a checkpoint: transformers copies this code itself (custom_object_save).
+            return super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if kwargs.pop("push_to_hub", False):
+            # The upload inside save_pretrained sends only files written after it starts; push_to_hub saves into a
+            # fresh folder through this method and uploads all of it, the code included.
+            hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}
+            result = self.save_pretrained(save_directory, is_main_process, *args, **kwargs)
+            if is_main_process:
+                self.push_to_hub(hub.pop("repo_id", os.path.basename(os.path.normpath(save_directory))),
+                                 token=kwargs.get("token"), **hub)
+            return result
+        if is_main_process:
+            from .remote_code import save_remote_code
+
+            save_remote_code(save_directory, self.config)  # sets config.auto_map before config.json is written
+        return super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
