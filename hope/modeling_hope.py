@@ -30,6 +30,8 @@ from .layers.titans_mixer import TitansMixer
 
 # transformers renamed the cache field of model outputs from `past_key_values` to `cache` during 5.x.
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+# generate()'s bookkeeping keywords, which prepare_inputs_for_generation consumes instead of passing to forward.
+_NOT_FORWARDED = ("labels", "next_sequence_length", "is_first_iteration", "cache_position")
 
 
 class HopeBlock(GradientCheckpointingLayer):
@@ -72,7 +74,8 @@ class HopePreTrainedModel(PreTrainedModel):
         if kwargs.pop("push_to_hub", False):
             # The upload inside save_pretrained sends only files written after it starts; push_to_hub saves into a
             # fresh folder through this method and uploads all of it, the code included.
-            hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}
+            hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private")
+                   if key in kwargs}
             result = self.save_pretrained(save_directory, is_main_process, *args, **kwargs)
             if is_main_process:
                 self.push_to_hub(hub.pop("repo_id", os.path.basename(os.path.normpath(save_directory))),
@@ -172,7 +175,8 @@ class HopeModel(HopePreTrainedModel):
         output_attentions = kwargs.get("output_attentions")
         if self.config.output_attentions if output_attentions is None else output_attentions:
             raise ValueError("output_attentions=True is not supported: Hope's mixers return no attention weights")
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if input_ids is not None:
             self._check_input_ids(input_ids)
@@ -228,9 +232,10 @@ class HopeModel(HopePreTrainedModel):
             all_valid = bool(valid.all())
         else:
             # A float mask of 0.5s is not "half valid": a token is either read or padding (SPEC §5).
-            non_binary, all_valid = torch.stack([((attention_mask != 0) & (attention_mask != 1)).any(), valid.all()]).tolist()
-            if non_binary:
-                bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
+            non_binary = (attention_mask != 0) & (attention_mask != 1)
+            any_non_binary, all_valid = torch.stack([non_binary.any(), valid.all()]).tolist()  # one host sync
+            if any_non_binary:
+                bad = attention_mask[non_binary][0].item()
                 raise ValueError(
                     f"attention_mask must hold only 0 (padding) and 1 (token); got the value {bad} "
                     f"({attention_mask.dtype})"
@@ -257,9 +262,21 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
         self.model = HopeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-        # A tied head is saved once, as the embedding. Trainer's resume loads the state dict and treats missing keys
-        # listed here as tied instead of warning about them.
-        self._keys_to_ignore_on_save = set(self._keys_to_ignore_on_save) | set(self.all_tied_weights_keys)
+
+    @property
+    def _keys_to_ignore_on_save(self) -> set[str]:
+        """A tied head is saved once, as the embedding; Trainer's resume loads the state dict and treats missing
+        keys listed here as tied instead of warning about them. Read from the live modules, so a head untied
+        later is saved again."""
+        keys = set(self.__dict__.get("_keys_ignored_on_save", ()))
+        modules = self.__dict__.get("_modules", {})
+        if "lm_head" in modules and "model" in modules and self.lm_head.weight is self.model.embed_tokens.weight:
+            keys.add("lm_head.weight")
+        return keys
+
+    @_keys_to_ignore_on_save.setter
+    def _keys_to_ignore_on_save(self, keys) -> None:
+        self.__dict__["_keys_ignored_on_save"] = set(keys or ())
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -310,7 +327,9 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
         if has_targets:
             for name, targets in (("labels", labels), ("shift_labels", shift_labels)):
                 if targets is not None and targets.shape != logits.shape[:2]:
-                    raise ValueError(f"{name} must be (batch, seq_len) = {tuple(logits.shape[:2])}, got {tuple(targets.shape)}")
+                    raise ValueError(
+                        f"{name} must be (batch, seq_len) = {tuple(logits.shape[:2])}, got {tuple(targets.shape)}"
+                    )
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, shift_labels=shift_labels,
                 num_items_in_batch=kwargs.get("num_items_in_batch"),
@@ -352,7 +371,7 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
         else:
             inputs["input_ids"] = input_ids[:, seen:]
         for key, value in kwargs.items():
-            if key not in inputs and key not in ("labels", "next_sequence_length", "is_first_iteration", "cache_position"):
+            if key not in inputs and key not in _NOT_FORWARDED:
                 inputs[key] = value
         return inputs
 

@@ -191,6 +191,9 @@ def test_resume_of_a_tied_model_reports_no_missing_key(tmp_path):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     untied = tiny_model(tiny_config(momentum=False, tie_word_embeddings=False))
     assert "lm_head.weight" not in untied._keys_to_ignore_on_save  # an untied head is saved
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 2)  # untied after the fact
+    model.save_pretrained(tmp_path / "untied_later")
+    assert "lm_head.weight" in safetensors.torch.load_file(tmp_path / "untied_later" / "model.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -373,6 +376,8 @@ def test_inputs_embeds(name):
         longer = torch.cat([embeds, embed(first.sequences)], dim=1)
     rest = model.generate(inputs_embeds=longer, max_new_tokens=3, **{CACHE_KWARG: cache_of(first)}, **GEN)
     assert torch.equal(rest, whole[:, 3:])
+    # Without a cache every step reads the embedded prompt and the tokens generated so far.
+    assert torch.equal(model.generate(inputs_embeds=embeds, max_new_tokens=3, use_cache=False, **GEN), whole[:, :3])
 
 
 @pytest.mark.parametrize("name", ["titans", "attention"])

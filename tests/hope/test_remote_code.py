@@ -112,3 +112,16 @@ def test_the_bundle_is_the_current_source_with_flat_imports():
             source_lines = [line for line in original.splitlines()
                             if not line.lstrip().startswith(("from .", "from hope", "from hope_kernels"))]
             assert [line for line in kept if line not in source_lines] == [], name
+
+
+def test_save_pretrained_with_push_to_hub_uploads_the_code_too(tmp_path, monkeypatch):
+    """The upload inside transformers' save_pretrained only sends files written after it started; Hope saves
+    first and then calls push_to_hub, which saves into a fresh folder and uploads all of it (offline: recorded)."""
+    from hope import HopeForCausalLM
+
+    pushed = []
+    monkeypatch.setattr(HopeForCausalLM, "push_to_hub", lambda self, repo_id, **kwargs: pushed.append((repo_id, kwargs)))
+    model = tiny_model(tiny_config(momentum=False))
+    model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="someone/hope-tiny", commit_message="hi")
+    assert pushed == [("someone/hope-tiny", {"token": None, "commit_message": "hi"})]
+    assert (tmp_path / "local" / "modeling_hope.py").is_file() and (tmp_path / "local" / "model.safetensors").is_file()
