@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -102,6 +103,9 @@ def test_the_bundle_is_the_current_source_with_flat_imports():
         module = header.split(" from ", 1)[1].split(":", 1)[0]
         assert flat_name(module) + ".py" == name
         original = Path(sys.modules[module].__file__).read_text() if module in sys.modules else None
+        # transformers finds the files to copy with this pattern on the raw text (get_relative_imports).
+        for relative in re.findall(r"^\s*from\s+\.(\S+)\s+import", body, flags=re.MULTILINE):
+            assert f"{relative}.py" in files, f"{name}: the loader would look for {relative}.py"
         for node in ast.walk(ast.parse(body)):
             if isinstance(node, ast.ImportFrom) and node.level == 0:
                 assert node.module.split(".")[0] not in PACKAGES, f"{name} still imports {node.module}"
