@@ -210,6 +210,13 @@ def run(args: HopeTrainArguments, training_args) -> Dict[str, Any]:
         raise UsageError("--streaming needs --max_steps (a streamed dataset has no length to count epochs by)")
     if not 0 <= args.validation_split_percentage < 100:
         raise UsageError(f"--validation_split_percentage must be in [0, 100), got {args.validation_split_percentage}")
+    if training_args.fsdp_plugin_args is not None and (training_args.world_size < 2 or
+                                                       training_args.device.type == "cpu"):
+        # Trainer shards (FSDP2 by default, each HopeBlock: _no_split_modules) only across several processes, and
+        # accelerate only on accelerators: on CPU it would quietly run DDP.
+        raise UsageError(f"--fsdp needs several processes on accelerators (CUDA, XPU, NPU, ...); this run has "
+                         f"{training_args.world_size} process(es) on {training_args.device.type}. Launch with "
+                         "torchrun or accelerate launch on GPUs, or drop --fsdp (DDP on CPU)")
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(args.tokenizer, args.model)
     model, source = load_model(args, tokenizer)

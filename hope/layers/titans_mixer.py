@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from transformers import initialization as init
 
 from hope.cache_hope import HopeLayerCache
 from hope_kernels.deep_titans import adaptive_rows, titans_deep_memory, titans_deep_memory_step
@@ -47,36 +48,40 @@ class TitansMixer(nn.Module):
         self.b_eta = nn.Parameter(torch.empty(H))
         self.b_alpha = nn.Parameter(torch.empty(H))
         if config.momentum:
+            # Without momentum beta is never read: no parameter or buffer then (forward passes the op zeros), so
+            # the module holds only state that a checkpoint saves and from_pretrained accounts for.
             self.momentum_logit = nn.Parameter(torch.empty(H))
-        else:
-            # Without momentum beta is never read; a buffer keeps the op's signature without an unused parameter.
-            self.register_buffer("momentum_logit", torch.zeros(H), persistent=False)
         self.o_norm = RMSNorm(d, config.rms_norm_eps)
 
     @torch.no_grad()
     def reset_memory_parameters(self) -> None:
+        # transformers.initialization skips a tensor that from_pretrained loaded (`_is_hf_initialized`); the sliced
+        # memories are drawn into a fresh tensor and copied in by one such guarded call.
         d = self.head_dim
         if self.deep:
             # W2 (input side): ~N(0, 1/d) entries give ||W2 z|| about 1 for unit z (h = d), SiLU's curved range.
-            self.memory_w2.normal_(0.0, d**-0.5)
+            init.normal_(self.memory_w2, 0.0, d**-0.5)
             # W1 (output side): small, so M(z) = z + W1 silu(W2 z) starts near the identity and the read o ~ q is
             # unit-scale like the linear M's; non-zero, so that W2's inner gradient (through W1ᵀ e) and its outer
             # gradient exist from the first chunk (W1 = 0 would leave W2 to retention alone there).
-            self.memory_w1.normal_(0.0, self.config.initializer_range)
-            z = self.adaptive_init
+            init.normal_(self.memory_w1, 0.0, self.config.initializer_range)
+            memory = self.adaptive_init
+            fresh = z = torch.empty_like(memory)
         else:
-            z = self.memory_init
-            z[:, :d].normal_(0.0, d**-0.5)  # M: unit-norm q reads unit-scale o
-            z = z[:, d:]
+            memory = self.memory_init
+            fresh = torch.empty_like(memory)
+            fresh[:, :d].normal_(0.0, d**-0.5)  # M: unit-norm q reads unit-scale o
+            z = fresh[:, d:]
         z[:, :d].normal_(0.0, d**-0.5)  # M_k: k is normalised anyway
         z[:, d : 2 * d].normal_(0.0, 1.0 / d)  # M_v: small targets keep the first in-context steps gentle
         z[:, 2 * d :].normal_(0.0, self.config.initializer_range)  # m_eta, m_alpha start near their biases
-        self.b_eta.zero_()  # eta starts at eta_max / 2
-        self.b_alpha.fill_(math.log(0.99 / 0.01))  # alpha about 0.99 (SPEC §2)
-        if isinstance(self.momentum_logit, nn.Parameter):
-            self.momentum_logit.zero_()  # beta = 0.5
-        self.q_conv.weight.normal_(0.0, self.config.conv_size**-0.5)
-        self.a_conv.weight.normal_(0.0, self.config.conv_size**-0.5)
+        init.copy_(memory, fresh)
+        init.zeros_(self.b_eta)  # eta starts at eta_max / 2
+        init.constant_(self.b_alpha, math.log(0.99 / 0.01))  # alpha about 0.99 (SPEC §2)
+        if self.config.momentum:
+            init.zeros_(self.momentum_logit)  # beta = 0.5
+        init.normal_(self.q_conv.weight, 0.0, self.config.conv_size**-0.5)
+        init.normal_(self.a_conv.weight, 0.0, self.config.conv_size**-0.5)
 
     def forward(self, x: Tensor, valid: Optional[Tensor], cache: Optional[HopeLayerCache]) -> Tensor:
         """x: (B, T, D) normed input; valid: (B, T) bool or None; cache: updated in place when given."""
@@ -88,6 +93,7 @@ class TitansMixer(nn.Module):
         # CUDA autocast runs normalize in fp32; the memory ops take q and a in one dtype.
         q = F.normalize(F.silu(q).view(B, T, H, d), dim=-1).to(a.dtype)
         config = self.config
+        momentum_logit = self.momentum_logit if config.momentum else self.b_eta.new_zeros(H)  # unread without momentum
         kwargs = dict(
             chunk_size=config.chunk_size, eta_max=config.eta_max, momentum=config.momentum, dgd=config.dgd,
             objective=config.objective, memory_target=config.memory_target, adaptive=tuple(config.adaptive),
@@ -95,10 +101,10 @@ class TitansMixer(nn.Module):
         )
         if self.deep:
             memory, memory_step = titans_deep_memory, titans_deep_memory_step
-            params = (self.memory_w1, self.memory_w2, self.adaptive_init, self.b_eta, self.b_alpha, self.momentum_logit)
+            params = (self.memory_w1, self.memory_w2, self.adaptive_init, self.b_eta, self.b_alpha, momentum_logit)
         else:
             memory, memory_step = titans_memory, titans_memory_step
-            params = (self.memory_init, self.b_eta, self.b_alpha, self.momentum_logit)
+            params = (self.memory_init, self.b_eta, self.b_alpha, momentum_logit)
         if cache is None:
             o, _ = memory(q, a, *params, mask=valid, **kwargs)
         else:

@@ -350,15 +350,8 @@ def test_gradient_checkpointing_same_loss_and_gradients(name):
     model = tiny_model(variant_config(name)).train()
     ids = random_ids(2, 13)
     calls = []
-
-    def counted(forward):
-        def wrapper(*args, **kwargs):
-            calls.append(1)
-            return forward(*args, **kwargs)
-        return wrapper
-
-    for block in model.model.layers:  # (module hooks do not fire when checkpointing recomputes)
-        block.forward = counted(block.forward)
+    for block in model.model.layers:  # a block's sub-modules run again when checkpointing recomputes it
+        block.mixer_norm.register_forward_pre_hook(lambda module, args: calls.append(1))
 
     def loss_and_grads():
         model.zero_grad()
