@@ -73,6 +73,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                 "repeats"):
         if getattr(args, key) < 1:
             parser.error(f"--{key} must be a positive integer, got {getattr(args, key)}")
+    if args.seq_len < 2:
+        parser.error(f"--seq_len must be at least 2 (a block predicts its tokens 1..T-1), got {args.seq_len}")
     for key in ("max_eval_samples", "num_threads"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key} must be a positive integer, got {getattr(args, key)}")
@@ -238,6 +240,8 @@ def evaluate_lm(args: argparse.Namespace) -> Dict[str, Any]:
     raw = load_text_dataset(args.data, config=args.data_config, text_column=args.text_column,
                             text_split=args.text_split)
     blocks = pack_for_training(raw, tokenizer, args.seq_len, args.text_column, args.max_eval_samples, name=args.data)
+    print(f"hope-eval: {args.model} on {args.data}: {len(blocks):,} blocks of {args.seq_len} tokens; {args.threads}",
+          file=sys.stderr, flush=True)
     loss = evaluate_loss(model, blocks, args.batch_size, progress=True)
     factor = bits_per_byte_factor(raw, tokenizer, args.text_column)
     metrics = {"loss": loss, "perplexity": math.exp(loss) if loss < 50 else float("inf"), "blocks": len(blocks),
@@ -277,12 +281,15 @@ def run_command(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             threads = configure_threads(args.num_threads)
         except ValueError as error:  # a bad OMP_NUM_THREADS
             raise UsageError(str(error)) from None
-        print(f"hope-eval: {describe_threads(threads, args.num_threads)}", file=sys.stderr, flush=True)
+        args.threads = describe_threads(threads, args.num_threads)
         if args.compare:
+            print(f"hope-eval: {args.threads}", file=sys.stderr, flush=True)
             return compare(args)
         if args.task == "lm":
             return evaluate_lm(args)
-        metrics = evaluate_task(load_checkpoint(args.model), args)
+        model = load_checkpoint(args.model)
+        print(f"hope-eval: {args.model} on {args.task}; {args.threads}", file=sys.stderr, flush=True)
+        metrics = evaluate_task(model, args)
         print(json.dumps(metrics, indent=2))
         return metrics
     except (UsageError, DataError, FileNotFoundError) as error:

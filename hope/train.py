@@ -243,12 +243,10 @@ def parse_args(argv: Sequence[str]):
         model = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--model"), "model")
         argv += ["--output_dir", str(Path("runs") / Path(model).name)]
     args, training_args = build_parser().parse_args_into_dataclasses(args=argv)
-    recipe: Dict[str, Any] = {}
-    if not Path(args.model).exists():  # a preset: trained from scratch (load_model reports an unknown name)
-        try:
-            recipe = training_defaults(args.model)
-        except ValueError:
-            recipe = {}
+    try:  # a preset trains from scratch with its recipe; a path is a checkpoint to fine-tune
+        recipe = {} if Path(args.model).exists() else training_defaults(args.model)
+    except ValueError:  # an unknown preset name, which load_model reports
+        recipe = {}
     if recipe:  # parse again with the recipe as the defaults: a flag on the command line still wins
         parser = build_parser()
         parser.set_defaults(**recipe)

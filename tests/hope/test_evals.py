@@ -147,7 +147,7 @@ def test_lm_mode_reports_the_models_own_loss(tmp_path, capsys):
                          "--num_threads", "1"])
     err = capsys.readouterr().err
     assert "evaluate: 100%|██████████| 4/4" in err  # the progress bar, left at its end
-    assert "hope-eval: 1 CPU thread (from --num_threads)" in err  # hope.runtime's policy, as in hope-train
+    assert "4 blocks of 32 tokens; 1 CPU thread (from --num_threads)" in err  # hope.runtime's policy, as in hope-train
     ids = ByT5Tokenizer()(text, add_special_tokens=False).input_ids + [1]
     blocks = torch.tensor(ids[: len(ids) // 32 * 32]).view(-1, 32)
     with torch.no_grad():
@@ -156,7 +156,7 @@ def test_lm_mode_reports_the_models_own_loss(tmp_path, capsys):
     assert metrics["bits_per_byte"] == pytest.approx(expected / 0.6931471805599453, rel=1e-5)  # ByT5: a token a byte
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "blank", "no_blocks", "threads"])
+@pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "blank", "no_blocks", "zero_length", "threads"])
 def test_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, case):
     from hope import HopeConfig, HopeForCausalLM
 
@@ -171,11 +171,12 @@ def test_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, case):
         "blank": (tmp_path / "ckpt", tmp_path / "blank.txt", [], "holds no text"),
         "no_blocks": (tmp_path / "ckpt", tmp_path / "held.jsonl", ["--max_eval_samples", "0"],
                       "--max_eval_samples must be a positive integer"),
+        "zero_length": (tmp_path / "ckpt", tmp_path / "held.jsonl", ["--seq_len", "1"], "--seq_len must be at least 2"),
         "threads": (tmp_path / "ckpt", tmp_path / "held.jsonl", ["--num_threads", "0"],
                     "--num_threads must be a positive integer"),
     }[case]
     with pytest.raises(SystemExit) as exit_info:
-        eval_main(["--model", str(model), "--data", str(data), "--seq_len", "16", *extra])
+        eval_main(["--model", str(model), "--data", str(data), "--seq_len", "16", *extra])  # the last --seq_len wins
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err.strip().splitlines()[-1] and "Traceback" not in err, err

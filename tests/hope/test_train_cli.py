@@ -129,7 +129,8 @@ def test_interrupted_run_resumes_without_losing_steps(tmp_path, corpus):
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "blank", "blank_document", "binary", "no_blocks", "threads",
+@pytest.mark.parametrize("case", ["missing", "empty", "blank", "blank_document", "binary", "no_blocks", "zero_length",
+                                  "threads",
                                   "column", "vocab", "seq_len", "preset", "streaming", "resume"])
 def test_clear_errors(tmp_path, corpus, capsys, case):
     (tmp_path / "empty.jsonl").write_text("")
@@ -143,6 +144,7 @@ def test_clear_errors(tmp_path, corpus, capsys, case):
                            "holds no text: every row is empty or whitespace"),
         "binary": (tmp_path / "binary.txt", (), "binary.txt' is not UTF-8 text (byte 0x80 at offset 128)"),
         "no_blocks": (corpus, ("--max_train_samples", "0"), "--max_train_samples must be at least 1"),
+        "zero_length": (corpus, ("--seq_len", "0"), "--seq_len must be at least 2"),
         "threads": (corpus, ("--num_threads", "0"), "--num_threads must be at least 1"),
         "column": (corpus, ("--text_column", "body"), "no column 'body'"),
         "vocab": (corpus, ("--config_overrides", TINY + ",vocab_size=100"), "tokenizer has 384 tokens"),
