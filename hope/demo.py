@@ -381,4 +381,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, RunResult]:
 
 
 if __name__ == "__main__":
-    main()  # the results are printed; exit status 0
+    main()

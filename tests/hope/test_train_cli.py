@@ -252,6 +252,7 @@ def tiny_run(data, output: Path, *extra: str) -> list:
             "--output_dir", str(output), "--validation_split_percentage", "0", "--disable_tqdm", "true", *extra]
 
 
+@pytest.mark.slow  # four subprocesses, ~25 s on 2 cores
 def test_console_scripts_return_0_after_success_and_2_with_one_line_for_bad_input(tmp_path, corpus, monkeypatch):
     """The installed hope-train, hope-eval and hope-train --demo exit 0 after a successful run, without printing
     their result dict on stderr; bad input exits 2 with one line and no traceback."""
