@@ -9,6 +9,7 @@ from transformers import PretrainedConfig
 MIXERS = ("titans", "attention")
 OBJECTIVES = ("l2", "dot")
 MEMORY_TARGETS = ("self", "value")
+MEMORY_RETENTIONS = ("init", "zero")
 MEMORY_DEPTHS = (1, 2)
 ADAPTIVE = ("k", "v", "eta", "alpha")
 CMS_VARIANTS = ("sequential", "independent")
@@ -36,7 +37,9 @@ class HopeConfig(PretrainedConfig):
     Shape: vocab_size, hidden_size, num_hidden_layers, num_heads, mixer ("titans" | "attention"), conv_size.
     Titans mixer (SPEC §2 v2): chunk_size (the main memory's gradient state), adaptive_chunk_size (the
     generating memories', default chunk_size, a multiple of it), momentum (default False), dgd, objective
-    ("l2" | "dot"), memory_target ("self" | "value"), memory_residual (default True: M(z) = z + W z), adaptive
+    ("l2" | "dot"), memory_target ("self" | "value"), memory_residual (default True: M(z) = z + W z),
+    memory_value_norm (default True: v_t is l2-normalised), memory_retention ("init", the default: alpha retains
+    toward the meta-learned initial memories; "zero": toward 0, as Eq. 88 prints), adaptive
     (subset of k/v/eta/alpha), eta_max (default 1.0), memory_depth (1: linear main memory; 2: the deep memory
     M(z) = z + W1 silu(W2 z) of Eq. 91), memory_hidden (h, the hidden width of the deep memory, default the head
     dim d; read only with memory_depth=2).
@@ -65,6 +68,8 @@ class HopeConfig(PretrainedConfig):
         objective: str = "l2",
         memory_target: str = "self",
         memory_residual: bool = True,
+        memory_value_norm: bool = True,
+        memory_retention: str = "init",
         adaptive: Sequence[str] = ADAPTIVE,
         eta_max: float = ETA_MAX,
         memory_depth: int = 1,
@@ -100,6 +105,8 @@ class HopeConfig(PretrainedConfig):
         self.objective = objective
         self.memory_target = memory_target
         self.memory_residual = memory_residual
+        self.memory_value_norm = memory_value_norm
+        self.memory_retention = memory_retention
         self.adaptive = list(adaptive)
         self.eta_max = eta_max
         self.memory_depth = memory_depth
@@ -177,7 +184,8 @@ class HopeConfig(PretrainedConfig):
                 f"adaptive_chunk_size={self.adaptive_chunk_size!r} is not allowed: it must be None (= chunk_size) or "
                 f"a positive multiple of chunk_size={self.chunk_size}"
             )
-        for name in ("momentum", "dgd", "memory_residual"):
+        choice("memory_retention", self.memory_retention, MEMORY_RETENTIONS)
+        for name in ("momentum", "dgd", "memory_residual", "memory_value_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: it must be True or False")
         bad = [entry for entry in self.adaptive if entry not in ADAPTIVE]

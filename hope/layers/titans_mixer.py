@@ -92,7 +92,8 @@ class TitansMixer(nn.Module):
         kwargs = dict(
             chunk_size=config.chunk_size, adaptive_chunk_size=config.adaptive_chunk_size, eta_max=config.eta_max,
             momentum=config.momentum, dgd=config.dgd, objective=config.objective, memory_target=config.memory_target,
-            memory_residual=config.memory_residual, adaptive=tuple(config.adaptive), backend=config.kernel_backend,
+            memory_residual=config.memory_residual, memory_value_norm=config.memory_value_norm,
+            memory_retention=config.memory_retention, adaptive=tuple(config.adaptive), backend=config.kernel_backend,
         )
         if self.deep:
             memory, memory_step = titans_deep_memory, titans_deep_memory_step

@@ -49,6 +49,8 @@ def titans_memory(
     objective: str = "l2",
     memory_target: str = "self",
     memory_residual: bool = True,
+    memory_value_norm: bool = True,
+    memory_retention: str = "init",
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[TitansState] = None,
@@ -58,7 +60,8 @@ def titans_memory(
     """Chunked Titans memory over a sequence; shapes and semantics as `titans_memory_reference`."""
     kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, adaptive_chunk_size=adaptive_chunk_size, momentum=momentum,
                   dgd=dgd, objective=objective, memory_target=memory_target, memory_residual=memory_residual,
-                  adaptive=adaptive, mask=mask, state=state, output_final_state=output_final_state)
+                  memory_value_norm=memory_value_norm, memory_retention=memory_retention, adaptive=adaptive,
+                  mask=mask, state=state, output_final_state=output_final_state)
     resolve_backend(backend, q.device, op="titans", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED)
     return titans_memory_reference(q, a, z0, b_eta, b_alpha, momentum_logit, **kwargs)
 
@@ -79,6 +82,8 @@ def titans_memory_step(
     objective: str = "l2",
     memory_target: str = "self",
     memory_residual: bool = True,
+    memory_value_norm: bool = True,
+    memory_retention: str = "init",
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[TitansState] = None,
@@ -87,6 +92,7 @@ def titans_memory_step(
     """One decode token; shapes and semantics as `titans_memory_step_reference`."""
     kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, adaptive_chunk_size=adaptive_chunk_size, momentum=momentum,
                   dgd=dgd, objective=objective, memory_target=memory_target, memory_residual=memory_residual,
-                  adaptive=adaptive, mask=mask, state=state)
+                  memory_value_norm=memory_value_norm, memory_retention=memory_retention, adaptive=adaptive,
+                  mask=mask, state=state)
     resolve_backend(backend, q.device, op="titans", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED)
     return titans_memory_step_reference(q, a, z0, b_eta, b_alpha, momentum_logit, **kwargs)

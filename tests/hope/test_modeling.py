@@ -152,6 +152,8 @@ def test_initialisation_follows_spec():
     for layer in model.model.layers:
         alpha = torch.sigmoid(layer.mixer.b_alpha.detach())
         assert torch.allclose(alpha, torch.full_like(alpha, 0.99), atol=5e-3), alpha
+        assert layer.mixer.momentum_logit is None  # momentum is off by default (SPEC §2 v2)
+    for layer in HopeForCausalLM(tiny_config(initializer_range=0.02, momentum=True)).model.layers:
         assert 0 < float(torch.sigmoid(layer.mixer.momentum_logit.detach()).min()) < 1
 
 
