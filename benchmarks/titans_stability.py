@@ -160,7 +160,8 @@ def plot(results: list, path: Path) -> None:
 
 
 def markdown(results: list, args) -> str:
-    lines = [f"# Titans memory stability (SPEC §2 v2), `small` preset, eta_max = {args.eta_max}",
+    levels = "" if args.cms_chunk_sizes is None else f", cms_chunk_sizes = {args.cms_chunk_sizes}"
+    lines = [f"# Titans memory stability (SPEC §2 v2), `small` preset, eta_max = {args.eta_max}{levels}",
              "",
              f"Seed {args.seed}; stream: pydoc topics repeated, read in {SEGMENT}-token segments through the cache; "
              f"trained = {args.train_steps} AdamW steps (lr {args.lr}, T = {args.seq_len}, B = {args.batch_size}). "
@@ -193,6 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--eta-max", type=float, default=hope.HopeConfig().eta_max)
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--cms-chunk-sizes", type=json.loads, default=None,
+                        help='override the preset\'s CMS levels, a JSON list such as "[null]" (plain FFN)')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -211,7 +214,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.time()
     for depth in args.depths:
         torch.manual_seed(args.seed)
-        config = hope.get_preset("small", memory_depth=depth, eta_max=args.eta_max, kernel_backend="torch")
+        overrides = {} if args.cms_chunk_sizes is None else dict(cms_chunk_sizes=args.cms_chunk_sizes)
+        config = hope.get_preset("small", memory_depth=depth, eta_max=args.eta_max, kernel_backend="torch", **overrides)
         model = hope.HopeForCausalLM(config)
         name = "default" if depth == 1 else "memory_depth=2"
         for stage in ("fresh", "trained"):
@@ -229,6 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"worst state factor {v['state']['worst_factor']:.3g}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     meta = dict(eta_max=args.eta_max, seed=args.seed, train_steps=args.train_steps, torch=torch.__version__,
+                cms_chunk_sizes=args.cms_chunk_sizes,
                 date=time.strftime("%Y-%m-%d"), seconds=round(time.time() - started), factor=FACTOR)
     (args.out_dir / "titans_stability.json").write_text(json.dumps(dict(meta=meta, runs=results), indent=1))
     (args.out_dir / "titans_stability.md").write_text(markdown(results, args))

@@ -39,7 +39,8 @@ class HopeConfig(PretrainedConfig):
     generating memories', default chunk_size, a multiple of it), momentum (default False), dgd, objective
     ("l2" | "dot"), memory_target ("self" | "value"), memory_residual (default True: M(z) = z + W z),
     memory_value_norm (default True: v_t is l2-normalised), memory_retention ("init", the default: alpha retains
-    toward the meta-learned initial memories; "zero": toward 0, as Eq. 88 prints), adaptive
+    toward the meta-learned initial memories; "zero": toward 0, as Eq. 88 prints), memory_curvature_guard (default
+    True: the deep memory's inner-gradient step is divided by max(1, its Gauss-Newton curvature)), adaptive
     (subset of k/v/eta/alpha), eta_max (default 1.0), memory_depth (1: linear main memory; 2: the deep memory
     M(z) = z + W1 silu(W2 z) of Eq. 91), memory_hidden (h, the hidden width of the deep memory, default the head
     dim d; read only with memory_depth=2).
@@ -70,6 +71,7 @@ class HopeConfig(PretrainedConfig):
         memory_residual: bool = True,
         memory_value_norm: bool = True,
         memory_retention: str = "init",
+        memory_curvature_guard: bool = True,
         adaptive: Sequence[str] = ADAPTIVE,
         eta_max: float = ETA_MAX,
         memory_depth: int = 1,
@@ -107,6 +109,7 @@ class HopeConfig(PretrainedConfig):
         self.memory_residual = memory_residual
         self.memory_value_norm = memory_value_norm
         self.memory_retention = memory_retention
+        self.memory_curvature_guard = memory_curvature_guard
         self.adaptive = list(adaptive)
         self.eta_max = eta_max
         self.memory_depth = memory_depth
@@ -185,7 +188,7 @@ class HopeConfig(PretrainedConfig):
                 f"a positive multiple of chunk_size={self.chunk_size}"
             )
         choice("memory_retention", self.memory_retention, MEMORY_RETENTIONS)
-        for name in ("momentum", "dgd", "memory_residual", "memory_value_norm"):
+        for name in ("momentum", "dgd", "memory_residual", "memory_value_norm", "memory_curvature_guard"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: it must be True or False")
         bad = [entry for entry in self.adaptive if entry not in ADAPTIVE]

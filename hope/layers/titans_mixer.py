@@ -103,6 +103,7 @@ class TitansMixer(nn.Module):
             memory_retention=config.memory_retention, adaptive=tuple(config.adaptive), backend=config.kernel_backend,
         )
         if self.deep:
+            kwargs["memory_curvature_guard"] = config.memory_curvature_guard
             memory, memory_step = titans_deep_memory, titans_deep_memory_step
             params = (self.memory_w1, self.memory_w2, self.adaptive_init, self.b_eta, self.b_alpha, self.momentum_logit)
         else:

@@ -51,6 +51,7 @@ def titans_deep_memory(
     memory_residual: bool = True,
     memory_value_norm: bool = True,
     memory_retention: str = "init",
+    memory_curvature_guard: bool = True,
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[DeepTitansState] = None,
@@ -60,7 +61,8 @@ def titans_deep_memory(
     """Chunked deep Titans memory; shapes and semantics as `titans_deep_memory_reference`."""
     kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, adaptive_chunk_size=adaptive_chunk_size, momentum=momentum,
                   dgd=dgd, objective=objective, memory_target=memory_target, memory_residual=memory_residual,
-                  memory_value_norm=memory_value_norm, memory_retention=memory_retention, adaptive=adaptive,
+                  memory_value_norm=memory_value_norm, memory_retention=memory_retention,
+                  memory_curvature_guard=memory_curvature_guard, adaptive=adaptive,
                   mask=mask, state=state, output_final_state=output_final_state)
     resolve_backend(backend, q.device, op="deep_titans", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED)
     return titans_deep_memory_reference(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit, **kwargs)
@@ -86,6 +88,7 @@ def titans_deep_memory_step(
     memory_residual: bool = True,
     memory_value_norm: bool = True,
     memory_retention: str = "init",
+    memory_curvature_guard: bool = True,
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[DeepTitansState] = None,
@@ -94,7 +97,8 @@ def titans_deep_memory_step(
     """One decode token; shapes and semantics as `titans_deep_memory_step_reference`."""
     kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, adaptive_chunk_size=adaptive_chunk_size, momentum=momentum,
                   dgd=dgd, objective=objective, memory_target=memory_target, memory_residual=memory_residual,
-                  memory_value_norm=memory_value_norm, memory_retention=memory_retention, adaptive=adaptive,
+                  memory_value_norm=memory_value_norm, memory_retention=memory_retention,
+                  memory_curvature_guard=memory_curvature_guard, adaptive=adaptive,
                   mask=mask, state=state)
     resolve_backend(backend, q.device, op="deep_titans", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED)
     return titans_deep_memory_step_reference(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit, **kwargs)

@@ -23,6 +23,9 @@ and each layer follows SPEC §2 v2 (momentum, when on, as for the linear memorie
                                                                          with keys sigma(p_t)
     o_t  = q_t + W1_t sigma(W2_t q_t)                                    the read after token t's update
 
+With `memory_curvature_guard=True` (the default) both layers' gradient steps use eta_t / max(1, N_t), N_t the
+Gauss-Newton curvature bound of `curvature_scale`: plain steps diverge at C = 64 once ||sigma(p)||² exceeds ~2
+(a chunk sums C of them at one state), and the guard leaves unit-curvature steps alone.
 With `memory_retention="zero"` the retention pulls toward 0 instead of the initial state (W_t = alpha_t W_{t-1}
 ...); `memory_value_norm` normalises v_t (see the linear op).
 Inside a chunk W2_t q_t comes from the delta rule's UT form (G and W2 share one triangular solve: same keys and
@@ -147,6 +150,18 @@ def main_memory_errors(
     return p, e, silu_grad(p) * (e @ w1c)
 
 
+def curvature_scale(p: Tensor, w1c: Tensor) -> Tensor:
+    """1 / max(1, N_t): the step scale of the main memory's inner gradient (`memory_curvature_guard`).
+
+    N_t = ||sigma(p_t)||² + Σ_f sigma'(p_f)² ||W1_c[:, f]||² bounds the Gauss-Newton curvature of ℓ_t in
+    (W1, W2) at the chunk start (||k_t|| = 1), so eta_t / max(1, N_t) keeps a token's step inside the region where
+    gradient descent contracts however wide the hidden features grow; unit-curvature steps are left alone.
+    p: (..., L, h); w1c: (..., d, h). Returns (..., L).
+    """
+    curvature = F.silu(p).square().sum(-1) + (silu_grad(p).square() * w1c.square().sum(-2).unsqueeze(-2)).sum(-1)
+    return 1.0 / curvature.clamp_min(1.0)
+
+
 def _deep_segment(
     q: Tensor, a: Tensor, valid: Tensor, states: list, anchors: Optional[tuple], b_eta: Tensor, b_alpha: Tensor,
     log_beta: Optional[Tensor], rows: Tensor, cfg: dict,
@@ -163,6 +178,7 @@ def _deep_segment(
     k, v, eta, log_alpha = generating_reads(a, zc, valid, b_eta, b_alpha, cfg)
     dec = segment_decays(log_alpha, valid, log_beta)
     p, e, g = main_memory_errors(k, v, w1c, w2c, cfg["objective"], cfg["value_target"])
+    eta_main = eta * curvature_scale(p, w1c) if cfg["curvature_guard"] else eta
 
     # G and W2 share keys k_t and the transition alpha_t I - eps eta_t k_t k_tᵀ: one delta rule over their rows.
     x0 = torch.cat([z, w2], dim=-2)
@@ -172,7 +188,7 @@ def _deep_segment(
         x0, w1 = x0 - anchor, w1 - w1_anchor  # the delta rule runs on the deviations from the anchors
     s0 = None if s is None else torch.cat([s, s2], dim=-2)
     writes = torch.cat([generating_writes(zc, inner_error(k, v, cfg["objective"]), eta, cfg["residual"]),
-                        -eta.unsqueeze(-1) * g], dim=-1)
+                        -eta_main.unsqueeze(-1) * g], dim=-1)
     corrections = delta_rule_corrections(x0, s0, writes, k, eta, dec, anchor) if cfg["dgd"] else None
     w2_writes = writes[..., n_gen:]
     w2_corrections = None if corrections is None else corrections[..., n_gen:]
@@ -180,7 +196,7 @@ def _deep_segment(
     if anchor is not None:
         pre = pre + q @ anchors[2].transpose(-1, -2)
     hidden = F.silu(pre)  # sigma(W2_t q_t)
-    w1_writes, w1_keys = -eta.unsqueeze(-1) * e, F.silu(p)
+    w1_writes, w1_keys = -eta_main.unsqueeze(-1) * e, F.silu(p)
     o = q + delta_rule_read(w1, s1, w1_writes, None, w1_keys, hidden, dec)
     if anchor is not None:
         o = o + hidden @ w1_anchor.transpose(-1, -2)
@@ -241,6 +257,7 @@ def titans_deep_memory_reference(
     memory_residual: bool = True,
     memory_value_norm: bool = True,
     memory_retention: str = "init",
+    memory_curvature_guard: bool = True,
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[DeepTitansState] = None,
@@ -257,8 +274,10 @@ def titans_deep_memory_reference(
         chunk_size, adaptive_chunk_size: as `titans_memory_reference` (W1 and W2 use chunk_size).
         memory_residual: the identity skip of M_k and M_v (the deep M is always residual, Eq. 91).
         memory_value_norm, memory_retention: as `titans_memory_reference`.
+        memory_curvature_guard: divide the main memory's inner-gradient step by max(1, N_t) (`curvature_scale`).
         mask: (B, T), 0 at positions that must change no state.
-        state: a cached DeepTitansState to continue from (the initial parameters are then not read).
+        state: a cached DeepTitansState to continue from (the initial parameters then serve only as the retention
+            anchor of memory_retention="init").
     Returns:
         o: (B, T, H, d) in q.dtype, and the DeepTitansState after the last token when `output_final_state`.
     """
@@ -266,7 +285,7 @@ def titans_deep_memory_reference(
     _check_deep_inputs(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit, state, True, kwargs)
     B, T, H, d = q.shape
     cfg = _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual,
-                  memory_value_norm, memory_retention)
+                  memory_value_norm, memory_retention, memory_curvature_guard)
     dtype, states, position, log_beta = _prepare(q, w1_0, w2_0, z0, momentum_logit, state, B)
     anchors = _anchors(cfg, dtype, B, z0, w1_0, w2_0)
     qh, ah = q.transpose(1, 2).to(dtype), a.transpose(1, 2).to(dtype)
@@ -311,6 +330,7 @@ def titans_deep_memory_step_reference(
     memory_residual: bool = True,
     memory_value_norm: bool = True,
     memory_retention: str = "init",
+    memory_curvature_guard: bool = True,
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[DeepTitansState] = None,
@@ -321,7 +341,7 @@ def titans_deep_memory_step_reference(
     _check_deep_inputs(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit, state, False, kwargs)
     B, H, d = q.shape
     cfg = _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual,
-                  memory_value_norm, memory_retention)
+                  memory_value_norm, memory_retention, memory_curvature_guard)
     dtype, (zc, z, s, w1c, w1, s1, w2c, w2, s2), position, log_beta = _prepare(q, w1_0, w2_0, z0, momentum_logit,
                                                                               state, B)
     g_anchor, w1_anchor, w2_anchor = _anchors(cfg, dtype, B, z0, w1_0, w2_0) or (None, None, None)
@@ -340,9 +360,10 @@ def titans_deep_memory_step_reference(
         s_new = torch.where(rows, s_new, s)
     p, e, g = (x.squeeze(-2) for x in main_memory_errors(k.unsqueeze(-2), v.unsqueeze(-2), w1c, w2c, objective,
                                                         cfg["value_target"]))
-    w2, s2 = delta_rule_step(w2, s2, -eta.unsqueeze(-1) * g, k, dgd_coef, alpha, beta, valid, w2_anchor)
-    w1, s1 = delta_rule_step(w1, s1, -eta.unsqueeze(-1) * e, F.silu(p), torch.zeros_like(eta), alpha, beta, valid,
-                             w1_anchor)
+    eta_main = eta * curvature_scale(p.unsqueeze(-2), w1c).squeeze(-1) if cfg["curvature_guard"] else eta
+    w2, s2 = delta_rule_step(w2, s2, -eta_main.unsqueeze(-1) * g, k, dgd_coef, alpha, beta, valid, w2_anchor)
+    w1, s1 = delta_rule_step(w1, s1, -eta_main.unsqueeze(-1) * e, F.silu(p), torch.zeros_like(eta), alpha, beta,
+                             valid, w1_anchor)
     o = q + (w1 @ F.silu(w2 @ q.unsqueeze(-1))).squeeze(-1)  # the read after the token's update
     states = _move_chunk_starts([zc, z_new, s_new, w1c, w1, s1, w2c, w2, s2], position + 1, cfg)
     return o.to(out_dtype), DeepTitansState(*states, position + 1)

@@ -396,15 +396,16 @@ def _prepare(
 
 
 def _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual,
-            memory_value_norm, memory_retention) -> dict:
+            memory_value_norm, memory_retention, memory_curvature_guard: bool = False) -> dict:
     if memory_retention not in RETENTIONS:
         raise ValueError(f"memory_retention={memory_retention!r}; allowed: {list(RETENTIONS)}")
-    if not isinstance(memory_value_norm, bool):
-        raise ValueError(f"memory_value_norm={memory_value_norm!r}; allowed: True or False")
+    for name, value in (("memory_value_norm", memory_value_norm), ("memory_curvature_guard", memory_curvature_guard)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}; allowed: True or False")
     return dict(chunk_size=chunk_size, adaptive_chunk_size=resolve_adaptive_chunk_size(chunk_size, adaptive_chunk_size),
                 eta_max=eta_max, dgd=dgd, objective=objective, value_target=memory_target == "value",
                 residual=1.0 if memory_residual else 0.0, value_norm=memory_value_norm,
-                anchored=memory_retention == "init")
+                anchored=memory_retention == "init", curvature_guard=memory_curvature_guard)
 
 
 def move_chunk_starts(z_chunk: Tensor, z: Tensor, position: int, d: int, cfg: dict) -> Tensor:
@@ -450,7 +451,8 @@ def titans_memory_reference(
         chunk_size: C, the tokens whose writes use one chunk-start W; chunk phase counts from position 0.
         adaptive_chunk_size: the same for the generating memories (default C; a multiple of C).
         mask: (B, T), 0 at positions that must change no state.
-        state: a cached TitansState to continue from (z0 is then not read).
+        state: a cached TitansState to continue from (z0 then serves only as the retention anchor of
+            memory_retention="init").
     Returns:
         o: (B, T, H, d) in q.dtype, and the TitansState after the last token when `output_final_state`.
     """

@@ -28,6 +28,7 @@ SPEC_DEFAULTS = {
     "memory_residual": True,
     "memory_value_norm": True,
     "memory_retention": "init",
+    "memory_curvature_guard": True,
     "eta_max": 1.0,
     "dgd": True,
     "objective": "l2",

@@ -20,7 +20,8 @@ def _outer(x, y):
 
 def deep_titans_oracle(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit=None, *, chunk_size, eta_max,
                        adaptive_chunk_size=None, momentum=False, dgd=True, objective="l2", memory_target="self",
-                       memory_residual=True, memory_value_norm=True, memory_retention="init", adaptive=ALL, mask=None, state=None, output_final_state=False):
+                       memory_residual=True, memory_value_norm=True, memory_retention="init",
+                       memory_curvature_guard=True, adaptive=ALL, mask=None, state=None, output_final_state=False):
     """Same signature and outputs as `titans_deep_memory_reference`, vectorised over (B, H), float64."""
     B, T, H, d = q.shape
     f64 = torch.float64
@@ -83,6 +84,14 @@ def deep_titans_oracle(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit=None
             target = v if memory_target == "value" else v + (w1c @ F.silu(w2c @ v.unsqueeze(-1))).squeeze(-1)
             loss = 0.5 * (pred - target).square().sum() if objective == "l2" else -(pred * target).sum()
             g1, g2 = torch.autograd.grad(loss, (p1, p2), create_graph=torch.is_grad_enabled())
+        if memory_curvature_guard:
+            # The Gauss-Newton curvature of ℓ_t in (W1, W2) at θ_c: ||σ(p)||² + Σ_f σ'(p_f)² ||W1_c[:, f]||².
+            p_t = (w2c @ k.unsqueeze(-1)).squeeze(-1)
+            sig = torch.sigmoid(p_t)
+            dsilu = sig * (1 + p_t * (1 - sig))
+            curvature = F.silu(p_t).square().sum(-1) + (dsilu.square() * w1c.square().sum(-2)).sum(-1)
+            scale = (1.0 / torch.clamp(curvature, min=1.0))[..., None, None]
+            g1, g2 = scale * g1, scale * g2
         w2, s2 = advance(w2, s2, g2, P, w2_0)
         w1, s1 = advance(w1, s1, g1, None, w1_0)
         outputs.append(qt + (w1 @ F.silu(w2 @ qt.unsqueeze(-1))).squeeze(-1))
