@@ -7,6 +7,7 @@
     hope-train ... --resume_from_checkpoint last                                  # after an interruption
     torchrun --nproc_per_node 8 -m hope.train ...        accelerate launch -m hope.train ...   (DDP / FSDP)
     python -m hope.train --demo                                                   # the offline demo (hope.demo)
+    hope-train ... --optim m3 --optim_args "lr=3e-4,slow_chunk_size=100"           # the M3 optimizer (hope.optim)
 
 `--model` is a preset name (`hope.get_preset`: tiny, small, hope-340m/760m/1.3b, transformer-340m/...) or a
 checkpoint directory. `--data` is a local txt/json/jsonl/parquet/csv file, glob or directory of such files
@@ -195,10 +196,51 @@ def bits_per_byte_factor(dataset, tokenizer, text_column: str, sample: int = 200
     return tokens / nbytes if nbytes else None
 
 
+# ----------------------------------------------------------------------------------------- --optim m3
+
+
+def take_optim_m3(argv: Sequence[str]) -> tuple:
+    """(argv without `--optim m3`, whether it was there): "m3" is no TrainingArguments optimizer name, so it is
+    taken out before parsing; every other --optim value passes through to TrainingArguments."""
+    argv, kept, found = list(argv), [], False
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--optim" and i + 1 < len(argv) and argv[i + 1] == "m3":
+            found, i = True, i + 2
+        elif argv[i] == "--optim=m3":
+            found, i = True, i + 1
+        else:
+            kept.append(argv[i])
+            i += 1
+    return kept, found
+
+
+def m3_optimizer(model, training_args):
+    """`--optim m3`: hope.optim.M3 (Algorithm 1) on the hidden matrices, its AdamW fallback (embeddings, head,
+    norms, biases, convolution taps) at --learning_rate with --adam_beta1/2 and --adam_epsilon, --weight_decay
+    on both. --optim_args sets M3's own arguments (their defaults otherwise), e.g.
+    "lr=3e-4,slow_chunk_size=100,alpha=1.0,betas=(0.9,0.999,0.9),eps=1e-4,ns_steps=5"."""
+    import inspect
+
+    from hope.optim import M3, m3_param_groups
+
+    options = parse_overrides(training_args.optim_args)
+    allowed = sorted(set(inspect.signature(M3).parameters) - {"params", "weight_decay", "adamw_betas", "adamw_eps"})
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise UsageError(f"--optim_args {unknown} are not M3 options; allowed: {allowed}")
+    groups = m3_param_groups(model, adamw_lr=training_args.learning_rate, weight_decay=training_args.weight_decay)
+    try:
+        return M3(groups, adamw_betas=(training_args.adam_beta1, training_args.adam_beta2),
+                  adamw_eps=training_args.adam_epsilon, **options)
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"--optim m3: {error}") from None
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
-def run(args: HopeTrainArguments, training_args) -> Dict[str, Any]:
+def run(args: HopeTrainArguments, training_args, optim_m3: bool = False) -> Dict[str, Any]:
     """Load data and model, train, evaluate, save; returns the metrics (also written to all_results.json)."""
     from transformers import Trainer, default_data_collator, set_seed
 
@@ -238,7 +280,8 @@ def run(args: HopeTrainArguments, training_args) -> Dict[str, Any]:
                       if raw_validation is not None else None)
 
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=validation,
-                      data_collator=default_data_collator, processing_class=tokenizer)
+                      data_collator=default_data_collator, processing_class=tokenizer,
+                      optimizers=(m3_optimizer(model, training_args) if optim_m3 else None, None))
     if training_args.process_index == 0:
         parameters = sum(p.numel() for p in model.parameters())
         blocks = "streamed" if args.streaming else f"{len(train):,} blocks"
@@ -288,8 +331,9 @@ def main(argv: Optional[Sequence[str]] = None):
     from hope.data import DataError
 
     try:
+        argv, optim_m3 = take_optim_m3(argv)
         args, training_args = parse_args(argv)
-        return run(args, training_args)
+        return run(args, training_args, optim_m3=optim_m3)
     except (UsageError, DataError, FileNotFoundError) as error:
         print(f"hope-train: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
