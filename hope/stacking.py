@@ -100,13 +100,15 @@ def _check_layout(pretrained: nn.Module) -> Any:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if head_dim * config.num_attention_heads != config.hidden_size:
         problems.append(f"head_dim={head_dim} with num_attention_heads * head_dim != hidden_size={config.hidden_size}")
+    # Mistral applies sliding_window to every layer; Qwen2 to the layers that layer_types marks.
     sliding = getattr(config, "sliding_window", None)
-    uses_sliding = getattr(config, "use_sliding_window", model_type == "mistral")  # Qwen2 has the switch
-    if sliding is not None and uses_sliding and sliding < config.max_position_embeddings:
+    if model_type == "mistral" and sliding is not None and sliding < config.max_position_embeddings:
         problems.append(f"sliding_window={sliding} (Hope's attention is full causal attention)")
-    layer_types = getattr(config, "layer_types", None)
-    if uses_sliding and layer_types and any(kind != "full_attention" for kind in layer_types):
-        problems.append(f"layer_types with {sorted(set(layer_types) - {'full_attention'})} layers")
+    layer_types = getattr(config, "layer_types", None) or []
+    windowed = sorted(set(layer_types) - {"full_attention"})
+    if windowed:
+        problems.append(f"layer_types with {windowed} layers (sliding_window={sliding}; Hope's attention is full "
+                        "causal attention)")
     if problems:
         raise ValueError(
             f"stack_levels cannot map this {type(pretrained).__name__} exactly: " + "; ".join(problems)

@@ -98,6 +98,21 @@ def test_dot_objective_with_zero_targets_is_exact_with_the_steps_on(variant):
             assert param.grad is not None and bool((param.grad != 0).any()), f"no gradient for {name}"
 
 
+def test_right_padded_batches_equal_the_pretrained_on_valid_tokens():
+    """HF Llama and Hope agree on every valid position of a right-padded batch (RoPE positions from 0 in both;
+    with left padding HF shifts the positions by the padding and Hope does not, SPEC §5)."""
+    pretrained = pretrained_model()
+    ids = random_ids(2, 15)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    model = hope.stack_levels(pretrained, [4, None], cms_objective="l2", cms_in_context=False)
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, use_cache=False).logits
+        theirs = pretrained(ids, attention_mask=mask, use_cache=False).logits
+    valid = mask.bool()
+    assert max_diff(ours[valid], theirs[valid]) < TOLERANCE
+
+
 def test_initialisation_of_the_levels():
     pretrained = pretrained_model()
     mlp = pretrained.model.layers[1].mlp
@@ -242,8 +257,12 @@ def test_layouts_that_do_not_map_are_rejected(overrides, match):
     _stack_error(pretrained_model(**overrides), match, [16, None])
 
 
-def test_mistral_sliding_window_is_rejected():
+def test_sliding_windows_are_rejected():
     _stack_error(pretrained_model("mistral", sliding_window=16), ["sliding_window=16", "full causal"], [16, None])
+    qwen2 = pretrained_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    _stack_error(qwen2, ["layer_types", "sliding_attention", "full causal"], [16, None])
+    # Qwen2 with the window switched off (its default) maps: the window size alone changes nothing.
+    hope.stack_levels(pretrained_model("qwen2", use_sliding_window=False, sliding_window=16), [16, None])
 
 
 @pytest.mark.parametrize("levels, match", [
