@@ -234,7 +234,10 @@ def train_one(name: str, config, datasets, tokenizer, args, device, output_dir: 
     result.train_tokens = trainer.state.global_step * args.batch_size * args.seq_len
     result.final_val_loss = result.val_loss[-1][1]
     model = trainer.model
-    result.sample = generate_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.seed, device)
+    if math.isfinite(result.final_val_loss):
+        result.sample = generate_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.seed, device)
+    else:  # sampling from NaN logits would raise; the table reports the divergence
+        result.sample = "(no sample: the model diverged, its validation loss is not finite)"
     model.save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
     result.checkpoint = str(checkpoint)

@@ -199,7 +199,7 @@ def bits_per_byte_factor(dataset, tokenizer, text_column: str, sample: int = 200
 # ----------------------------------------------------------------------------------------- --optim m3
 
 
-def take_optim_m3(argv: Sequence[str]) -> tuple:
+def take_optim_m3(argv: Sequence[str]) -> tuple[list, bool]:
     """(argv without `--optim m3`, whether it was there): "m3" is no TrainingArguments optimizer name, so it is
     taken out before parsing; every other --optim value passes through to TrainingArguments."""
     argv, kept, found = list(argv), [], False
