@@ -27,9 +27,9 @@ the optimizer against a literal, loop-based transcription of exactly this):
 - ε sits inside the square root, sqrt(V + ε), as the algorithm's fraction prints it. It also bounds the
   step: O1 + α O2 does not scale with the gradient but V does, so an entry whose gradients are tiny moves by
   up to η |O1 + α O2| / sqrt(ε). The default ε = 1e-4 (not Adam's 1e-8) and η = 3e-4 come from 100-step
-  sweeps on the demo (README, "The M3 optimizer"): with ε = 1e-8 the demo's Hope took steps of 0.25 on
-  weights of scale 0.02 from its first update (its CMS targets P_v have gradients near 1e-6) and went NaN
-  within 7 steps, and with η = 1e-3, ε = 1e-4 within 40.
+  sweeps on the demo models (README, "The M3 optimizer"): with ε = 1e-8 the demo's Hope took steps of 0.25
+  on weights of scale 0.02 from its first update (its CMS targets P_v have gradients near 1e-6) and went NaN
+  within 7 steps.
 - NS_T is Muon's quintic Newton-Schulz iteration (Jordan et al. 2024, the paper's [Muon] reference) with its
   coefficients (3.4445, -4.7750, 2.0315), T = `ns_steps` = 5, after scaling the matrix to unit Frobenius
   norm; it maps the singular values into about [0.7, 1.2], not exactly 1. It runs in fp32 (Muon uses bf16 on
