@@ -82,8 +82,9 @@ def _import(path: str) -> Callable:
 # ------------------------------------------------------------------------------------------- backends
 
 
-def backend_unavailable_reason(backend: str, device: torch.device, allow_interpreter: bool = False) -> Optional[str]:
-    """Why `backend` cannot run on `device` here, or None when it can.
+def backend_unavailable_reason(backend: str, device: torch.device, allow_interpreter: bool = False,
+                               op: Optional[str] = None) -> Optional[str]:
+    """Why `backend` cannot run `op` (any op when None) on `device` here, or None when it can.
 
     Triton kernels need CUDA; on CPU they run only in Triton's interpreter (TRITON_INTERPRET=1), which is a
     correctness tool, far too slow to time: `allow_interpreter` callers (the GPU suite's dry run, which only
@@ -94,6 +95,10 @@ def backend_unavailable_reason(backend: str, device: torch.device, allow_interpr
     if backend not in OP_BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {OP_BACKENDS}")
     if backend == "triton":
+        if op is not None:
+            package = importlib.import_module(FAMILIES[chunked_op(op)].reference.rsplit(".", 1)[0])
+            if not package.HAS_TRITON:
+                return f"{package.__name__} has no Triton kernel yet"
         if not triton_available():
             return "triton is not installed"
         if device.type != "cuda":
@@ -156,10 +161,13 @@ def op_function(op: str, backend: str, compile_backend: str = "inductor") -> Cal
 
 
 def titans_kwargs(C: int) -> dict:
-    """The model's Titans settings (SPEC §2 v2 defaults): no momentum, DGD, l2 objective, self targets, residual
-    memories, every row adaptive, one chunk size, eta_max = 1."""
-    return dict(chunk_size=C, adaptive_chunk_size=None, eta_max=1.0, momentum=False, dgd=True, objective="l2",
-                memory_target="self", memory_residual=True, adaptive=("k", "v", "eta", "alpha"))
+    """The model's default Titans settings (SPEC §2 v2): no momentum, DGD, l2 objective, self targets, residual
+    memories, unit values, retention toward the initial state, every row adaptive."""
+    from hope.configuration_hope import ETA_MAX
+
+    return dict(chunk_size=C, eta_max=ETA_MAX, momentum=False, dgd=True, objective="l2", memory_target="self",
+                memory_residual=True, memory_value_norm=True, memory_retention="init",
+                adaptive=("k", "v", "eta", "alpha"))
 
 
 def cms_kwargs(C: int) -> dict:
@@ -168,17 +176,15 @@ def cms_kwargs(C: int) -> dict:
 
 def titans_inputs(B: int, T: int, H: int, d: int, dtype: torch.dtype, device, requires_grad: bool = False,
                   seed: int = 0) -> list[Tensor]:
-    """[q (B, T, H, d) unit rows, a (B, T, H, d) of norm ~1 per head, z0 (H, 3d+2, d), b_eta, b_alpha (H,)]; q and a
-    in `dtype`, the parameters fp32 (as in the model); no momentum_logit (momentum is off). Random data: zeros would
-    hide unwritten outputs. The scale of a matters: with |a| ~ sqrt(d) (unit entries) the self-modifying rows of
-    the v2 rule grow without bound on random inputs and the reference reaches NaN before T = 4096 at eta_max = 1,
-    while at |a| ~ 1 its reads stay of order 1 out to T = 4096 (linear and deep memory, d = 64)."""
+    """[q (B, T, H, d) unit rows, a (B, T, H, d), z0 (H, 3d+2, d), b_eta, b_alpha (H,)]; q and a in `dtype`, the
+    parameters fp32 (as in the model); no momentum_logit (`titans_kwargs` has no momentum). Random data: zeros
+    would hide unwritten outputs."""
     from hope_kernels.titans.reference import memory_rows
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     q = F.normalize(torch.randn(B, T, H, d, generator=g), dim=-1)
-    a = torch.randn(B, T, H, d, generator=g) / math.sqrt(d)
-    z0 = torch.randn(H, memory_rows(d), d, generator=g) / math.sqrt(d)
+    a = torch.randn(B, T, H, d, generator=g)
+    z0 = 0.1 * torch.randn(H, memory_rows(d), d, generator=g) / math.sqrt(d)  # residual memories start small
     b_eta = -1.0 + 0.3 * torch.randn(H, generator=g)
     b_alpha = 4.0 + 0.3 * torch.randn(H, generator=g)
     out = [q.to(dtype), a.to(dtype), z0, b_eta, b_alpha]
@@ -206,8 +212,8 @@ def cms_inputs(B: int, T: int, D: int, Fh: int, dtype: torch.dtype, device, requ
 
 def deep_titans_inputs(B: int, T: int, H: int, d: int, h: int, dtype: torch.dtype, device,
                        requires_grad: bool = False, seed: int = 0) -> list[Tensor]:
-    """[q (B, T, H, d) unit rows, a (B, T, H, d), w1_0 (H, d, h), w2_0 (H, h, d), z0 (H, 2d+2, d), b_eta, b_alpha
-    (H,)] for the deep op: `titans_inputs` with the linear W rows dropped from z0 (the deep op's generating rows are
+    """[q (B, T, H, d) unit rows, a (B, T, H, d), w1_0 (H, d, h), w2_0 (H, h, d), z0 (H, 2d+2, d), b_eta, b_alpha]
+    for the deep op: `titans_inputs` with the linear W rows dropped from z0 (the deep op's generating memories are
     [W_k ; W_v ; w_eta ; w_alpha]) and the two main-memory layers at the model's scales
     (hope/layers/titans_mixer.py: W2 ~ N(0, 1/d), so silu(W2 q) is in SiLU's curved range; W1 small, so M starts
     near the identity). q and a in `dtype`, the parameters fp32."""

@@ -9,10 +9,11 @@ from .cache_hope import HopeCache
 from .configuration_hope import HopeConfig
 from .modeling_hope import HopeForCausalLM, HopeModel, HopePreTrainedModel
 from .presets import get_preset
+from .stacking import stack_levels
 
 AutoConfig.register(HopeConfig.model_type, HopeConfig, exist_ok=True)
 AutoModel.register(HopeConfig, HopeModel, exist_ok=True)
 AutoModelForCausalLM.register(HopeConfig, HopeForCausalLM, exist_ok=True)
 
 __version__ = "0.1.0"
-__all__ = ["HopeCache", "HopeConfig", "HopeForCausalLM", "HopeModel", "HopePreTrainedModel", "get_preset"]
+__all__ = ["HopeCache", "HopeConfig", "HopeForCausalLM", "HopeModel", "HopePreTrainedModel", "get_preset", "stack_levels"]

@@ -2,6 +2,7 @@
 
     python -m hope.train --demo                       # ~10 minutes on 2 CPU cores; a GPU is used when present
     python -m hope.train --demo --output-dir runs/x   # where the checkpoints and the loss-curve PNG go
+    python -m hope.train --demo --optim m3            # both models with the M3 optimizer (hope.optim)
 
 Both models are `HopeForCausalLM`s of the same width and depth, trained with the Hugging Face `Trainer` for the
 same steps, batch, learning rate and sequence length on CPython's help topics (`hope.data`), byte-level
@@ -56,16 +57,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, help="optimizer steps per model (demo: 600)")
     parser.add_argument("--seq-len", type=int, help="tokens (bytes) per training block (demo: 256)")
     parser.add_argument("--batch-size", type=int, help="blocks per step (demo: 8)")
-    # 100-200-step sweeps at the demo size: Hope does best near 3e-3, Transformer++ near 1e-3; 2e-3 serves both.
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate, cosine decay (default 2e-3)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak AdamW learning rate, cosine decay (default: the tiny preset's recipe, "
+                             "hope.presets.training_defaults: 2e-3)")
+    parser.add_argument("--optim", default="adamw", choices=["adamw", "m3"],
+                        help="adamw (default), or m3: hope.optim.M3 on the hidden matrices, AdamW at --lr on the rest")
+    parser.add_argument("--m3-args", default="",
+                        help="M3 arguments with --optim m3, e.g. 'lr=3e-4,slow_chunk_size=100' (M3's defaults otherwise)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order (default 0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto = cuda (bf16 when supported) if available, else cpu")
     parser.add_argument("--hidden-size", type=int, help="width of both models (demo: 128)")
     parser.add_argument("--num-layers", type=int, help="depth of both models (demo: 2)")
     parser.add_argument("--num-heads", type=int, help="heads of both models (demo: 2)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads for torch; 0 = one per core not busy with other processes (default)")
+    parser.add_argument("--num-threads", "--num_threads", dest="num_threads", type=int, default=None,
+                        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the cores other "
+                             "processes leave idle; hope.runtime.configure_threads)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt of the samples (default {DEFAULT_PROMPT!r})")
     parser.add_argument("--max-new-tokens", type=int, help="bytes to sample from each model (demo: 200)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke-test sizes (tests)
@@ -84,10 +91,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--seq-len must be at least 2, got {args.seq_len}")
     if args.hidden_size % args.num_heads:
         parser.error(f"--hidden-size {args.hidden_size} must be divisible by --num-heads {args.num_heads}")
+    if args.lr is None:
+        from hope.presets import training_defaults
+
+        args.lr = training_defaults("tiny")["learning_rate"]
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
-    if args.threads < 0:
-        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.num_threads is not None and args.num_threads < 1:
+        parser.error(f"--num-threads must be at least 1, got {args.num_threads}")
     return args
 
 
@@ -181,6 +192,7 @@ def train_one(name: str, config, datasets, tokenizer, args, device, output_dir: 
     from transformers.trainer_callback import ProgressCallback
 
     from hope import HopeForCausalLM
+    from hope.presets import training_defaults
 
     set_seed(args.seed)
     model = HopeForCausalLM(config)
@@ -195,17 +207,12 @@ def train_one(name: str, config, datasets, tokenizer, args, device, output_dir: 
     # ~5 validation points on the curve, the last one at the final step (the reported number).
     eval_steps = sorted({max(1, round(args.max_steps * k / 5)) for k in range(1, 6)})
     checkpoint = output_dir / name
+    recipe = {**training_defaults("tiny"), "learning_rate": args.lr}  # the demo's size (hope.presets)
     training_args = TrainingArguments(
         output_dir=str(checkpoint),
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, round(0.05 * args.max_steps)),
-        weight_decay=0.01,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        max_grad_norm=1.0,
+        **recipe,
         logging_steps=max(1, args.max_steps // 50),  # ~50 points on the loss curve
         eval_strategy="no",  # the Record callback evaluates, token-weighted, at eval_steps
         save_strategy="no",  # saved once at the end, below
@@ -219,21 +226,36 @@ def train_one(name: str, config, datasets, tokenizer, args, device, output_dir: 
         disable_tqdm=False,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=datasets["train"],
-                      data_collator=default_data_collator)
+                      data_collator=default_data_collator, optimizers=(demo_optimizer(model, args), None))
     trainer.remove_callback(ProgressCallback)
     for callback in make_callbacks(result, validation, eval_steps, args.batch_size, autocast_dtype):
         trainer.add_callback(callback)
-    print(f"\n== {LABELS[name]}: {result.parameters:,} parameters, {args.max_steps} steps of "
+    print(f"\n== {LABELS[name]}: {result.parameters:,} parameters, {args.optim}, {args.max_steps} steps of "
           f"{args.batch_size} x {args.seq_len} bytes on {device.type}{' (bf16)' if use_bf16 else ''}", flush=True)
     trainer.train()
     result.train_tokens = trainer.state.global_step * args.batch_size * args.seq_len
     result.final_val_loss = result.val_loss[-1][1]
     model = trainer.model
-    result.sample = generate_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.seed, device)
+    if math.isfinite(result.final_val_loss):
+        result.sample = generate_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.seed, device)
+    else:  # sampling from NaN logits would raise; the table reports the divergence
+        result.sample = "(no sample: the model diverged, its validation loss is not finite)"
     model.save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
     result.checkpoint = str(checkpoint)
     return result
+
+
+def demo_optimizer(model, args):
+    """None (the Trainer's AdamW) for --optim adamw; for m3, hope.optim.M3 with the AdamW part at --lr and the
+    demo's AdamW betas and weight decay."""
+    if args.optim == "adamw":
+        return None
+    from hope.optim import M3, m3_param_groups
+    from hope.train import parse_overrides
+
+    groups = m3_param_groups(model, adamw_lr=args.lr, weight_decay=0.01)
+    return M3(groups, adamw_betas=(0.9, 0.95), **parse_overrides(args.m3_args))
 
 
 def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: int, device) -> str:
@@ -316,13 +338,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, RunResult]:
 
     import hope  # noqa: F401  (registers "hope" with the Auto classes)
     from hope.data import build_datasets, load_topics, split_topics
-    from hope.train import idle_cores, pick_device
+    from hope.runtime import configure_threads, describe_threads
+    from hope.train import pick_device
 
     started = time.perf_counter()
     device = pick_device(args.device)
     threads_before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads or idle_cores())
+    threads = configure_threads(args.num_threads)
     bars_were_enabled = hf_datasets.is_progress_bar_enabled()
     hf_datasets.disable_progress_bars()
     try:
@@ -335,8 +357,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, RunResult]:
               f"  train: {len(train_names)} topics, {len(data['train'])} blocks; "
               f"validation: {len(validation_names)} other topics, {len(data['validation'])} blocks "
               f"({', '.join(validation_names)})\n"
-              f"device: {device}" + (f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""),
-              flush=True)
+              f"device: {device}, {describe_threads(threads, args.num_threads)}", flush=True)
         configs = build_configs(len(tokenizer), args.hidden_size, args.num_layers, args.num_heads, args.seq_len,
                                 tokenizer.pad_token_id, tokenizer.eos_token_id)
         results = {name: train_one(name, configs[name], data, tokenizer, args, device, output_dir)

@@ -60,6 +60,9 @@ def titans_deep_memory(
     objective: str = "l2",
     memory_target: str = "self",
     memory_residual: bool = True,
+    memory_value_norm: bool = True,
+    memory_retention: str = "init",
+    memory_curvature_guard: bool = True,
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[DeepTitansState] = None,
@@ -69,7 +72,9 @@ def titans_deep_memory(
     """Chunked deep Titans memory; shapes and semantics as `titans_deep_memory_reference`."""
     kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, adaptive_chunk_size=adaptive_chunk_size, momentum=momentum,
                   dgd=dgd, objective=objective, memory_target=memory_target, memory_residual=memory_residual,
-                  adaptive=adaptive, mask=mask, state=state, output_final_state=output_final_state)
+                  memory_value_norm=memory_value_norm, memory_retention=memory_retention,
+                  memory_curvature_guard=memory_curvature_guard, adaptive=adaptive,
+                  mask=mask, state=state, output_final_state=output_final_state)
     if _backend(backend, q.device, momentum) == "triton":
         from hope_kernels.deep_titans.chunk import titans_deep_memory_triton
 
@@ -95,6 +100,9 @@ def titans_deep_memory_step(
     objective: str = "l2",
     memory_target: str = "self",
     memory_residual: bool = True,
+    memory_value_norm: bool = True,
+    memory_retention: str = "init",
+    memory_curvature_guard: bool = True,
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[DeepTitansState] = None,
@@ -103,7 +111,9 @@ def titans_deep_memory_step(
     """One decode token; shapes and semantics as `titans_deep_memory_step_reference`."""
     kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, adaptive_chunk_size=adaptive_chunk_size, momentum=momentum,
                   dgd=dgd, objective=objective, memory_target=memory_target, memory_residual=memory_residual,
-                  adaptive=adaptive, mask=mask, state=state)
+                  memory_value_norm=memory_value_norm, memory_retention=memory_retention,
+                  memory_curvature_guard=memory_curvature_guard, adaptive=adaptive,
+                  mask=mask, state=state)
     if _backend(backend, q.device, momentum) == "triton":
         from hope_kernels.deep_titans.step import titans_deep_memory_step_triton
 

@@ -17,12 +17,17 @@ e_t = M_c(k_t) - target ("l2") or -target ("dot"), the inner gradients are rank 
 
 and each layer follows SPEC §2 v2 (momentum, when on, as for the linear memories):
 
-    W2_t = W2_{t-1} (alpha_t I - eps eta_t k_t k_tᵀ) - eta_t g_t k_tᵀ      DGD on the running input side: a gated
-                                                                         delta rule with keys k_t
-    W1_t = alpha_t W1_{t-1} - eta_t e_t sigma(p_t)ᵀ                       retention only: decayed linear attention
+    W2_t = W2_0 + alpha_t (W2_{t-1} - W2_0) - eps eta_t W2_{t-1} k_t k_tᵀ - eta_t g_t k_tᵀ
+                                                     DGD on the running input side: a gated delta rule, keys k_t
+    W1_t = W1_0 + alpha_t (W1_{t-1} - W1_0) - eta_t e_t sigma(p_t)ᵀ    retention only: decayed linear attention
                                                                          with keys sigma(p_t)
     o_t  = q_t + W1_t sigma(W2_t q_t)                                    the read after token t's update
 
+With `memory_curvature_guard=True` (the default) both layers' gradient steps use eta_t / max(1, N_t), N_t the
+Gauss-Newton curvature bound of `curvature_scale`: plain steps diverge at C = 64 once ||sigma(p)||² exceeds ~2
+(a chunk sums C of them at one state), and the guard leaves unit-curvature steps alone.
+With `memory_retention="zero"` the retention pulls toward 0 instead of the initial state (W_t = alpha_t W_{t-1}
+...); `memory_value_norm` normalises v_t (see the linear op).
 Inside a chunk W2_t q_t comes from the delta rule's UT form (G and W2 share one triangular solve: same keys and
 transition), then W1_t from the linear-attention form (`hope_kernels.titans.reference.delta_rule_*`).
 
@@ -145,36 +150,61 @@ def main_memory_errors(
     return p, e, silu_grad(p) * (e @ w1c)
 
 
+def curvature_scale(p: Tensor, w1c: Tensor) -> Tensor:
+    """1 / max(1, N_t): the step scale of the main memory's inner gradient (`memory_curvature_guard`).
+
+    N_t = ||sigma(p_t)||² + Σ_f sigma'(p_f)² ||W1_c[:, f]||² bounds the Gauss-Newton curvature of ℓ_t in
+    (W1, W2) at the chunk start (||k_t|| = 1), so eta_t / max(1, N_t) keeps a token's step inside the region where
+    gradient descent contracts however wide the hidden features grow; unit-curvature steps are left alone.
+    p: (..., L, h); w1c: (..., d, h). Returns (..., L).
+    """
+    curvature = F.silu(p).square().sum(-1) + (silu_grad(p).square() * w1c.square().sum(-2).unsqueeze(-2)).sum(-1)
+    return 1.0 / curvature.clamp_min(1.0)
+
+
 def _deep_segment(
-    q: Tensor, a: Tensor, valid: Tensor, states: list, b_eta: Tensor, b_alpha: Tensor, log_beta: Optional[Tensor],
-    rows: Tensor, cfg: dict,
+    q: Tensor, a: Tensor, valid: Tensor, states: list, anchors: Optional[tuple], b_eta: Tensor, b_alpha: Tensor,
+    log_beta: Optional[Tensor], rows: Tensor, cfg: dict,
 ) -> tuple[Tensor, list]:
     """One segment (tokens that share one gradient state), in closed form.
 
-    q, a: (B, H, L, d); valid: (B, H, L) 0/1; states: the nine DeepTitansState tensors; rows: (2d+2,) bool, the
+    q, a: (B, H, L, d); valid: (B, H, L) 0/1; states: the nine DeepTitansState tensors; anchors: the retention
+    targets (G_0, W1_0, W2_0) broadcast over the batch, or None for retention toward 0; rows: (2d+2,) bool, the
     generating rows that learn. Returns o (B, H, L, d) and the nine tensors after token L (chunk-start copies
     unchanged: the caller moves them).
     """
     zc, z, s, w1c, w1, s1, w2c, w2, s2 = states
     d, n_gen = q.shape[-1], zc.shape[-2]
-    k, v, eta, log_alpha = generating_reads(a, zc, valid, b_eta, b_alpha, cfg["eta_max"], cfg["residual"])
+    k, v, eta, log_alpha = generating_reads(a, zc, valid, b_eta, b_alpha, cfg)
     dec = segment_decays(log_alpha, valid, log_beta)
     p, e, g = main_memory_errors(k, v, w1c, w2c, cfg["objective"], cfg["value_target"])
+    eta_main = eta * curvature_scale(p, w1c) if cfg["curvature_guard"] else eta
 
     # G and W2 share keys k_t and the transition alpha_t I - eps eta_t k_t k_tᵀ: one delta rule over their rows.
     x0 = torch.cat([z, w2], dim=-2)
+    anchor = None if anchors is None else torch.cat([anchors[0], anchors[2]], dim=-2)
+    w1_anchor = None if anchors is None else anchors[1]
+    if anchor is not None:
+        x0, w1 = x0 - anchor, w1 - w1_anchor  # the delta rule runs on the deviations from the anchors
     s0 = None if s is None else torch.cat([s, s2], dim=-2)
     writes = torch.cat([generating_writes(zc, inner_error(k, v, cfg["objective"]), eta, cfg["residual"]),
-                        -eta.unsqueeze(-1) * g], dim=-1)
-    corrections = delta_rule_corrections(x0, s0, writes, k, eta, dec) if cfg["dgd"] else None
+                        -eta_main.unsqueeze(-1) * g], dim=-1)
+    corrections = delta_rule_corrections(x0, s0, writes, k, eta, dec, anchor) if cfg["dgd"] else None
     w2_writes = writes[..., n_gen:]
     w2_corrections = None if corrections is None else corrections[..., n_gen:]
-    hidden = F.silu(delta_rule_read(w2, s2, w2_writes, w2_corrections, k, q, dec))  # sigma(W2_t q_t)
-    w1_writes, w1_keys = -eta.unsqueeze(-1) * e, F.silu(p)
+    pre = delta_rule_read(x0[..., n_gen:, :], s2, w2_writes, w2_corrections, k, q, dec)
+    if anchor is not None:
+        pre = pre + q @ anchors[2].transpose(-1, -2)
+    hidden = F.silu(pre)  # sigma(W2_t q_t)
+    w1_writes, w1_keys = -eta_main.unsqueeze(-1) * e, F.silu(p)
     o = q + delta_rule_read(w1, s1, w1_writes, None, w1_keys, hidden, dec)
+    if anchor is not None:
+        o = o + hidden @ w1_anchor.transpose(-1, -2)
 
     x_end, s_end = delta_rule_end(x0, s0, writes, corrections, k, dec)
     w1_end, s1_end = delta_rule_end(w1, s1, w1_writes, None, w1_keys, dec)
+    if anchor is not None:
+        x_end, w1_end = x_end + anchor, w1_end + w1_anchor
     rows = rows[:, None]
     z_end = torch.where(rows, x_end[..., :n_gen, :], z)  # rows outside `adaptive` keep their initial value
     w2_end = x_end[..., n_gen:, :]
@@ -193,6 +223,13 @@ def _move_chunk_starts(states: list, position: int, cfg: dict) -> list:
     if position % cfg["adaptive_chunk_size"] == 0:
         states[0] = states[1]
     return states
+
+
+def _anchors(cfg: dict, dtype: torch.dtype, batch: int, z0: Tensor, w1_0: Tensor, w2_0: Tensor) -> Optional[tuple]:
+    """The retention targets (G_0, W1_0, W2_0) broadcast over the batch, or None for retention toward 0."""
+    if not cfg["anchored"]:
+        return None
+    return tuple(x.to(dtype).unsqueeze(0).expand(batch, *x.shape) for x in (z0, w1_0, w2_0))
 
 
 def _kwargs(chunk_size, adaptive_chunk_size, eta_max, momentum, objective, memory_target, adaptive, mask) -> dict:
@@ -218,6 +255,9 @@ def titans_deep_memory_reference(
     objective: str = "l2",
     memory_target: str = "self",
     memory_residual: bool = True,
+    memory_value_norm: bool = True,
+    memory_retention: str = "init",
+    memory_curvature_guard: bool = True,
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[DeepTitansState] = None,
@@ -233,16 +273,21 @@ def titans_deep_memory_reference(
         b_eta, b_alpha: (H,) per-head biases; momentum_logit: (H,), given iff momentum.
         chunk_size, adaptive_chunk_size: as `titans_memory_reference` (W1 and W2 use chunk_size).
         memory_residual: the identity skip of M_k and M_v (the deep M is always residual, Eq. 91).
+        memory_value_norm, memory_retention: as `titans_memory_reference`.
+        memory_curvature_guard: divide the main memory's inner-gradient step by max(1, N_t) (`curvature_scale`).
         mask: (B, T), 0 at positions that must change no state.
-        state: a cached DeepTitansState to continue from (the initial parameters are then not read).
+        state: a cached DeepTitansState to continue from (the initial parameters then serve only as the retention
+            anchor of memory_retention="init").
     Returns:
         o: (B, T, H, d) in q.dtype, and the DeepTitansState after the last token when `output_final_state`.
     """
     kwargs = _kwargs(chunk_size, adaptive_chunk_size, eta_max, momentum, objective, memory_target, adaptive, mask)
     _check_deep_inputs(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit, state, True, kwargs)
     B, T, H, d = q.shape
-    cfg = _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual)
+    cfg = _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual,
+                  memory_value_norm, memory_retention, memory_curvature_guard)
     dtype, states, position, log_beta = _prepare(q, w1_0, w2_0, z0, momentum_logit, state, B)
+    anchors = _anchors(cfg, dtype, B, z0, w1_0, w2_0)
     qh, ah = q.transpose(1, 2).to(dtype), a.transpose(1, 2).to(dtype)
     valid = (torch.ones(B, T, dtype=dtype, device=q.device) if mask is None else mask.to(dtype)).unsqueeze(1).expand(B, H, T)
     rows = adaptive_row_mask(adaptive, d, q.device)[d:]
@@ -253,8 +298,8 @@ def titans_deep_memory_reference(
     while t < T:
         length = min(chunk_size - (position + t) % chunk_size, T - t)
         piece = slice(t, t + length)
-        o, states = _deep_segment(qh[:, :, piece], ah[:, :, piece], valid[:, :, piece], states, b_eta, b_alpha,
-                                  log_beta, rows, cfg)
+        o, states = _deep_segment(qh[:, :, piece], ah[:, :, piece], valid[:, :, piece], states, anchors, b_eta,
+                                  b_alpha, log_beta, rows, cfg)
         outputs.append(o)
         t += length
         states = _move_chunk_starts(states, position + t, cfg)
@@ -283,6 +328,9 @@ def titans_deep_memory_step_reference(
     objective: str = "l2",
     memory_target: str = "self",
     memory_residual: bool = True,
+    memory_value_norm: bool = True,
+    memory_retention: str = "init",
+    memory_curvature_guard: bool = True,
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[DeepTitansState] = None,
@@ -292,27 +340,30 @@ def titans_deep_memory_step_reference(
     kwargs = _kwargs(chunk_size, adaptive_chunk_size, eta_max, momentum, objective, memory_target, adaptive, mask)
     _check_deep_inputs(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit, state, False, kwargs)
     B, H, d = q.shape
-    cfg = _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual)
+    cfg = _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual,
+                  memory_value_norm, memory_retention, memory_curvature_guard)
     dtype, (zc, z, s, w1c, w1, s1, w2c, w2, s2), position, log_beta = _prepare(q, w1_0, w2_0, z0, momentum_logit,
                                                                               state, B)
+    g_anchor, w1_anchor, w2_anchor = _anchors(cfg, dtype, B, z0, w1_0, w2_0) or (None, None, None)
     out_dtype = q.dtype
     q, a = q.to(dtype), a.to(dtype)
     valid = (torch.ones(B, dtype=dtype, device=q.device) if mask is None else mask.to(dtype))[:, None]  # (B, 1)
     beta = None if log_beta is None else log_beta.exp()
-    k, v, eta, alpha = generating_step_reads(a, zc, valid, b_eta.to(dtype), b_alpha.to(dtype), eta_max,
-                                             cfg["residual"])
+    k, v, eta, alpha = generating_step_reads(a, zc, valid, b_eta.to(dtype), b_alpha.to(dtype), cfg)
     dgd_coef = eta if dgd else torch.zeros_like(eta)
     u = inner_error(k, v, objective)
     gen_write = generating_writes(zc, u.unsqueeze(-2), eta.unsqueeze(-1), cfg["residual"]).squeeze(-2)
-    z_new, s_new = delta_rule_step(z, s, gen_write, k, dgd_coef, alpha, beta, valid)
+    z_new, s_new = delta_rule_step(z, s, gen_write, k, dgd_coef, alpha, beta, valid, g_anchor)
     rows = adaptive_row_mask(adaptive, d, q.device)[d:, None]
     z_new = torch.where(rows, z_new, z)
     if s_new is not None:
         s_new = torch.where(rows, s_new, s)
     p, e, g = (x.squeeze(-2) for x in main_memory_errors(k.unsqueeze(-2), v.unsqueeze(-2), w1c, w2c, objective,
                                                         cfg["value_target"]))
-    w2, s2 = delta_rule_step(w2, s2, -eta.unsqueeze(-1) * g, k, dgd_coef, alpha, beta, valid)
-    w1, s1 = delta_rule_step(w1, s1, -eta.unsqueeze(-1) * e, F.silu(p), torch.zeros_like(eta), alpha, beta, valid)
+    eta_main = eta * curvature_scale(p.unsqueeze(-2), w1c).squeeze(-1) if cfg["curvature_guard"] else eta
+    w2, s2 = delta_rule_step(w2, s2, -eta_main.unsqueeze(-1) * g, k, dgd_coef, alpha, beta, valid, w2_anchor)
+    w1, s1 = delta_rule_step(w1, s1, -eta_main.unsqueeze(-1) * e, F.silu(p), torch.zeros_like(eta), alpha, beta,
+                             valid, w1_anchor)
     o = q + (w1 @ F.silu(w2 @ q.unsqueeze(-1))).squeeze(-1)  # the read after the token's update
     states = _move_chunk_starts([zc, z_new, s_new, w1c, w1, s1, w2c, w2, s2], position + 1, cfg)
     return o.to(out_dtype), DeepTitansState(*states, position + 1)

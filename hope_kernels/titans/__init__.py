@@ -60,6 +60,8 @@ def titans_memory(
     objective: str = "l2",
     memory_target: str = "self",
     memory_residual: bool = True,
+    memory_value_norm: bool = True,
+    memory_retention: str = "init",
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[TitansState] = None,
@@ -69,7 +71,8 @@ def titans_memory(
     """Chunked Titans memory over a sequence; shapes and semantics as `titans_memory_reference`."""
     kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, adaptive_chunk_size=adaptive_chunk_size, momentum=momentum,
                   dgd=dgd, objective=objective, memory_target=memory_target, memory_residual=memory_residual,
-                  adaptive=adaptive, mask=mask, state=state, output_final_state=output_final_state)
+                  memory_value_norm=memory_value_norm, memory_retention=memory_retention, adaptive=adaptive,
+                  mask=mask, state=state, output_final_state=output_final_state)
     if _backend(backend, q.device, momentum) == "triton":
         from hope_kernels.titans.chunk import titans_memory_triton
 
@@ -93,6 +96,8 @@ def titans_memory_step(
     objective: str = "l2",
     memory_target: str = "self",
     memory_residual: bool = True,
+    memory_value_norm: bool = True,
+    memory_retention: str = "init",
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[TitansState] = None,
@@ -101,7 +106,8 @@ def titans_memory_step(
     """One decode token; shapes and semantics as `titans_memory_step_reference`."""
     kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, adaptive_chunk_size=adaptive_chunk_size, momentum=momentum,
                   dgd=dgd, objective=objective, memory_target=memory_target, memory_residual=memory_residual,
-                  adaptive=adaptive, mask=mask, state=state)
+                  memory_value_norm=memory_value_norm, memory_retention=memory_retention, adaptive=adaptive,
+                  mask=mask, state=state)
     if _backend(backend, q.device, momentum) == "triton":
         from hope_kernels.titans.step import titans_memory_step_triton
 

@@ -4,22 +4,31 @@ The fast memories of one head are stacked row-wise as Z = [W ; W_k ; W_v ; w_eta
 matrix; row block X of Z reads z -> E_X z + X z, with E_X = I for the three square memories (the residual
 memories of Eq. 89, `memory_residual=True`) and 0 for w_eta, w_alpha. Per token t of chunk c:
 
-    k_t = l2norm(E a_t + W_k,c a_t)   v_t = E a_t + W_v,c a_t       read from the chunk-start generating memories
+    k_t = l2norm(E a_t + W_k,c a_t)   v_t = l2norm(E a_t + W_v,c a_t)   from the chunk-start generating memories
     eta_t = eta_max sigmoid(w_eta,c . a_t + b_eta)    alpha_t = sigmoid(w_alpha,c . a_t + b_alpha)
     u_t = k_t - v_t ("l2") or -v_t ("dot")                           self targets M_c(v_t)
     w^X_t = -eta_t (E_X + X_c) u_t                                   the write: minus eta times the gradient's left
                                                                      factor at the chunk start (Eq. 91)
-    X_t = X_{t-1} (alpha_t I - eps eta_t k_t k_tᵀ) + w^X_t k_tᵀ      DGD on the running state (Eqs. 88, 93)
+    X_t = X_0 + alpha_t (X_{t-1} - X_0) - eps eta_t X_{t-1} k_t k_tᵀ + w^X_t k_tᵀ
+                                                                     DGD on the running state (Eqs. 88, 93)
     o_t = E q_t + W_t q_t                                            the read after token t's update
 
-With `momentum=True`, S_t = beta S_{t-1} + w_t k_tᵀ and X_t = X_{t-1}(alpha_t I - eps eta_t k_t k_tᵀ) + S_t.
+Two choices the paper leaves open, both config fields, set by the stability figures
+(benchmarks/titans_stability.py): `memory_value_norm=True` l2-normalises v_t like q_t and k_t (without it, W_v's
+self-target write is quadratic in W_v and the literal rule diverges on real text at every eta_max tried, 1.0
+down to 0.02); `memory_retention="init"` makes alpha_t retain toward the meta-learned initial state X_0 rather
+than toward 0 (with unit values and retention toward 0, every memory relaxes to the identity: W_k = W_v is an
+attracting fixed point of the self-target objective). `memory_value_norm=False, memory_retention="zero"` is
+the rule exactly as printed.
+
+With `momentum=True`, S_t = beta S_{t-1} + w_t k_tᵀ replaces the write term w_t k_tᵀ.
 With `memory_target="value"`, W's write is -eta_t ((E + W_c) k_t - v_t) ("l2") or eta_t v_t ("dot").
 
 Every row shares the transition, so a chunk is a gated delta rule over 3d+2 value rows whose writes are known
 once the chunk starts (`delta_rule_*` below, also used by the deep memory). W's chunk start moves every
 `chunk_size` tokens; the generating memories' (and so k, v, eta, alpha) every `adaptive_chunk_size` tokens.
 
-Three functions with one semantics:
+Two functions with one semantics:
 - `titans_memory_reference`: the chunked form (WY / UT representation inside a chunk), vectorised over batch and
   heads, a Python loop over chunks only. What the model runs on CPU and what the kernels are checked against.
 - `titans_memory_step_reference`: one decode token, the per-token recurrence.
@@ -39,6 +48,7 @@ from hope_kernels._dispatch import compute_dtype
 ADAPTIVE_NAMES = ("k", "v", "eta", "alpha")
 OBJECTIVES = ("l2", "dot")
 MEMORY_TARGETS = ("self", "value")
+RETENTIONS = ("init", "zero")
 
 
 class TitansState(NamedTuple):
@@ -218,20 +228,26 @@ def _before(x: Tensor, fill: float) -> Tensor:
 
 
 def delta_rule_corrections(
-    x0: Tensor, s0: Optional[Tensor], writes: Tensor, keys: Tensor, dgd: Tensor, dec: SegmentDecays
+    x0: Tensor, s0: Optional[Tensor], writes: Tensor, keys: Tensor, dgd: Tensor, dec: SegmentDecays,
+    anchor: Optional[Tensor] = None,
 ) -> Tensor:
     """The DGD corrections e_t = dgd_t X_{t-1} k_t of one segment (UT form: one unit-lower-triangular solve).
 
-    The recurrence X_t = X_{t-1}(alpha_t I - dgd_t k_t k_tᵀ) + N_t unrolls to
-        X_t = gamma_t X_0 + sigma_t S_0 + Σ_{i<=t} c_{i,t} w_i k_iᵀ - Σ_{j<=t} (gamma_t/gamma_j) e_j k_jᵀ,
-    so e_t = dgd_t X_{t-1} k_t is linear in the earlier e_j: (I + A) E = RHS with A strictly lower triangular.
+    With retention toward an anchor A (A = 0 when None), the recurrence
+        X_t = A + alpha_t (X_{t-1} - A) - dgd_t X_{t-1} k_t k_tᵀ + N_t
+    unrolls, for the deviation D = X - A, to
+        D_t = gamma_t D_0 + sigma_t S_0 + Σ_{i<=t} c_{i,t} w_i k_iᵀ - Σ_{j<=t} (gamma_t/gamma_j) e_j k_jᵀ,
+    so e_t = dgd_t (A + D_{t-1}) k_t is linear in the earlier e_j: (I + L) E = RHS, L strictly lower triangular.
 
-    x0, s0: (B, H, R, n) segment-start state and momentum (s0 None without momentum); writes: (B, H, L, R), row t
-    is w_t; keys: (B, H, L, n); dgd: (B, H, L) the DGD coefficients eps eta_t. Returns E (B, H, L, R), row t = e_t.
+    x0: (B, H, R, n) segment-start deviation D_0; s0: momentum, or None without momentum; writes: (B, H, L, R),
+    row t is w_t; keys: (B, H, L, n); dgd: (B, H, L) the DGD coefficients eps eta_t; anchor: (B, H, R, n) or
+    None. Returns E (B, H, L, R), row t = e_t.
     """
     kk = keys @ keys.transpose(-1, -2)  # [i, t] = k_i . k_t
     decay_before = _before(dec.decay, 0.0)  # [j, t] = gamma_{t-1} / gamma_j, j < t
     rhs = _before(dec.gamma, 1.0).unsqueeze(-1) * (keys @ x0.transpose(-1, -2))
+    if anchor is not None:
+        rhs = rhs + keys @ anchor.transpose(-1, -2)
     rhs = rhs + (_before(dec.c, 0.0) * kk).transpose(-1, -2) @ writes
     if s0 is not None:
         rhs = rhs + _before(dec.sigma, 0.0).unsqueeze(-1) * (keys @ s0.transpose(-1, -2))
@@ -244,7 +260,7 @@ def delta_rule_read(
     x0: Tensor, s0: Optional[Tensor], writes: Tensor, corrections: Optional[Tensor], keys: Tensor, queries: Tensor,
     dec: SegmentDecays,
 ) -> Tensor:
-    """X_t z_t for every token t of the segment, from the unrolled form of `delta_rule_corrections`.
+    """D_t z_t for every token t of the segment, from the unrolled form of `delta_rule_corrections`.
 
     x0, s0: (B, H, R, n); writes, corrections: (B, H, L, R) (corrections None without DGD); keys, queries:
     (B, H, L, n). Returns (B, H, L, R).
@@ -262,7 +278,7 @@ def delta_rule_end(
     x0: Tensor, s0: Optional[Tensor], writes: Tensor, corrections: Optional[Tensor], keys: Tensor,
     dec: SegmentDecays,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """State and momentum after the segment's last token L. Shapes as `delta_rule_read`; returns (B, H, R, n)."""
+    """Deviation and momentum after the segment's last token L. Shapes as `delta_rule_read`; returns (B, H, R, n)."""
     left = dec.c[..., :, -1, None] * writes
     if corrections is not None:
         left = left - dec.decay[..., :, -1, None] * corrections
@@ -280,17 +296,21 @@ def delta_rule_end(
 
 
 def generating_reads(
-    a: Tensor, generating: Tensor, valid: Tensor, b_eta: Tensor, b_alpha: Tensor, eta_max: float, residual: float
+    a: Tensor, generating: Tensor, valid: Tensor, b_eta: Tensor, b_alpha: Tensor, cfg: dict
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """k, v, eta and log(alpha) of tokens (Eq. 90 with residual memories), from the chunk-start generating memories.
 
     a: (B, H, L, d); generating: (B, H, 2d+2, d) = [W_k ; W_v ; w_eta ; w_alpha]; valid: (B, H, L) 0/1;
-    b_eta, b_alpha: (H,); residual: 1.0 (M(z) = z + W z) or 0.0. Returns k, v (B, H, L, d) and eta, log_alpha
-    (B, H, L); a masked token has eta = 0 and alpha = 1.
+    b_eta, b_alpha: (H,); cfg: eta_max, residual (1.0: M(z) = z + W z, or 0.0) and value_norm. Returns k, v
+    (B, H, L, d) and eta, log_alpha (B, H, L); a masked token has eta = 0 and alpha = 1.
     """
     d = a.shape[-1]
+    residual, eta_max = cfg["residual"], cfg["eta_max"]
     k = F.normalize(residual * a + a @ generating[..., :d, :].transpose(-1, -2), dim=-1)
     v = residual * a + a @ generating[..., d : 2 * d, :].transpose(-1, -2)
+    if cfg["value_norm"]:
+        # Self targets make W_v's write quadratic in W_v through v (SPEC §2 v2 notes): unit values bound it.
+        v = F.normalize(v, dim=-1)
     logit_eta = (a * generating[..., 2 * d, :].unsqueeze(-2)).sum(-1) + b_eta[:, None]
     logit_alpha = (a * generating[..., 2 * d + 1, :].unsqueeze(-2)).sum(-1) + b_alpha[:, None]
     return k, v, eta_max * torch.sigmoid(logit_eta) * valid, F.logsigmoid(logit_alpha) * valid
@@ -330,25 +350,30 @@ def memory_writes(
 
 def _segment(
     q: Tensor, a: Tensor, valid: Tensor, z_chunk: Tensor, z_start: Tensor, s_start: Optional[Tensor],
-    b_eta: Tensor, b_alpha: Tensor, log_beta: Optional[Tensor], rows: Tensor, cfg: dict,
+    anchor: Optional[Tensor], b_eta: Tensor, b_alpha: Tensor, log_beta: Optional[Tensor], rows: Tensor, cfg: dict,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """One segment: tokens that share one gradient state, in closed form.
 
-    q, a: (B, H, L, d); valid: (B, H, L) 0/1; z_chunk, z_start, s_start: (B, H, 3d+2, d). Returns the reads
-    o (B, H, L, d) and the state and momentum after the segment's last token.
+    q, a: (B, H, L, d); valid: (B, H, L) 0/1; z_chunk, z_start, s_start: (B, H, 3d+2, d); anchor: the retention
+    target Z_0 (B, H, 3d+2, d), or None for retention toward 0. Returns the reads o (B, H, L, d) and the state
+    and momentum after the segment's last token.
     """
     d = q.shape[-1]
     residual = cfg["residual"]
-    k, v, eta, log_alpha = generating_reads(a, z_chunk[..., d:, :], valid, b_eta, b_alpha, cfg["eta_max"], residual)
+    k, v, eta, log_alpha = generating_reads(a, z_chunk[..., d:, :], valid, b_eta, b_alpha, cfg)
     writes = memory_writes(z_chunk, k, v, eta, cfg["objective"], cfg["value_target"], residual)
     dec = segment_decays(log_alpha, valid, log_beta)
-    corrections = delta_rule_corrections(z_start, s_start, writes, k, eta, dec) if cfg["dgd"] else None
+    x0 = z_start if anchor is None else z_start - anchor
+    corrections = delta_rule_corrections(x0, s_start, writes, k, eta, dec, anchor) if cfg["dgd"] else None
     main = slice(0, d)
     o = residual * q + delta_rule_read(
-        z_start[..., main, :], None if s_start is None else s_start[..., main, :], writes[..., main],
+        x0[..., main, :], None if s_start is None else s_start[..., main, :], writes[..., main],
         None if corrections is None else corrections[..., main], k, q, dec,
     )
-    z_end, s_end = delta_rule_end(z_start, s_start, writes, corrections, k, dec)
+    z_end, s_end = delta_rule_end(x0, s_start, writes, corrections, k, dec)
+    if anchor is not None:
+        o = o + q @ anchor[..., main, :].transpose(-1, -2)
+        z_end = z_end + anchor
     # Rows outside `adaptive` keep their initial value: they are ordinary projections.
     rows = rows[:, None]
     z_end = torch.where(rows, z_end, z_start)
@@ -370,10 +395,17 @@ def _prepare(
     return dtype, state.z_chunk.to(dtype), state.z.to(dtype), s, state.position, log_beta
 
 
-def _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual) -> dict:
+def _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual,
+            memory_value_norm, memory_retention, memory_curvature_guard: bool = False) -> dict:
+    if memory_retention not in RETENTIONS:
+        raise ValueError(f"memory_retention={memory_retention!r}; allowed: {list(RETENTIONS)}")
+    for name, value in (("memory_value_norm", memory_value_norm), ("memory_curvature_guard", memory_curvature_guard)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}; allowed: True or False")
     return dict(chunk_size=chunk_size, adaptive_chunk_size=resolve_adaptive_chunk_size(chunk_size, adaptive_chunk_size),
                 eta_max=eta_max, dgd=dgd, objective=objective, value_target=memory_target == "value",
-                residual=1.0 if memory_residual else 0.0)
+                residual=1.0 if memory_residual else 0.0, value_norm=memory_value_norm,
+                anchored=memory_retention == "init", curvature_guard=memory_curvature_guard)
 
 
 def move_chunk_starts(z_chunk: Tensor, z: Tensor, position: int, d: int, cfg: dict) -> Tensor:
@@ -402,6 +434,8 @@ def titans_memory_reference(
     objective: str = "l2",
     memory_target: str = "self",
     memory_residual: bool = True,
+    memory_value_norm: bool = True,
+    memory_retention: str = "init",
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[TitansState] = None,
@@ -417,7 +451,8 @@ def titans_memory_reference(
         chunk_size: C, the tokens whose writes use one chunk-start W; chunk phase counts from position 0.
         adaptive_chunk_size: the same for the generating memories (default C; a multiple of C).
         mask: (B, T), 0 at positions that must change no state.
-        state: a cached TitansState to continue from (z0 is then not read).
+        state: a cached TitansState to continue from (z0 then serves only as the retention anchor of
+            memory_retention="init").
     Returns:
         o: (B, T, H, d) in q.dtype, and the TitansState after the last token when `output_final_state`.
     """
@@ -428,8 +463,10 @@ def titans_memory_reference(
     if state is not None:
         shape = (B, H, memory_rows(d), d)
         check_state(state, dict(z_chunk=shape, z=shape, s=shape), momentum)
-    cfg = _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual)
+    cfg = _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual,
+                  memory_value_norm, memory_retention)
     dtype, z_chunk, z, s, position, log_beta = _prepare(q, z0, momentum_logit, state, B)
+    anchor = z0.to(dtype).unsqueeze(0).expand(B, *z0.shape) if cfg["anchored"] else None
     qh, ah = q.transpose(1, 2).to(dtype), a.transpose(1, 2).to(dtype)
     valid = (torch.ones(B, T, dtype=dtype, device=q.device) if mask is None else mask.to(dtype)).unsqueeze(1).expand(B, H, T)
     rows = adaptive_row_mask(adaptive, d, q.device)
@@ -440,8 +477,8 @@ def titans_memory_reference(
     while t < T:
         length = min(chunk_size - (position + t) % chunk_size, T - t)
         piece = slice(t, t + length)
-        o, z, s = _segment(qh[:, :, piece], ah[:, :, piece], valid[:, :, piece], z_chunk, z, s, b_eta, b_alpha,
-                           log_beta, rows, cfg)
+        o, z, s = _segment(qh[:, :, piece], ah[:, :, piece], valid[:, :, piece], z_chunk, z, s, anchor, b_eta,
+                           b_alpha, log_beta, rows, cfg)
         outputs.append(o)
         t += length
         z_chunk = move_chunk_starts(z_chunk, z, position + t, d, cfg)
@@ -453,26 +490,29 @@ def titans_memory_reference(
 
 
 def generating_step_reads(
-    a: Tensor, generating: Tensor, valid: Tensor, b_eta: Tensor, b_alpha: Tensor, eta_max: float, residual: float
+    a: Tensor, generating: Tensor, valid: Tensor, b_eta: Tensor, b_alpha: Tensor, cfg: dict
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`generating_reads` for one decode token: a (B, H, d), valid (B, 1). Returns k, v (B, H, d), eta and alpha
     (B, H) (alpha itself, 1 at a masked token)."""
     k, v, eta, log_alpha = generating_reads(a.unsqueeze(-2), generating, valid.unsqueeze(-1).expand(*a.shape[:2], 1),
-                                            b_eta, b_alpha, eta_max, residual)
+                                            b_eta, b_alpha, cfg)
     return k.squeeze(-2), v.squeeze(-2), eta.squeeze(-1), log_alpha.squeeze(-1).exp()
 
 
 def delta_rule_step(
     x: Tensor, s: Optional[Tensor], write: Tensor, key: Tensor, dgd: Tensor, alpha: Tensor, beta: Optional[Tensor],
-    valid: Tensor,
+    valid: Tensor, anchor: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """One token of X_t = X_{t-1}(alpha_t I - dgd_t k_t k_tᵀ) + N_t, N_t = w_t k_tᵀ (or S_t = beta S_{t-1} + w_t k_tᵀ).
+    """One token of X_t = A + alpha_t (X_{t-1} - A) - dgd_t X_{t-1} k_t k_tᵀ + N_t, N_t = w_t k_tᵀ (or the momentum
+    S_t = beta S_{t-1} + w_t k_tᵀ), with A the retention anchor (0 when None).
 
     x, s: (B, H, R, n) (s None without momentum); write: (B, H, R); key: (B, H, n); dgd, alpha: (B, H);
-    beta: (H,) or None; valid: (B, 1) 0/1: a masked token changes nothing. Returns X_t and S_t.
+    beta: (H,) or None; valid: (B, 1) 0/1: a masked token changes nothing; anchor: (B, H, R, n) or None.
+    Returns X_t and S_t.
     """
     correction = dgd.unsqueeze(-1) * (x @ key.unsqueeze(-1)).squeeze(-1)  # e_t = dgd_t X_{t-1} k_t
-    x_new = alpha[..., None, None] * x - correction.unsqueeze(-1) * key.unsqueeze(-2)
+    retained = alpha[..., None, None] * (x if anchor is None else x - anchor)
+    x_new = (retained if anchor is None else anchor + retained) - correction.unsqueeze(-1) * key.unsqueeze(-2)
     write = write.unsqueeze(-1) * key.unsqueeze(-2)
     keep = valid[..., None, None] > 0
     if s is None:
@@ -497,6 +537,8 @@ def titans_memory_step_reference(
     objective: str = "l2",
     memory_target: str = "self",
     memory_residual: bool = True,
+    memory_value_norm: bool = True,
+    memory_retention: str = "init",
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[TitansState] = None,
@@ -513,18 +555,20 @@ def titans_memory_step_reference(
     if state is not None:
         shape = (B, H, memory_rows(d), d)
         check_state(state, dict(z_chunk=shape, z=shape, s=shape), momentum)
-    cfg = _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual)
+    cfg = _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual,
+                  memory_value_norm, memory_retention)
     dtype, z_chunk, z, s, position, log_beta = _prepare(q, z0, momentum_logit, state, B)
+    anchor = z0.to(dtype).unsqueeze(0).expand(B, *z0.shape) if cfg["anchored"] else None
     out_dtype = q.dtype
     q, a = q.to(dtype), a.to(dtype)
     valid = (torch.ones(B, dtype=dtype, device=q.device) if mask is None else mask.to(dtype))[:, None]  # (B, 1)
     residual = cfg["residual"]
-    k, v, eta, alpha = generating_step_reads(a, z_chunk[..., d:, :], valid, b_eta.to(dtype), b_alpha.to(dtype),
-                                             eta_max, residual)
+    k, v, eta, alpha = generating_step_reads(a, z_chunk[..., d:, :], valid, b_eta.to(dtype), b_alpha.to(dtype), cfg)
     write = memory_writes(z_chunk, k.unsqueeze(-2), v.unsqueeze(-2), eta.unsqueeze(-1), objective,
                           cfg["value_target"], residual).squeeze(-2)
     dgd_coef = eta if dgd else torch.zeros_like(eta)
-    z_new, s_new = delta_rule_step(z, s, write, k, dgd_coef, alpha, None if log_beta is None else log_beta.exp(), valid)
+    z_new, s_new = delta_rule_step(z, s, write, k, dgd_coef, alpha, None if log_beta is None else log_beta.exp(), valid,
+                                   anchor)
     rows = adaptive_row_mask(adaptive, d, q.device)[:, None]
     z_new = torch.where(rows, z_new, z)
     if s_new is not None:

@@ -2,7 +2,9 @@
 explicitly, the main memory's inner gradients come from torch.autograd of the inner loss at the chunk start (not
 from the rank-one formulas), and each layer follows its printed rule:
     W2_t = W2_{t-1}(alpha_t I - eps eta_t k_t k_tᵀ) - eta_t ∇W2 ℓ_t(θ_c),   W1_t = alpha_t W1_{t-1} - eta_t ∇W1 ℓ_t(θ_c)
-(with momentum S_t = beta S_{t-1} - eta_t ∇, W_t = W_{t-1}(...) + S_t). Outer gradients flow through it. Tests only.
+(with momentum S_t = beta S_{t-1} - eta_t ∇, W_t = W_{t-1}(...) + S_t); memory_retention="init" pulls the alpha_t
+retention toward the initial state (+ (1 - alpha_t) W_0) and memory_value_norm l2-normalises v_t. Outer gradients
+flow through it. Tests only.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ def _outer(x, y):
 
 def deep_titans_oracle(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit=None, *, chunk_size, eta_max,
                        adaptive_chunk_size=None, momentum=False, dgd=True, objective="l2", memory_target="self",
-                       memory_residual=True, adaptive=ALL, mask=None, state=None, output_final_state=False):
+                       memory_residual=True, memory_value_norm=True, memory_retention="init",
+                       memory_curvature_guard=True, adaptive=ALL, mask=None, state=None, output_final_state=False):
     """Same signature and outputs as `titans_deep_memory_reference`, vectorised over (B, H), float64."""
     B, T, H, d = q.shape
     f64 = torch.float64
@@ -48,23 +51,28 @@ def deep_titans_oracle(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit=None
         Wk, Wv, w_eta, w_alpha = gc[:, :, :d], gc[:, :, d:2 * d], gc[:, :, 2 * d], gc[:, :, 2 * d + 1]
         k = F.normalize(r * at + (Wk @ at.unsqueeze(-1)).squeeze(-1), dim=-1)
         v = r * at + (Wv @ at.unsqueeze(-1)).squeeze(-1)
+        if memory_value_norm:
+            v = F.normalize(v, dim=-1)
         eta = (eta_max * torch.sigmoid((w_eta * at).sum(-1) + b_eta.to(f64)))[..., None, None]
         alpha = torch.sigmoid((w_alpha * at).sum(-1) + b_alpha.to(f64))[..., None, None]
         P = alpha * eye - eps * eta * _outer(k, k)  # (B, H, d, d)
 
-        def advance(x, sx, grad, transition):
+        def advance(x, sx, grad, transition, x_init):
+            retained = x @ transition if transition is not None else alpha * x
+            if memory_retention == "init":
+                retained = retained + (1 - alpha) * x_init.to(f64)
             if momentum:
                 sx_new = beta * sx - eta * grad
-                x_new = (x @ transition if transition is not None else alpha * x) + sx_new
+                x_new = retained + sx_new
             else:
                 sx_new = sx
-                x_new = (x @ transition if transition is not None else alpha * x) - eta * grad
+                x_new = retained - eta * grad
             return torch.where(keep, x_new, x), torch.where(keep, sx_new, sx)
 
         # Generating memories: g = (E + G_c) u kᵀ, the rule of the linear op.
         u = k - v if objective == "l2" else -v
         grad_g = _outer(((E_gen + gc) @ u.unsqueeze(-1)).squeeze(-1), k)
-        g_new, sg_new = advance(g, sg, grad_g, P)
+        g_new, sg_new = advance(g, sg, grad_g, P, z0)
         rows = learns[:, None]
         g, sg = torch.where(rows, g_new, g), torch.where(rows, sg_new, sg)
 
@@ -76,8 +84,16 @@ def deep_titans_oracle(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit=None
             target = v if memory_target == "value" else v + (w1c @ F.silu(w2c @ v.unsqueeze(-1))).squeeze(-1)
             loss = 0.5 * (pred - target).square().sum() if objective == "l2" else -(pred * target).sum()
             g1, g2 = torch.autograd.grad(loss, (p1, p2), create_graph=torch.is_grad_enabled())
-        w2, s2 = advance(w2, s2, g2, P)
-        w1, s1 = advance(w1, s1, g1, None)
+        if memory_curvature_guard:
+            # The Gauss-Newton curvature of ℓ_t in (W1, W2) at θ_c: ||σ(p)||² + Σ_f σ'(p_f)² ||W1_c[:, f]||².
+            p_t = (w2c @ k.unsqueeze(-1)).squeeze(-1)
+            sig = torch.sigmoid(p_t)
+            dsilu = sig * (1 + p_t * (1 - sig))
+            curvature = F.silu(p_t).square().sum(-1) + (dsilu.square() * w1c.square().sum(-2)).sum(-1)
+            scale = (1.0 / torch.clamp(curvature, min=1.0))[..., None, None]
+            g1, g2 = scale * g1, scale * g2
+        w2, s2 = advance(w2, s2, g2, P, w2_0)
+        w1, s1 = advance(w1, s1, g1, None, w1_0)
         outputs.append(qt + (w1 @ F.silu(w2 @ qt.unsqueeze(-1))).squeeze(-1))
         pos = position + t + 1
         if pos % chunk_size == 0:

@@ -2,7 +2,9 @@
 
 It shares no code with `hope_kernels.titans.reference`: every memory block is updated by its own printed rule
     g^X_t = (E_X + X_c) u_t k_tᵀ,   X_t = X_{t-1} (alpha_t I - eps eta_t k_t k_tᵀ) - eta_t g^X_t
-(with momentum S_t = beta S_{t-1} - eta_t g_t, X_t = X_{t-1}(...) + S_t). Tests only.
+(with momentum S_t = beta S_{t-1} - eta_t g_t, X_t = X_{t-1}(...) + S_t); with memory_retention="init" the
+retention term alpha_t X_{t-1} becomes X_0 + alpha_t (X_{t-1} - X_0), and memory_value_norm l2-normalises v_t.
+Tests only.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ ALL = ("k", "v", "eta", "alpha")
 
 def titans_oracle(q, a, z0, b_eta, b_alpha, momentum_logit=None, *, chunk_size, eta_max, adaptive_chunk_size=None,
                   momentum=False, dgd=True, objective="l2", memory_target="self", memory_residual=True,
-                  adaptive=ALL, mask=None, state=None, output_final_state=False):
+                  memory_value_norm=True, memory_retention="init", adaptive=ALL, mask=None, state=None, output_final_state=False):
     """Same signature and outputs as `titans_memory_reference`; float64 throughout."""
     B, T, H, d = q.shape
     f64 = torch.float64
@@ -42,6 +44,8 @@ def titans_oracle(q, a, z0, b_eta, b_alpha, momentum_logit=None, *, chunk_size, 
                 w_eta, w_alpha = zc[b, h, 3 * d], zc[b, h, 3 * d + 1]
                 k = F.normalize(r * at + Wk @ at, dim=0)
                 v = r * at + Wv @ at
+                if memory_value_norm:
+                    v = F.normalize(v, dim=0)
                 eta = eta_max * torch.sigmoid(w_eta @ at + b_eta[h].to(f64))
                 alpha = torch.sigmoid(w_alpha @ at + b_alpha[h].to(f64))
                 valid = mask is None or bool(mask[b, t] > 0)
@@ -52,6 +56,8 @@ def titans_oracle(q, a, z0, b_eta, b_alpha, momentum_logit=None, *, chunk_size, 
                         if not learns[name]:
                             continue
                         Xc = zc[b, h, rows]
+                        # X_{t-1} P, with the retention part alpha X_{t-1} pulled toward X_0 instead of 0
+                        anchor_term = (1 - alpha) * z0[h, rows].to(f64) if memory_retention == "init" else 0.0
                         E = r * eye if square[name] else torch.zeros(1, d, dtype=f64)
                         if name == "W" and memory_target == "value":
                             err = (E + Xc) @ k - v if objective == "l2" else -v
@@ -60,9 +66,9 @@ def titans_oracle(q, a, z0, b_eta, b_alpha, momentum_logit=None, *, chunk_size, 
                         g = torch.outer(err, k)
                         if momentum:
                             s[b, h, rows] = beta[h] * s[b, h, rows] - eta * g
-                            z[b, h, rows] = z[b, h, rows] @ P + s[b, h, rows]
+                            z[b, h, rows] = z[b, h, rows] @ P + anchor_term + s[b, h, rows]
                         else:
-                            z[b, h, rows] = z[b, h, rows] @ P - eta * g
+                            z[b, h, rows] = z[b, h, rows] @ P + anchor_term - eta * g
                 out[b, t, h] = r * qt + z[b, h, blocks["W"]] @ qt
         pos = position + t + 1
         if pos % chunk_size == 0:
