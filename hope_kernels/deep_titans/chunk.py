@@ -7,11 +7,14 @@ momentum. Per (batch, head) and segment (the linear op's segments, hope_kernels/
   (`generating_forward`, K1) emits k, v, eta, lg (within-segment log gamma) for every token and the segment's
   T = (I + A)^-1; its reverse (`generating_backward`, B4) takes this module's gradients of k, v, eta, lg and la.
 * W2 (input side, h x d) is a gated delta rule with G's keys and transition, so it shares T: with the chunk-start
-  theta_c = (W1_c, W2_c), p = K W2_cᵀ, e = dℓ/dM (M_c(k) - target, or -target), g = silu'(p) ⊙ (e W1_c),
-      N2 = T (-eta g) - (T Kd) W2_0ᵀ,   W2_end = gamma_L W2_0 + N2ᵀ (kappa K),
-      W2_t q_t = gamma_t W2_0 q_t + Σ_{j<=t} (gamma_t/gamma_j)(k_j.q_t) n2_j          (Kd, kappa as the linear op).
-* W1 (output side, d x h) has retention only: decayed linear attention with keys s = silu(p) and writes -eta e,
-      o_t = q_t + gamma_t W1_0 hid_t + Σ_{j<=t} (gamma_t/gamma_j)(s_j.hid_t)(-eta_j e_j),  hid = silu(W2_t q_t).
+  theta_c = (W1_c, W2_c), p = K W2_cᵀ, e = dℓ/dM (M_c(k) - target, or -target), g = silu'(p) ⊙ (e W1_c) and the
+  writes' step eta'_t = eta_t / max(1, N_t) (memory_curvature_guard, N_t from theta_c: `_curvature`) or eta_t,
+      N2 = T (-eta' g) - (T Kd) W2_0ᵀ - (T Ka) W2_Aᵀ,   W2_end = gamma_L W2_0 + (1 - gamma_L) W2_A + N2ᵀ (kappa K),
+      W2_t q_t = W2_A q_t + gamma_t (W2_0 - W2_A) q_t + Σ_{j<=t} (gamma_t/gamma_j)(k_j.q_t) n2_j
+  (Kd, Ka, kappa as the linear op; the anchors (W1_A, W2_A) = (W1_0, W2_0) under memory_retention="init", else 0).
+* W1 (output side, d x h) has retention only: decayed linear attention with keys s = silu(p) and writes -eta' e,
+      o_t = q_t + W1_A hid_t + gamma_t (W1_0 - W1_A) hid_t + Σ_{j<=t} (gamma_t/gamma_j)(s_j.hid_t)(-eta'_j e_j),
+  hid = silu(W2_t q_t).
   The writes are nonlinear in (W1_c, W2_c) and couple every row, so `_deep_fwd_kernel` runs the segments serially
   per (batch, head) with whole W1, W2 in registers (B x H programs), storing a checkpoint per segment;
   `_deep_bwd_kernel` recomputes each segment from its checkpoint in reverse, carrying dW1, dW2 in registers.
@@ -51,7 +54,7 @@ from hope_kernels.titans.chunk import (
     generating_backward,
     generating_forward,
 )
-from hope_kernels.titans.reference import ADAPTIVE_NAMES, resolve_adaptive_chunk_size
+from hope_kernels.titans.reference import ADAPTIVE_NAMES
 
 __all__ = ["titans_deep_memory_triton", "MAX_HIDDEN"]
 
@@ -68,6 +71,16 @@ def silu_grad(x):
 def silu_grad2(x):
     s = sigmoid(x)
     return s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
+
+
+@device_fn
+def _curvature(p, sg, W1c):
+    """N_t = ||silu(p_t)||² + Σ_f silu'(p_t)_f² ||W1_c[:, f]||² (`curvature_scale` of the reference) and the step
+    scale 1 / max(1, N_t) of the guarded main-memory writes (memory_curvature_guard)."""
+    s = p * sigmoid(p)
+    col = tl.sum(W1c * W1c, 0)
+    curv = tl.sum(s * s, 1) + tl.sum(sg * sg * col[None, :], 1)
+    return curv, 1.0 / tl.maximum(curv, 1.0), col
 
 
 @device_fn
@@ -106,13 +119,14 @@ def _errors(k, v, W1c, W2c, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, PREC: tl.
 
 @triton.jit
 def _deep_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, w1c_ptr, w2c_ptr, w1_ptr, w2_ptr, o_ptr,
+    q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, w1c_ptr, w2c_ptr, w1_ptr, w2_ptr, a1_ptr, a2_ptr, o_ptr,
     T, H, C, shift, NSEG, d, hd, eps, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh,
     BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr,
-    PREC: tl.constexpr, LOWP: tl.constexpr,
+    ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """W1, W2 over the segments of one (batch, head): the reads o and a checkpoint of both after every segment
-    (slot n+1 of w1, w2; slot 0 holds the call's start state)."""
+    (slot n+1 of w1, w2; slot 0 holds the call's start state). a1, a2: the heads' retention anchors W1_0, W2_0
+    (ANCHOR, (H, d, h) and (H, h, d))."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -138,40 +152,64 @@ def _deep_fwd_kernel(
             W1c = W1
             W2c = W2
         p, _pv, e = _errors(k, v, W1c, W2c, OBJ_L2, VALUE, PREC, LOWP)
-        g = silu_grad(p) * mm(e, W1c, PREC, LOWP)
-        TKd = tl.dot(Tm, (eps * eta * tl.exp(lgb))[:, None] * k, input_precision=PREC)
-        N2 = tl.dot(Tm, -eta[:, None] * g, input_precision=PREC) - tl.dot(TKd, tl.trans(W2), input_precision=PREC)
+        sg = silu_grad(p)
+        g = sg * mm(e, W1c, PREC, LOWP)
+        if GUARD:  # the gradient writes take eta_t / max(1, N_t); the DGD transition keeps eta_t
+            _curv, cg, _col = _curvature(p, sg, W1c)
+            eta_m = eta * cg
+        else:
+            eta_m = eta
+        kd_scale = eps * eta * tl.exp(lgb)
+        TKd = tl.dot(Tm, kd_scale[:, None] * k, input_precision=PREC)
+        N2 = tl.dot(Tm, -eta_m[:, None] * g, input_precision=PREC) - tl.dot(TKd, tl.trans(W2), input_precision=PREC)
+        if ANCHOR:  # retention toward (W1_0, W2_0): the DGD term eps eta_t W2_{t-1} k_t sees the anchor too
+            A1 = tl.load(a1_ptr + h * d * hd + w1off, mask=w1m, other=0.0)
+            A2 = tl.load(a2_ptr + h * d * hd + w2off, mask=w2m, other=0.0)
+            TKa = tl.dot(Tm, (eps * eta - kd_scale)[:, None] * k, input_precision=PREC)
+            N2 -= tl.dot(TKa, tl.trans(A2), input_precision=PREC)
         lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
         causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]
         decay = tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
         gamma = tl.where(mt, tl.exp(lg), 0.0)
         kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
-        Hp = gamma[:, None] * mm(q, tl.trans(W2), PREC, LOWP) + mm(mm(q, tl.trans(k), PREC, LOWP) * decay, N2, PREC,
-                                                                   LOWP)
+        Hp = mm(mm(q, tl.trans(k), PREC, LOWP) * decay, N2, PREC, LOWP)
+        if ANCHOR:
+            Hp += mm(q, tl.trans(A2), PREC, LOWP) + gamma[:, None] * mm(q, tl.trans(W2 - A2), PREC, LOWP)
+        else:
+            Hp += gamma[:, None] * mm(q, tl.trans(W2), PREC, LOWP)
         hid = Hp * sigmoid(Hp)
         s = p * sigmoid(p)
-        E1 = -eta[:, None] * e
-        o = q + gamma[:, None] * mm(hid, tl.trans(W1), PREC, LOWP) + mm(
-            mm(hid, tl.trans(s), PREC, LOWP) * decay, E1, PREC, LOWP)
+        E1 = -eta_m[:, None] * e
+        o = q + mm(mm(hid, tl.trans(s), PREC, LOWP) * decay, E1, PREC, LOWP)
+        if ANCHOR:
+            o += mm(hid, tl.trans(A1), PREC, LOWP) + gamma[:, None] * mm(hid, tl.trans(W1 - A1), PREC, LOWP)
+        else:
+            o += gamma[:, None] * mm(hid, tl.trans(W1), PREC, LOWP)
         tl.store(o_ptr + tok[:, None] * d + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=m2)
-        W2 = tl.exp(lg_end) * W2 + mm(tl.trans(N2), kappa[:, None] * k, PREC, LOWP)
-        W1 = tl.exp(lg_end) * W1 + mm(tl.trans(E1), kappa[:, None] * s, PREC, LOWP)
+        if ANCHOR:
+            W2 = A2 + tl.exp(lg_end) * (W2 - A2) + mm(tl.trans(N2), kappa[:, None] * k, PREC, LOWP)
+            W1 = A1 + tl.exp(lg_end) * (W1 - A1) + mm(tl.trans(E1), kappa[:, None] * s, PREC, LOWP)
+        else:
+            W2 = tl.exp(lg_end) * W2 + mm(tl.trans(N2), kappa[:, None] * k, PREC, LOWP)
+            W1 = tl.exp(lg_end) * W1 + mm(tl.trans(E1), kappa[:, None] * s, PREC, LOWP)
         tl.store(w1_ptr + bh * w1_bh + (n + 1) * w1_slot + w1off, W1, mask=w1m)
         tl.store(w2_ptr + bh * w2_bh + (n + 1) * w2_slot + w2off, W2, mask=w2m)
 
 
 @triton.jit
 def _deep_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, w1c_ptr, w2c_ptr, w1_ptr, w2_ptr, do_ptr,
-    dw1_ptr, dw2_ptr, dzc1_ptr, dzc2_ptr, dw1c_ptr, dw2c_ptr,
+    q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, w1c_ptr, w2c_ptr, w1_ptr, w2_ptr, a1_ptr, a2_ptr, do_ptr,
+    dw1_ptr, dw2_ptr, dzc1_ptr, dzc2_ptr, dw1c_ptr, dw2c_ptr, da1_ptr, da2_ptr,
     dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, sn_ptr, sdn_ptr, sds_ptr,
     T, H, C, shift, NSEG, d, hd, eps, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh, W_SLOT,
     BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr,
-    PREC: tl.constexpr, LOWP: tl.constexpr,
+    ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """The reverse of `_deep_fwd_kernel`: dW1, dW2 carried in registers (dw1, dw2: dW_end in, dW_0 out), dq, and the
     gradients of k, v, eta, lg, la for the generating scan's backward. dzc1, dzc2: the cotangent of the final chunk
-    start, which is the start state of segment W_SLOT (or -1); dw1c, dw2c: the gradient of the input chunk start."""
+    start, which is the start state of segment W_SLOT (or -1); dw1c, dw2c: the gradient of the input chunk start;
+    da1, da2 (ANCHOR; zeros on entry): the gradients of the retention anchors W1_0, W2_0 of this (batch, head).
+    With the anchor the decays act on the deviations D = W - W_0 (W_end = W_0 + gamma_L D_start + ...)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -205,17 +243,26 @@ def _deep_bwd_kernel(
         s = p * sigmoid(p)
         eW = mm(e, W1c, PREC, LOWP)
         g = sg * eW
+        if GUARD:
+            _curv, cg, _col = _curvature(p, sg, W1c)
+            eta_m = eta * cg
+        else:
+            eta_m = eta
         kd_scale = eps * eta * tl.exp(lgb)
         Kd = kd_scale[:, None] * k
         TKd = tl.dot(Tm, Kd, input_precision=PREC)
-        N2 = tl.dot(Tm, -eta[:, None] * g, input_precision=PREC) - tl.dot(TKd, tl.trans(W2n), input_precision=PREC)
+        N2 = tl.dot(Tm, -eta_m[:, None] * g, input_precision=PREC) - tl.dot(TKd, tl.trans(W2n), input_precision=PREC)
+        if ANCHOR:
+            A2 = tl.load(a2_ptr + h * d * hd + w2off, mask=w2m, other=0.0)
+            N2 -= tl.dot(tl.dot(Tm, (eps * eta - kd_scale)[:, None] * k, input_precision=PREC), tl.trans(A2),
+                         input_precision=PREC)
         # ---- phase A2, the reads and the state update, from stored N2, s, E1 behind a barrier (shorter live ranges)
         out = row[:, None] * d + offs_d[None, :]
         hoff = row[:, None] * hd + offs_h[None, :]
         hm = mt[:, None] & mh[None, :]
         tl.store(sn_ptr + hoff, N2, mask=hm)
         tl.store(sds_ptr + hoff, s, mask=hm)
-        tl.store(dv_ptr + out, -eta[:, None] * e, mask=m2)
+        tl.store(dv_ptr + out, -eta_m[:, None] * e, mask=m2)
         tl.debug_barrier()
         N2 = tl.load(sn_ptr + hoff, mask=hm, other=0.0)
         s = tl.load(sds_ptr + hoff, mask=hm, other=0.0)
@@ -225,6 +272,14 @@ def _deep_bwd_kernel(
         do = tl.load(do_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
         W1n = tl.load(w1_ptr + bh * w1_bh + n * w1_slot + w1off, mask=w1m, other=0.0)
         W2n = tl.load(w2_ptr + bh * w2_bh + n * w2_slot + w2off, mask=w2m, other=0.0)
+        if ANCHOR:  # the deviations from the anchors, which the decays act on
+            A1 = tl.load(a1_ptr + h * d * hd + w1off, mask=w1m, other=0.0)
+            A2 = tl.load(a2_ptr + h * d * hd + w2off, mask=w2m, other=0.0)
+            D1 = W1n - A1
+            D2 = W2n - A2
+        else:
+            D1 = W1n
+            D2 = W2n
         lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
         gamma_end = tl.exp(lg_end)
         causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]
@@ -232,27 +287,35 @@ def _deep_bwd_kernel(
         gamma = tl.where(mt, tl.exp(lg), 0.0)
         kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
         qk = mm(q, tl.trans(k), PREC, LOWP)
-        Hp = gamma[:, None] * mm(q, tl.trans(W2n), PREC, LOWP) + mm(qk * decay, N2, PREC, LOWP)
+        Hp = gamma[:, None] * mm(q, tl.trans(D2), PREC, LOWP) + mm(qk * decay, N2, PREC, LOWP)
+        if ANCHOR:
+            Hp += mm(q, tl.trans(A2), PREC, LOWP)
         hid = Hp * sigmoid(Hp)
         # ---- the carried dW1_end, dW2_end first: all their uses together, so that they die early.
-        # W1_end = gamma_L W1_0 + E1ᵀ (kappa s), W2_end = gamma_L W2_0 + N2ᵀ (kappa K)
+        # W1_end = [W1_A +] gamma_L D1_0 + E1ᵀ (kappa s), W2_end = [W2_A +] gamma_L D2_0 + N2ᵀ (kappa K)
         dE1 = mm(kappa[:, None] * s, tl.trans(dW1e), PREC, LOWP)
         E1dW = mm(E1, dW1e, PREC, LOWP)
         dN2 = mm(kappa[:, None] * k, tl.trans(dW2e), PREC, LOWP)
         N2dW = mm(N2, dW2e, PREC, LOWP)
         dW1n = gamma_end * dW1e
         dW2n = gamma_end * dW2e
+        if ANCHOR:
+            dA1 = (1.0 - gamma_end) * dW1e
+            dA2 = (1.0 - gamma_end) * dW2e
         ds = kappa[:, None] * E1dW
         c = kappa * tl.sum(s * E1dW, 1)
         dk = kappa[:, None] * N2dW
         c2 = kappa * tl.sum(k * N2dW, 1)
         dlg = -c - c2
-        dlg_end = tl.sum(c, 0) + tl.sum(c2, 0) + gamma_end * (tl.sum(tl.sum(W1n * dW1e, 1), 0)
-                                                              + tl.sum(tl.sum(W2n * dW2e, 1), 0))
-        # ---- o = q + diag(gamma) hid W1_0ᵀ + (Gamma ⊙ hid sᵀ) E1
+        dlg_end = tl.sum(c, 0) + tl.sum(c2, 0) + gamma_end * (tl.sum(tl.sum(D1 * dW1e, 1), 0)
+                                                              + tl.sum(tl.sum(D2 * dW2e, 1), 0))
+        # ---- o = q + diag(gamma) hid D1_0ᵀ [+ hid W1_Aᵀ] + (Gamma ⊙ hid sᵀ) E1
         hs = mm(hid, tl.trans(s), PREC, LOWP)
-        dOW1 = mm(do, W1n, PREC, LOWP)
+        dOW1 = mm(do, D1, PREC, LOWP)
         dhid = gamma[:, None] * dOW1
+        if ANCHOR:
+            dhid += mm(do, A1, PREC, LOWP)
+            dA1 += mm(tl.trans((1.0 - gamma)[:, None] * do), hid, PREC, LOWP)
         dlg += gamma * tl.sum(dOW1 * hid, 1)
         dW1n += mm(tl.trans(gamma[:, None] * do), hid, PREC, LOWP)
         G1 = mm(do, tl.trans(E1), PREC, LOWP) * decay
@@ -261,10 +324,17 @@ def _deep_bwd_kernel(
         ds += mm(tl.trans(G1), hid, PREC, LOWP)
         gd = G1 * hs
         dlg += tl.sum(gd, 1) - tl.sum(gd, 0)
-        # ---- hid = silu(Hp), Hp = diag(gamma) Q W2_0ᵀ + (Gamma ⊙ Q Kᵀ) N2
+        # ---- hid = silu(Hp), Hp = diag(gamma) Q D2_0ᵀ [+ Q W2_Aᵀ] + (Gamma ⊙ Q Kᵀ) N2
         dHp = dhid * silu_grad(Hp)
-        dHW2 = mm(dHp, W2n, PREC, LOWP)
+        dHW2 = mm(dHp, D2, PREC, LOWP)
         dq = do + gamma[:, None] * dHW2
+        if ANCHOR:
+            dq += mm(dHp, A2, PREC, LOWP)
+            dA2 += mm(tl.trans((1.0 - gamma)[:, None] * dHp), q, PREC, LOWP)
+            tl.store(da1_ptr + bh * d * hd + w1off, tl.load(da1_ptr + bh * d * hd + w1off, mask=w1m, other=0.0) + dA1,
+                     mask=w1m)
+            tl.store(da2_ptr + bh * d * hd + w2off, tl.load(da2_ptr + bh * d * hd + w2off, mask=w2m, other=0.0) + dA2,
+                     mask=w2m)
         dlg += gamma * tl.sum(dHW2 * q, 1)
         dW2n += mm(tl.trans(gamma[:, None] * dHp), q, PREC, LOWP)
         dN2 += mm(tl.trans(qk * decay), dHp, PREC, LOWP)
@@ -301,20 +371,47 @@ def _deep_bwd_kernel(
         dN2 = tl.load(sdn_ptr + hoff, mask=hm, other=0.0)
         dE1 = tl.load(dv_ptr + out, mask=m2, other=0.0)
         dk = k * 0.0  # phase A's part is in dk_ptr
-        # ---- N2 = T (-eta g) - (T Kd) W2_0ᵀ
+        # ---- N2 = T (-eta_m g) - (T Kd) W2_0ᵀ [- (T Ka) W2_Aᵀ]: Kd W2_0 + Ka W2_A = Kd D2_0 + Ke W2_A
         dY2 = tl.dot(tl.trans(Tm), dN2, input_precision=PREC)
         M = tl.dot(dN2, tl.trans(tl.load(sn_ptr + hoff, mask=hm, other=0.0)), input_precision=PREC)
-        dKd = -tl.dot(dY2, tl.load(w2_ptr + bh * w2_bh + n * w2_slot + w2off, mask=w2m, other=0.0),
-                      input_precision=PREC)
+        W2n = tl.load(w2_ptr + bh * w2_bh + n * w2_slot + w2off, mask=w2m, other=0.0)
+        deta = eta * 0.0
+        if ANCHOR:
+            A2 = tl.load(a2_ptr + h * d * hd + w2off, mask=w2m, other=0.0)
+            dKd = -tl.dot(dY2, W2n - A2, input_precision=PREC)
+            dKe = -tl.dot(dY2, A2, input_precision=PREC)
+            dk += (eps * eta)[:, None] * dKe
+            deta += eps * tl.sum(dKe * k, 1)
+            tl.store(da2_ptr + bh * d * hd + w2off, tl.load(da2_ptr + bh * d * hd + w2off, mask=w2m, other=0.0)
+                     - tl.dot(tl.trans(dY2), (eps * eta - kd_scale)[:, None] * k, input_precision=PREC), mask=w2m)
+        else:
+            dKd = -tl.dot(dY2, W2n, input_precision=PREC)
         dW2n -= tl.dot(tl.trans(dY2), Kd, input_precision=PREC)
-        deta = -tl.sum(dY2 * g, 1) - tl.sum(dE1 * e, 1)
-        dg = -eta[:, None] * dY2
-        de = -eta[:, None] * dE1
-        # ---- s = silu(p), g = silu'(p) ⊙ (e W1_c), e, the target, p = K W2_cᵀ
-        dp = tl.load(sds_ptr + hoff, mask=hm, other=0.0) * sg + dg * eW * silu_grad2(p)
+        deta_m = -tl.sum(dY2 * g, 1) - tl.sum(dE1 * e, 1)  # the gradient of the writes' step eta_m
+        if GUARD:
+            curv, cg, col = _curvature(p, sg, W1c)
+            eta_m = eta * cg
+            deta += deta_m * cg
+            # d(1 / max(1, N)) = -dN / N² where N >= 1 (clamp_min passes the gradient at the bound)
+            dcurv = tl.where(curv >= 1.0, -deta_m * eta * cg * cg, 0.0)
+            dcol = tl.sum(dcurv[:, None] * sg * sg, 0)
+        else:
+            eta_m = eta
+            deta += deta_m
+        dg = -eta_m[:, None] * dY2
+        de = -eta_m[:, None] * dE1
+        # ---- s = silu(p), g = silu'(p) ⊙ (e W1_c), e, the target, p = K W2_cᵀ [, N_t]
+        ds = tl.load(sds_ptr + hoff, mask=hm, other=0.0)
+        dsg = dg * eW
+        if GUARD:
+            ds += 2.0 * dcurv[:, None] * s
+            dsg += 2.0 * dcurv[:, None] * sg * col[None, :]
+        dp = ds * sg + dsg * silu_grad2(p)
         dgw = dg * sg
         de += mm(dgw, tl.trans(W1c), PREC, LOWP)
         dW1c = mm(tl.trans(e), dgw, PREC, LOWP)
+        if GUARD:
+            dW1c += 2.0 * W1c * dcol[None, :]
         if OBJ_L2:
             dk += de
             dp += mm(de, W1c, PREC, LOWP) * sg
@@ -358,7 +455,7 @@ def _deep_bwd_kernel(
 # ---------------------------------------------------------------------------------------------- python
 
 
-def _forward(q, a, w1c, w1, w2c, w2, zc, z, b_eta, b_alpha, valid, cfg, save: bool):
+def _forward(q, a, w1c, w1, w2c, w2, zc, z, anchors, b_eta, b_alpha, valid, cfg, save: bool):
     B, T, H, d = q.shape
     hd = w1.shape[-1]
     G = adaptive_rows(d)
@@ -368,7 +465,8 @@ def _forward(q, a, w1c, w1, w2c, w2, zc, z, b_eta, b_alpha, valid, cfg, save: bo
     gbuf = torch.empty(B * H, nseg + 1, G, d, device=dev, dtype=f32)
     gbuf[:, 0] = z.reshape(B * H, G, d)
     zc = zc.reshape(B * H, G, d).contiguous()
-    k, v, eta, lg, tmat = generating_forward(a, valid, zc, gbuf, b_eta, b_alpha, cfg, nseg, lowp)
+    g_anchor, a1, a2 = anchors if anchors is not None else (None, zc, zc)
+    k, v, eta, lg, tmat = generating_forward(a, valid, zc, gbuf, g_anchor, b_eta, b_alpha, cfg, nseg, lowp)
     w1buf = torch.empty(B * H, nseg + 1, d, hd, device=dev, dtype=f32)
     w2buf = torch.empty(B * H, nseg + 1, hd, d, device=dev, dtype=f32)
     w1buf[:, 0] = w1.reshape(B * H, d, hd)
@@ -377,10 +475,11 @@ def _forward(q, a, w1c, w1, w2c, w2, zc, z, b_eta, b_alpha, valid, cfg, save: bo
     w2c = w2c.reshape(B * H, hd, d).contiguous()
     o = torch.empty_like(q)
     launch(_deep_fwd_kernel, (B * H,),
-           q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, o, T, H, cfg["C"], cfg["shift"], nseg, d, hd, cfg["eps"],
-           w1buf.stride(0), w1buf.stride(1), w2buf.stride(0), w2buf.stride(1), w1c.stride(0),
-           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=dot_precision(),
-           LOWP=lowp, **launch_options("serial", cfg["D"]))
+           q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, a1, a2, o, T, H, cfg["C"], cfg["shift"], nseg, d, hd,
+           cfg["eps"], w1buf.stride(0), w1buf.stride(1), w2buf.stride(0), w2buf.stride(1), w1c.stride(0),
+           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"],
+           ANCHOR=anchors is not None, GUARD=cfg["GUARD"], PREC=dot_precision(), LOWP=lowp,
+           **launch_options("serial", cfg["D"]))
     w_slot, g_slot = _chunk_start_slots(T, cfg, nseg)
     finals = [
         zc if g_slot is None else gbuf[:, g_slot], gbuf[:, nseg],
@@ -393,8 +492,8 @@ def _forward(q, a, w1c, w1, w2c, w2, zc, z, b_eta, b_alpha, valid, cfg, save: bo
     return o, finals, saved, nseg
 
 
-def _backward(q, a, valid, b_eta, b_alpha, k, v, eta, lg, tmat, gbuf, zc, w1buf, w2buf, w1c, w2c, do, grads, cfg,
-              nseg):
+def _backward(q, a, valid, anchors, b_eta, b_alpha, k, v, eta, lg, tmat, gbuf, zc, w1buf, w2buf, w1c, w2c, do,
+              grads, cfg, nseg):
     B, T, H, d = q.shape
     hd = w1buf.shape[-1]
     G = adaptive_rows(d)
@@ -411,17 +510,21 @@ def _backward(q, a, valid, b_eta, b_alpha, k, v, eta, lg, tmat, gbuf, zc, w1buf,
         dw2 += dw2c_end
     dw1c = torch.empty(B * H, d, hd, device=dev, dtype=f32)
     dw2c = torch.empty(B * H, hd, d, device=dev, dtype=f32)
+    g_anchor, a1, a2 = anchors if anchors is not None else (None, zc, zc)
+    da1 = torch.zeros(B * H, d, hd, device=dev, dtype=f32) if anchors is not None else dw1c
+    da2 = torch.zeros(B * H, hd, d, device=dev, dtype=f32) if anchors is not None else dw2c
     dq = torch.empty_like(q)
     dk, dv = torch.empty_like(k), torch.empty_like(k)
     deta, dlg, dla = torch.empty_like(eta), torch.empty_like(eta), torch.empty_like(eta)
     scratch = [torch.empty(B * H, T, hd, device=dev, dtype=f32) for _ in range(3)]
     launch(_deep_bwd_kernel, (B * H,),
-           q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, do.contiguous(), dw1, dw2,
-           dw1c_end.contiguous(), dw2c_end.contiguous(), dw1c, dw2c, dq, dk, dv, deta, dlg, dla, *scratch,
+           q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, a1, a2, do.contiguous(), dw1, dw2,
+           dw1c_end.contiguous(), dw2c_end.contiguous(), dw1c, dw2c, da1, da2, dq, dk, dv, deta, dlg, dla, *scratch,
            T, H, cfg["C"], cfg["shift"], nseg, d, hd, cfg["eps"], w1buf.stride(0), w1buf.stride(1), w2buf.stride(0),
            w2buf.stride(1), w1c.stride(0), w_slot if w_slot is not None and 1 <= w_slot < nseg else -1,
-           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=dot_precision(),
-           LOWP=lowp, **launch_options("serial", cfg["D"]))
+           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"],
+           ANCHOR=anchors is not None, GUARD=cfg["GUARD"], PREC=dot_precision(), LOWP=lowp,
+           **launch_options("serial", cfg["D"]))
     if w_slot is None:
         dw1c += dw1c_end
         dw2c += dw2c_end
@@ -431,34 +534,43 @@ def _backward(q, a, valid, b_eta, b_alpha, k, v, eta, lg, tmat, gbuf, zc, w1buf,
         acc = torch.zeros_like(dg)
     else:
         acc = dzc.contiguous()
-    da, dbias = generating_backward(a, valid, zc, gbuf, tmat, b_eta.detach().float().contiguous(),
-                                    b_alpha.detach().float().contiguous(), dk, dv, deta, dlg, dla, dg, acc, cfg,
-                                    nseg, lowp)
+    da, dbias, dganc = generating_backward(a, valid, zc, gbuf, g_anchor, tmat, b_eta.detach().float().contiguous(),
+                                           b_alpha.detach().float().contiguous(), dk, dv, deta, dlg, dla, dg, acc, cfg,
+                                           nseg, lowp)
     dbias = dbias.reshape(B, H, 2).sum(0)
     out = [acc.reshape(B, H, G, d), dg.reshape(B, H, G, d), dw1c.reshape(B, H, d, hd), dw1.reshape(B, H, d, hd),
            dw2c.reshape(B, H, hd, d), dw2.reshape(B, H, hd, d)]
-    return dq, da, out, dbias[:, 0], dbias[:, 1]
+    danchors = [None, None, None]
+    if anchors is not None:
+        danchors = [dganc.reshape(B, H, G, d).sum(0), da1.reshape(B, H, d, hd).sum(0), da2.reshape(B, H, hd, d).sum(0)]
+    return dq, da, out, danchors, dbias[:, 0], dbias[:, 1]
 
 
 class _DeepChunkFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, a, zc, z, w1c, w1, w2c, w2, b_eta, b_alpha, valid, cfg):
+    def forward(ctx, q, a, zc, z, w1c, w1, w2c, w2, g_anchor, w1_anchor, w2_anchor, b_eta, b_alpha, valid, cfg):
+        anchors = None
+        if g_anchor is not None:
+            anchors = tuple(x.detach().float().contiguous() for x in (g_anchor, w1_anchor, w2_anchor))
         o, finals, saved, nseg = _forward(q, a, w1c.detach().float(), w1.detach().float(), w2c.detach().float(),
-                                          w2.detach().float(), zc.detach().float(), z.detach().float(),
+                                          w2.detach().float(), zc.detach().float(), z.detach().float(), anchors,
                                           b_eta.detach().float().contiguous(), b_alpha.detach().float().contiguous(),
                                           valid, cfg, save=any(ctx.needs_input_grad))
         if saved is not None:
-            ctx.save_for_backward(q, a, valid, b_eta, b_alpha, *saved)
+            ctx.save_for_backward(q, a, valid, *(anchors or (None, None, None)), b_eta, b_alpha, *saved)
         ctx.cfg, ctx.nseg = cfg, nseg
-        ctx.dtypes = [t.dtype for t in (q, a, zc, z, w1c, w1, w2c, w2, b_eta, b_alpha)]
+        ctx.dtypes = [None if t is None else t.dtype
+                      for t in (q, a, zc, z, w1c, w1, w2c, w2, g_anchor, w1_anchor, w2_anchor, b_eta, b_alpha)]
         return (o, *finals)
 
     @staticmethod
     def backward(ctx, do, *grads):
-        q, a, valid, b_eta, b_alpha, *saved = ctx.saved_tensors
-        dq, da, dstate, db_eta, db_alpha = _backward(q, a, valid, b_eta, b_alpha, *saved, do, grads, ctx.cfg, ctx.nseg)
-        out = [dq, da] + dstate + [db_eta, db_alpha]
-        return (*(g.to(dt) for g, dt in zip(out, ctx.dtypes)), None, None)
+        q, a, valid, g_anchor, w1_anchor, w2_anchor, b_eta, b_alpha, *saved = ctx.saved_tensors
+        anchors = None if g_anchor is None else (g_anchor, w1_anchor, w2_anchor)
+        dq, da, dstate, danchors, db_eta, db_alpha = _backward(q, a, valid, anchors, b_eta, b_alpha, *saved, do, grads,
+                                                               ctx.cfg, ctx.nseg)
+        out = [dq, da] + dstate + danchors + [db_eta, db_alpha]
+        return (*(None if g is None else g.to(dt) for g, dt in zip(out, ctx.dtypes)), None, None)
 
 
 def titans_deep_memory_triton(
@@ -479,13 +591,17 @@ def titans_deep_memory_triton(
     objective: str = "l2",
     memory_target: str = "self",
     memory_residual: bool = True,
+    memory_value_norm: bool = True,
+    memory_retention: str = "init",
+    memory_curvature_guard: bool = True,
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[DeepTitansState] = None,
     output_final_state: bool = False,
 ) -> tuple[Tensor, Optional[DeepTitansState]]:
     """Chunked deep Titans memory on Triton; shapes and semantics as `titans_deep_memory_reference`
-    (momentum=False only). Differentiable in q, a, w1_0, w2_0, z0, b_eta, b_alpha and the tensors of `state`."""
+    (momentum=False only). Differentiable in q, a, w1_0, w2_0, z0 (initial state and retention anchor), b_eta,
+    b_alpha and the tensors of `state`."""
     kwargs = _kwargs(chunk_size, adaptive_chunk_size, eta_max, momentum, objective, memory_target, adaptive, mask)
     _check_deep_inputs(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit, state, True, kwargs)
     check_no_momentum(momentum, op="deep_titans")
@@ -502,8 +618,8 @@ def titans_deep_memory_triton(
     else:
         zc, z, w1c, w1, w2c, w2 = state.z_chunk, state.z, state.w1_chunk, state.w1, state.w2_chunk, state.w2
         position = int(state.position)
-    cfg = _config(d, chunk_size, resolve_adaptive_chunk_size(chunk_size, adaptive_chunk_size), position, eta_max,
-                  dgd, objective, memory_target, memory_residual, adaptive)
+    cfg = _config(d, chunk_size, adaptive_chunk_size, position, eta_max, dgd, objective, memory_target,
+                  memory_residual, memory_value_norm, memory_retention, adaptive, memory_curvature_guard)
     cfg["HD"] = max(16, next_pow2(hd))
     valid = None if mask is None else mask.detach().to(device=q.device, dtype=torch.float32).contiguous()
     if T == 0:
@@ -512,7 +628,9 @@ def titans_deep_memory_triton(
             return o, None
         x = [t.float().clone() for t in (zc, z, w1c, w1, w2c, w2)]
         return o, DeepTitansState(x[0], x[1], None, x[2], x[3], None, x[4], x[5], None, position)
-    o, *x = _DeepChunkFn.apply(q.contiguous(), a.contiguous(), zc, z, w1c, w1, w2c, w2, b_eta, b_alpha, valid, cfg)
+    anchors = (z0, w1_0, w2_0) if cfg["ANCHOR"] else (None, None, None)
+    o, *x = _DeepChunkFn.apply(q.contiguous(), a.contiguous(), zc, z, w1c, w1, w2c, w2, *anchors, b_eta, b_alpha,
+                               valid, cfg)
     if not output_final_state:
         return o, None
     return o, DeepTitansState(x[0], x[1], None, x[2], x[3], None, x[4], x[5], None, position + T)

@@ -7,31 +7,37 @@ The split (derived here from the reference's unrolled gated delta rule, `delta_r
 Per (batch, head) the state is Z = [W ; G], G = [W_k ; W_v ; w_eta ; w_alpha] ((2d+2) x d). A call is cut into
 segments exactly as the reference does (chunk phase counts from position 0; segment n holds tokens
 [max(nC - p%C, 0), min((n+1)C - p%C, T)) for a call that starts at position p). In a segment of L tokens every row
-block X follows X_t = X_{t-1}(alpha_t I - eps eta_t k_t k_tᵀ) + w_t k_tᵀ with writes w_t known at the segment start.
+block X follows X_t = X_A + alpha_t (X_{t-1} - X_A) - eps eta_t X_{t-1} k_t k_tᵀ + w_t k_tᵀ with writes w_t known at
+the segment start; X_A is the retention anchor (the block of z0 under memory_retention="init", 0 under "zero").
 With lg_t = Σ_{s<=t} log alpha_s (within the segment), gamma_t = exp(lg_t) and n_j = w_j - eps eta_j X_{j-1} k_j:
 
-    X_t = gamma_t X_0 + Σ_{j<=t} (gamma_t/gamma_j) n_j k_jᵀ,
-    n_t = w_t - eps eta_t gamma_{t-1} X_0 k_t - Σ_{j<t} A[t,j] n_j,   A[t,j] = eps eta_t (gamma_{t-1}/gamma_j) k_j.k_t,
+    X_t = X_A + gamma_t (X_0 - X_A) + Σ_{j<=t} (gamma_t/gamma_j) n_j k_jᵀ,
+    n_t = w_t - eps eta_t [gamma_{t-1} X_0 + (1 - gamma_{t-1}) X_A] k_t - Σ_{j<t} A[t,j] n_j,
+    A[t,j] = eps eta_t (gamma_{t-1}/gamma_j) k_j.k_t,
 
 so, rows t of the L x R matrices N, Wr (writes) and with T = (I + A)^-1 (one unit-lower-triangular inverse per
 segment, shared by every row of Z: same keys, same transition),
 
-    N = T Wr - (T Kd) X_0ᵀ,   Kd = diag(eps eta_t gamma_{t-1}) K,   X_end = gamma_L X_0 + Nᵀ (diag(gamma_L/gamma) K).
+    N = T Wr - (T Kd) X_0ᵀ - (T Ka) X_Aᵀ,   Kd = diag(eps eta_t gamma_{t-1}) K,   Ka = diag(eps eta_t) K - Kd,
+    X_end = gamma_L X_0 + (1 - gamma_L) X_A + Nᵀ (diag(gamma_L/gamma) K).
+
+The anchor only adds terms that are constant in the state (the checkpoints hold full states, not deviations), so
+the split below is unchanged; its gradient is summed per segment (B3, B3', B4) and over the batch.
 
 (a) The generating rows G evolve on their own: k, v, eta, alpha and G's writes -eta_t (E_G + G_c) u_t all come from
-    the adaptive-chunk-start G_c. So `_gen_fwd_kernel` is a serial scan over segments per (batch, head) (B x H
+    the adaptive-chunk-start G_c (v l2-normalised with `memory_value_norm`). So `_gen_fwd_kernel` is a serial scan over segments per (batch, head) (B x H
     programs; self-modification makes the segments sequential): it emits k, v, eta, lg for every token and T for
     every segment, and advances G (checkpointed at every segment start: the backward recomputes from there).
 (b) Given those, W's write w_t = V0_t + W_c p_t is affine in the chunk-start W_c: V0 = -eta r u, p = -eta u (self
     target), V0 = -eta (r k - v), p = -eta k (value target, "l2"), V0 = eta v, p = 0 (value, "dot"); r = 1 with
     `memory_residual`, else 0. For a segment that starts on a chunk boundary W_c = W_0, so in FLA's layout
     (h = Wᵀ) N^W = u' - w' h_0 with
-        u' = T V0,   w' = T (Kd - P)                                       (`_main_prep_kernel`, parallel)
-    and the first segment of a call (whose W_c is the cached chunk start, not W_0) has u' = T (V0 + P W_cᵀ),
-    w' = T Kd. Without DGD (eps = 0) A = 0 and T = I. Every row of W is independent, so `_main_state_fwd_kernel`
+        u' = T (V0 - Ka W_Aᵀ),   w' = T (Kd - P)                           (`_main_prep_kernel`, parallel)
+    and the first segment of a call (whose W_c is the cached chunk start, not W_0) has
+    u' = T (V0 + P W_cᵀ - Ka W_Aᵀ), w' = T Kd. Without DGD (eps = 0) A = 0 and T = I. Every row of W is independent, so `_main_state_fwd_kernel`
     passes W's state over the segments with W's rows split into BV-wide tiles across programs (the state tile
     stays in registers; checkpoints go to memory), storing N^W = v_new; `_main_out_fwd_kernel` forms
-        o_t = r q_t + gamma_t W_0 q_t + Σ_{j<=t} (gamma_t/gamma_j) (k_j.q_t) n_j
+        o_t = r q_t + W_A q_t + gamma_t (W_0 - W_A) q_t + Σ_{j<=t} (gamma_t/gamma_j) (k_j.q_t) n_j
     in parallel over (segment, batch, head, tile). The reference evaluates the same closed form
     (`delta_rule_read`), so both agree to rounding.
 (c) The backward mirrors it: `_main_dv_bwd_kernel` (dv_new from o, parallel), `_main_state_bwd_kernel` (dW over the
@@ -80,8 +86,8 @@ from hope_kernels.titans.reference import (
     check_memory_inputs,
     check_state,
     memory_rows,
-    resolve_adaptive_chunk_size,
 )
+from hope_kernels.titans.reference import _config as reference_config
 
 __all__ = ["titans_memory_triton"]
 
@@ -111,9 +117,10 @@ def _gc_slot(n, C, CA, pos, shift, T):
 
 @device_fn
 def _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d, md, PREC: tl.constexpr,
-               LOWP: tl.constexpr):
-    """k, v, eta, log alpha of a segment's tokens from the chunk-start generating memories gc (Eq. 90, residual).
-    Also returns the unnormalised k, its norm, the sigmoid of eta's logit and alpha's logit (for the backward)."""
+               LOWP: tl.constexpr, VNORM: tl.constexpr):
+    """k, v, eta, log alpha of a segment's tokens from the chunk-start generating memories gc (Eq. 90, residual;
+    v l2-normalised with `memory_value_norm`). Also returns the unnormalised k, its norm, the sigmoid of eta's
+    logit, alpha's logit and the norm of the unnormalised v (for the backward)."""
     boff = offs_d[:, None] * d + offs_d[None, :]
     bm = md[:, None] & md[None, :]
     eye = tl.where(bm & (offs_d[:, None] == offs_d[None, :]), resid, 0.0)
@@ -121,11 +128,14 @@ def _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d, md, PREC
     v = mm(a, tl.trans(tl.load(gc + d * d + boff, mask=bm, other=0.0) + eye), PREC, LOWP)
     nrm = tl.sqrt(tl.sum(k_raw * k_raw, 1))
     k = k_raw / tl.maximum(nrm, 1e-12)[:, None]
+    vnrm = tl.sqrt(tl.sum(v * v, 1))
+    if VNORM:
+        v = v / tl.maximum(vnrm, 1e-12)[:, None]
     w_eta = tl.load(gc + 2 * d * d + offs_d, mask=md, other=0.0)
     w_alpha = tl.load(gc + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
     sig_eta = sigmoid(tl.sum(a * w_eta[None, :], 1) + b_eta)
     pre_alpha = tl.sum(a * w_alpha[None, :], 1) + b_alpha
-    return k, v, eta_max * sig_eta * valid, log_sigmoid(pre_alpha) * valid, k_raw, nrm, sig_eta, pre_alpha
+    return k, v, eta_max * sig_eta * valid, log_sigmoid(pre_alpha) * valid, k_raw, nrm, sig_eta, pre_alpha, vnrm
 
 
 @device_fn
@@ -142,32 +152,39 @@ def _delta_coefficients(k, eta, la, eps, offs_c, PREC: tl.constexpr):
 
 
 @device_fn
-def _gen_tile_fwd(gc, g0, g1, rloc, mr, learn, er, d, U, eta, Tm, TKd, Kt, gamma_end, offs_d, md,
-                  PREC: tl.constexpr, LOWP: tl.constexpr):
-    """One row tile of G through a segment: Wr = -eta U (E + X_c)ᵀ, N = T Wr - (T Kd) X_0ᵀ,
-    X_end = gamma_L X_0 + Nᵀ K~ (rows that do not learn keep X_0). gc, g0, g1 point at the tile's block in the
-    chunk-start, segment-start and segment-end states; rloc (BR,) are the rows within the block, er the identity
-    weight of the block (resid for square blocks, 0 for w_eta, w_alpha)."""
+def _gen_tile_fwd(gc, g0, g1, anc, rloc, mr, learn, er, d, U, eta, Tm, TKd, TKa, Kt, gamma_end, offs_d, md,
+                  ANCHOR: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+    """One row tile of G through a segment: Wr = -eta U (E + X_c)ᵀ, N = T Wr - (T Kd) X_0ᵀ [- (T Ka) X_Aᵀ],
+    X_end = gamma_L X_0 [+ (1 - gamma_L) X_A] + Nᵀ K~ (rows that do not learn keep X_0; the bracketed terms are
+    the retention anchor X_A of memory_retention="init"). gc, g0, g1, anc point at the tile's block in the
+    chunk-start, segment-start, segment-end and anchor states; rloc (BR,) are the rows within the block, er the
+    identity weight of the block (resid for square blocks, 0 for w_eta, w_alpha)."""
     xoff = rloc[:, None] * d + offs_d[None, :]
     m = mr[:, None] & md[None, :]
     Xh = tl.load(gc + xoff, mask=m, other=0.0) + tl.where(m & (rloc[:, None] == offs_d[None, :]), er, 0.0)
     Wr = -eta[:, None] * mm(U, tl.trans(Xh), PREC, LOWP)
     X0 = tl.load(g0 + xoff, mask=m, other=0.0)
     N = tl.dot(Tm, Wr, input_precision=PREC) - tl.dot(TKd, tl.trans(X0), input_precision=PREC)
-    Xe = gamma_end * X0 + mm(tl.trans(N), Kt, PREC, LOWP)
+    Xe = gamma_end * X0
+    if ANCHOR:
+        XA = tl.load(anc + xoff, mask=m, other=0.0)
+        N -= tl.dot(TKa, tl.trans(XA), input_precision=PREC)
+        Xe += (1.0 - gamma_end) * XA
+    Xe += mm(tl.trans(N), Kt, PREC, LOWP)
     tl.store(g1 + xoff, tl.where(learn[:, None], Xe, X0), mask=m)
 
 
 @triton.jit
 def _gen_fwd_kernel(
-    a_ptr, valid_ptr, gc_in_ptr, g_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, b_eta_ptr, b_alpha_ptr,
-    T, H, d, C, CA, pos, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot,
+    a_ptr, valid_ptr, gc_in_ptr, g_ptr, anc_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, b_eta_ptr, b_alpha_ptr,
+    T, H, d, C, CA, pos, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot, anc_h,
     BC: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, OBJ_L2: tl.constexpr,
     AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr,
-    HAS_MASK: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    HAS_MASK: tl.constexpr, VNORM: tl.constexpr, ANCHOR: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """K1: serial scan of the generating memories over the segments of one (batch, head). Slot 0 of g holds the
-    call's start state; slot n+1 receives the state after segment n."""
+    call's start state; slot n+1 receives the state after segment n. anc: the heads' retention anchors G_0
+    (ANCHOR), anc_h apart."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -177,6 +194,7 @@ def _gen_fwd_kernel(
     b_eta = tl.load(b_eta_ptr + h)
     b_alpha = tl.load(b_alpha_ptr + h)
     g_base = g_ptr + bh * g_bh
+    anc = anc_ptr + h * anc_h
     r_sq = tl.arange(0, BR)
     r_ea = tl.arange(0, 16)
     for n in range(0, NSEG):
@@ -197,8 +215,8 @@ def _gen_fwd_kernel(
         g0 = g_base + n * g_slot
         g1 = g0 + g_slot
 
-        k, v, eta, la, _kr, _nrm, _se, _pa = _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d, md,
-                                                        PREC, LOWP)
+        k, v, eta, la, _kr, _nrm, _se, _pa, _vn = _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d,
+                                                             md, PREC, LOWP, VNORM)
         A, lg, lg_end, kd_scale, kt_scale = _delta_coefficients(k, eta, la, eps, offs_c, PREC)
         row = (bh * T + tok)
         tl.store(k_ptr + row[:, None] * d + offs_d[None, :], k, mask=m2)
@@ -207,6 +225,10 @@ def _gen_fwd_kernel(
         tl.store(lg_ptr + row, lg, mask=mt)
         Tm = unit_lower_inverse(A, tmat_ptr + (bh * NSEG + n) * BC * BC, offs_c, BC, PREC)
         TKd = tl.dot(Tm, kd_scale[:, None] * k, input_precision=PREC)
+        if ANCHOR:  # Ka = diag(eps eta_t (1 - gamma_{t-1})) K: the anchor's part of the DGD term eps eta_t X_{t-1} k_t
+            TKa = tl.dot(Tm, (eps * eta - kd_scale)[:, None] * k, input_precision=PREC)
+        else:
+            TKa = TKd
         Kt = kt_scale[:, None] * k
         gamma_end = tl.exp(lg_end)
         if OBJ_L2:
@@ -218,15 +240,15 @@ def _gen_fwd_kernel(
                 for rt in tl.static_range(D // BR):
                     rloc = rt * BR + r_sq
                     mr = rloc < d
-                    _gen_tile_fwd(gc + blk * d * d, g0 + blk * d * d, g1 + blk * d * d, rloc, mr, mr, resid, d, U,
-                                  eta, Tm, TKd, Kt, gamma_end, offs_d, md, PREC, LOWP)
+                    _gen_tile_fwd(gc + blk * d * d, g0 + blk * d * d, g1 + blk * d * d, anc + blk * d * d, rloc, mr,
+                                  mr, resid, d, U, eta, Tm, TKd, TKa, Kt, gamma_end, offs_d, md, ANCHOR, PREC, LOWP)
             else:
                 boff = offs_d[:, None] * d + offs_d[None, :]
                 bm = md[:, None] & md[None, :]
                 tl.store(g1 + blk * d * d + boff, tl.load(g0 + blk * d * d + boff, mask=bm, other=0.0), mask=bm)
         learn = ((r_ea == 0) & AD_E) | ((r_ea == 1) & AD_A)
-        _gen_tile_fwd(gc + 2 * d * d, g0 + 2 * d * d, g1 + 2 * d * d, r_ea, r_ea < 2, learn, 0.0, d, U, eta, Tm,
-                      TKd, Kt, gamma_end, offs_d, md, PREC, LOWP)
+        _gen_tile_fwd(gc + 2 * d * d, g0 + 2 * d * d, g1 + 2 * d * d, anc + 2 * d * d, r_ea, r_ea < 2, learn, 0.0,
+                      d, U, eta, Tm, TKd, TKa, Kt, gamma_end, offs_d, md, ANCHOR, PREC, LOWP)
         tl.debug_barrier()  # the next segment reads the state (and maybe its chunk start) stored here
 
 
@@ -269,12 +291,13 @@ def _lg_before(lg_ptr, bh, T, start, offs_c, mt):
 
 @triton.jit
 def _main_prep_kernel(
-    k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, wc_ptr, wp_ptr, up_ptr,
-    T, C, shift, NSEG, d, eps, resid, wc_bh,
-    BC: tl.constexpr, D: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, PREC: tl.constexpr,
-    LOWP: tl.constexpr,
+    k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, wc_ptr, anc_ptr, wp_ptr, up_ptr,
+    T, H, C, shift, NSEG, d, eps, resid, wc_bh, anc_h,
+    BC: tl.constexpr, D: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, ANCHOR: tl.constexpr,
+    PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
-    """w', u' of one segment (parallel over segments): N^W = u' - w' h_0."""
+    """w', u' of one segment (parallel over segments): N^W = u' - w' h_0. With the retention anchor W_A
+    (ANCHOR) u' gains -T Ka W_Aᵀ, Ka = diag(eps eta_t (1 - gamma_{t-1})) K."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_c = tl.arange(0, BC)
@@ -289,10 +312,15 @@ def _main_prep_kernel(
     lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
     Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
     V0, P = _main_writes(k, v, eta, resid, OBJ_L2, VALUE)
-    Kd = (eps * eta * tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt)))[:, None] * k
+    kd_scale = eps * eta * tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt))
+    Kd = kd_scale[:, None] * k
+    boff = offs_d[:, None] * d + offs_d[None, :]
+    bm = md[:, None] & md[None, :]
+    if ANCHOR:
+        Wa = tl.load(anc_ptr + (bh % H) * anc_h + boff, mask=bm, other=0.0)
+        V0 -= mm((eps * eta - kd_scale)[:, None] * k, tl.trans(Wa), PREC, LOWP)
     if n == 0:  # the call's own chunk-start W_c (a cached state may sit mid-chunk)
-        boff = offs_d[:, None] * d + offs_d[None, :]
-        Wc = tl.load(wc_ptr + bh * wc_bh + boff, mask=md[:, None] & md[None, :], other=0.0)
+        Wc = tl.load(wc_ptr + bh * wc_bh + boff, mask=bm, other=0.0)
         up = tl.dot(Tm, V0 + mm(P, tl.trans(Wc), PREC, LOWP), input_precision=PREC)
         wp = tl.dot(Tm, Kd, input_precision=PREC)
     else:
@@ -306,12 +334,14 @@ def _main_prep_kernel(
 
 @triton.jit
 def _main_state_fwd_kernel(
-    k_ptr, lg_ptr, wp_ptr, up_ptr, z_ptr, vn_ptr,
-    T, C, shift, NSEG, d, z_bh, z_slot,
-    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    k_ptr, lg_ptr, wp_ptr, up_ptr, z_ptr, anc_ptr, vn_ptr,
+    T, H, C, shift, NSEG, d, z_bh, z_slot, anc_h,
+    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, ANCHOR: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr,
 ):
     """K2: W's rows [iv BV, (iv+1) BV) over the segments (state in registers); v_new = u' - w' h_0 stored for the
-    output and the backward, the state after every segment stored in slot n+1 of z."""
+    output and the backward, the state after every segment stored in slot n+1 of z. The retention anchor W_A
+    (ANCHOR) adds (1 - gamma_L) W_A to every segment's end state."""
     bh = tl.program_id(0).to(tl.int64)
     iv = tl.program_id(1)
     offs_c = tl.arange(0, BC)
@@ -323,6 +353,8 @@ def _main_state_fwd_kernel(
     wm = mr[:, None] & md[None, :]
     z_base = z_ptr + bh * z_bh
     W = tl.load(z_base + woff, mask=wm, other=0.0)
+    if ANCHOR:
+        Wa = tl.load(anc_ptr + (bh % H) * anc_h + woff, mask=wm, other=0.0)
     for n in range(0, NSEG):
         start, L = _segment(n, C, shift, T)
         mt = offs_c < L
@@ -336,17 +368,22 @@ def _main_state_fwd_kernel(
         vn = up - mm(wp, tl.trans(W), PREC, LOWP)
         tl.store(vn_ptr + row[:, None] * d + rows[None, :], vn, mask=vm)
         Kt = tl.where(mt, tl.exp(lg_end - lg), 0.0)[:, None] * k
-        W = tl.exp(lg_end) * W + mm(tl.trans(vn), Kt, PREC, LOWP)
+        if ANCHOR:
+            W = Wa + tl.exp(lg_end) * (W - Wa) + mm(tl.trans(vn), Kt, PREC, LOWP)
+        else:
+            W = tl.exp(lg_end) * W + mm(tl.trans(vn), Kt, PREC, LOWP)
         tl.store(z_base + (n + 1) * z_slot + woff, W, mask=wm)
 
 
 @triton.jit
 def _main_out_fwd_kernel(
-    q_ptr, k_ptr, lg_ptr, vn_ptr, z_ptr, o_ptr,
-    T, H, C, shift, d, z_bh, z_slot, resid,
-    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    q_ptr, k_ptr, lg_ptr, vn_ptr, z_ptr, anc_ptr, o_ptr,
+    T, H, C, shift, d, z_bh, z_slot, anc_h, resid,
+    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, ANCHOR: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr,
 ):
-    """K3: o_t = r q_t + gamma_t W_0 q_t + Σ_{j<=t} (gamma_t/gamma_j)(k_j.q_t) n_j, parallel over segments."""
+    """K3: o_t = r q_t + gamma_t W_0 q_t + Σ_{j<=t} (gamma_t/gamma_j)(k_j.q_t) n_j, parallel over segments; with
+    the retention anchor W_A, gamma_t W_0 q_t becomes W_A q_t + gamma_t (W_0 - W_A) q_t."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     iv = tl.program_id(2)
@@ -367,12 +404,18 @@ def _main_out_fwd_kernel(
     row = bh * T + start + offs_c
     lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
     vn = tl.load(vn_ptr + row[:, None] * d + rows[None, :], mask=vm, other=0.0)
-    W0 = tl.load(z_ptr + bh * z_bh + n * z_slot + rows[:, None] * d + offs_d[None, :],
-                 mask=mr[:, None] & md[None, :], other=0.0)
+    woff = rows[:, None] * d + offs_d[None, :]
+    wm = mr[:, None] & md[None, :]
+    W0 = tl.load(z_ptr + bh * z_bh + n * z_slot + woff, mask=wm, other=0.0)
     causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]  # [t, j]: j <= t < L
     qk = mm(q, tl.trans(k), PREC, LOWP)
     decay = tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
-    o = resid * q_tile + tl.exp(lg)[:, None] * mm(q, tl.trans(W0), PREC, LOWP) + mm(qk * decay, vn, PREC, LOWP)
+    o = resid * q_tile + mm(qk * decay, vn, PREC, LOWP)
+    if ANCHOR:
+        Wa = tl.load(anc_ptr + h * anc_h + woff, mask=wm, other=0.0)
+        o += mm(q, tl.trans(Wa), PREC, LOWP) + tl.exp(lg)[:, None] * mm(q, tl.trans(W0 - Wa), PREC, LOWP)
+    else:
+        o += tl.exp(lg)[:, None] * mm(q, tl.trans(W0), PREC, LOWP)
     tl.store(o_ptr + tok[:, None] * d + rows[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
 
 
@@ -476,12 +519,15 @@ def _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC: tl.constexpr):
 
 @triton.jit
 def _main_chunk_bwd_kernel(
-    q_ptr, k_ptr, lg_ptr, vn_ptr, dv_ptr, do_ptr, z_ptr, dwbuf_ptr, dq_ptr, dk_ptr, dlg_ptr, dwp_ptr,
-    T, H, C, shift, NSEG, d, z_bh, z_slot, resid,
-    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    q_ptr, k_ptr, lg_ptr, vn_ptr, dv_ptr, do_ptr, z_ptr, anc_ptr, dwbuf_ptr, dq_ptr, dk_ptr, dlg_ptr, dwp_ptr,
+    T, H, C, shift, NSEG, d, z_bh, z_slot, anc_h, resid,
+    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, ANCHOR: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr,
 ):
     """B3, parallel over (segment, batch-head), W's rows in BV tiles: dq, the gradients of k and lg through the reads
-    and W's state update, and dw' = -dv_new W_0 (for `_main_wy_bwd_kernel`)."""
+    and W's state update, and dw' = -dv_new W_0 (for `_main_wy_bwd_kernel`). With the retention anchor W_A
+    (ANCHOR) the decays act on D_0 = W_0 - W_A, and slot n of dwbuf, once read, receives this segment's part of
+    dW_A from the reads and the end state: (1 - gamma_L) dW_end + Σ_t (1 - gamma_t) do_t q_tᵀ."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -499,7 +545,8 @@ def _main_chunk_bwd_kernel(
     lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
     gamma = tl.where(mt, tl.exp(lg), 0.0)
 
-    dq_state = q * 0.0  # Σ_tiles dO W_n (before the gamma_t weight)
+    dq_state = q * 0.0  # Σ_tiles dO D_n (before the gamma_t weight), D_n = W_n (- W_A)
+    dq_anchor = q * 0.0  # Σ_tiles dO W_A
     dS = tl.zeros([BC, BC], dtype=tl.float32)  # [t, j] = dO_t . v_new_j
     dKt = q * 0.0
     dwp = q * 0.0
@@ -515,16 +562,24 @@ def _main_chunk_bwd_kernel(
         vn = tl.load(vn_ptr + row[:, None] * d + rows[None, :], mask=vm, other=0.0)
         dvt = tl.load(dv_ptr + row[:, None] * d + rows[None, :], mask=vm, other=0.0)
         do = tl.load(do_ptr + tok[:, None] * d + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-        dq_state += mm(do, Wn, PREC, LOWP)
+        if ANCHOR:
+            Wa = tl.load(anc_ptr + h * anc_h + woff, mask=wm, other=0.0)
+            Dn = Wn - Wa
+            dq_anchor += mm(do, Wa, PREC, LOWP)
+            dWa = (1.0 - tl.exp(lg_end)) * dWe + mm(tl.trans((1.0 - gamma)[:, None] * do), q, PREC, LOWP)
+            tl.store(dwbuf_ptr + (bh * NSEG + n) * d * d + woff, dWa, mask=wm)
+        else:
+            Dn = Wn
+        dq_state += mm(do, Dn, PREC, LOWP)
         dS += mm(do, tl.trans(vn), PREC, LOWP)
         dKt += mm(vn, dWe, PREC, LOWP)
-        dgamma_end += tl.sum(tl.sum(Wn * dWe, 1), 0)
+        dgamma_end += tl.sum(tl.sum(Dn * dWe, 1), 0)
         dwp -= mm(dvt, Wn, PREC, LOWP)
     out = row[:, None] * d + offs_d[None, :]
     tl.store(dwp_ptr + out, dwp, mask=m2)
     dlg = gamma * tl.sum(dq_state * q, 1)
-    dq_state = gamma[:, None] * dq_state + resid * tl.load(do_ptr + tok[:, None] * d + offs_d[None, :], mask=m2,
-                                                           other=0.0).to(tl.float32)
+    dq_state = gamma[:, None] * dq_state + dq_anchor + resid * tl.load(do_ptr + tok[:, None] * d + offs_d[None, :],
+                                                                       mask=m2, other=0.0).to(tl.float32)
     k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
     causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]
     decay = tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
@@ -542,15 +597,15 @@ def _main_chunk_bwd_kernel(
 
 @triton.jit
 def _main_wy_bwd_kernel(
-    k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, wp_ptr, up_ptr, dv_ptr, dwp_ptr, wc_ptr,
-    dk_ptr, dvx_ptr, deta_ptr, dlg_ptr, dla_ptr, dwc_ptr,
-    T, C, shift, NSEG, d, wc_bh, eps, resid,
-    BC: tl.constexpr, D: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, PREC: tl.constexpr,
-    LOWP: tl.constexpr,
+    k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, wp_ptr, up_ptr, dv_ptr, dwp_ptr, wc_ptr, anc_ptr,
+    dk_ptr, dvx_ptr, deta_ptr, dlg_ptr, dla_ptr, dwc_ptr, dwbuf_ptr,
+    T, H, C, shift, NSEG, d, wc_bh, anc_h, eps, resid,
+    BC: tl.constexpr, D: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, ANCHOR: tl.constexpr,
+    PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """B3', parallel over (segment, batch-head): the main memory's gradient through w' = T (Kd - P) (first segment:
-    T Kd), u' = T (V0 [+ P W_cᵀ]) and T = (I + A)^-1, added to B3's dk, dlg; writes dv, deta, dla (and dW_c of the
-    first segment)."""
+    T Kd), u' = T (V0 [+ P W_cᵀ] [- Ka W_Aᵀ]) and T = (I + A)^-1, added to B3's dk, dlg; writes dv, deta, dla (and
+    dW_c of the first segment); with the anchor (ANCHOR), adds -(Tᵀ du')ᵀ Ka to dW_A's slot n of dwbuf."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_c = tl.arange(0, BC)
@@ -579,6 +634,19 @@ def _main_wy_bwd_kernel(
     kd_scale = eps * eta * tl.exp(lgb)
     dk = tl.load(dk_ptr + out, mask=m2, other=0.0) + dk_a + kd_scale[:, None] * dYw
     dks = tl.sum(dYw * k, 1)
+    if ANCHOR:  # Ka = diag(eps eta_t - kd_t) K
+        boff_a = offs_d[:, None] * d + offs_d[None, :]
+        bm_a = md[:, None] & md[None, :]
+        Wa = tl.load(anc_ptr + (bh % H) * anc_h + boff_a, mask=bm_a, other=0.0)
+        ka_scale = eps * eta - kd_scale
+        dKa = -mm(dYu, Wa, PREC, LOWP)
+        dk += ka_scale[:, None] * dKa
+        dkas = tl.sum(dKa * k, 1)
+        dks -= dkas
+        deta += eps * dkas
+        slot = dwbuf_ptr + (bh * NSEG + n) * d * d + boff_a
+        tl.store(slot, tl.load(slot, mask=bm_a, other=0.0) - mm(tl.trans(dYu), ka_scale[:, None] * k, PREC, LOWP),
+                 mask=bm_a)
     deta += eps * tl.exp(lgb) * dks
     dlg += dks * kd_scale + tl.load(dlg_ptr + row, mask=mt, other=0.0)
     dla -= dks * kd_scale
@@ -621,28 +689,43 @@ def _main_wy_bwd_kernel(
 
 
 @device_fn
-def _gen_tile_bwd(gc, g0, dg, acc, rloc, mr, learn, er, d, k, U, eta, Tm, TKd, kd_scale, kappa, gamma_end, offs_d,
-                  md, dk, dU, deta, dks, dkt, dgamma_end, M, PREC: tl.constexpr, LOWP: tl.constexpr):
+def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, mr, learn, er, d, k, U, eta, Tm, TKd, TKa, kd_scale, ka_scale,
+                  kappa, gamma_end, eps, offs_d, md, dk, dU, deta, dks, dkt, dgamma_end, M, ANCHOR: tl.constexpr,
+                  PREC: tl.constexpr, LOWP: tl.constexpr):
     """Backward of `_gen_tile_fwd` for one row tile: dg holds dX_end on entry and dX_0 on return (in place); acc
-    (the chunk-start gradient) gets dX_c. The tile's dKd and dK~ go straight into dk (scaled), keeping only their
-    row sums with k (dks, dkt: the decay and eta terms), so that no (BC, D) accumulator but dk and dU stays live."""
+    (the chunk-start gradient) gets dX_c, danc (ANCHOR) the anchor's gradient. The tile's dKd and dK~ go straight
+    into dk (scaled), keeping only their row sums with k (dks, dkt: the decay and eta terms), so that no (BC, D)
+    accumulator but dk and dU stays live. With the anchor X_A the decay terms see the deviation D_0 = X_0 - X_A
+    (X_end = X_A + gamma_L D_0 + ..., the DGD term eps eta_t (X_A + D_{t-1}) k_t)."""
     xoff = rloc[:, None] * d + offs_d[None, :]
     m = mr[:, None] & md[None, :]
     Xh = tl.load(gc + xoff, mask=m, other=0.0) + tl.where(m & (rloc[:, None] == offs_d[None, :]), er, 0.0)
     UXt = mm(U, tl.trans(Xh), PREC, LOWP)
     X0 = tl.load(g0 + xoff, mask=m, other=0.0)
     N = tl.dot(Tm, -eta[:, None] * UXt, input_precision=PREC) - tl.dot(TKd, tl.trans(X0), input_precision=PREC)
+    if ANCHOR:
+        XA = tl.load(anc + xoff, mask=m, other=0.0)
+        N -= tl.dot(TKa, tl.trans(XA), input_precision=PREC)
+        D0 = X0 - XA
+    else:
+        D0 = X0
     dXe_all = tl.load(dg + xoff, mask=m, other=0.0)
     dXe = tl.where(learn[:, None], dXe_all, 0.0)
     dN = mm(kappa[:, None] * k, tl.trans(dXe), PREC, LOWP)
     dKt = mm(N, dXe, PREC, LOWP)
-    dgamma_end += tl.sum(tl.sum(X0 * dXe, 1), 0)
+    dgamma_end += tl.sum(tl.sum(D0 * dXe, 1), 0)
     dY = tl.dot(tl.trans(Tm), dN, input_precision=PREC)
     M += tl.dot(dN, tl.trans(N), input_precision=PREC)
-    dKd = -tl.dot(dY, X0, input_precision=PREC)
+    dKd = -tl.dot(dY, D0, input_precision=PREC)
     dk += kd_scale[:, None] * dKd + kappa[:, None] * dKt
     dks += tl.sum(dKd * k, 1)
     dkt += tl.sum(dKt * k, 1)
+    if ANCHOR:  # Kd X_0 + Ka X_A = Kd D_0 + Ke X_A with Ke = diag(eps eta) K
+        dKe = -tl.dot(dY, XA, input_precision=PREC)
+        dk += (eps * eta)[:, None] * dKe
+        deta += eps * tl.sum(dKe * k, 1)
+        dXA = (1.0 - gamma_end) * dXe - tl.dot(tl.trans(dY), ka_scale[:, None] * k, input_precision=PREC)
+        tl.store(danc + xoff, tl.load(danc + xoff, mask=m, other=0.0) + dXA, mask=m)
     dX0 = gamma_end * dXe - tl.dot(tl.trans(dY), kd_scale[:, None] * k, input_precision=PREC) + (dXe_all - dXe)
     deta -= tl.sum(dY * UXt, 1)
     edY = eta[:, None] * dY
@@ -654,16 +737,17 @@ def _gen_tile_bwd(gc, g0, dg, acc, rloc, mr, learn, er, d, k, U, eta, Tm, TKd, k
 
 @triton.jit
 def _gen_bwd_kernel(
-    a_ptr, valid_ptr, gc_in_ptr, g_ptr, tmat_ptr, b_eta_ptr, b_alpha_ptr,
-    dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, dg_ptr, acc_ptr, da_ptr, dbias_ptr,
-    T, H, d, C, CA, pos, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot, dg_bh,
+    a_ptr, valid_ptr, gc_in_ptr, g_ptr, anc_ptr, tmat_ptr, b_eta_ptr, b_alpha_ptr,
+    dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, dg_ptr, acc_ptr, danc_ptr, da_ptr, dbias_ptr,
+    T, H, d, C, CA, pos, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot, dg_bh, anc_h,
     BC: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, OBJ_L2: tl.constexpr,
     AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr,
-    HAS_MASK: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    HAS_MASK: tl.constexpr, VNORM: tl.constexpr, ANCHOR: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """B4: the generating scan in reverse. dk..dla hold the main memory's gradients of every token's k, v, eta, lg
     and la (from B3); dg holds dG_end on entry and dG_0 on return; acc holds the cotangent of the final chunk-start G
-    on entry and dG_c of the call's input chunk start on return. Writes da and (db_eta, db_alpha) per program."""
+    on entry and dG_c of the call's input chunk start on return; danc (ANCHOR, zeros on entry, dg_bh apart) gets the
+    gradient of the retention anchor G_0. Writes da and (db_eta, db_alpha) per program."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -678,6 +762,8 @@ def _gen_bwd_kernel(
     g_base = g_ptr + bh * g_bh
     dg = dg_ptr + bh * dg_bh
     acc = acc_ptr + bh * dg_bh
+    anc = anc_ptr + h * anc_h
+    danc = danc_ptr + bh * dg_bh
     r_sq = tl.arange(0, BR)
     r_ea = tl.arange(0, 16)
     learn_ea = ((r_ea == 0) & AD_E) | ((r_ea == 1) & AD_A)
@@ -700,15 +786,20 @@ def _gen_bwd_kernel(
         else:
             gc = g_base + slot * g_slot
         g0 = g_base + n * g_slot
-        k, v, eta, la, _k_raw, nrm, sig_eta, pre_alpha = _gen_reads(
+        k, v, eta, la, _k_raw, nrm, sig_eta, pre_alpha, vnrm = _gen_reads(
             tl.load(a_ptr + a_off, mask=m2, other=0.0).to(tl.float32), valid, gc, b_eta, b_alpha, eta_max, resid, d,
-            offs_d, md, PREC, LOWP)
+            offs_d, md, PREC, LOWP, VNORM)
         lg = tl.cumsum(la, 0)
         lg_end = tl.sum(la, 0)
         kd_scale = eps * eta * tl.exp(lg - la)
+        ka_scale = eps * eta - kd_scale
         kappa = tl.exp(lg_end - lg)
         Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
         TKd = tl.dot(Tm, kd_scale[:, None] * k, input_precision=PREC)
+        if ANCHOR:
+            TKa = tl.dot(Tm, ka_scale[:, None] * k, input_precision=PREC)
+        else:
+            TKa = TKd
         gamma_end = tl.exp(lg_end)
         if OBJ_L2:
             U = k - v
@@ -729,12 +820,13 @@ def _gen_bwd_kernel(
                     rloc = rt * BR + r_sq
                     mr = rloc < d
                     dk, dU, deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
-                        gc + blk * d * d, g0 + blk * d * d, dg + blk * d * d, acc + blk * d * d, rloc, mr, mr, resid,
-                        d, k, U, eta, Tm, TKd, kd_scale, kappa, gamma_end, offs_d, md, dk, dU, deta, dks, dkt,
-                        dgamma_end, M, PREC, LOWP)
+                        gc + blk * d * d, g0 + blk * d * d, dg + blk * d * d, acc + blk * d * d, anc + blk * d * d,
+                        danc + blk * d * d, rloc, mr, mr, resid, d, k, U, eta, Tm, TKd, TKa, kd_scale, ka_scale,
+                        kappa, gamma_end, eps, offs_d, md, dk, dU, deta, dks, dkt, dgamma_end, M, ANCHOR, PREC, LOWP)
         dk, dU, deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
-            gc + 2 * d * d, g0 + 2 * d * d, dg + 2 * d * d, acc + 2 * d * d, r_ea, r_ea < 2, learn_ea, 0.0, d, k, U,
-            eta, Tm, TKd, kd_scale, kappa, gamma_end, offs_d, md, dk, dU, deta, dks, dkt, dgamma_end, M, PREC, LOWP)
+            gc + 2 * d * d, g0 + 2 * d * d, dg + 2 * d * d, acc + 2 * d * d, anc + 2 * d * d, danc + 2 * d * d, r_ea,
+            r_ea < 2, learn_ea, 0.0, d, k, U, eta, Tm, TKd, TKa, kd_scale, ka_scale, kappa, gamma_end, eps, offs_d, md,
+            dk, dU, deta, dks, dkt, dgamma_end, M, ANCHOR, PREC, LOWP)
         # T = (I + A)^-1: dA = -Tᵀ (Σ dX Xᵀ) for every product X = T Y
         before = offs_c[None, :] < offs_c[:, None]
         dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
@@ -748,6 +840,9 @@ def _gen_bwd_kernel(
         if OBJ_L2:
             dk += dU
         dv = tl.load(dv_ptr + out, mask=m2, other=0.0) - dU
+        if VNORM:  # v = v_raw / ||v_raw||: dv_raw = (dv - (v . dv) v) / ||v_raw||
+            vn = tl.maximum(vnrm, 1e-12)
+            dv = dv / vn[:, None] - tl.where(vnrm > 1e-12, tl.sum(v * dv, 1) / vn, 0.0)[:, None] * v
         # la = logsigmoid(pre_alpha) valid: dla_s += Σ_{t >= s} dlg_t
         dla += tl.sum(dlg, 0) - tl.cumsum(dlg, 0) + dlg
         dpre_alpha = dla * valid * sigmoid(-pre_alpha)
@@ -789,22 +884,34 @@ def _gen_bwd_kernel(
 # ---------------------------------------------------------------------------------------------- python
 
 
-def _config(d: int, chunk_size: int, adaptive_chunk_size: int, position: int, eta_max: float, dgd: bool,
-            objective: str, memory_target: str, memory_residual: bool, adaptive: Sequence[str]) -> dict:
+def _config(d: int, chunk_size: int, adaptive_chunk_size: Optional[int], position: int, eta_max: float, dgd: bool,
+            objective: str, memory_target: str, memory_residual: bool, memory_value_norm: bool,
+            memory_retention: str, adaptive: Sequence[str], memory_curvature_guard: bool = False) -> dict:
+    """The kernels' launch constants; the flag values are checked by the reference's own `_config`."""
+    ref = reference_config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual,
+                           memory_value_norm, memory_retention, memory_curvature_guard)
     rows = adaptive_row_mask(adaptive, d)
     D, BC = block_sizes(d, chunk_size)
-    return dict(C=chunk_size, CA=adaptive_chunk_size, pos=position, shift=position % chunk_size,
+    return dict(C=chunk_size, CA=ref["adaptive_chunk_size"], pos=position, shift=position % chunk_size,
                 eta_max=float(eta_max), eps=1.0 if dgd else 0.0, resid=1.0 if memory_residual else 0.0,
-                OBJ_L2=objective == "l2", VALUE=memory_target == "value",
+                OBJ_L2=objective == "l2", VALUE=memory_target == "value", VNORM=ref["value_norm"],
+                ANCHOR=ref["anchored"], GUARD=ref["curvature_guard"],
                 ad=(bool(rows[d]), bool(rows[2 * d]), bool(rows[3 * d]), bool(rows[3 * d + 1])),
                 D=D, BC=BC, BR=min(D, 64))
 
 
-def generating_forward(a: Tensor, valid: Optional[Tensor], gc_in: Tensor, g: Tensor, b_eta: Tensor, b_alpha: Tensor,
-                       cfg: dict, nseg: int, lowp: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _anchor_arg(anchor: Optional[Tensor], fallback: Tensor) -> tuple[Tensor, int]:
+    """(pointer tensor, per-head stride) of an (H, rows, d) anchor view; a dummy pointer without an anchor."""
+    return (fallback, 0) if anchor is None else (anchor, anchor.stride(0))
+
+
+def generating_forward(a: Tensor, valid: Optional[Tensor], gc_in: Tensor, g: Tensor, anchor: Optional[Tensor],
+                       b_eta: Tensor, b_alpha: Tensor, cfg: dict, nseg: int,
+                       lowp: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Run K1. a: (B, T, H, d) contiguous; gc_in: (BH, *, d) view whose rows 0.. are the input chunk-start G;
-    g: (BH, nseg+1, *, d) view whose rows 0.. are G (slot 0 filled with the start state). Returns k, v (BH, T, d),
-    eta, lg (BH, T) and T (BH, nseg, BC, BC), all fp32."""
+    g: (BH, nseg+1, *, d) view whose rows 0.. are G (slot 0 filled with the start state); anchor: (H, *, d) fp32
+    view whose rows 0.. are the retention anchor G_0, or None (retention toward 0). Returns k, v (BH, T, d), eta,
+    lg (BH, T) and T (BH, nseg, BC, BC), all fp32."""
     B, T, H, d = a.shape
     BC, dev, f32 = cfg["BC"], a.device, torch.float32
     k = torch.empty(B * H, T, d, device=dev, dtype=f32)
@@ -812,13 +919,14 @@ def generating_forward(a: Tensor, valid: Optional[Tensor], gc_in: Tensor, g: Ten
     eta = torch.empty(B * H, T, device=dev, dtype=f32)
     lg = torch.empty_like(eta)
     tmat = torch.empty(B * H, nseg, BC, BC, device=dev, dtype=f32)
+    anc, anc_h = _anchor_arg(anchor, gc_in)
     launch(_gen_fwd_kernel, (B * H,),
-           a, valid if valid is not None else a, gc_in, g, k, v, eta, lg, tmat, b_eta, b_alpha,
+           a, valid if valid is not None else a, gc_in, g, anc, k, v, eta, lg, tmat, b_eta, b_alpha,
            T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg, cfg["eta_max"], cfg["eps"], cfg["resid"],
-           gc_in.stride(0), g.stride(0), g.stride(1),
+           gc_in.stride(0), g.stride(0), g.stride(1), anc_h,
            BC=BC, D=cfg["D"], BR=cfg["BR"], OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0], AD_V=cfg["ad"][1],
-           AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, PREC=dot_precision(), LOWP=lowp,
-           **launch_options("serial", cfg["D"]))
+           AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, VNORM=cfg["VNORM"],
+           ANCHOR=anchor is not None, PREC=dot_precision(), LOWP=lowp, **launch_options("serial", cfg["D"]))
     return k, v, eta, lg, tmat
 
 
@@ -834,7 +942,7 @@ def _chunk_start_slots(T: int, cfg: dict, nseg: int) -> tuple[Optional[int], Opt
     return slot(C), slot(CA)
 
 
-def _forward(q, a, zc, z, b_eta, b_alpha, valid, cfg, save: bool):
+def _forward(q, a, zc, z, anchor, b_eta, b_alpha, valid, cfg, save: bool):
     B, T, H, d = q.shape
     R = memory_rows(d)
     C, BC, D = cfg["C"], cfg["BC"], cfg["D"]
@@ -846,21 +954,26 @@ def _forward(q, a, zc, z, b_eta, b_alpha, valid, cfg, save: bool):
     zbuf = torch.empty(B * H, nseg + 1, R, d, device=dev, dtype=f32)
     zbuf[:, 0] = z.reshape(B * H, R, d)
     zc = zc.reshape(B * H, R, d).contiguous()
-    k, v, eta, lg, tmat = generating_forward(a, valid, zc[:, d:], zbuf[:, :, d:], b_eta, b_alpha, cfg, nseg, lowp)
+    k, v, eta, lg, tmat = generating_forward(a, valid, zc[:, d:], zbuf[:, :, d:],
+                                             None if anchor is None else anchor[:, d:], b_eta, b_alpha, cfg, nseg,
+                                             lowp)
+    anc, anc_h = _anchor_arg(anchor, zc)
+    ANCHOR = anchor is not None
     wp = torch.empty_like(k)
     up = torch.empty_like(k)
     launch(_main_prep_kernel, (nseg, B * H),
-           k, v, eta, lg, tmat, zc, wp, up, T, C, cfg["shift"], nseg, d, cfg["eps"], cfg["resid"], zc.stride(0),
-           BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=prec, LOWP=lowp, **launch_options("tile", D))
+           k, v, eta, lg, tmat, zc, anc, wp, up, T, H, C, cfg["shift"], nseg, d, cfg["eps"], cfg["resid"],
+           zc.stride(0), anc_h, BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], ANCHOR=ANCHOR, PREC=prec,
+           LOWP=lowp, **launch_options("tile", D))
     vn = torch.empty_like(k)
     nv = triton.cdiv(d, BV)
     launch(_main_state_fwd_kernel, (B * H, nv),
-           k, lg, wp, up, zbuf, vn, T, C, cfg["shift"], nseg, d, zbuf.stride(0), zbuf.stride(1),
-           BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, **launch_options("tile", D))
+           k, lg, wp, up, zbuf, anc, vn, T, H, C, cfg["shift"], nseg, d, zbuf.stride(0), zbuf.stride(1), anc_h,
+           BC=BC, D=D, BV=BV, ANCHOR=ANCHOR, PREC=prec, LOWP=lowp, **launch_options("tile", D))
     o = torch.empty_like(q)
     launch(_main_out_fwd_kernel, (nseg, B * H, nv),
-           q, k, lg, vn, zbuf, o, T, H, C, cfg["shift"], d, zbuf.stride(0), zbuf.stride(1), cfg["resid"],
-           BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, **launch_options("tile", D))
+           q, k, lg, vn, zbuf, anc, o, T, H, C, cfg["shift"], d, zbuf.stride(0), zbuf.stride(1), anc_h, cfg["resid"],
+           BC=BC, D=D, BV=BV, ANCHOR=ANCHOR, PREC=prec, LOWP=lowp, **launch_options("tile", D))
     z_end = zbuf[:, nseg]
     w_slot, g_slot = _chunk_start_slots(T, cfg, nseg)
     zc_end = torch.cat([zc[:, :d] if w_slot is None else zbuf[:, w_slot, :d],
@@ -875,25 +988,29 @@ def _gen_bwd_rows(D: int, lowp: bool) -> int:
     return min(D, 64) if D <= 64 else (32 if lowp else 16)
 
 
-def generating_backward(a, valid, gc_in, g, tmat, b_eta, b_alpha, dk, dv, deta, dlg, dla, dg, acc, cfg, nseg, lowp):
+def generating_backward(a, valid, gc_in, g, anchor, tmat, b_eta, b_alpha, dk, dv, deta, dlg, dla, dg, acc, cfg,
+                        nseg, lowp):
     """Run B4. dk..dla: the main memory's gradients of k, v (BH, T, d), eta, lg, la (BH, T); dg (BH, 2d+2, d): dG_end
-    in, dG_0 out; acc (BH, 2d+2, d): the final chunk-start cotangent in, dG_c of the input chunk start out.
-    Returns da (B, T, H, d) in a's dtype and (db_eta, db_alpha) (BH, 2)."""
+    in, dG_0 out; acc (BH, 2d+2, d): the final chunk-start cotangent in, dG_c of the input chunk start out; anchor:
+    as `generating_forward`. Returns da (B, T, H, d) in a's dtype, (db_eta, db_alpha) (BH, 2) and the anchor's
+    gradient (BH, 2d+2, d) (None without an anchor)."""
     B, T, H, d = a.shape
     da = torch.empty_like(a)
     dbias = torch.empty(B * H, 2, device=a.device, dtype=torch.float32)
+    danc = None if anchor is None else torch.zeros_like(dg)
+    anc, anc_h = _anchor_arg(anchor, gc_in)
     launch(_gen_bwd_kernel, (B * H,),
-           a, valid if valid is not None else a, gc_in, g, tmat, b_eta, b_alpha, dk, dv, deta, dlg, dla, dg, acc,
-           da, dbias, T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg, cfg["eta_max"], cfg["eps"],
-           cfg["resid"], gc_in.stride(0), g.stride(0), g.stride(1), dg.stride(0),
+           a, valid if valid is not None else a, gc_in, g, anc, tmat, b_eta, b_alpha, dk, dv, deta, dlg, dla, dg, acc,
+           dg if danc is None else danc, da, dbias, T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg,
+           cfg["eta_max"], cfg["eps"], cfg["resid"], gc_in.stride(0), g.stride(0), g.stride(1), dg.stride(0), anc_h,
            BC=cfg["BC"], D=cfg["D"], BR=_gen_bwd_rows(cfg["D"], lowp), OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0],
-           AD_V=cfg["ad"][1], AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, PREC=dot_precision(),
-           LOWP=lowp, **launch_options("serial", cfg["D"]))
-    return da, dbias
+           AD_V=cfg["ad"][1], AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, VNORM=cfg["VNORM"],
+           ANCHOR=anchor is not None, PREC=dot_precision(), LOWP=lowp, **launch_options("serial", cfg["D"]))
+    return da, dbias, danc
 
 
-def _backward(q, a, valid, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf, zc, do, dzc_end, dz_end, cfg,
-              nseg):
+def _backward(q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf, zc, do, dzc_end, dz_end,
+              cfg, nseg):
     B, T, H, d = q.shape
     R = memory_rows(d)
     BC, D = cfg["BC"], cfg["D"]
@@ -907,6 +1024,8 @@ def _backward(q, a, valid, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf
     w_slot, g_slot = _chunk_start_slots(T, cfg, nseg)
     nv = triton.cdiv(d, BV)
     shift = cfg["shift"]
+    anc, anc_h = _anchor_arg(anchor, zc)
+    ANCHOR = anchor is not None
     # main memory: dv_new from the reads, then W's state in reverse, then the per-segment gradients
     dvn = torch.empty_like(k)
     launch(_main_dv_bwd_kernel, (nseg, B * H, nv), q, k, lg, do, dvn, T, H, cfg["C"], shift, d,
@@ -926,12 +1045,13 @@ def _backward(q, a, valid, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf
     dwc = torch.empty(B * H, d, d, device=dev, dtype=f32)
     dwp = torch.empty_like(k)
     launch(_main_chunk_bwd_kernel, (nseg, B * H),
-           q, k, lg, vn, dvn, do, zbuf, dwbuf, dq, dk, dlg, dwp, T, H, cfg["C"], shift, nseg, d, zbuf.stride(0),
-           zbuf.stride(1), cfg["resid"], BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, **launch_options("tile", D))
+           q, k, lg, vn, dvn, do, zbuf, anc, dwbuf, dq, dk, dlg, dwp, T, H, cfg["C"], shift, nseg, d, zbuf.stride(0),
+           zbuf.stride(1), anc_h, cfg["resid"], BC=BC, D=D, BV=BV, ANCHOR=ANCHOR, PREC=prec, LOWP=lowp,
+           **launch_options("tile", D))
     launch(_main_wy_bwd_kernel, (nseg, B * H),
-           k, v, eta, lg, tmat, wp, up, dvn, dwp, zc, dk, dv, deta, dlg, dla, dwc, T, cfg["C"], shift, nseg, d,
-           zc.stride(0), cfg["eps"], cfg["resid"], BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=prec,
-           LOWP=lowp, **launch_options("tile", D))
+           k, v, eta, lg, tmat, wp, up, dvn, dwp, zc, anc, dk, dv, deta, dlg, dla, dwc, dwbuf, T, H, cfg["C"], shift,
+           nseg, d, zc.stride(0), anc_h, cfg["eps"], cfg["resid"], BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"],
+           VALUE=cfg["VALUE"], ANCHOR=ANCHOR, PREC=prec, LOWP=lowp, **launch_options("tile", D))
     # the generating rows, in reverse
     dg = dz_end[:, d:].contiguous()
     if g_slot == nseg:
@@ -939,39 +1059,44 @@ def _backward(q, a, valid, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf
         acc = torch.zeros_like(dg)
     else:
         acc = dzc_end[:, d:].contiguous()
-    da, dbias = generating_backward(a, valid, zc[:, d:], zbuf[:, :, d:], tmat, b_eta.detach().float().contiguous(),
-                                    b_alpha.detach().float().contiguous(), dk, dv, deta, dlg, dla, dg, acc, cfg,
-                                    nseg, lowp)
+    da, dbias, dganc = generating_backward(a, valid, zc[:, d:], zbuf[:, :, d:],
+                                           None if anchor is None else anchor[:, d:], tmat,
+                                           b_eta.detach().float().contiguous(), b_alpha.detach().float().contiguous(),
+                                           dk, dv, deta, dlg, dla, dg, acc, cfg, nseg, lowp)
     if w_slot is None:
         dwc += dzc_end[:, :d]
     dzc = torch.cat([dwc, acc], dim=1).reshape(B, H, R, d)
     dz = torch.cat([dw0, dg], dim=1).reshape(B, H, R, d)
     dbias = dbias.reshape(B, H, 2).sum(0)
-    return dq, da, dzc, dz, dbias[:, 0], dbias[:, 1]
+    danchor = None
+    if anchor is not None:  # dwbuf's slots hold the segments' parts of dW_A (B3, B3'); B4 gave G_0's
+        danchor = torch.cat([dwbuf.sum(1), dganc], dim=1).reshape(B, H, R, d).sum(0)
+    return dq, da, dzc, dz, danchor, dbias[:, 0], dbias[:, 1]
 
 
 class _TitansChunkFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, a, zc, z, b_eta, b_alpha, valid, cfg):
-        o, zc_end, z_end, saved, nseg = _forward(q, a, zc.detach().float(), z.detach().float(),
+    def forward(ctx, q, a, zc, z, anchor, b_eta, b_alpha, valid, cfg):
+        anchor32 = None if anchor is None else anchor.detach().float().contiguous()
+        o, zc_end, z_end, saved, nseg = _forward(q, a, zc.detach().float(), z.detach().float(), anchor32,
                                                  b_eta.detach().float().contiguous(),
                                                  b_alpha.detach().float().contiguous(), valid, cfg,
                                                  save=any(ctx.needs_input_grad))
         if saved is not None:
-            ctx.save_for_backward(q, a, valid, b_eta, b_alpha, *saved)
+            ctx.save_for_backward(q, a, valid, anchor32, b_eta, b_alpha, *saved)
         ctx.cfg, ctx.nseg = cfg, nseg
-        ctx.dtypes = (q.dtype, a.dtype, zc.dtype, z.dtype, b_eta.dtype, b_alpha.dtype)
+        ctx.dtypes = (q.dtype, a.dtype, zc.dtype, z.dtype, None if anchor is None else anchor.dtype, b_eta.dtype,
+                      b_alpha.dtype)
         return o, zc_end, z_end
 
     @staticmethod
     def backward(ctx, do, dzc_end, dz_end):
-        q, a, valid, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf, zc = ctx.saved_tensors
+        q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf, zc = ctx.saved_tensors
         cfg, nseg = ctx.cfg, ctx.nseg
-        dq, da, dzc, dz, db_eta, db_alpha = _backward(q, a, valid, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn,
-                                                      zbuf, zc, do, dzc_end, dz_end, cfg, nseg)
-        dt = ctx.dtypes
-        return (dq.to(dt[0]), da.to(dt[1]), dzc.to(dt[2]), dz.to(dt[3]), db_eta.to(dt[4]), db_alpha.to(dt[5]),
-                None, None)
+        grads = _backward(q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf, zc, do, dzc_end,
+                          dz_end, cfg, nseg)
+        out = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        return (*out, None, None)
 
 
 def titans_memory_triton(
@@ -990,13 +1115,16 @@ def titans_memory_triton(
     objective: str = "l2",
     memory_target: str = "self",
     memory_residual: bool = True,
+    memory_value_norm: bool = True,
+    memory_retention: str = "init",
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[TitansState] = None,
     output_final_state: bool = False,
 ) -> tuple[Tensor, Optional[TitansState]]:
     """Chunked self-modifying Titans memory on Triton; shapes and semantics as `titans_memory_reference`
-    (momentum=False only). Differentiable in q, a, z0, b_eta, b_alpha and the tensors of `state`."""
+    (momentum=False only). Differentiable in q, a, z0 (initial state and retention anchor), b_eta, b_alpha and the
+    tensors of `state`."""
     check_memory_inputs(q, a, z0, b_eta, b_alpha, momentum_logit, chunk_size=chunk_size,
                         adaptive_chunk_size=adaptive_chunk_size, eta_max=eta_max, momentum=momentum,
                         objective=objective, memory_target=memory_target, adaptive=adaptive, mask=mask)
@@ -1010,12 +1138,13 @@ def titans_memory_triton(
     else:
         check_state(state, dict(z_chunk=(B, H, R, d), z=(B, H, R, d), s=(B, H, R, d)), momentum)
         zc, z, position = state.z_chunk, state.z, int(state.position)
-    cfg = _config(d, chunk_size, resolve_adaptive_chunk_size(chunk_size, adaptive_chunk_size), position, eta_max,
-                  dgd, objective, memory_target, memory_residual, adaptive)
+    cfg = _config(d, chunk_size, adaptive_chunk_size, position, eta_max, dgd, objective, memory_target,
+                  memory_residual, memory_value_norm, memory_retention, adaptive)
     valid = None if mask is None else mask.detach().to(device=q.device, dtype=torch.float32).contiguous()
     if T == 0:
         o = q.new_zeros(q.shape)
         final = TitansState(zc.float().clone(), z.float().clone(), None, position) if output_final_state else None
         return o, final
-    o, zc_end, z_end = _TitansChunkFn.apply(q.contiguous(), a.contiguous(), zc, z, b_eta, b_alpha, valid, cfg)
+    anchor = z0 if cfg["ANCHOR"] else None
+    o, zc_end, z_end = _TitansChunkFn.apply(q.contiguous(), a.contiguous(), zc, z, anchor, b_eta, b_alpha, valid, cfg)
     return o, (TitansState(zc_end, z_end, None, position + T) if output_final_state else None)

@@ -3,6 +3,11 @@ reference: outputs, every tensor of the final state and every gradient within 1e
 
 Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py), so the
 shapes are tiny, with one case at d = h = 64, C = 64. Fresh random inputs on every run; HOPE_TEST_SEED replays.
+
+The rule flags: most cases run the model's defaults (unit values, retention toward (G_0, W1_0, W2_0), which makes
+z0, w1_0 and w2_0 retention anchors with gradients of their own, and the curvature guard, which binds on some
+tokens at d = 16 and on all at d = 64 with these inputs; `test_curvature_guard_binds` makes sure it binds);
+LITERAL is the rule as printed, and each flag is also flipped alone.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from hope_kernels.deep_titans import (  # noqa: E402
     titans_deep_memory_reference,
 )
 from hope_kernels.deep_titans.chunk import titans_deep_memory_triton  # noqa: E402
+from hope_kernels.deep_titans.reference import curvature_scale  # noqa: E402
 
 F64, F32 = torch.float64, torch.float32
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,20 +37,21 @@ TOL = 1e-4
 RUN_SEED = int(os.environ.get("HOPE_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
 INPUTS = ("q", "a", "w1_0", "w2_0", "z0", "b_eta", "b_alpha")
 STATE = ("z_chunk", "z", "w1_chunk", "w1", "w2_chunk", "w2")
+LITERAL = dict(memory_value_norm=False, memory_retention="zero", memory_curvature_guard=False)
 
 
 def _seed(*params) -> int:
     return (RUN_SEED + zlib.crc32(repr(params).encode())) % (2**31)
 
 
-def make_case(seed, B, T, H, d, h, *, position=None, mask=None):
+def make_case(seed, B, T, H, d, h, *, position=None, mask=None, w2_scale=0.5):
     g = torch.Generator().manual_seed(seed)
     G = adaptive_rows(d)
     x = {
         "q": F.normalize(torch.randn(B, T, H, d, generator=g, dtype=F64), dim=-1),
         "a": 0.25 * torch.randn(B, T, H, d, generator=g, dtype=F64),
         "w1_0": 0.5 * torch.randn(H, d, h, generator=g, dtype=F64) / math.sqrt(h),
-        "w2_0": 0.5 * torch.randn(H, h, d, generator=g, dtype=F64) / math.sqrt(d),
+        "w2_0": w2_scale * torch.randn(H, h, d, generator=g, dtype=F64) / math.sqrt(d),
         "z0": torch.randn(H, G, d, generator=g, dtype=F64) / math.sqrt(d),
         "b_eta": 0.5 * torch.randn(H, generator=g, dtype=F64),
         "b_alpha": 3.0 + 0.3 * torch.randn(H, generator=g, dtype=F64),
@@ -97,8 +104,8 @@ def flags(chunk_size=4, **kw):
     return dict(chunk_size=chunk_size, eta_max=0.9, **kw)
 
 
-def check_case(seed, B, T, H, d, h, kw, *, position=None, mask=None, grad=True):
-    inputs, m, cots = make_case(seed, B, T, H, d, h, position=position, mask=mask)
+def check_case(seed, B, T, H, d, h, kw, *, position=None, mask=None, grad=True, w2_scale=0.5):
+    inputs, m, cots = make_case(seed, B, T, H, d, h, position=position, mask=mask, w2_scale=w2_scale)
     inputs = {k: v.to(F32).to(F64) for k, v in inputs.items()}
     pos = position or 0
     o_ref, st_ref, g_ref = run(titans_deep_memory_reference, inputs, m, pos, kw, F64, grad, cots, "cpu")
@@ -125,10 +132,13 @@ CASES = [
     # flags, B, T, H, d, h, position, mask
     (dict(), 1, 11, 1, 8, 12, None, None),
     (dict(objective="dot", adaptive_chunk_size=8), 3, 13, 1, 8, 8, 3, "random"),
-    (dict(memory_target="value", dgd=False), 1, 10, 2, 8, 16, 4, "right"),
-    (dict(memory_target="value", objective="dot", memory_residual=False, adaptive=("v", "alpha")), 1, 9, 1, 16, 8,
-     6, "random"),
+    (dict(memory_target="value", dgd=False, **LITERAL), 1, 10, 2, 8, 16, 4, "right"),
+    (dict(memory_target="value", objective="dot", memory_residual=False, adaptive=("v", "alpha"),
+          memory_value_norm=False), 1, 9, 1, 16, 8, 6, "random"),
     (dict(adaptive=(), chunk_size=8), 2, 19, 1, 16, 16, None, "random"),
+    (dict(adaptive_chunk_size=8, memory_retention="zero"), 1, 13, 1, 16, 12, 5, "random"),
+    (dict(memory_curvature_guard=False), 1, 11, 1, 16, 16, 2, None),
+    (dict(adaptive_chunk_size=8, **LITERAL), 1, 13, 1, 16, 12, None, "random"),
 ]
 
 
@@ -138,9 +148,27 @@ def test_forward_backward(case):
     check_case(_seed("deep", case), B, T, H, d, h, flags(**kw), position=position, mask=mask)
 
 
-def test_real_size():
+@pytest.mark.parametrize("rule", [dict(), LITERAL], ids=["defaults", "literal"])
+def test_real_size(rule):
     """d = h = 64, C = 64: the presets' tile, two segments, the first mid-chunk."""
-    check_case(_seed("deep64"), 1, 70, 1, 64, 64, flags(chunk_size=64), position=40, mask="random")
+    check_case(_seed("deep64", rule), 1, 70, 1, 64, 64, flags(chunk_size=64, **rule), position=40, mask="random")
+
+
+def test_curvature_guard_binds():
+    """Inputs on which N_t > 1 at the first chunk start (so the guard scales the writes and its gradient path is
+    taken): the kernel follows the reference with and without the guard, and the guard changes the result."""
+    seed = _seed("guard")
+    x, _, _ = make_case(seed, 1, 9, 1, 16, 16, w2_scale=1.0)
+    d = x["q"].shape[-1]
+    k = F.normalize(x["a"][0, :, 0] + x["a"][0, :, 0] @ x["z0"][0, :d].transpose(0, 1), dim=-1)
+    scale = curvature_scale(k[:4] @ x["w2_0"][0].transpose(0, 1), x["w1_0"][0])
+    assert (scale < 1).any(), f"seed={seed}: the guard does not bind on these inputs ({scale})"
+    outs = []
+    for guard in (True, False):
+        check_case(seed, 1, 9, 1, 16, 16, flags(memory_curvature_guard=guard), w2_scale=1.0)
+        xs = [x[n].to(DEV, F32) for n in INPUTS]
+        outs.append(titans_deep_memory_triton(*xs, **flags(memory_curvature_guard=guard))[0])
+    assert rel_err(outs[0], outs[1]) > 1e-3
 
 
 def test_dispatcher_and_momentum():
@@ -162,6 +190,10 @@ def test_bad_input_raises():
         titans_deep_memory_triton(*(t.double() for t in x), **flags())
     with pytest.raises(ValueError, match="w2_0 must be"):
         titans_deep_memory_triton(*x[:3], x[3][:, :-1], *x[4:], **flags())
+    with pytest.raises(ValueError, match="memory_curvature_guard='yes'"):
+        titans_deep_memory_triton(*x, memory_curvature_guard="yes", **flags())
+    with pytest.raises(ValueError, match="memory_retention='both'"):
+        titans_deep_memory_triton(*x, memory_retention="both", **flags())
     big = make_case(_seed("bad", 1), 1, 2, 1, 8, 136)[0]
     with pytest.raises(ValueError, match="h=136"):
         titans_deep_memory_triton(*(big[n].to(DEV, F32) for n in INPUTS), **flags())

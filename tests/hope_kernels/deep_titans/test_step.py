@@ -21,6 +21,7 @@ from tests.hope_kernels.deep_titans.test_chunk import (  # noqa: E402
     F32,
     F64,
     INPUTS,
+    LITERAL,
     STATE,
     TOL,
     _seed,
@@ -47,8 +48,10 @@ def assert_states(st, ref, what=""):
 
 @pytest.mark.parametrize("kw,d,h", [
     (dict(), 8, 12),
-    (dict(objective="dot", memory_target="value", dgd=False, adaptive_chunk_size=8), 8, 8),
-    (dict(memory_residual=False, adaptive=("k", "alpha")), 24, 20),  # several row tiles, odd h
+    (dict(objective="dot", memory_target="value", dgd=False, adaptive_chunk_size=8, **LITERAL), 8, 8),
+    (dict(memory_residual=False, adaptive=("k", "alpha")), 24, 20),  # several row tiles, odd h; the guard binds
+    (dict(memory_retention="zero", memory_value_norm=False), 16, 16),
+    (dict(memory_curvature_guard=False), 24, 20),
 ])
 def test_step_matches_reference_step(kw, d, h):
     """Batch row 1 masked; positions inside a chunk, at a chunk's last token and at an adaptive chunk's last."""
@@ -70,7 +73,7 @@ def test_step_matches_reference_step(kw, d, h):
     assert torch.equal(st.w1[1].cpu(), x["w1"][1].to(F32))  # the masked row changed no memory
 
 
-@pytest.mark.parametrize("kw,prompt", [(dict(), 3), (dict(objective="dot", adaptive_chunk_size=8), 0)])
+@pytest.mark.parametrize("kw,prompt", [(dict(), 3), (dict(objective="dot", adaptive_chunk_size=8), 0), (LITERAL, 5)])
 def test_decode_equals_chunked_forward(kw, prompt):
     """A mid-chunk cached state, a prompt through the chunk kernel, then step by step over chunk boundaries."""
     kw = flags(**kw)

@@ -7,6 +7,10 @@ with HOPE_TITANS_DOT_PRECISION=ieee (set below), so that fp32 dots are fp32.
 
 Tolerance: ||kernel - ref|| / ||ref|| <= 1e-4 in fp32 for the output, the final state and every gradient (q, a, z0,
 b_eta, b_alpha, the initial state tensors).
+
+The rule flags memory_value_norm and memory_retention: most cases run the model's defaults (unit values,
+retention toward Z_0, so z0 is also the retention anchor and its gradient has that path too, even from a cached
+state); LITERAL is the rule as printed, and each flag is also flipped alone.
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ ALL = ("k", "v", "eta", "alpha")
 TOL = 1e-4
 RUN_SEED = int(os.environ.get("HOPE_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
 INPUTS = ("q", "a", "z0", "b_eta", "b_alpha")
+LITERAL = dict(memory_value_norm=False, memory_retention="zero")  # SPEC §2 v2 exactly as printed
+RAW_VALUES = dict(memory_value_norm=False)
+ZERO_RETENTION = dict(memory_retention="zero")
 
 
 def _seed(*params) -> int:
@@ -126,11 +133,11 @@ FWD_CASES = [
     (dict(), 1, 20, 1, 16, None, None),
     (dict(objective="dot"), 2, 21, 2, 16, 5, "random"),
     (dict(memory_target="value"), 3, 19, 1, 16, 13, "right"),
-    (dict(memory_target="value", objective="dot", memory_residual=False), 1, 21, 1, 16, 3, "random"),
+    (dict(memory_target="value", objective="dot", memory_residual=False, **LITERAL), 1, 21, 1, 16, 3, "random"),
     (dict(dgd=False, adaptive=("v", "alpha")), 1, 21, 1, 16, None, "random"),
-    (dict(adaptive=(), memory_residual=False), 2, 13, 1, 8, 6, None),
-    (dict(adaptive_chunk_size=16), 2, 37, 1, 24, 13, "random"),
-    (dict(chunk_size=4, adaptive_chunk_size=12, adaptive=("k", "eta")), 1, 29, 1, 8, 7, None),
+    (dict(adaptive=(), memory_residual=False, **RAW_VALUES), 2, 13, 1, 8, 6, None),
+    (dict(adaptive_chunk_size=16, **LITERAL), 2, 37, 1, 24, 13, "random"),
+    (dict(chunk_size=4, adaptive_chunk_size=12, adaptive=("k", "eta"), **ZERO_RETENTION), 1, 29, 1, 8, 7, None),
     (dict(chunk_size=1), 1, 9, 1, 8, 2, None),
     (dict(chunk_size=32), 1, 40, 1, 32, 30, "right"),
 ]
@@ -151,10 +158,11 @@ GRAD_CASES = [
     (dict(), 1, 20, 1, 16, None, None),
     (dict(objective="dot", adaptive_chunk_size=16), 3, 21, 2, 16, 5, "random"),
     (dict(memory_target="value"), 3, 19, 1, 16, 8, "right"),
-    (dict(memory_target="value", objective="dot", memory_residual=False), 1, 21, 1, 16, 3, "random"),
-    (dict(dgd=False, adaptive=("v", "alpha")), 1, 21, 1, 16, None, "random"),
-    (dict(adaptive=("k", "eta"), chunk_size=4, adaptive_chunk_size=12), 1, 29, 1, 8, 7, None),
+    (dict(memory_target="value", objective="dot", memory_residual=False, **LITERAL), 1, 21, 1, 16, 3, "random"),
+    (dict(dgd=False, adaptive=("v", "alpha"), **RAW_VALUES), 1, 21, 1, 16, None, "random"),
+    (dict(adaptive=("k", "eta"), chunk_size=4, adaptive_chunk_size=12, **ZERO_RETENTION), 1, 29, 1, 8, 7, None),
     (dict(adaptive=(), memory_residual=False), 1, 13, 1, 24, 11, "random"),
+    (dict(adaptive_chunk_size=16, **LITERAL), 1, 37, 1, 16, None, "right"),
 ]
 
 
@@ -164,10 +172,11 @@ def test_gradients(case):
     check_case(_seed("grad", case), B, T, H, d, flags(**kw), position=position, mask=mask)
 
 
-def test_real_size():
+@pytest.mark.parametrize("rule", [dict(), LITERAL], ids=["defaults", "literal"])
+def test_real_size(rule):
     """The presets' tile, d = 64, C = 64 (the interpreter never runs it otherwise): two segments, the first
     mid-chunk, every gradient."""
-    check_case(_seed("real"), 1, 70, 1, 64, flags(chunk_size=64), position=40, mask="random")
+    check_case(_seed("real", rule), 1, 70, 1, 64, flags(chunk_size=64, **rule), position=40, mask="random")
 
 
 # ----------------------------------------------------------------------------------------- 3. API details
@@ -243,6 +252,8 @@ def _good(d=16, T=5, dtype=F32):
         (lambda x: [x[0], x[1][:, :3]] + x[2:], {}, "shape of q"),
         (lambda x: x[:2] + [x[2][:, :-1]] + x[3:], {}, "z0 must be"),
         (lambda x: x, {"objective": "huber"}, "objective"),
+        (lambda x: x, {"memory_retention": "state"}, "memory_retention='state'"),
+        (lambda x: x, {"memory_value_norm": 1}, "memory_value_norm=1"),
     ],
 )
 def test_bad_input_raises(mutate, kw, match):

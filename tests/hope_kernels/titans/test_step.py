@@ -80,12 +80,14 @@ def flags(chunk_size=4, **kw):
 
 # ------------------------------------------------------------------------------- 1. step == reference step
 
+LITERAL = dict(memory_value_norm=False, memory_retention="zero")  # the rule as printed (defaults: both on)
 STEP_FLAGS = [
     dict(),
     dict(objective="dot", dgd=False),
-    dict(memory_target="value"),
-    dict(memory_target="value", objective="dot", memory_residual=False, adaptive=("v", "alpha")),
-    dict(adaptive=(), adaptive_chunk_size=8),
+    dict(memory_target="value", **LITERAL),
+    dict(memory_target="value", objective="dot", memory_residual=False, adaptive=("v", "alpha"),
+         memory_value_norm=False),
+    dict(adaptive=(), adaptive_chunk_size=8, memory_retention="zero"),
 ]
 
 
@@ -142,6 +144,7 @@ def test_step_half_inputs(dtype):
         (dict(), 5),
         (dict(objective="dot", memory_target="value", adaptive=("k", "alpha"), adaptive_chunk_size=8), 4),
         (dict(dgd=False, memory_residual=False), 0),
+        (LITERAL, 3),
     ],
 )
 def test_decode_equals_chunked_forward(kw, prompt):
