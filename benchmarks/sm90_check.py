@@ -60,7 +60,8 @@ def _patched(modules, recorder):
 
 
 def record(d: int, dtype: torch.dtype, B: int = 8, T: int = 4096, H: int = 16, C: int = 64) -> list:
-    """Every launch of the linear and deep ops' forward, backward and step at (B, T, H, d), chunk_size C."""
+    """Every launch of the linear and deep ops' forward, backward and step at (B, T, H, d), chunk_size C, with the
+    model's rule flags (unit values, retention toward the initial memories, the deep memory's curvature guard)."""
     from hope_kernels.deep_titans import chunk as deep_chunk, step as deep_step
     from hope_kernels.titans import chunk, step
     from hope_kernels.titans.reference import TitansState, memory_rows
@@ -75,17 +76,21 @@ def record(d: int, dtype: torch.dtype, B: int = 8, T: int = 4096, H: int = 16, C
         valid = torch.empty(B, T, **meta)
         kw = dict(chunk_size=C, eta_max=1.0)
         # linear op: forward with the tensors a backward needs, then the backward
-        cfg = chunk._config(d, C, C, 0, 1.0, True, "l2", "self", True, ("k", "v", "eta", "alpha"))
+        cfg = chunk._config(d, C, None, 0, 1.0, True, "l2", "self", True, True, "init", ("k", "v", "eta", "alpha"),
+                            True)
         z = torch.empty(B, H, R, d, **meta)
-        o, zc_end, z_end, saved_t, nseg = chunk._forward(q, q, z, z, be, ba, valid, cfg, save=True)
-        chunk._backward(q, q, valid, be, ba, *saved_t, q, zc_end, z_end, cfg, nseg)
+        anchor = torch.empty(H, R, d, **meta)
+        o, zc_end, z_end, saved_t, nseg = chunk._forward(q, q, z, z, anchor, be, ba, valid, cfg, save=True)
+        chunk._backward(q, q, valid, anchor, be, ba, *saved_t, q, zc_end, z_end, cfg, nseg)
         st = TitansState(z, z, None, 5)
         step.titans_memory_step_triton(q[:, 0], q[:, 0], torch.empty(H, R, d, **meta), be, ba, state=st, **kw)
         # deep op (h = d, the default memory_hidden)
         cfg = dict(cfg, HD=max(16, triton.next_power_of_2(h)))
         zg, w1, w2 = torch.empty(B, H, G, d, **meta), torch.empty(B, H, d, h, **meta), torch.empty(B, H, h, d, **meta)
-        o, finals, saved_t, nseg = deep_chunk._forward(q, q, w1, w1, w2, w2, zg, zg, be, ba, valid, cfg, save=True)
-        deep_chunk._backward(q, q, valid, be, ba, *saved_t, q, finals, cfg, nseg)
+        anchors = (zg[0], w1[0], w2[0])
+        o, finals, saved_t, nseg = deep_chunk._forward(q, q, w1, w1, w2, w2, zg, zg, anchors, be, ba, valid, cfg,
+                                                       save=True)
+        deep_chunk._backward(q, q, valid, anchors, be, ba, *saved_t, q, finals, cfg, nseg)
         from hope_kernels.deep_titans.reference import DeepTitansState
 
         dst = DeepTitansState(zg, zg, None, w1, w1, None, w2, w2, None, 5)

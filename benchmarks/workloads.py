@@ -304,15 +304,24 @@ def op_case(op: str, backend: str, shape: dict, mode: str, dtype: torch.dtype, d
 # The backward (B1 dv from the reads, B2 W's state, B3 the parallel chunk part incl. the T-chain of w', u', B4 the
 # generating scan, which recomputes the reads and T Kd and re-forms N per generating row):
 #   24 C d^2 + 34 C^2 d + 4 C^3 + G (16 C d + 6 C^2).
+# Retention toward the initial memories (memory_retention="init", the default) adds the anchor's terms: forward
+# T Ka (K1) 2 C^2 d, (T Ka) X_Aᵀ per generating row 2 C d, Ka W_Aᵀ (K1b) and Q W_Aᵀ (K3) 4 C d^2; backward B3's
+# dO W_A and dW_A 4 C d^2, B3''s dY W_A and dYᵀ Ka 4 C d^2, B4's T Ka 2 C^2 d and per generating row 6 C d:
+#   forward + 4 C d^2 + 2 C^2 d + 2 G C d,   backward + 8 C d^2 + 2 C^2 d + 6 G C d.
 
 
-def titans_flops(B: int, T: int, H: int, d: int, C: int, backward: bool = False) -> float:
-    """The v2 kernels' matmul FLOPs (the count above), per segment of C tokens."""
+def titans_flops(B: int, T: int, H: int, d: int, C: int, backward: bool = False, anchored: bool = True) -> float:
+    """The v2 kernels' matmul FLOPs (the count above), per segment of C tokens; `anchored`: retention toward the
+    initial memories (the model's default)."""
     nseg = math.ceil(T / C)
     G = 2 * d + 2
     per = 10 * C * d * d + 12 * C * C * d + C**4 / 8 + G * (6 * C * d + 2 * C * C)
+    if anchored:
+        per += 4 * C * d * d + 2 * C * C * d + 2 * G * C * d
     if backward:
         per += 24 * C * d * d + 34 * C * C * d + 4 * C**3 + G * (16 * C * d + 6 * C * C)
+        if anchored:
+            per += 8 * C * d * d + 2 * C * C * d + 6 * G * C * d
     return float(B * H * nseg * per)
 
 
@@ -361,17 +370,26 @@ def titans_step_bytes(B: int, H: int, d: int, C: int, elt: int = 2) -> float:
 #     (3 of C^2 h)                                                       20 C d h + 6 C^2 d + 6 C^2 h
 #   backward: the recomputation (16 C d h + 6 C^2 d + 6 C^2 h), then 20 C x d x h, 7 C^2 d, 6 C^2 h and Tᵀ M
 #                                                                        56 C d h + 20 C^2 d + 18 C^2 h + 2 C^3
+# Retention toward the initial memories (the default) adds, besides the generating scan's anchor terms (as the
+# linear op's: K1 2 C^2 d + 2 G C d, B4 2 C^2 d + 6 G C d), T Ka, (T Ka) W2_Aᵀ, Q W2_Aᵀ and hid W1_Aᵀ forward
+# (2 C^2 d + 6 C d h) and backward their recomputation and eight C x d x h products (2 C^2 d + 16 C d h).
+# The curvature guard is elementwise work only.
 
 
-def deep_titans_flops(B: int, T: int, H: int, d: int, h: int, C: int, backward: bool = False) -> float:
-    """The v2 deep kernels' matmul FLOPs (the count above), per segment of C tokens."""
+def deep_titans_flops(B: int, T: int, H: int, d: int, h: int, C: int, backward: bool = False,
+                      anchored: bool = True) -> float:
+    """The v2 deep kernels' matmul FLOPs (the count above), per segment of C tokens; `anchored` as `titans_flops`."""
     nseg = math.ceil(T / C)
     G = 2 * d + 2
     per = 4 * C * d * d + 4 * C * C * d + C**4 / 8 + G * (6 * C * d + 2 * C * C)
     per += 20 * C * d * h + 6 * C * C * d + 6 * C * C * h
+    if anchored:
+        per += 2 * C * C * d + 2 * G * C * d + 2 * C * C * d + 6 * C * d * h
     if backward:
         per += 12 * C * d * d + 8 * C * C * d + 2 * C**3 + G * (16 * C * d + 6 * C * C)
         per += 56 * C * d * h + 20 * C * C * d + 18 * C * C * h + 2 * C**3
+        if anchored:
+            per += 2 * C * C * d + 6 * G * C * d + 2 * C * C * d + 16 * C * d * h
     return float(B * H * nseg * per)
 
 

@@ -152,25 +152,27 @@ def _delta_coefficients(k, eta, la, eps, offs_c, PREC: tl.constexpr):
 
 
 @device_fn
-def _gen_tile_fwd(gc, g0, g1, anc, rloc, mr, learn, er, d, U, eta, Tm, TKd, TKa, Kt, gamma_end, offs_d, md,
-                  ANCHOR: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
-    """One row tile of G through a segment: Wr = -eta U (E + X_c)ᵀ, N = T Wr - (T Kd) X_0ᵀ [- (T Ka) X_Aᵀ],
-    X_end = gamma_L X_0 [+ (1 - gamma_L) X_A] + Nᵀ K~ (rows that do not learn keep X_0; the bracketed terms are
-    the retention anchor X_A of memory_retention="init"). gc, g0, g1, anc point at the tile's block in the
-    chunk-start, segment-start, segment-end and anchor states; rloc (BR,) are the rows within the block, er the
-    identity weight of the block (resid for square blocks, 0 for w_eta, w_alpha)."""
+def _gen_tile_fwd(gc, g0, g1, anc, rloc, mr, learn, er, d, k, EU, Tm, kd_scale, ka_scale, kappa, gamma_end, offs_d,
+                  md, ANCHOR: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+    """One row tile of G through a segment: Y = Wr - diag(kd) K X_0ᵀ [- diag(ka) K X_Aᵀ] with the writes
+    Wr = -eta U (E + X_c)ᵀ = EU (E + X_c)ᵀ, N = T Y (= T Wr - (T Kd) X_0ᵀ - (T Ka) X_Aᵀ),
+    X_end = gamma_L X_0 [+ (1 - gamma_L) X_A] + (diag(kappa) N)ᵀ K (rows that do not learn keep X_0; the bracketed
+    terms are the retention anchor X_A of memory_retention="init"). Only k, EU, T and vectors are shared by the
+    tiles (the row scalings are applied per tile), which keeps the scan's live set small. gc, g0, g1, anc point at
+    the tile's block in the chunk-start, segment-start, segment-end and anchor states; rloc (BR,) are the rows
+    within the block, er the identity weight of the block (resid for square blocks, 0 for w_eta, w_alpha)."""
     xoff = rloc[:, None] * d + offs_d[None, :]
     m = mr[:, None] & md[None, :]
     Xh = tl.load(gc + xoff, mask=m, other=0.0) + tl.where(m & (rloc[:, None] == offs_d[None, :]), er, 0.0)
-    Wr = -eta[:, None] * mm(U, tl.trans(Xh), PREC, LOWP)
     X0 = tl.load(g0 + xoff, mask=m, other=0.0)
-    N = tl.dot(Tm, Wr, input_precision=PREC) - tl.dot(TKd, tl.trans(X0), input_precision=PREC)
+    Y = mm(EU, tl.trans(Xh), PREC, LOWP) - kd_scale[:, None] * tl.dot(k, tl.trans(X0), input_precision=PREC)
     Xe = gamma_end * X0
     if ANCHOR:
         XA = tl.load(anc + xoff, mask=m, other=0.0)
-        N -= tl.dot(TKa, tl.trans(XA), input_precision=PREC)
+        Y -= ka_scale[:, None] * tl.dot(k, tl.trans(XA), input_precision=PREC)
         Xe += (1.0 - gamma_end) * XA
-    Xe += mm(tl.trans(N), Kt, PREC, LOWP)
+    N = tl.dot(Tm, Y, input_precision=PREC)
+    Xe += mm(tl.trans(kappa[:, None] * N), k, PREC, LOWP)
     tl.store(g1 + xoff, tl.where(learn[:, None], Xe, X0), mask=m)
 
 
@@ -224,31 +226,27 @@ def _gen_fwd_kernel(
         tl.store(eta_ptr + row, eta, mask=mt)
         tl.store(lg_ptr + row, lg, mask=mt)
         Tm = unit_lower_inverse(A, tmat_ptr + (bh * NSEG + n) * BC * BC, offs_c, BC, PREC)
-        TKd = tl.dot(Tm, kd_scale[:, None] * k, input_precision=PREC)
-        if ANCHOR:  # Ka = diag(eps eta_t (1 - gamma_{t-1})) K: the anchor's part of the DGD term eps eta_t X_{t-1} k_t
-            TKa = tl.dot(Tm, (eps * eta - kd_scale)[:, None] * k, input_precision=PREC)
-        else:
-            TKa = TKd
-        Kt = kt_scale[:, None] * k
+        ka_scale = eps * eta - kd_scale  # Ka = diag(eps eta_t (1 - gamma_{t-1})) K: the anchor's part of the DGD term
         gamma_end = tl.exp(lg_end)
         if OBJ_L2:
-            U = k - v
+            EU = -eta[:, None] * (k - v)
         else:
-            U = -v
+            EU = eta[:, None] * v
         for blk in tl.static_range(2):
             if (blk == 0 and AD_K) or (blk == 1 and AD_V):
                 for rt in tl.static_range(D // BR):
                     rloc = rt * BR + r_sq
                     mr = rloc < d
                     _gen_tile_fwd(gc + blk * d * d, g0 + blk * d * d, g1 + blk * d * d, anc + blk * d * d, rloc, mr,
-                                  mr, resid, d, U, eta, Tm, TKd, TKa, Kt, gamma_end, offs_d, md, ANCHOR, PREC, LOWP)
+                                  mr, resid, d, k, EU, Tm, kd_scale, ka_scale, kt_scale, gamma_end, offs_d, md, ANCHOR,
+                                  PREC, LOWP)
             else:
                 boff = offs_d[:, None] * d + offs_d[None, :]
                 bm = md[:, None] & md[None, :]
                 tl.store(g1 + blk * d * d + boff, tl.load(g0 + blk * d * d + boff, mask=bm, other=0.0), mask=bm)
         learn = ((r_ea == 0) & AD_E) | ((r_ea == 1) & AD_A)
         _gen_tile_fwd(gc + 2 * d * d, g0 + 2 * d * d, g1 + 2 * d * d, anc + 2 * d * d, r_ea, r_ea < 2, learn, 0.0,
-                      d, U, eta, Tm, TKd, TKa, Kt, gamma_end, offs_d, md, ANCHOR, PREC, LOWP)
+                      d, k, EU, Tm, kd_scale, ka_scale, kt_scale, gamma_end, offs_d, md, ANCHOR, PREC, LOWP)
         tl.debug_barrier()  # the next segment reads the state (and maybe its chunk start) stored here
 
 
@@ -689,29 +687,31 @@ def _main_wy_bwd_kernel(
 
 
 @device_fn
-def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, mr, learn, er, d, k, U, eta, Tm, TKd, TKa, kd_scale, ka_scale,
-                  kappa, gamma_end, eps, offs_d, md, dk, dU, deta, dks, dkt, dgamma_end, M, ANCHOR: tl.constexpr,
+def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, mr, learn, er, d, k, U, eta, Tm, kd_scale, ka_scale, kappa,
+                  gamma_end, eps, offs_d, md, dk, dU, deta, dks, dkt, dgamma_end, M, ANCHOR: tl.constexpr,
                   PREC: tl.constexpr, LOWP: tl.constexpr):
     """Backward of `_gen_tile_fwd` for one row tile: dg holds dX_end on entry and dX_0 on return (in place); acc
     (the chunk-start gradient) gets dX_c, danc (ANCHOR) the anchor's gradient. The tile's dKd and dK~ go straight
     into dk (scaled), keeping only their row sums with k (dks, dkt: the decay and eta terms), so that no (BC, D)
-    accumulator but dk and dU stays live. With the anchor X_A the decay terms see the deviation D_0 = X_0 - X_A
-    (X_end = X_A + gamma_L D_0 + ..., the DGD term eps eta_t (X_A + D_{t-1}) k_t)."""
+    accumulator but dk and dU stays live; the row scalings (kd, ka, kappa) are applied per tile, as in the forward.
+    With the anchor X_A the decay terms see the deviation D_0 = X_0 - X_A (X_end = X_A + gamma_L D_0 + ..., the
+    DGD term eps eta_t (X_A + D_{t-1}) k_t)."""
     xoff = rloc[:, None] * d + offs_d[None, :]
     m = mr[:, None] & md[None, :]
     Xh = tl.load(gc + xoff, mask=m, other=0.0) + tl.where(m & (rloc[:, None] == offs_d[None, :]), er, 0.0)
     UXt = mm(U, tl.trans(Xh), PREC, LOWP)
     X0 = tl.load(g0 + xoff, mask=m, other=0.0)
-    N = tl.dot(Tm, -eta[:, None] * UXt, input_precision=PREC) - tl.dot(TKd, tl.trans(X0), input_precision=PREC)
+    Y = -eta[:, None] * UXt - kd_scale[:, None] * tl.dot(k, tl.trans(X0), input_precision=PREC)
     if ANCHOR:
         XA = tl.load(anc + xoff, mask=m, other=0.0)
-        N -= tl.dot(TKa, tl.trans(XA), input_precision=PREC)
+        Y -= ka_scale[:, None] * tl.dot(k, tl.trans(XA), input_precision=PREC)
         D0 = X0 - XA
     else:
         D0 = X0
+    N = tl.dot(Tm, Y, input_precision=PREC)
     dXe_all = tl.load(dg + xoff, mask=m, other=0.0)
     dXe = tl.where(learn[:, None], dXe_all, 0.0)
-    dN = mm(kappa[:, None] * k, tl.trans(dXe), PREC, LOWP)
+    dN = kappa[:, None] * mm(k, tl.trans(dXe), PREC, LOWP)
     dKt = mm(N, dXe, PREC, LOWP)
     dgamma_end += tl.sum(tl.sum(D0 * dXe, 1), 0)
     dY = tl.dot(tl.trans(Tm), dN, input_precision=PREC)
@@ -724,9 +724,9 @@ def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, mr, learn, er, d, k, U, eta,
         dKe = -tl.dot(dY, XA, input_precision=PREC)
         dk += (eps * eta)[:, None] * dKe
         deta += eps * tl.sum(dKe * k, 1)
-        dXA = (1.0 - gamma_end) * dXe - tl.dot(tl.trans(dY), ka_scale[:, None] * k, input_precision=PREC)
+        dXA = (1.0 - gamma_end) * dXe - tl.dot(tl.trans(ka_scale[:, None] * dY), k, input_precision=PREC)
         tl.store(danc + xoff, tl.load(danc + xoff, mask=m, other=0.0) + dXA, mask=m)
-    dX0 = gamma_end * dXe - tl.dot(tl.trans(dY), kd_scale[:, None] * k, input_precision=PREC) + (dXe_all - dXe)
+    dX0 = gamma_end * dXe - tl.dot(tl.trans(kd_scale[:, None] * dY), k, input_precision=PREC) + (dXe_all - dXe)
     deta -= tl.sum(dY * UXt, 1)
     edY = eta[:, None] * dY
     dU -= mm(edY, Xh, PREC, LOWP)
@@ -795,11 +795,6 @@ def _gen_bwd_kernel(
         ka_scale = eps * eta - kd_scale
         kappa = tl.exp(lg_end - lg)
         Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
-        TKd = tl.dot(Tm, kd_scale[:, None] * k, input_precision=PREC)
-        if ANCHOR:
-            TKa = tl.dot(Tm, ka_scale[:, None] * k, input_precision=PREC)
-        else:
-            TKa = TKd
         gamma_end = tl.exp(lg_end)
         if OBJ_L2:
             U = k - v
@@ -821,12 +816,12 @@ def _gen_bwd_kernel(
                     mr = rloc < d
                     dk, dU, deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
                         gc + blk * d * d, g0 + blk * d * d, dg + blk * d * d, acc + blk * d * d, anc + blk * d * d,
-                        danc + blk * d * d, rloc, mr, mr, resid, d, k, U, eta, Tm, TKd, TKa, kd_scale, ka_scale,
-                        kappa, gamma_end, eps, offs_d, md, dk, dU, deta, dks, dkt, dgamma_end, M, ANCHOR, PREC, LOWP)
+                        danc + blk * d * d, rloc, mr, mr, resid, d, k, U, eta, Tm, kd_scale, ka_scale, kappa,
+                        gamma_end, eps, offs_d, md, dk, dU, deta, dks, dkt, dgamma_end, M, ANCHOR, PREC, LOWP)
         dk, dU, deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
             gc + 2 * d * d, g0 + 2 * d * d, dg + 2 * d * d, acc + 2 * d * d, anc + 2 * d * d, danc + 2 * d * d, r_ea,
-            r_ea < 2, learn_ea, 0.0, d, k, U, eta, Tm, TKd, TKa, kd_scale, ka_scale, kappa, gamma_end, eps, offs_d, md,
-            dk, dU, deta, dks, dkt, dgamma_end, M, ANCHOR, PREC, LOWP)
+            r_ea < 2, learn_ea, 0.0, d, k, U, eta, Tm, kd_scale, ka_scale, kappa, gamma_end, eps, offs_d, md, dk, dU,
+            deta, dks, dkt, dgamma_end, M, ANCHOR, PREC, LOWP)
         # T = (I + A)^-1: dA = -Tᵀ (Σ dX Xᵀ) for every product X = T Y
         before = offs_c[None, :] < offs_c[:, None]
         dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
