@@ -39,11 +39,13 @@ the split below is unchanged; its gradient is summed per segment (B3, B3', B4) a
     stays in registers; checkpoints go to memory), storing N^W = v_new; `_main_out_fwd_kernel` forms
         o_t = r q_t + W_A q_t + gamma_t (W_0 - W_A) q_t + Σ_{j<=t} (gamma_t/gamma_j) (k_j.q_t) n_j
     in parallel over (segment, batch, head, tile). The reference evaluates the same closed form
-    (`delta_rule_read`), so both agree to rounding.
+    (`delta_rule_read`), so both agree to rounding. The anchor's term of u', -T Ka W_Aᵀ, is added by
+    `_main_anchor_fwd_kernel` (parallel), which keeps `_main_prep_kernel` within its registers.
 (c) The backward mirrors it: `_main_dv_bwd_kernel` (dv_new from o, parallel), `_main_state_bwd_kernel` (dW over the
     segments in reverse, BV tiles, dW checkpoints), `_main_chunk_bwd_kernel` (dq, the k / lg parts of the reads and
     W's update, dw', parallel), `_main_wy_bwd_kernel` (through w', u' and T's A, parallel: dA = -Tᵀ Σ dX Xᵀ over
-    the products X = T Y), `_gen_bwd_kernel` (the reverse serial scan of G:
+    the products X = T Y), `_main_anchor_bwd_kernel` (B3a, parallel: every term of W's retention anchor, which
+    B3 and B3' leave out), `_gen_bwd_kernel` (the reverse serial scan of G:
     T is read back from the forward, G recomputed from its checkpoints). Memory: O(T/C (3d+2) d) checkpoints plus
     O(T d) per-token buffers and O(T C) for T, per (batch, head).
 
@@ -289,13 +291,12 @@ def _lg_before(lg_ptr, bh, T, start, offs_c, mt):
 
 @triton.jit
 def _main_prep_kernel(
-    k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, wc_ptr, anc_ptr, wp_ptr, up_ptr,
-    T, H, C, shift, NSEG, d, eps, resid, wc_bh, anc_h,
-    BC: tl.constexpr, D: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, ANCHOR: tl.constexpr,
-    PREC: tl.constexpr, LOWP: tl.constexpr,
+    k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, wc_ptr, wp_ptr, up_ptr,
+    T, C, shift, NSEG, d, eps, resid, wc_bh,
+    BC: tl.constexpr, D: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr,
 ):
-    """w', u' of one segment (parallel over segments): N^W = u' - w' h_0. With the retention anchor W_A
-    (ANCHOR) u' gains -T Ka W_Aᵀ, Ka = diag(eps eta_t (1 - gamma_{t-1})) K."""
+    """w', u' of one segment (parallel over segments): N^W = u' - w' h_0."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_c = tl.arange(0, BC)
@@ -310,15 +311,10 @@ def _main_prep_kernel(
     lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
     Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
     V0, P = _main_writes(k, v, eta, resid, OBJ_L2, VALUE)
-    kd_scale = eps * eta * tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt))
-    Kd = kd_scale[:, None] * k
-    boff = offs_d[:, None] * d + offs_d[None, :]
-    bm = md[:, None] & md[None, :]
-    if ANCHOR:
-        Wa = tl.load(anc_ptr + (bh % H) * anc_h + boff, mask=bm, other=0.0)
-        V0 -= mm((eps * eta - kd_scale)[:, None] * k, tl.trans(Wa), PREC, LOWP)
+    Kd = (eps * eta * tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt)))[:, None] * k
     if n == 0:  # the call's own chunk-start W_c (a cached state may sit mid-chunk)
-        Wc = tl.load(wc_ptr + bh * wc_bh + boff, mask=bm, other=0.0)
+        boff = offs_d[:, None] * d + offs_d[None, :]
+        Wc = tl.load(wc_ptr + bh * wc_bh + boff, mask=md[:, None] & md[None, :], other=0.0)
         up = tl.dot(Tm, V0 + mm(P, tl.trans(Wc), PREC, LOWP), input_precision=PREC)
         wp = tl.dot(Tm, Kd, input_precision=PREC)
     else:
@@ -328,6 +324,36 @@ def _main_prep_kernel(
     m2 = mt[:, None] & md[None, :]
     tl.store(up_ptr + out, up, mask=m2)
     tl.store(wp_ptr + out, wp, mask=m2)
+
+
+@triton.jit
+def _main_anchor_fwd_kernel(
+    k_ptr, eta_ptr, lg_ptr, tmat_ptr, anc_ptr, up_ptr,
+    T, H, C, shift, NSEG, d, eps, anc_h,
+    BC: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+):
+    """The retention anchor's term of u' (memory_retention="init"), parallel over (segment, batch-head):
+    u' -= T Ka W_Aᵀ, Ka = diag(eps eta_t (1 - gamma_{t-1})) K, the anchor's part of the DGD term eps eta_t W_{t-1} k_t.
+    Kept out of `_main_prep_kernel`, whose registers it would overflow."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    start, L = _segment(n, C, shift, T)
+    mt = offs_c < L
+    m2 = mt[:, None] & md[None, :]
+    row = bh * T + start + offs_c
+    out = row[:, None] * d + offs_d[None, :]
+    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
+    ka = eps * eta * (1.0 - tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt)))
+    boff = offs_d[:, None] * d + offs_d[None, :]
+    Wa = tl.load(anc_ptr + (bh % H) * anc_h + boff, mask=md[:, None] & md[None, :], other=0.0)
+    KaW = mm(ka[:, None] * k, tl.trans(Wa), PREC, LOWP)
+    Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
+    up = tl.load(up_ptr + out, mask=m2, other=0.0) - tl.dot(Tm, KaW, input_precision=PREC)
+    tl.store(up_ptr + out, up, mask=m2)
 
 
 @triton.jit
@@ -517,15 +543,12 @@ def _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC: tl.constexpr):
 
 @triton.jit
 def _main_chunk_bwd_kernel(
-    q_ptr, k_ptr, lg_ptr, vn_ptr, dv_ptr, do_ptr, z_ptr, anc_ptr, dwbuf_ptr, dq_ptr, dk_ptr, dlg_ptr, dwp_ptr,
-    T, H, C, shift, NSEG, d, z_bh, z_slot, anc_h, resid,
-    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, ANCHOR: tl.constexpr, PREC: tl.constexpr,
-    LOWP: tl.constexpr,
+    q_ptr, k_ptr, lg_ptr, vn_ptr, dv_ptr, do_ptr, z_ptr, dwbuf_ptr, dq_ptr, dk_ptr, dlg_ptr, dwp_ptr,
+    T, H, C, shift, NSEG, d, z_bh, z_slot, resid,
+    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """B3, parallel over (segment, batch-head), W's rows in BV tiles: dq, the gradients of k and lg through the reads
-    and W's state update, and dw' = -dv_new W_0 (for `_main_wy_bwd_kernel`). With the retention anchor W_A
-    (ANCHOR) the decays act on D_0 = W_0 - W_A, and slot n of dwbuf, once read, receives this segment's part of
-    dW_A from the reads and the end state: (1 - gamma_L) dW_end + Σ_t (1 - gamma_t) do_t q_tᵀ."""
+    and W's state update, and dw' = -dv_new W_0 (for `_main_wy_bwd_kernel`)."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -543,8 +566,7 @@ def _main_chunk_bwd_kernel(
     lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
     gamma = tl.where(mt, tl.exp(lg), 0.0)
 
-    dq_state = q * 0.0  # Σ_tiles dO D_n (before the gamma_t weight), D_n = W_n (- W_A)
-    dq_anchor = q * 0.0  # Σ_tiles dO W_A
+    dq_state = q * 0.0  # Σ_tiles dO W_n (before the gamma_t weight)
     dS = tl.zeros([BC, BC], dtype=tl.float32)  # [t, j] = dO_t . v_new_j
     dKt = q * 0.0
     dwp = q * 0.0
@@ -560,24 +582,16 @@ def _main_chunk_bwd_kernel(
         vn = tl.load(vn_ptr + row[:, None] * d + rows[None, :], mask=vm, other=0.0)
         dvt = tl.load(dv_ptr + row[:, None] * d + rows[None, :], mask=vm, other=0.0)
         do = tl.load(do_ptr + tok[:, None] * d + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-        if ANCHOR:
-            Wa = tl.load(anc_ptr + h * anc_h + woff, mask=wm, other=0.0)
-            Dn = Wn - Wa
-            dq_anchor += mm(do, Wa, PREC, LOWP)
-            dWa = (1.0 - tl.exp(lg_end)) * dWe + mm(tl.trans((1.0 - gamma)[:, None] * do), q, PREC, LOWP)
-            tl.store(dwbuf_ptr + (bh * NSEG + n) * d * d + woff, dWa, mask=wm)
-        else:
-            Dn = Wn
-        dq_state += mm(do, Dn, PREC, LOWP)
+        dq_state += mm(do, Wn, PREC, LOWP)
         dS += mm(do, tl.trans(vn), PREC, LOWP)
         dKt += mm(vn, dWe, PREC, LOWP)
-        dgamma_end += tl.sum(tl.sum(Dn * dWe, 1), 0)
+        dgamma_end += tl.sum(tl.sum(Wn * dWe, 1), 0)
         dwp -= mm(dvt, Wn, PREC, LOWP)
     out = row[:, None] * d + offs_d[None, :]
     tl.store(dwp_ptr + out, dwp, mask=m2)
     dlg = gamma * tl.sum(dq_state * q, 1)
-    dq_state = gamma[:, None] * dq_state + dq_anchor + resid * tl.load(do_ptr + tok[:, None] * d + offs_d[None, :],
-                                                                       mask=m2, other=0.0).to(tl.float32)
+    dq_state = gamma[:, None] * dq_state + resid * tl.load(do_ptr + tok[:, None] * d + offs_d[None, :], mask=m2,
+                                                           other=0.0).to(tl.float32)
     k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
     causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]
     decay = tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
@@ -595,15 +609,15 @@ def _main_chunk_bwd_kernel(
 
 @triton.jit
 def _main_wy_bwd_kernel(
-    k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, wp_ptr, up_ptr, dv_ptr, dwp_ptr, wc_ptr, anc_ptr,
-    dk_ptr, dvx_ptr, deta_ptr, dlg_ptr, dla_ptr, dwc_ptr, dwbuf_ptr,
-    T, H, C, shift, NSEG, d, wc_bh, anc_h, eps, resid,
-    BC: tl.constexpr, D: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, ANCHOR: tl.constexpr,
-    PREC: tl.constexpr, LOWP: tl.constexpr,
+    k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, wp_ptr, up_ptr, dv_ptr, dwp_ptr, wc_ptr,
+    dk_ptr, dvx_ptr, deta_ptr, dlg_ptr, dla_ptr, dwc_ptr,
+    T, C, shift, NSEG, d, wc_bh, eps, resid,
+    BC: tl.constexpr, D: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr,
 ):
     """B3', parallel over (segment, batch-head): the main memory's gradient through w' = T (Kd - P) (first segment:
-    T Kd), u' = T (V0 [+ P W_cᵀ] [- Ka W_Aᵀ]) and T = (I + A)^-1, added to B3's dk, dlg; writes dv, deta, dla (and
-    dW_c of the first segment); with the anchor (ANCHOR), adds -(Tᵀ du')ᵀ Ka to dW_A's slot n of dwbuf."""
+    T Kd), u' = T (V0 [+ P W_cᵀ]) and T = (I + A)^-1, added to B3's dk, dlg; writes dv, deta, dla (and dW_c of the
+    first segment)."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_c = tl.arange(0, BC)
@@ -632,19 +646,6 @@ def _main_wy_bwd_kernel(
     kd_scale = eps * eta * tl.exp(lgb)
     dk = tl.load(dk_ptr + out, mask=m2, other=0.0) + dk_a + kd_scale[:, None] * dYw
     dks = tl.sum(dYw * k, 1)
-    if ANCHOR:  # Ka = diag(eps eta_t - kd_t) K
-        boff_a = offs_d[:, None] * d + offs_d[None, :]
-        bm_a = md[:, None] & md[None, :]
-        Wa = tl.load(anc_ptr + (bh % H) * anc_h + boff_a, mask=bm_a, other=0.0)
-        ka_scale = eps * eta - kd_scale
-        dKa = -mm(dYu, Wa, PREC, LOWP)
-        dk += ka_scale[:, None] * dKa
-        dkas = tl.sum(dKa * k, 1)
-        dks -= dkas
-        deta += eps * dkas
-        slot = dwbuf_ptr + (bh * NSEG + n) * d * d + boff_a
-        tl.store(slot, tl.load(slot, mask=bm_a, other=0.0) - mm(tl.trans(dYu), ka_scale[:, None] * k, PREC, LOWP),
-                 mask=bm_a)
     deta += eps * tl.exp(lgb) * dks
     dlg += dks * kd_scale + tl.load(dlg_ptr + row, mask=mt, other=0.0)
     dla -= dks * kd_scale
@@ -684,6 +685,67 @@ def _main_wy_bwd_kernel(
     tl.store(deta_ptr + row, deta, mask=mt)
     tl.store(dlg_ptr + row, dlg, mask=mt)
     tl.store(dla_ptr + row, dla, mask=mt)
+
+
+@triton.jit
+def _main_anchor_bwd_kernel(
+    q_ptr, k_ptr, eta_ptr, lg_ptr, tmat_ptr, do_ptr, dv_ptr, anc_ptr, dq32_ptr,
+    dq_ptr, dk_ptr, deta_ptr, dlg_ptr, dla_ptr, dwbuf_ptr,
+    T, H, C, shift, NSEG, d, eps, anc_h,
+    BC: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+):
+    """B3a, parallel over (segment, batch-head): every gradient term of the main memory's retention anchor W_A
+    (memory_retention="init"), after B3 and B3', which run the anchor-free algebra on the full states. With
+    D_0 = W_0 - W_A the anchor adds to the reads W_A q_t - gamma_t W_A q_t, to W's end state (1 - gamma_L) W_A and
+    to u' the term -T Ka W_Aᵀ (`_main_anchor_fwd_kernel`). So: dq (B3's fp32 part in dq32) gets (1 - gamma) dO W_A,
+    dlg the decay terms of -gamma W_A q and of -gamma_L W_A in the end state, dk, deta, dlg, dla those of Ka, and
+    slot n of dwbuf (dW_end of the segment, read by B3) is replaced by the segment's part of dW_A."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    start, L = _segment(n, C, shift, T)
+    mt = offs_c < L
+    m2 = mt[:, None] & md[None, :]
+    row = bh * T + start + offs_c
+    out = row[:, None] * d + offs_d[None, :]
+    tok = ((b * T + start + offs_c) * H + h)[:, None] * d + offs_d[None, :]
+    boff = offs_d[:, None] * d + offs_d[None, :]
+    bm = md[:, None] & md[None, :]
+    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+    lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
+    gamma = tl.where(mt, tl.exp(lg), 0.0)
+    q = tl.load(q_ptr + tok, mask=m2, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + tok, mask=m2, other=0.0).to(tl.float32)
+    Wa = tl.load(anc_ptr + h * anc_h + boff, mask=bm, other=0.0)
+    slot = dwbuf_ptr + (bh * NSEG + n) * d * d + boff
+    dWe = tl.load(slot, mask=bm, other=0.0)
+    # the reads r q_t + W_A q_t + gamma_t (W_0 - W_A) q_t and the end state W_A + gamma_L (W_0 - W_A) + ...
+    doWa = mm(do, Wa, PREC, LOWP)
+    dq = tl.load(dq32_ptr + tok, mask=m2, other=0.0) + (1.0 - gamma)[:, None] * doWa
+    tl.store(dq_ptr + tok, dq.to(dq_ptr.dtype.element_ty), mask=m2)
+    dlg = -gamma * tl.sum(doWa * q, 1)
+    dlg -= tl.where(offs_c == L - 1, tl.exp(lg_end) * tl.sum(tl.sum(Wa * dWe, 1), 0), 0.0)
+    dWa = (1.0 - tl.exp(lg_end)) * dWe + mm(tl.trans((1.0 - gamma)[:, None] * do), q, PREC, LOWP)
+    # u' -= T Ka W_Aᵀ, Ka = diag(eps eta_t - kd_t) K, kd_t = eps eta_t gamma_{t-1}
+    Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
+    dYu = tl.dot(tl.trans(Tm), tl.load(dv_ptr + out, mask=m2, other=0.0), input_precision=PREC)
+    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
+    kd = eps * eta * tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt))
+    ka = eps * eta - kd
+    dKa = -mm(dYu, Wa, PREC, LOWP)
+    dkas = tl.sum(dKa * k, 1)
+    tl.store(dk_ptr + out, tl.load(dk_ptr + out, mask=m2, other=0.0) + ka[:, None] * dKa, mask=m2)
+    deta = eps * (1.0 - tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt))) * dkas
+    tl.store(deta_ptr + row, tl.load(deta_ptr + row, mask=mt, other=0.0) + deta, mask=mt)
+    tl.store(dlg_ptr + row, tl.load(dlg_ptr + row, mask=mt, other=0.0) + dlg - dkas * kd, mask=mt)
+    tl.store(dla_ptr + row, tl.load(dla_ptr + row, mask=mt, other=0.0) + dkas * kd, mask=mt)
+    dWa -= mm(tl.trans(dYu), ka[:, None] * k, PREC, LOWP)
+    tl.store(slot, dWa, mask=bm)
 
 
 @device_fn
@@ -957,9 +1019,11 @@ def _forward(q, a, zc, z, anchor, b_eta, b_alpha, valid, cfg, save: bool):
     wp = torch.empty_like(k)
     up = torch.empty_like(k)
     launch(_main_prep_kernel, (nseg, B * H),
-           k, v, eta, lg, tmat, zc, anc, wp, up, T, H, C, cfg["shift"], nseg, d, cfg["eps"], cfg["resid"],
-           zc.stride(0), anc_h, BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], ANCHOR=ANCHOR, PREC=prec,
-           LOWP=lowp, **launch_options("tile", D))
+           k, v, eta, lg, tmat, zc, wp, up, T, C, cfg["shift"], nseg, d, cfg["eps"], cfg["resid"], zc.stride(0),
+           BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=prec, LOWP=lowp, **launch_options("tile", D))
+    if ANCHOR:
+        launch(_main_anchor_fwd_kernel, (nseg, B * H), k, eta, lg, tmat, anc, up, T, H, C, cfg["shift"], nseg, d,
+               cfg["eps"], anc_h, BC=BC, D=D, PREC=prec, LOWP=lowp, **launch_options("tile", D))
     vn = torch.empty_like(k)
     nv = triton.cdiv(d, BV)
     launch(_main_state_fwd_kernel, (B * H, nv),
@@ -1039,14 +1103,18 @@ def _backward(q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, 
     deta, dlg, dla = torch.empty_like(eta), torch.empty_like(eta), torch.empty_like(eta)
     dwc = torch.empty(B * H, d, d, device=dev, dtype=f32)
     dwp = torch.empty_like(k)
+    dq32 = torch.empty(q.shape, device=dev, dtype=f32) if ANCHOR else dq  # B3a finishes dq with the anchor's part
     launch(_main_chunk_bwd_kernel, (nseg, B * H),
-           q, k, lg, vn, dvn, do, zbuf, anc, dwbuf, dq, dk, dlg, dwp, T, H, cfg["C"], shift, nseg, d, zbuf.stride(0),
-           zbuf.stride(1), anc_h, cfg["resid"], BC=BC, D=D, BV=BV, ANCHOR=ANCHOR, PREC=prec, LOWP=lowp,
-           **launch_options("tile", D))
+           q, k, lg, vn, dvn, do, zbuf, dwbuf, dq32, dk, dlg, dwp, T, H, cfg["C"], shift, nseg, d, zbuf.stride(0),
+           zbuf.stride(1), cfg["resid"], BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, **launch_options("tile", D))
     launch(_main_wy_bwd_kernel, (nseg, B * H),
-           k, v, eta, lg, tmat, wp, up, dvn, dwp, zc, anc, dk, dv, deta, dlg, dla, dwc, dwbuf, T, H, cfg["C"], shift,
-           nseg, d, zc.stride(0), anc_h, cfg["eps"], cfg["resid"], BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"],
-           VALUE=cfg["VALUE"], ANCHOR=ANCHOR, PREC=prec, LOWP=lowp, **launch_options("tile", D))
+           k, v, eta, lg, tmat, wp, up, dvn, dwp, zc, dk, dv, deta, dlg, dla, dwc, T, cfg["C"], shift, nseg, d,
+           zc.stride(0), cfg["eps"], cfg["resid"], BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=prec,
+           LOWP=lowp, **launch_options("tile", D))
+    if ANCHOR:
+        launch(_main_anchor_bwd_kernel, (nseg, B * H),
+               q, k, eta, lg, tmat, do, dvn, anc, dq32, dq, dk, deta, dlg, dla, dwbuf, T, H, cfg["C"], shift, nseg, d,
+               cfg["eps"], anc_h, BC=BC, D=D, PREC=prec, LOWP=lowp, **launch_options("tile", D))
     # the generating rows, in reverse
     dg = dz_end[:, d:].contiguous()
     if g_slot == nseg:
@@ -1064,7 +1132,7 @@ def _backward(q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, 
     dz = torch.cat([dw0, dg], dim=1).reshape(B, H, R, d)
     dbias = dbias.reshape(B, H, 2).sum(0)
     danchor = None
-    if anchor is not None:  # dwbuf's slots hold the segments' parts of dW_A (B3, B3'); B4 gave G_0's
+    if anchor is not None:  # dwbuf's slots hold the segments' parts of dW_A (B3a); B4 gave G_0's
         danchor = torch.cat([dwbuf.sum(1), dganc], dim=1).reshape(B, H, R, d).sum(0)
     return dq, da, dzc, dz, danchor, dbias[:, 0], dbias[:, 1]
 
