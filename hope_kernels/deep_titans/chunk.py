@@ -159,39 +159,38 @@ def _deep_fwd_kernel(
             eta_m = eta * cg
         else:
             eta_m = eta
+        # N2 = T (-eta_m g - diag(kd) K W2_0ᵀ [- diag(ka) K W2_Aᵀ]), the row scalings applied before T (no T Kd tile)
         kd_scale = eps * eta * tl.exp(lgb)
-        TKd = tl.dot(Tm, kd_scale[:, None] * k, input_precision=PREC)
-        N2 = tl.dot(Tm, -eta_m[:, None] * g, input_precision=PREC) - tl.dot(TKd, tl.trans(W2), input_precision=PREC)
+        Y2 = -eta_m[:, None] * g - kd_scale[:, None] * tl.dot(k, tl.trans(W2), input_precision=PREC)
         if ANCHOR:  # retention toward (W1_0, W2_0): the DGD term eps eta_t W2_{t-1} k_t sees the anchor too
-            A1 = tl.load(a1_ptr + h * d * hd + w1off, mask=w1m, other=0.0)
             A2 = tl.load(a2_ptr + h * d * hd + w2off, mask=w2m, other=0.0)
-            TKa = tl.dot(Tm, (eps * eta - kd_scale)[:, None] * k, input_precision=PREC)
-            N2 -= tl.dot(TKa, tl.trans(A2), input_precision=PREC)
+            Y2 -= (eps * eta - kd_scale)[:, None] * tl.dot(k, tl.trans(A2), input_precision=PREC)
+        N2 = tl.dot(Tm, Y2, input_precision=PREC)
         lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
         causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]
         decay = tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
         gamma = tl.where(mt, tl.exp(lg), 0.0)
         kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
+        # W2's read and end state, so that N2 and W2_A die before W1's part
         Hp = mm(mm(q, tl.trans(k), PREC, LOWP) * decay, N2, PREC, LOWP)
         if ANCHOR:
             Hp += mm(q, tl.trans(A2), PREC, LOWP) + gamma[:, None] * mm(q, tl.trans(W2 - A2), PREC, LOWP)
+            W2 = A2 + tl.exp(lg_end) * (W2 - A2) + mm(tl.trans(kappa[:, None] * N2), k, PREC, LOWP)
         else:
             Hp += gamma[:, None] * mm(q, tl.trans(W2), PREC, LOWP)
+            W2 = tl.exp(lg_end) * W2 + mm(tl.trans(kappa[:, None] * N2), k, PREC, LOWP)
         hid = Hp * sigmoid(Hp)
         s = p * sigmoid(p)
         E1 = -eta_m[:, None] * e
         o = q + mm(mm(hid, tl.trans(s), PREC, LOWP) * decay, E1, PREC, LOWP)
         if ANCHOR:
+            A1 = tl.load(a1_ptr + h * d * hd + w1off, mask=w1m, other=0.0)
             o += mm(hid, tl.trans(A1), PREC, LOWP) + gamma[:, None] * mm(hid, tl.trans(W1 - A1), PREC, LOWP)
+            W1 = A1 + tl.exp(lg_end) * (W1 - A1) + mm(tl.trans(kappa[:, None] * E1), s, PREC, LOWP)
         else:
             o += gamma[:, None] * mm(hid, tl.trans(W1), PREC, LOWP)
+            W1 = tl.exp(lg_end) * W1 + mm(tl.trans(kappa[:, None] * E1), s, PREC, LOWP)
         tl.store(o_ptr + tok[:, None] * d + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=m2)
-        if ANCHOR:
-            W2 = A2 + tl.exp(lg_end) * (W2 - A2) + mm(tl.trans(N2), kappa[:, None] * k, PREC, LOWP)
-            W1 = A1 + tl.exp(lg_end) * (W1 - A1) + mm(tl.trans(E1), kappa[:, None] * s, PREC, LOWP)
-        else:
-            W2 = tl.exp(lg_end) * W2 + mm(tl.trans(N2), kappa[:, None] * k, PREC, LOWP)
-            W1 = tl.exp(lg_end) * W1 + mm(tl.trans(E1), kappa[:, None] * s, PREC, LOWP)
         tl.store(w1_ptr + bh * w1_bh + (n + 1) * w1_slot + w1off, W1, mask=w1m)
         tl.store(w2_ptr + bh * w2_bh + (n + 1) * w2_slot + w2off, W2, mask=w2m)
 
@@ -249,13 +248,11 @@ def _deep_bwd_kernel(
         else:
             eta_m = eta
         kd_scale = eps * eta * tl.exp(lgb)
-        Kd = kd_scale[:, None] * k
-        TKd = tl.dot(Tm, Kd, input_precision=PREC)
-        N2 = tl.dot(Tm, -eta_m[:, None] * g, input_precision=PREC) - tl.dot(TKd, tl.trans(W2n), input_precision=PREC)
+        Y2 = -eta_m[:, None] * g - kd_scale[:, None] * tl.dot(k, tl.trans(W2n), input_precision=PREC)
         if ANCHOR:
             A2 = tl.load(a2_ptr + h * d * hd + w2off, mask=w2m, other=0.0)
-            N2 -= tl.dot(tl.dot(Tm, (eps * eta - kd_scale)[:, None] * k, input_precision=PREC), tl.trans(A2),
-                         input_precision=PREC)
+            Y2 -= (eps * eta - kd_scale)[:, None] * tl.dot(k, tl.trans(A2), input_precision=PREC)
+        N2 = tl.dot(Tm, Y2, input_precision=PREC)
         # ---- phase A2, the reads and the state update, from stored N2, s, E1 behind a barrier (shorter live ranges)
         out = row[:, None] * d + offs_d[None, :]
         hoff = row[:, None] * hd + offs_h[None, :]
@@ -299,9 +296,6 @@ def _deep_bwd_kernel(
         N2dW = mm(N2, dW2e, PREC, LOWP)
         dW1n = gamma_end * dW1e
         dW2n = gamma_end * dW2e
-        if ANCHOR:
-            dA1 = (1.0 - gamma_end) * dW1e
-            dA2 = (1.0 - gamma_end) * dW2e
         ds = kappa[:, None] * E1dW
         c = kappa * tl.sum(s * E1dW, 1)
         dk = kappa[:, None] * N2dW
@@ -313,9 +307,11 @@ def _deep_bwd_kernel(
         hs = mm(hid, tl.trans(s), PREC, LOWP)
         dOW1 = mm(do, D1, PREC, LOWP)
         dhid = gamma[:, None] * dOW1
-        if ANCHOR:
+        if ANCHOR:  # W1_A's gradient from the end state and the reads, added to memory at once (short live range)
             dhid += mm(do, A1, PREC, LOWP)
-            dA1 += mm(tl.trans((1.0 - gamma)[:, None] * do), hid, PREC, LOWP)
+            dA1 = (1.0 - gamma_end) * dW1e + mm(tl.trans((1.0 - gamma)[:, None] * do), hid, PREC, LOWP)
+            tl.store(da1_ptr + bh * d * hd + w1off, tl.load(da1_ptr + bh * d * hd + w1off, mask=w1m, other=0.0) + dA1,
+                     mask=w1m)
         dlg += gamma * tl.sum(dOW1 * hid, 1)
         dW1n += mm(tl.trans(gamma[:, None] * do), hid, PREC, LOWP)
         G1 = mm(do, tl.trans(E1), PREC, LOWP) * decay
@@ -330,9 +326,7 @@ def _deep_bwd_kernel(
         dq = do + gamma[:, None] * dHW2
         if ANCHOR:
             dq += mm(dHp, A2, PREC, LOWP)
-            dA2 += mm(tl.trans((1.0 - gamma)[:, None] * dHp), q, PREC, LOWP)
-            tl.store(da1_ptr + bh * d * hd + w1off, tl.load(da1_ptr + bh * d * hd + w1off, mask=w1m, other=0.0) + dA1,
-                     mask=w1m)
+            dA2 = (1.0 - gamma_end) * dW2e + mm(tl.trans((1.0 - gamma)[:, None] * dHp), q, PREC, LOWP)
             tl.store(da2_ptr + bh * d * hd + w2off, tl.load(da2_ptr + bh * d * hd + w2off, mask=w2m, other=0.0) + dA2,
                      mask=w2m)
         dlg += gamma * tl.sum(dHW2 * q, 1)
@@ -367,7 +361,6 @@ def _deep_bwd_kernel(
         s = p * sigmoid(p)
         eW = mm(e, W1c, PREC, LOWP)
         g = sg * eW
-        Kd = kd_scale[:, None] * k
         dN2 = tl.load(sdn_ptr + hoff, mask=hm, other=0.0)
         dE1 = tl.load(dv_ptr + out, mask=m2, other=0.0)
         dk = k * 0.0  # phase A's part is in dk_ptr
@@ -386,7 +379,7 @@ def _deep_bwd_kernel(
                      - tl.dot(tl.trans(dY2), (eps * eta - kd_scale)[:, None] * k, input_precision=PREC), mask=w2m)
         else:
             dKd = -tl.dot(dY2, W2n, input_precision=PREC)
-        dW2n -= tl.dot(tl.trans(dY2), Kd, input_precision=PREC)
+        dW2n -= tl.dot(tl.trans(kd_scale[:, None] * dY2), k, input_precision=PREC)
         deta_m = -tl.sum(dY2 * g, 1) - tl.sum(dE1 * e, 1)  # the gradient of the writes' step eta_m
         if GUARD:
             curv, cg, col = _curvature(p, sg, W1c)

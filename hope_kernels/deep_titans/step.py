@@ -93,20 +93,23 @@ def _deep_step_kernel(
         eta_m = eta / tl.maximum(tl.sum(s * s, 0) + tl.sum(sg * sg * tl.sum(W1c * W1c, 0), 0), 1.0)
     else:
         eta_m = eta
+    # W2 first (its read, its stores), then W1: one d x h state live at a time besides the chunk start
     W2 = tl.load(w2_ptr + w2off, mask=w2m, other=0.0)
     W2 = alpha * W2 - (eps * eta * tl.sum(W2 * k[None, :], 1) + eta_m * g)[:, None] * k[None, :]
+    if ANCHOR:
+        W2 += (1.0 - alpha) * tl.load(a2_ptr + h * d * hd + offs_h[:, None] * d + offs_d[None, :], mask=w2m,
+                                      other=0.0)
+    hid = tl.sum(W2 * q[None, :], 1)
+    tl.store(w2_out_ptr + w2off, W2, mask=w2m)
+    tl.store(w2c_out_ptr + w2off, tl.where(move_w != 0, W2, W2c), mask=w2m)
     W1 = alpha * tl.load(w1_ptr + w1off, mask=w1m, other=0.0) - eta_m * e[:, None] * s[None, :]
     if ANCHOR:
-        a_off = h * d * hd
-        W2 += (1.0 - alpha) * tl.load(a2_ptr + a_off + offs_h[:, None] * d + offs_d[None, :], mask=w2m, other=0.0)
-        W1 += (1.0 - alpha) * tl.load(a1_ptr + a_off + offs_d[:, None] * hd + offs_h[None, :], mask=w1m, other=0.0)
-    hid = tl.sum(W2 * q[None, :], 1)
+        W1 += (1.0 - alpha) * tl.load(a1_ptr + h * d * hd + offs_d[:, None] * hd + offs_h[None, :], mask=w1m,
+                                      other=0.0)
     o = q + tl.sum(W1 * (hid * sigmoid(hid))[None, :], 1)  # the read after the token's update
     tl.store(o_ptr + bh * d + offs_d, o.to(o_ptr.dtype.element_ty), mask=md)
     tl.store(w1_out_ptr + w1off, W1, mask=w1m)
-    tl.store(w2_out_ptr + w2off, W2, mask=w2m)
     tl.store(w1c_out_ptr + w1off, tl.where(move_w != 0, W1, W1c), mask=w1m)
-    tl.store(w2c_out_ptr + w2off, tl.where(move_w != 0, W2, W2c), mask=w2m)
 
 
 def titans_deep_memory_step_triton(
@@ -169,6 +172,6 @@ def titans_deep_memory_step_triton(
            D=D, HD=max(16, next_pow2(hd)), BR=min(D, 32), OBJ_L2=objective == "l2", VALUE=memory_target == "value",
            AD_K=bool(rows[d]), AD_V=bool(rows[2 * d]), AD_E=bool(rows[3 * d]), AD_A=bool(rows[3 * d + 1]),
            HAS_MASK=valid is not None, VNORM=ref["value_norm"], ANCHOR=ref["anchored"], GUARD=ref["curvature_guard"],
-           **launch_options("step", D))
+           **launch_options("deep_step", D))
     zc, z, w1c, w1, w2c, w2 = outs
     return o, DeepTitansState(zc, z, None, w1c, w1, None, w2c, w2, None, position + 1)
