@@ -585,8 +585,10 @@ class OnlineLearner:
             self._rebase(cache, effective, offsets)
             out = torch.func.functional_call(self.model, effective, (), {
                 "input_ids": ids.unsqueeze(0), "cache": cache, "use_cache": True})
-            loss = F.cross_entropy(out.logits[0].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum") \
-                if count else out.logits.new_zeros(())
+            logits = out.logits[0]
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 stays
+            loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum") if count \
+                else logits.new_zeros(())
         if count:
             loss.backward()
         self._carry(cache, effective, offsets)
