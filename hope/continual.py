@@ -225,6 +225,13 @@ class OnlineLearner:
             if unknown:
                 raise ValueError(f"optimizer names {sorted(unknown)}, which are not learned here "
                                  f"(learned: {sorted(self.groups)})")
+        # Every name of each learned tensor (tied weights have several), so that functional_call can skip its
+        # per-call scan for ties (tie_weights=False) and still override all of them.
+        aliases: Dict[int, List[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(param), []).append(name)
+        self._aliases = {name: aliases[id(param)] for group in self.groups.values()
+                         for name, param in zip(group.names, group.params)}
         self.tokens_read = 0  # the clock
 
     # ------------------------------------------------------------------------------------ configuration
@@ -349,10 +356,15 @@ class OnlineLearner:
                 out[name] = (param.detach() + delta).to(param.dtype)
         return out
 
+    def _call(self, effective: Dict[str, Tensor], args: tuple, kwargs: dict):
+        """The model's forward with `effective` in place of the learned parameters (every alias of each)."""
+        overrides = {alias: value for name, value in effective.items() for alias in self._aliases[name]}
+        return torch.func.functional_call(self.model, overrides, args, kwargs, tie_weights=False)
+
     def forward(self, *args: Any, **kwargs: Any):
         """The model's forward with what the learner has learned (θ_0 + δ); same arguments and outputs as
         `model.forward`. Differentiable with respect to δ."""
-        return torch.func.functional_call(self.model, self._effective(), args, kwargs)
+        return self._call(self._effective(), args, kwargs)
 
     __call__ = forward
 
@@ -583,8 +595,7 @@ class OnlineLearner:
         with torch.set_grad_enabled(count > 0):
             effective = self._effective()
             self._rebase(cache, effective, offsets)
-            out = torch.func.functional_call(self.model, effective, (), {
-                "input_ids": ids.unsqueeze(0), "cache": cache, "use_cache": True})
+            out = self._call(effective, (), {"input_ids": ids.unsqueeze(0), "cache": cache, "use_cache": True})
             logits = out.logits[0]
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 stays
             loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum") if count \

@@ -134,6 +134,22 @@ def test_consolidate_is_exact_and_survives_save_pretrained(tmp_path, variant):
         assert torch.equal(reloaded(input_ids=probes, use_cache=False).logits, learned)
 
 
+def test_extra_trainable_tied_embedding_learns_as_one_tensor():
+    """The tied embedding / LM head is one tensor: the learner must override both of its names, or its model
+    would differ from the consolidated one (where the shared tensor changes in both places)."""
+    model = tiny_model(tiny_config())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    learner = learner_for(model, levels=[0], extra_trainable=["model.embed_tokens.weight"], extra_period=6)
+    assert learner.periods == {"0": 5, "extra": 6}
+    learner.learn(stream_of([20, 9]))
+    assert learner.deltas()["model.embed_tokens.weight"].abs().max() > 0
+    probes = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        learned = learner(input_ids=probes, use_cache=False).logits
+        learner.consolidate()
+        assert torch.equal(model(input_ids=probes, use_cache=False).logits, learned)
+
+
 def test_reset_forgets_what_was_not_consolidated():
     model = tiny_model(tiny_config())
     learner = learner_for(model)
