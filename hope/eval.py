@@ -143,6 +143,10 @@ def train_rows(args: argparse.Namespace):
 
 def compare(args: argparse.Namespace) -> Dict[str, Any]:
     """Train the three models on the task and evaluate each; write results.json, results.md and the PNG."""
+    if args.task == "continual":  # its own methods and outputs (hope/evals/continual.py)
+        from hope.evals.continual import run as run_continual
+
+        return run_continual(args)
     from hope.evals.common import MODEL_LABELS, ModelShape, comparison_configs, train_on_task
 
     import torch
@@ -269,10 +273,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        if args.task == "continual":
-            from hope.evals.continual import run as run_continual
-
-            return run_continual(args)
         if args.compare:
             return compare(args)
         if args.task == "lm":

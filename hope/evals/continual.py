@@ -458,14 +458,9 @@ def summarize(per_seed: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    """Every method on every seed; writes results.json, results.md and the two PNGs under --output_dir."""
-    import torch
-
-    from hope.train import idle_cores
-
+    """Every method on every seed; writes results.json, results.md and the two PNGs under --output_dir. CPU
+    threads are hope-eval's (its thread policy), not set here."""
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    if not torch.cuda.is_available():
-        torch.set_num_threads(idle_cores())
     results: Dict[str, Any] = {
         "task": "continual", "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "methods": {}, "skipped": {},
