@@ -529,9 +529,12 @@ def plot(results: Dict[str, Any], output_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     entries = list(results["methods"].values())
-    figure, axes = plt.subplots(1, len(entries), figsize=(3.6 * len(entries), 3.6), squeeze=False)
-    for axis, entry in zip(axes[0], entries):
+    figure, axes = plt.subplots(1, len(entries), figsize=(3.4 * len(entries) + 1, 4.2), squeeze=False,
+                                constrained_layout=True)
+    for index, (axis, entry) in enumerate(zip(axes[0], entries)):
         matrix = entry["summary"]["matrix"]
         T = len(matrix)
         image = axis.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
@@ -542,14 +545,16 @@ def plot(results: Dict[str, Any], output_dir: Path) -> None:
         axis.set_xticks(range(T))
         axis.set_yticks(range(T))
         axis.set_xlabel("evaluated on task")
-        axis.set_ylabel("after learning task")
-        axis.set_title(entry["label"], fontsize=8)
+        if index == 0:
+            axis.set_ylabel("after learning task")
+        axis.set_title(entry["label"].replace(" + ", "\n+ ", 1), fontsize=8)
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-    figure.savefig(output_dir / "continual_heatmap.png", dpi=120, bbox_inches="tight")
+    figure.savefig(output_dir / "continual_heatmap.png", dpi=120, bbox_inches="tight", pad_inches=0.15)
     plt.close(figure)
 
     figure, (seen, first) = plt.subplots(1, 2, figsize=(10, 4))
-    for entry in entries:
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("x", "--")]
+    for (marker, line), entry in zip(styles, entries):
         runs = list(entry["seeds"].values())
         T = len(runs[0]["matrix"])
         xs = list(range(T + 1))
@@ -559,7 +564,7 @@ def plot(results: Dict[str, Any], output_dir: Path) -> None:
         for axis, values in ((seen, curves), (first, firsts)):
             mean = [statistics.fmean(v[x] for v in values) for x in xs]
             std = [statistics.stdev(v[x] for v in values) if len(values) > 1 else 0.0 for x in xs]
-            axis.plot(xs, mean, "o-", label=entry["label"])
+            axis.plot(xs, mean, marker=marker, linestyle=line, alpha=0.85, label=entry["label"])
             axis.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
     seen.set_title("average accuracy on the tasks learned so far")
     first.set_title("accuracy on task 0 (forgetting)")
@@ -567,6 +572,7 @@ def plot(results: Dict[str, Any], output_dir: Path) -> None:
         axis.set_xlabel("tasks learned (0 = base model)")
         axis.set_ylabel("accuracy")
         axis.set_ylim(0, 1.02)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     first.legend(fontsize=7)
     figure.tight_layout()
