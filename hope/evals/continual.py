@@ -170,6 +170,25 @@ def transfer_metrics(matrix: Sequence[Sequence[float]], base: Sequence[float]) -
     return {"acc": acc, "bwt": bwt, "fwt": fwt}
 
 
+def recency_floor(bench: Benchmark) -> List[List[float]]:
+    """F[i][j]: the accuracy on task j of a predictor that answers with task i's mapping whatever the marker,
+    the floor a model sits on once it has learned task i and ignores which language it reads."""
+    floor = []
+    for latest in bench.tasks:
+        row = []
+        for task, rows in zip(bench.tasks, bench.evaluation):
+            hits = total = 0
+            for ids, labels in zip(rows["input_ids"], rows["labels"]):
+                for t, label in enumerate(labels):
+                    if label != IGNORE_INDEX:
+                        symbol = chr(ids[t - 1] - BYTE_OFFSET)
+                        hits += latest.mapping[symbol] == task.mapping[symbol]
+                        total += 1
+            row.append(hits / total)
+        floor.append(row)
+    return floor
+
+
 def accuracy(model, rows, batch_size: int) -> float:
     """Fraction of the labelled outputs predicted greedily."""
     import torch
@@ -247,6 +266,10 @@ class Runner:
         if kind not in self._bases:
             started = time.perf_counter()
             saved = None if self.args.base_from is None else self.args.base_from / f"seed{self.seed}" / f"base-{kind}"
+            if saved is not None and not saved.is_dir():
+                print(f"\n== seed {self.seed}: --base_from holds no {saved}: training the base {kind} model",
+                      flush=True)
+                saved = None
             if saved is not None:
                 recorded = json.loads((saved / "base_args.json").read_text()) if (saved / "base_args.json").is_file() \
                     else None
@@ -399,7 +422,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                               "'cms_eta_max=[1e-4,1e-5,1e-5]'")
     group.add_argument("--base_from", type=Path, default=None,
                        help="load each seed's base models from this earlier run's --output_dir instead of training "
-                            "them (the base flags must match)")
+                            "them (the base flags must match); a base it does not hold is trained (and said so)")
     group.add_argument("--no_progress", dest="progress", action="store_false")
 
 
@@ -470,6 +493,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         results.setdefault("languages", {})[seed] = [
             {"marker": task.marker, "mapping": "".join(task.mapping[s] for s in sorted(task.mapping))}
             for task in bench.tasks]
+        floor = recency_floor(bench)
+        results.setdefault("recency_floor", {})[seed] = {"matrix": floor, **transfer_metrics(floor, floor[0])}
         runner = Runner(args, bench, seed, args.output_dir / f"seed{seed}")
         for method in args.methods:
             if method in results["skipped"]:
@@ -509,6 +534,14 @@ def format_table(results: Dict[str, Any]) -> str:
         lines.append(f"| {entry['label']} | {s['parameters']:,} | {s['acc']['mean']:.3f} ± {s['acc']['std']:.3f} | "
                      f"{s['bwt']['mean']:+.3f} ± {s['bwt']['std']:.3f} | {s['fwt']['mean']:+.3f} ± "
                      f"{s['fwt']['std']:.3f} | {s['seconds']['mean']:.0f} |")
+    floors = list(results.get("recency_floor", {}).values())
+    if floors:
+        accs = [floor["acc"] for floor in floors]
+        bwts = [floor["bwt"] for floor in floors]
+        spread = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+        lines.append(f"| recency floor: answer with the latest task's mapping, ignoring the marker | | "
+                     f"{statistics.fmean(accs):.3f} ± {spread(accs):.3f} | {statistics.fmean(bwts):+.3f} ± "
+                     f"{spread(bwts):.3f} | | |")
     for method, reason in results["skipped"].items():
         lines.append(f"| {METHOD_LABELS[method]} | skipped: {reason} | | | | |")
     for entry in results["methods"].values():
