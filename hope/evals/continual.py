@@ -599,6 +599,14 @@ def plot(results: Dict[str, Any], output_dir: Path) -> None:
             std = [statistics.stdev(v[x] for v in values) if len(values) > 1 else 0.0 for x in xs]
             axis.plot(xs, mean, marker=marker, linestyle=line, alpha=0.85, label=entry["label"])
             axis.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
+    floors = [floor["matrix"] for floor in results.get("recency_floor", {}).values()]
+    if floors:  # defined once a task has been learned (x >= 1)
+        T = len(floors[0])
+        xs = list(range(1, T + 1))
+        seen.plot(xs, [statistics.fmean(statistics.fmean(f[i][: i + 1]) for f in floors) for i in range(T)], "k--",
+                  linewidth=1, label="recency floor (latest mapping, marker ignored)")
+        first.plot(xs, [statistics.fmean(f[i][0] for f in floors) for i in range(T)], "k--", linewidth=1,
+                   label="recency floor (latest mapping, marker ignored)")
     seen.set_title("average accuracy on the tasks learned so far")
     first.set_title("accuracy on task 0 (forgetting)")
     for axis in (seen, first):
