@@ -156,7 +156,8 @@ class OnlineLearner:
         lr: one learning rate, a list (one per learned level, in `levels` order), or a dict {level: lr} that may
             also hold "extra"; missing levels get `default_lr` (1e-3).
         optimizer: "sgd", "adamw", "m3" (`hope.optim.M3`) or a callable (params, lr) -> torch.optim.Optimizer;
-            or a dict {level or "extra": any of those}. Each level (and the extra group) has its own optimizer.
+            or a dict {level or "extra": any of those} (entries it omits get "adamw"). Each level (and the extra
+            group) has its own optimizer.
         optimizer_kwargs: keyword arguments of the named optimizers (e.g. {"momentum": 0.9} for SGD).
         extra_trainable: opt-in parameters beside the levels: a list of fnmatch patterns over parameter names
             (e.g. ["model.layers.*.cms.levels.0.p_v"]) or a predicate (name, parameter) -> bool.
