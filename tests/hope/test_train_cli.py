@@ -173,7 +173,7 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path, corpus):
 
 
 def test_console_scripts_are_declared_and_answer_help(monkeypatch, capsys):
-    """setup.py declares hope-train and hope-eval, and each resolves to a main that prints its usage."""
+    """setup.py declares hope-train, hope-eval and hope-learn, and each resolves to a main that prints its usage."""
     import importlib
     import runpy
 
@@ -184,7 +184,7 @@ def test_console_scripts_are_declared_and_answer_help(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     runpy.run_path(str(REPO / "setup.py"), run_name="__main__")
     scripts = dict(line.replace(" ", "").split("=") for line in declared["entry_points"]["console_scripts"])
-    assert set(scripts) == {"hope-train", "hope-eval"}
+    assert set(scripts) == {"hope-train", "hope-eval", "hope-learn"}
     for name, target in scripts.items():
         module, function = target.split(":")
         with pytest.raises(SystemExit) as exit_info:
