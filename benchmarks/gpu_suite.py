@@ -485,7 +485,7 @@ def kernel_case(run: Run, op: str, backend: str, shape: dict, mode: str, dtype, 
         entry["compile_backend"] = run.plan.compile_backend
 
     def setup():
-        reason = W.backend_unavailable_reason(backend, run.device, allow_interpreter=run.dry_run)
+        reason = W.backend_unavailable_reason(backend, run.device, allow_interpreter=run.dry_run, op=op)
         if reason:
             raise Skip(reason)
         return W.op_case(op, backend, shape, mode, dtype, run.device, run.plan.compile_backend)
