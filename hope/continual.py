@@ -699,16 +699,6 @@ class UsageError(ValueError):
     """A bad command line: one line on stderr, exit status 2."""
 
 
-def configure_threads(num_threads: Optional[int]) -> int:
-    """Intra-op threads of this process: `num_threads`, else the idle cores (one thread policy for the CLIs).
-    When hope/runtime.py lands, this becomes `from hope.runtime import configure_threads`."""
-    from hope.train import idle_cores
-
-    threads = idle_cores() if num_threads is None else num_threads
-    torch.set_num_threads(threads)
-    return threads
-
-
 def _parse_mapping(text: Optional[str], name: str, value_type) -> Union[None, Any, Dict[int, Any]]:
     """'1e-3' -> 1e-3; '0:1e-3,1:1e-4' -> {0: 1e-3, 1: 1e-4}; '0,1' -> [0, 1] (for --levels)."""
     if text is None:
@@ -737,14 +727,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         epilog="examples:\n"
                "  hope-learn --model runs/small --data notes.txt --output_dir runs/small-learned\n"
                "  cat log.txt | hope-learn --model runs/small --data - --levels 0:16,1:128 --lr 0:1e-3,1:3e-4\n"
-               "texts are read one per row (txt: one per line; json/jsonl/csv/parquet: --text_column); each is a "
-               "sequence (fresh recurrent state), followed by EOS.")
+               "each text (a .txt paragraph by default, --text_split; a json/jsonl/csv/parquet row's --text_column; "
+               "a line of stdin) is one sequence (fresh recurrent state), followed by EOS.")
     parser.add_argument("--model", required=True, help="checkpoint directory of a Hope model")
     parser.add_argument("--data", required=True, help="a txt/json/jsonl/parquet/csv file, glob or directory, a saved "
                                                       "dataset, or '-' for stdin (one text per line)")
     parser.add_argument("--output_dir", "--output-dir", default=None, help="where the consolidated checkpoint goes "
                                                                            "(default: <model>-learned)")
     parser.add_argument("--text_column", default="text")
+    parser.add_argument("--text_split", default="paragraph", choices=("paragraph", "document", "line"),
+                        help="how a .txt file is cut into texts (as hope-train): at blank lines, a file a text, or a "
+                             "line a text")
     parser.add_argument("--tokenizer", default=None, help="default: the checkpoint's own, else ByT5")
     parser.add_argument("--levels", default=None, help="levels to learn: '0,1' or with periods '0:16,2:512' "
                                                        "(default: every level with a chunk size)")
@@ -756,7 +749,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--resume_state", default=None, help="a learner_state.pt to continue from")
     parser.add_argument("--no_flush", action="store_true", help="do not step on the partial windows at the end")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--num_threads", type=int, default=None, help="CPU threads (default: the idle cores)")
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="CPU threads (default: OMP_NUM_THREADS, else the idle cores; hope.runtime)")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
     args.lr = _parse_mapping(args.lr, "--lr", float)
@@ -776,7 +770,8 @@ def _texts(args: argparse.Namespace) -> Iterable[str]:
     else:
         from hope.data import load_text_dataset
 
-        texts = (row[args.text_column] for row in load_text_dataset(args.data, text_column=args.text_column))
+        texts = (row[args.text_column] for row in load_text_dataset(args.data, text_column=args.text_column,
+                                                                     text_split=args.text_split))
     texts = (text for text in texts if text and text.strip())
     if args.max_texts is not None:
         texts = (text for index, text in zip(range(args.max_texts), texts))
@@ -786,6 +781,7 @@ def _texts(args: argparse.Namespace) -> Iterable[str]:
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Load, learn, consolidate, save (model, tokenizer, learner_state.pt, learn_results.json)."""
     import hope  # noqa: F401  (Auto classes)
+    from hope.runtime import configure_threads, describe_threads
     from hope.train import is_checkpoint, load_tokenizer, pick_device
 
     from transformers import AutoModelForCausalLM
@@ -793,7 +789,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if not is_checkpoint(args.model):
         raise UsageError(f"--model {args.model!r} is not a checkpoint directory (no config.json)")
     device = pick_device(args.device)
-    threads = configure_threads(args.num_threads) if device.type == "cpu" else None
+    try:
+        threads = configure_threads(args.num_threads)
+    except ValueError as error:  # a bad OMP_NUM_THREADS
+        raise UsageError(str(error)) from None
+    print(f"hope-learn: {describe_threads(threads, args.num_threads)}", file=sys.stderr, flush=True)
     tokenizer = load_tokenizer(args.tokenizer, args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
     if len(tokenizer) > model.config.vocab_size:

@@ -293,11 +293,12 @@ def test_attention_keeps_a_bounded_window():
 
 
 def test_triton_backend_learns_what_the_torch_backend_learns():
+    """Hope-Attention, whose every op with a Triton kernel (the CMS level; Titans v2 has none yet) runs it."""
     pytest.importorskip("triton", reason="the Triton kernels need the triton package")
     stream = stream_of([12])
     learned = {}
     for backend in ("torch", "triton"):
-        model = tiny_model(tiny_config(kernel_backend=backend, cms_chunk_sizes=[4, None], chunk_size=4),
+        model = tiny_model(variant_config("hope_attention", kernel_backend=backend, cms_chunk_sizes=[4, None]),
                            dtype=torch.float32)
         learner = learner_for(model, lr=1e-2)
         learner.learn(stream)
@@ -370,8 +371,9 @@ def test_hope_learn_cli(tmp_path):
         capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "learn_results.json").read_text())
-    tokens = sum(len(text) + 1 for text in ("the first note", "another line of text", "third"))  # bytes + EOS
-    assert summary["sequences"] == 3 and summary["tokens"] == tokens == 42
+    # A .txt file is cut at blank lines (--text_split paragraph, as hope-train): 2 texts, each + EOS.
+    tokens = sum(len(text) + 1 for text in ("the first note\nanother line of text", "third"))
+    assert summary["sequences"] == 2 and summary["tokens"] == tokens == 42
     assert summary["total_steps"] == {"0": 42 // 5 + 1, "1": 42 // 7}  # level 0's partial window is flushed
     learned = HopeForCausalLM.from_pretrained(out)
     assert not torch.equal(learned.model.layers[0].cms.levels[0].w_up, model.model.layers[0].cms.levels[0].w_up)
@@ -381,5 +383,8 @@ def test_hope_learn_cli(tmp_path):
     assert learn_main(["--model", str(tmp_path / "nope"), "--data", str(data)]) == 2
     assert learn_main(["--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "missing.txt"),
                        "--no_progress"]) == 2
+    assert learn_main(["--model", str(tmp_path / "ckpt"), "--data", str(data), "--text_split", "line", "--lr", "0",
+                       "--no_progress", "--output_dir", str(tmp_path / "lines")]) == 0
+    assert json.loads((tmp_path / "lines" / "learn_results.json").read_text())["sequences"] == 3
     assert learn_main(["--model", str(tmp_path / "ckpt"), "--data", str(data), "--levels", "5",
                        "--no_progress", "--output_dir", str(tmp_path / "x")]) == 2
