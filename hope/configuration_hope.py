@@ -35,6 +35,9 @@ class HopeConfig(PretrainedConfig):
     """Configuration of a Hope causal LM (SPEC §7); the names are the public API.
 
     Shape: vocab_size, hidden_size, num_hidden_layers, num_heads, mixer ("titans" | "attention"), conv_size.
+    Attention mixer (SPEC §4): num_key_value_heads (grouped-query attention: num_heads / num_key_value_heads
+    query heads share one key/value head; default num_heads), attention_qkv_bias (biases on the q, k and v
+    projections, the Qwen2 layout; default False). Both need mixer="attention".
     Titans mixer (SPEC §2 v2): chunk_size (the main memory's gradient state), adaptive_chunk_size (the
     generating memories', default chunk_size, a multiple of it), momentum (default False), dgd, objective
     ("l2" | "dot"), memory_target ("self" | "value"), memory_residual (default True: M(z) = z + W z),
@@ -45,7 +48,10 @@ class HopeConfig(PretrainedConfig):
     M(z) = z + W1 silu(W2 z) of Eq. 91), memory_hidden (h, the hidden width of the deep memory, default the head
     dim d; read only with memory_depth=2).
     CMS (SPEC §3): cms_chunk_sizes (a list, None = a level that never learns in context), cms_hidden_size,
-    cms_variant ("sequential" | "independent"), cms_objective ("l2" | "dot"), cms_eta_max, cms_decay;
+    cms_variant ("sequential" | "independent"), cms_objective ("l2" | "dot"), cms_eta_max, cms_decay,
+    cms_in_context (default True; False switches every level's in-context step off: each level then reads its
+    parameters θ_0 on every token, a plain SwiGLU FFN that keeps its chunk size, eta and target parameters, as
+    `hope.stack_levels` and `HopePreTrainedModel.set_cms_in_context` use it);
     the last three and cms_hidden_size take one value for all levels or a list with one per level;
     cms_eta_max to 1 / (C_l hidden_size) per level, and cms_hidden_size to
     8/3 hidden_size rounded up to 64.
@@ -62,6 +68,8 @@ class HopeConfig(PretrainedConfig):
         num_heads: int = 16,
         mixer: str = "titans",
         conv_size: int = 4,
+        num_key_value_heads: Optional[int] = None,
+        attention_qkv_bias: bool = False,
         chunk_size: int = 64,
         adaptive_chunk_size: Optional[int] = None,
         momentum: bool = False,
@@ -82,6 +90,7 @@ class HopeConfig(PretrainedConfig):
         cms_objective: str = "l2",
         cms_eta_max: Union[float, Sequence[float], None] = None,
         cms_decay: Union[float, Sequence[float]] = 0.0,
+        cms_in_context: bool = True,
         kernel_backend: str = "auto",
         tie_word_embeddings: bool = True,
         max_position_embeddings: int = 8192,
@@ -100,6 +109,8 @@ class HopeConfig(PretrainedConfig):
         self.num_heads = num_heads
         self.mixer = mixer
         self.conv_size = conv_size
+        self.num_key_value_heads = num_heads if num_key_value_heads is None else num_key_value_heads
+        self.attention_qkv_bias = attention_qkv_bias
         self.chunk_size = chunk_size
         self.adaptive_chunk_size = adaptive_chunk_size
         self.momentum = momentum
@@ -127,10 +138,12 @@ class HopeConfig(PretrainedConfig):
         self.cms_objective = cms_objective
         # A level sums C_l gradients taken at θ_c, and the inner loss's curvature grows with ||z||² = D:
         # eta_max = 1 / (C_l D) keeps the summed step inside the NLMS stability bound.
-        if cms_eta_max is None:
-            cms_eta_max = [1.0 / ((size or 1) * hidden_size) for size in self.cms_chunk_sizes]
+        if cms_eta_max is None:  # a malformed size is left to _validate, which names it
+            cms_eta_max = [1.0 / ((size if isinstance(size, int) and size > 0 else 1) * hidden_size)
+                           for size in self.cms_chunk_sizes]
         self.cms_eta_max = _per_level("cms_eta_max", cms_eta_max, levels, None)
         self.cms_decay = _per_level("cms_decay", cms_decay, levels, 0.0)
+        self.cms_in_context = cms_in_context
         self.kernel_backend = kernel_backend
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
@@ -168,6 +181,21 @@ class HopeConfig(PretrainedConfig):
                 "hidden_size must be divisible by num_heads"
             )
         choice("mixer", self.mixer, MIXERS)
+        positive_int("num_key_value_heads", self.num_key_value_heads)
+        if self.num_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads} is not allowed with num_heads={self.num_heads}: "
+                "num_heads must be a multiple of num_key_value_heads (grouped-query attention)"
+            )
+        for name in ("attention_qkv_bias", "cms_in_context"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: it must be True or False")
+        if self.mixer != "attention" and (self.num_key_value_heads != self.num_heads or self.attention_qkv_bias):
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads} / attention_qkv_bias={self.attention_qkv_bias} "
+                f"are not allowed with mixer={self.mixer!r}: they configure the attention mixer only (use "
+                "num_key_value_heads=num_heads and attention_qkv_bias=False, or mixer='attention')"
+            )
         choice("objective", self.objective, OBJECTIVES)
         choice("memory_target", self.memory_target, MEMORY_TARGETS)
         choice("cms_variant", self.cms_variant, CMS_VARIANTS)

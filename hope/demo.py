@@ -2,6 +2,7 @@
 
     python -m hope.train --demo                       # ~10 minutes on 2 CPU cores; a GPU is used when present
     python -m hope.train --demo --output-dir runs/x   # where the checkpoints and the loss-curve PNG go
+    python -m hope.train --demo --optim m3            # both models with the M3 optimizer (hope.optim)
 
 Both models are `HopeForCausalLM`s of the same width and depth, trained with the Hugging Face `Trainer` for the
 same steps, batch, learning rate and sequence length on CPython's help topics (`hope.data`), byte-level
@@ -59,6 +60,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None,
                         help="peak AdamW learning rate, cosine decay (default: the tiny preset's recipe, "
                              "hope.presets.training_defaults: 2e-3)")
+    parser.add_argument("--optim", default="adamw", choices=["adamw", "m3"],
+                        help="adamw (default), or m3: hope.optim.M3 on the hidden matrices, AdamW at --lr on the rest")
+    parser.add_argument("--m3-args", default="",
+                        help="M3 arguments with --optim m3, e.g. 'lr=3e-4,slow_chunk_size=100' (M3's defaults otherwise)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order (default 0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto = cuda (bf16 when supported) if available, else cpu")
@@ -221,21 +226,36 @@ def train_one(name: str, config, datasets, tokenizer, args, device, output_dir: 
         disable_tqdm=False,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=datasets["train"],
-                      data_collator=default_data_collator)
+                      data_collator=default_data_collator, optimizers=(demo_optimizer(model, args), None))
     trainer.remove_callback(ProgressCallback)
     for callback in make_callbacks(result, validation, eval_steps, args.batch_size, autocast_dtype):
         trainer.add_callback(callback)
-    print(f"\n== {LABELS[name]}: {result.parameters:,} parameters, {args.max_steps} steps of "
+    print(f"\n== {LABELS[name]}: {result.parameters:,} parameters, {args.optim}, {args.max_steps} steps of "
           f"{args.batch_size} x {args.seq_len} bytes on {device.type}{' (bf16)' if use_bf16 else ''}", flush=True)
     trainer.train()
     result.train_tokens = trainer.state.global_step * args.batch_size * args.seq_len
     result.final_val_loss = result.val_loss[-1][1]
     model = trainer.model
-    result.sample = generate_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.seed, device)
+    if math.isfinite(result.final_val_loss):
+        result.sample = generate_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.seed, device)
+    else:  # sampling from NaN logits would raise; the table reports the divergence
+        result.sample = "(no sample: the model diverged, its validation loss is not finite)"
     model.save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
     result.checkpoint = str(checkpoint)
     return result
+
+
+def demo_optimizer(model, args):
+    """None (the Trainer's AdamW) for --optim adamw; for m3, hope.optim.M3 with the AdamW part at --lr and the
+    demo's AdamW betas and weight decay."""
+    if args.optim == "adamw":
+        return None
+    from hope.optim import M3, m3_param_groups
+    from hope.train import parse_overrides
+
+    groups = m3_param_groups(model, adamw_lr=args.lr, weight_decay=0.01)
+    return M3(groups, adamw_betas=(0.9, 0.95), **parse_overrides(args.m3_args))
 
 
 def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: int, device) -> str:

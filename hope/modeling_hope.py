@@ -87,6 +87,20 @@ class HopePreTrainedModel(PreTrainedModel):
             save_remote_code(save_directory, self.config)  # sets config.auto_map before config.json is written
         return super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
 
+    def set_cms_in_context(self, enabled: bool) -> None:
+        """Switch every CMS level's in-context step on or off (config `cms_in_context`), between sequences.
+
+        Off, each level reads its parameters θ_0 on every token (a plain SwiGLU FFN); its chunk size, eta and
+        target parameters stay, so the steps can be switched back on. The config follows, so a checkpoint
+        saved afterwards loads in the same mode.
+        """
+        if not isinstance(enabled, bool):
+            raise ValueError(f"set_cms_in_context(enabled={enabled!r}): enabled must be True or False")
+        self.config.cms_in_context = enabled
+        for module in self.modules():
+            if isinstance(module, CMSLevel):
+                module.in_context = enabled
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         # Hope's state is not a key/value cache: generate() gets a HopeCache from the first forward instead.

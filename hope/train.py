@@ -7,6 +7,7 @@
     hope-train ... --resume_from_checkpoint last                                  # after an interruption
     torchrun --nproc_per_node 8 -m hope.train ...        accelerate launch -m hope.train ...   (DDP / FSDP)
     python -m hope.train --demo                                                   # the offline demo (hope.demo)
+    hope-train ... --optim m3 --optim_args "lr=3e-4,slow_chunk_size=100"           # the M3 optimizer (hope.optim)
 
 `--model` is a preset name (`hope.get_preset`: tiny, small, hope-340m/760m/1.3b, transformer-340m/...) or a
 checkpoint directory. A preset trains from scratch with its recipe (`hope.presets.training_defaults`: learning
@@ -325,6 +326,47 @@ def stop_on_interrupt_callback():
     return StopOnInterrupt()
 
 
+# ----------------------------------------------------------------------------------------- --optim m3
+
+
+def take_optim_m3(argv: Sequence[str]) -> tuple[list, bool]:
+    """(argv without `--optim m3`, whether it was there): "m3" is no TrainingArguments optimizer name, so it is
+    taken out before parsing; every other --optim value passes through to TrainingArguments."""
+    argv, kept, found = list(argv), [], False
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--optim" and i + 1 < len(argv) and argv[i + 1] == "m3":
+            found, i = True, i + 2
+        elif argv[i] == "--optim=m3":
+            found, i = True, i + 1
+        else:
+            kept.append(argv[i])
+            i += 1
+    return kept, found
+
+
+def m3_optimizer(model, training_args):
+    """`--optim m3`: hope.optim.M3 (Algorithm 1) on the hidden matrices, its AdamW fallback (embeddings, head,
+    norms, biases, convolution taps) at --learning_rate with --adam_beta1/2 and --adam_epsilon, --weight_decay
+    on both. --optim_args sets M3's own arguments (their defaults otherwise), e.g.
+    "lr=3e-4,slow_chunk_size=100,alpha=1.0,betas=(0.9,0.999,0.9),eps=1e-4,ns_steps=5"."""
+    import inspect
+
+    from hope.optim import M3, m3_param_groups
+
+    options = parse_overrides(training_args.optim_args)
+    allowed = sorted(set(inspect.signature(M3).parameters) - {"params", "weight_decay", "adamw_betas", "adamw_eps"})
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise UsageError(f"--optim_args {unknown} are not M3 options; allowed: {allowed}")
+    groups = m3_param_groups(model, adamw_lr=training_args.learning_rate, weight_decay=training_args.weight_decay)
+    try:
+        return M3(groups, adamw_betas=(training_args.adam_beta1, training_args.adam_beta2),
+                  adamw_eps=training_args.adam_epsilon, **options)
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"--optim m3: {error}") from None
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -360,9 +402,10 @@ def prepare_data(args: HopeTrainArguments, tokenizer, seed: int):
 
 
 def run(args: HopeTrainArguments, training_args, recipe: Optional[Dict[str, Any]] = None,
-        argv: Sequence[str] = ()) -> Dict[str, Any]:
+        argv: Sequence[str] = (), optim_m3: bool = False) -> Dict[str, Any]:
     """Load data and model, train, evaluate, save; returns the metrics (also written to all_results.json).
-    `recipe` and `argv` come from `parse_args`: what to report, and the command a Ctrl-C prints to resume."""
+    `recipe` and `argv` come from `parse_args`: what to report, and the command a Ctrl-C prints to resume;
+    `optim_m3`: train with hope.optim.M3 (`--optim m3`, see `m3_optimizer`)."""
     import threading
 
     from transformers import Trainer, default_data_collator, set_seed
@@ -399,7 +442,8 @@ def run(args: HopeTrainArguments, training_args, recipe: Optional[Dict[str, Any]
 
     stop = stop_on_interrupt_callback()
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=validation,
-                      data_collator=default_data_collator, processing_class=tokenizer, callbacks=[stop])
+                      data_collator=default_data_collator, processing_class=tokenizer, callbacks=[stop],
+                      optimizers=(m3_optimizer(model, training_args) if optim_m3 else None, None))
     if training_args.process_index == 0:
         parameters = sum(p.numel() for p in model.parameters())
         blocks = "streamed" if args.streaming else f"{len(train):,} blocks"
@@ -456,8 +500,11 @@ def run_command(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     threads_before = torch.get_num_threads()
     try:
+        argv, optim_m3 = take_optim_m3(argv)
         args, training_args, recipe, argv = parse_args(argv)
-        return run(args, training_args, recipe, argv)
+        if optim_m3:  # the resume command a Ctrl-C prints keeps the optimizer
+            argv = [*argv, "--optim", "m3"]
+        return run(args, training_args, recipe, argv, optim_m3=optim_m3)
     except (UsageError, DataError, FileNotFoundError) as error:
         print(f"hope-train: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

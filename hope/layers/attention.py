@@ -23,23 +23,28 @@ def flash_attn_available() -> bool:
 
 
 class AttentionMixer(nn.Module):
-    """x (B, T, D) -> causal softmax attention over x and the cached keys; the Transformer++ mixer."""
+    """x (B, T, D) -> causal softmax attention over x and the cached keys; the Transformer++ mixer.
+
+    With num_key_value_heads < num_heads it is grouped-query attention: k_proj and v_proj have H_kv * d outputs
+    and the KV cache holds H_kv heads (B, H_kv, T, d). attention_qkv_bias adds biases to q, k and v (Qwen2).
+    """
 
     def __init__(self, config):
         super().__init__()
-        D, H = config.hidden_size, config.num_heads
-        self.num_heads, self.head_dim = H, D // H
+        D, H, H_kv = config.hidden_size, config.num_heads, config.num_key_value_heads
+        self.num_heads, self.num_key_value_heads, self.head_dim = H, H_kv, D // H
         self.rope_theta = config.rope_theta
         self.max_position_embeddings = config.max_position_embeddings
-        self.q_proj = nn.Linear(D, D, bias=False)
-        self.k_proj = nn.Linear(D, D, bias=False)
-        self.v_proj = nn.Linear(D, D, bias=False)
+        bias = config.attention_qkv_bias
+        self.q_proj = nn.Linear(D, D, bias=bias)
+        self.k_proj = nn.Linear(D, H_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(D, H_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(D, D, bias=False)
 
     def forward(self, x: Tensor, valid: Optional[Tensor], cache: Optional[HopeLayerCache], start: int) -> Tensor:
         """x: (B, T, D) normed input; valid: (B, T) bool or None; start: position of x's first token."""
         B, T, D = x.shape
-        H, d = self.num_heads, self.head_dim
+        H, H_kv, d = self.num_heads, self.num_key_value_heads, self.head_dim
         if start + T > self.max_position_embeddings and not torch.compiler.is_compiling():
             # RoPE extrapolates past the positions the config declares; it runs, but the user should know. (One
             # message per model size: warning_once keys on the text.)
@@ -47,7 +52,8 @@ class AttentionMixer(nn.Module):
                 f"the attention mixer reads positions beyond max_position_embeddings={self.max_position_embeddings}, "
                 "the longest context the config declares: RoPE extrapolates there and quality may degrade"
             )
-        q, k, v = (proj(x).view(B, T, H, d).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q = self.q_proj(x).view(B, T, H, d).transpose(1, 2)
+        k, v = (proj(x).view(B, T, H_kv, d).transpose(1, 2) for proj in (self.k_proj, self.v_proj))
         cos, sin = rotary_tables(torch.arange(start, start + T, device=x.device), d, self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         key_valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid.bool()
@@ -67,6 +73,10 @@ class AttentionMixer(nn.Module):
             # flash-attn aligns the causal mask to the bottom right, which is what a KV cache needs.
             out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
             return self.o_proj(out.reshape(B, T, D))
+        if H_kv != H:
+            # Grouped-query attention: the cache keeps the H_kv heads; query head h reads key/value head
+            # h // (H / H_kv), the HF Llama layout (repeat_kv). flash-attn above takes the H_kv heads as they are.
+            k, v = k.repeat_interleave(H // H_kv, dim=1), v.repeat_interleave(H // H_kv, dim=1)
         if not padded and past == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:

@@ -19,12 +19,15 @@ class CMSLevel(nn.Module):
     """One level: MLP_θ(z) = W_down (silu(W_gate z) * (W_up z)), θ_0 = these parameters.
 
     With `chunk_size=None` it never learns in context: a plain SwiGLU FFN without eta or target parameters.
+    With `in_context=False` (config `cms_in_context`) a level with a chunk size takes no in-context step: it
+    reads θ_0 on every token, and keeps its eta and target parameters for when the steps are switched back on.
     """
 
     def __init__(self, hidden_size: int, ffn_size: int, chunk_size: Optional[int], eta_max: float, decay: float,
-                 objective: str, backend: str):
+                 objective: str, backend: str, in_context: bool):
         super().__init__()
         self.chunk_size, self.eta_max, self.decay, self.objective, self.backend = chunk_size, eta_max, decay, objective, backend
+        self.in_context = in_context
         self.w_gate = nn.Parameter(torch.empty(ffn_size, hidden_size))
         self.w_up = nn.Parameter(torch.empty(ffn_size, hidden_size))
         self.w_down = nn.Parameter(torch.empty(hidden_size, ffn_size))
@@ -40,7 +43,7 @@ class CMSLevel(nn.Module):
 
     def forward(self, z: Tensor, valid: Optional[Tensor], cache: Optional[HopeLayerCache], level: int) -> Tensor:
         """z: (B, T, D) normed level input -> (B, T, D)."""
-        if not self.learns_in_context:
+        if not (self.learns_in_context and self.in_context):
             return F.linear(F.silu(F.linear(z, self.w_gate)) * F.linear(z, self.w_up), self.w_down)
         params = (self.w_gate, self.w_up, self.w_down, self.p_v, self.w_eta, self.b_eta)
         kwargs = dict(chunk_size=self.chunk_size, eta_max=self.eta_max, objective=self.objective, decay=self.decay,
@@ -71,7 +74,7 @@ class CMS(nn.Module):
         D = config.hidden_size
         self.levels = nn.ModuleList(
             CMSLevel(D, config.cms_hidden_size[l], size, config.cms_eta_max[l], config.cms_decay[l],
-                     config.cms_objective, config.kernel_backend)
+                     config.cms_objective, config.kernel_backend, config.cms_in_context)
             for l, size in enumerate(config.cms_chunk_sizes)
         )
         if self.variant == "sequential":

@@ -164,3 +164,25 @@ def test_auto_config_for_model():
     config = AutoConfig.for_model("hope", hidden_size=32, num_heads=4, chunk_size=8)
     assert isinstance(config, HopeConfig)
     assert (config.hidden_size, config.num_heads, config.chunk_size, config.head_dim) == (32, 4, 8, 8)
+
+
+def test_attention_and_cms_switch_fields():
+    """num_key_value_heads (GQA), attention_qkv_bias and cms_in_context: defaults, validation, round trip."""
+    default = HopeConfig(hidden_size=32, num_heads=4)
+    assert (default.num_key_value_heads, default.attention_qkv_bias, default.cms_in_context) == (4, False, True)
+    gqa = HopeConfig(hidden_size=32, num_heads=4, num_key_value_heads=2, attention_qkv_bias=True, mixer="attention",
+                     cms_in_context=False)
+    again = HopeConfig.from_dict(gqa.to_dict())
+    assert (again.num_key_value_heads, again.attention_qkv_bias, again.cms_in_context) == (2, True, False)
+    _raises(["num_key_value_heads=3", "num_heads=4", "multiple"], hidden_size=32, num_heads=4,
+            num_key_value_heads=3, mixer="attention")
+    _raises(["num_key_value_heads", "positive"], num_key_value_heads=0, mixer="attention")
+    _raises(["num_key_value_heads=2", "mixer='titans'", "attention"], hidden_size=32, num_heads=4,
+            num_key_value_heads=2)
+    _raises(["attention_qkv_bias=True", "mixer='titans'"], attention_qkv_bias=True)
+    _raises(["attention_qkv_bias", "True or False"], attention_qkv_bias="yes", mixer="attention")
+    _raises(["cms_in_context", "True or False"], cms_in_context=0)
+
+
+def test_a_malformed_cms_chunk_size_is_named_not_a_type_error():
+    _raises(["cms_chunk_sizes[1]", "'slow'", "positive"], cms_chunk_sizes=[16, "slow", None])

@@ -16,6 +16,7 @@ VARIANTS = {
     "titans": {"cms_chunk_sizes": [None]},  # titans + plain FFN
     "transformer++": {"mixer": "attention", "cms_chunk_sizes": [None]},
     "hope_attention": {"mixer": "attention"},
+    "gqa": {"mixer": "attention", "num_key_value_heads": 1, "attention_qkv_bias": True},  # MQA + Qwen2 biases
     "independent": {"cms_variant": "independent"},
     "dot": {"objective": "dot", "cms_objective": "dot"},
     "value_target": {"memory_target": "value"},
