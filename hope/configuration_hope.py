@@ -16,7 +16,7 @@ CMS_VARIANTS = ("sequential", "independent")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 # The default bound on the Titans memories' eta (SPEC §2 v2): the delta-rule transition alpha (I - eta/alpha k kᵀ)
 # contracts for 0 < eta < 1 + alpha; 1.0 is the largest value the stability figures
-# (benchmarks/titans_stability.py, docs/titans_stability.md) show safe.
+# (benchmarks/titans_stability.py, docs/stability/titans_stability.md) show safe.
 ETA_MAX = 1.0
 
 
@@ -51,10 +51,9 @@ class HopeConfig(PretrainedConfig):
     cms_variant ("sequential" | "independent"), cms_objective ("l2" | "dot"), cms_eta_max, cms_decay,
     cms_in_context (default True; False switches every level's in-context step off: each level then reads its
     parameters θ_0 on every token, a plain SwiGLU FFN that keeps its chunk size, eta and target parameters, as
-    `hope.stack_levels` and `HopePreTrainedModel.set_cms_in_context` use it);
-    the last three and cms_hidden_size take one value for all levels or a list with one per level;
-    cms_eta_max to 1 / (C_l hidden_size) per level, and cms_hidden_size to
-    8/3 hidden_size rounded up to 64.
+    `hope.stack_levels` and `HopePreTrainedModel.set_cms_in_context` use it); cms_hidden_size, cms_eta_max and
+    cms_decay take one value for all levels or a list with one per level; cms_eta_max defaults to
+    1 / (C_l hidden_size) per level, and cms_hidden_size to 8/3 hidden_size rounded up to 64.
     Execution: kernel_backend ("auto" | "triton" | "torch"), tie_word_embeddings, max_position_embeddings.
     """
 

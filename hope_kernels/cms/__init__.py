@@ -51,7 +51,8 @@ def cms_level(
 ) -> tuple[Tensor, CMSState | None]:
     """One CMS level over z (B, T, D); see `cms_level_reference` for the arguments and shapes.
 
-    backend: "auto" (Triton on CUDA once a kernel exists, the PyTorch reference otherwise), "torch" or "triton".
+    backend: "auto" (Triton on CUDA once a kernel exists and has been verified on a GPU, `GPU_VERIFIED`; the
+        PyTorch reference otherwise), "torch" or "triton".
     """
     kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, objective=objective, decay=decay, mask=mask,
                   state=state, output_final_state=output_final_state)

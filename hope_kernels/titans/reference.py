@@ -28,7 +28,7 @@ Every row shares the transition, so a chunk is a gated delta rule over 3d+2 valu
 once the chunk starts (`delta_rule_*` below, also used by the deep memory). W's chunk start moves every
 `chunk_size` tokens; the generating memories' (and so k, v, eta, alpha) every `adaptive_chunk_size` tokens.
 
-Three functions with one semantics:
+Two functions with one semantics:
 - `titans_memory_reference`: the chunked form (WY / UT representation inside a chunk), vectorised over batch and
   heads, a Python loop over chunks only. What the model runs on CPU and what the kernels are checked against.
 - `titans_memory_step_reference`: one decode token, the per-token recurrence.

@@ -336,7 +336,7 @@ def test_hope_train_rejects_unknown_m3_options(tmp_path, corpus, capsys):
 def test_the_demo_trains_both_models_with_m3(tmp_path, capsys):
     from hope.demo import main as demo_main
 
-    results = demo_main(["--demo", "--tiny", "--max-steps", "2", "--device", "cpu", "--threads", "1",
+    results = demo_main(["--demo", "--tiny", "--max-steps", "2", "--device", "cpu", "--num-threads", "1",
                          "--output-dir", str(tmp_path), "--optim", "m3", "--m3-args", "slow_chunk_size=1"])
     out = capsys.readouterr().out
     assert out.count(", m3, 2 steps of") == 2, out
