@@ -48,7 +48,7 @@ def _cases() -> list:
 
 @pytest.mark.parametrize("op, backend, shape, mode", _cases())
 def test_op(benchmark, op: str, backend: str, shape: dict, mode: str) -> None:
-    reason = W.backend_unavailable_reason(backend, DEVICE)
+    reason = W.backend_unavailable_reason(backend, DEVICE, op=op)
     if reason:
         pytest.skip(reason)
     run = W.op_case(op, backend, shape, mode, DTYPE, DEVICE)

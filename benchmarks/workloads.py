@@ -82,8 +82,9 @@ def _import(path: str) -> Callable:
 # ------------------------------------------------------------------------------------------- backends
 
 
-def backend_unavailable_reason(backend: str, device: torch.device, allow_interpreter: bool = False) -> Optional[str]:
-    """Why `backend` cannot run on `device` here, or None when it can.
+def backend_unavailable_reason(backend: str, device: torch.device, allow_interpreter: bool = False,
+                               op: Optional[str] = None) -> Optional[str]:
+    """Why `backend` cannot run `op` (any op when None) on `device` here, or None when it can.
 
     Triton kernels need CUDA; on CPU they run only in Triton's interpreter (TRITON_INTERPRET=1), which is a
     correctness tool, far too slow to time: `allow_interpreter` callers (the GPU suite's dry run, which only
@@ -94,6 +95,10 @@ def backend_unavailable_reason(backend: str, device: torch.device, allow_interpr
     if backend not in OP_BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {OP_BACKENDS}")
     if backend == "triton":
+        if op is not None:
+            package = importlib.import_module(FAMILIES[chunked_op(op)].reference.rsplit(".", 1)[0])
+            if not package.HAS_TRITON:
+                return f"{package.__name__} has no Triton kernel yet"
         if not triton_available():
             return "triton is not installed"
         if device.type != "cuda":

@@ -12,6 +12,7 @@ MEMORY_TARGETS = ("self", "value")
 MEMORY_DEPTHS = (1, 2)
 ADAPTIVE = ("k", "v", "eta", "alpha")
 CMS_VARIANTS = ("sequential", "independent")
+CMS_STEPS = ("gn", "gn_token", "nlms", "trust", "lact", "v1")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 
 
@@ -67,6 +68,7 @@ class HopeConfig(PretrainedConfig):
         cms_objective: str = "l2",
         cms_eta_max: Union[float, Sequence[float], None] = None,
         cms_decay: Union[float, Sequence[float]] = 0.0,
+        cms_step: str = "gn",
         kernel_backend: str = "auto",
         tie_word_embeddings: bool = True,
         max_position_embeddings: int = 8192,
@@ -108,8 +110,12 @@ class HopeConfig(PretrainedConfig):
         self.cms_objective = cms_objective
         # A level sums C_l gradients taken at θ_c, and the inner loss's curvature grows with ||z||² = D:
         # eta_max = 1 / (C_l D) keeps the summed step inside the NLMS stability bound.
+        self.cms_step = cms_step
         if cms_eta_max is None:
-            cms_eta_max = [1.0 / ((size or 1) * hidden_size) for size in self.cms_chunk_sizes]
+            if cms_step in ("v1", "trust", "lact"):
+                cms_eta_max = [1.0 / ((size or 1) * hidden_size) for size in self.cms_chunk_sizes]
+            else:
+                cms_eta_max = 1.0
         self.cms_eta_max = _per_level("cms_eta_max", cms_eta_max, levels, None)
         self.cms_decay = _per_level("cms_decay", cms_decay, levels, 0.0)
         self.kernel_backend = kernel_backend
@@ -153,6 +159,7 @@ class HopeConfig(PretrainedConfig):
         choice("memory_target", self.memory_target, MEMORY_TARGETS)
         choice("cms_variant", self.cms_variant, CMS_VARIANTS)
         choice("cms_objective", self.cms_objective, OBJECTIVES)
+        choice("cms_step", self.cms_step, CMS_STEPS)
         choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         if isinstance(self.memory_depth, bool) or self.memory_depth not in MEMORY_DEPTHS:
             raise ValueError(

@@ -22,9 +22,10 @@ class CMSLevel(nn.Module):
     """
 
     def __init__(self, hidden_size: int, ffn_size: int, chunk_size: Optional[int], eta_max: float, decay: float,
-                 objective: str, backend: str):
+                 objective: str, step: str, backend: str):
         super().__init__()
         self.chunk_size, self.eta_max, self.decay, self.objective, self.backend = chunk_size, eta_max, decay, objective, backend
+        self.step = step
         self.w_gate = nn.Parameter(torch.empty(ffn_size, hidden_size))
         self.w_up = nn.Parameter(torch.empty(ffn_size, hidden_size))
         self.w_down = nn.Parameter(torch.empty(hidden_size, ffn_size))
@@ -43,7 +44,7 @@ class CMSLevel(nn.Module):
             return F.linear(F.silu(F.linear(z, self.w_gate)) * F.linear(z, self.w_up), self.w_down)
         params = (self.w_gate, self.w_up, self.w_down, self.p_v, self.w_eta, self.b_eta)
         kwargs = dict(chunk_size=self.chunk_size, eta_max=self.eta_max, objective=self.objective, decay=self.decay,
-                      backend=self.backend)
+                      step=self.step, backend=self.backend)
         if cache is None:
             y, _ = cms_level(z, *params, mask=valid, **kwargs)
             return y
@@ -70,7 +71,7 @@ class CMS(nn.Module):
         D = config.hidden_size
         self.levels = nn.ModuleList(
             CMSLevel(D, config.cms_hidden_size[l], size, config.cms_eta_max[l], config.cms_decay[l],
-                     config.cms_objective, config.kernel_backend)
+                     config.cms_objective, config.cms_step, config.kernel_backend)
             for l, size in enumerate(config.cms_chunk_sizes)
         )
         if self.variant == "sequential":

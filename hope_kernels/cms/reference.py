@@ -40,6 +40,8 @@ from torch import Tensor
 from hope_kernels._dispatch import compute_dtype
 
 OBJECTIVES = ("l2", "dot")
+STEPS = ("gn", "gn_token", "nlms", "trust", "lact", "v1")
+TRUST_RHO = 0.1
 
 
 class CMSState(NamedTuple):
@@ -51,6 +53,8 @@ class CMSState(NamedTuple):
     grad_gate: (B, F, D) Σ eta_t ∇ℓ_t(θ_c) over the tokens already seen in the chunk in progress;
     grad_up:   (B, F, D)   zeros right after a chunk boundary, where the update has been applied.
     grad_down: (B, D, F)
+    curvature_sum: (B, 3) the step normalisation's running sums of this chunk for W_gate, W_up, W_down
+               (SPEC §3 v2 N_c: Σ_t mask_t κ_t); zeros right after a chunk boundary.
     position:  tokens consumed so far; the chunk phase is position % chunk_size.
     chunk_has_valid: (B,) bool, whether a valid (mask = 1) token of the chunk in progress has been consumed,
                i.e. whether Eq. 31's retention pull applies when that chunk closes (SPEC §5: a chunk that is
@@ -63,8 +67,13 @@ class CMSState(NamedTuple):
     grad_gate: Tensor
     grad_up: Tensor
     grad_down: Tensor
+    curvature_sum: Tensor
     position: int
     chunk_has_valid: Tensor
+
+
+# The CMSState fields that are tensors of the compute dtype: θ_c and the chunk's running sums.
+STATE_TENSORS = CMSState._fields[:7]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,6 +98,7 @@ def _validate(
     decay: float,
     mask: Tensor | None,
     state: CMSState | None,
+    step: str = "gn",
 ) -> tuple[int, int, int, int]:
     """Raise ValueError on any bad argument; return (B, T, D, F). `z` is (B, T, D) here."""
     named = {"z": z, "w_gate": w_gate, "w_up": w_up, "w_down": w_down, "p_v": p_v, "w_eta": w_eta, "b_eta": b_eta}
@@ -117,6 +127,8 @@ def _validate(
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
+    if step not in STEPS:
+        raise ValueError(f"step={step!r} is not one of {STEPS}")
     if not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
     if not isinstance(eta_max, (int, float)) or not (eta_max > 0 and math.isfinite(eta_max)):
@@ -140,7 +152,7 @@ def _validate(
             raise ValueError(f"state must be a CMSState or None, got {type(state).__name__}")
         expected = {
             "w_gate": (B, Fh, D), "w_up": (B, Fh, D), "w_down": (B, D, Fh),
-            "grad_gate": (B, Fh, D), "grad_up": (B, Fh, D), "grad_down": (B, D, Fh),
+            "grad_gate": (B, Fh, D), "grad_up": (B, Fh, D), "grad_down": (B, D, Fh), "curvature_sum": (B, 3),
         }
         for name, shape in expected.items():
             t = getattr(state, name)
@@ -177,11 +189,27 @@ def _no_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _curvature(z: Tensor, a: Tensor, b: Tensor, s: Tensor, ds: Tensor, h: Tensor, w_down: Tensor) -> Tensor:
+    """κ_t = ‖z_t‖² + N_t (B, L): the Gauss-Newton bound on the curvature of ℓ_t in θ (SPEC §3 v2, N_c).
+
+    J_t = ∂y_t/∂θ; N_t = ‖h_t‖² + ‖z_t‖² Σ_f r_f² ‖W_down[:, f]‖², r_f² = silu(a_f)² + (b_f silu'(a_f))², bounds
+    λ_max(J_t J_tᵀ) from above: the W_down block is ‖h_t‖² I exactly, the W_gate and W_up blocks by their traces.
+    ‖z_t‖² is the damping: it keeps the step at or below the v1 step 1/‖z_t‖² for unit-scale features.
+    z: (B, L, D); a, b, s = silu(a), ds = silu'(a), h: (B, L, F); w_down: (D, F) or (B, D, F).
+    """
+    zz = z.pow(2).sum(-1)
+    col = w_down.pow(2).sum(-2)  # (F,) or (B, F): ‖W_down[:, f]‖²
+    r2 = s * s + (b * ds).pow(2)
+    col_term = r2 @ col if col.dim() == 1 else (r2 * col[:, None, :]).sum(-1)
+    return zz + h.pow(2).sum(-1) + zz * col_term
+
+
 def _chunk_piece(
     z: Tensor,
     mask: Tensor | None,
     theta: tuple[Tensor, Tensor, Tensor],
     grads: tuple[Tensor, Tensor, Tensor] | None,
+    curv: Tensor | None,
     seen: Tensor,
     theta0: tuple[Tensor, Tensor, Tensor],
     p_v: Tensor,
@@ -191,21 +219,24 @@ def _chunk_piece(
     eta_max: float,
     objective: str,
     decay: float,
+    step: str,
+    chunk_size: int,
     learn: bool,
     closes_chunk: bool,
-) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor] | None, Tensor]:
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor] | None, Tensor | None, Tensor]:
     """Process L consecutive tokens that all lie in one chunk c.
 
     z: (B, L, D); mask: (B, L) in the compute dtype or None.
     theta: θ_c, either shared (F, D), (F, D), (D, F) (θ_0 before any update, read with one plain matmul
            over the batch) or per sequence (B, F, D), (B, F, D), (B, D, F).
     grads: the chunk's running Σ eta_t ∇ℓ_t(θ_c) so far, (B, F, D), (B, F, D), (B, D, F), or None for zeros.
+    curv: the chunk's running normaliser sums (B, 3) (per weight gate, up, down), or None for zeros.
     seen: (B,) bool, whether chunk c has had a valid token before this piece (CMSState.chunk_has_valid).
     learn: compute this piece's inner gradients, and apply Eq. 31's update if the piece closes its chunk;
            False when nobody will read the result, so the piece is only read.
     closes_chunk: the piece ends on a chunk boundary.
 
-    Returns y (B, L, D) and the (θ, grads, seen) to carry on: θ_{c+1}, None and all False after a boundary.
+    Returns y (B, L, D) and the (θ, grads, curv, seen) to carry on: θ_{c+1}, None, None, all False after a boundary.
     """
     w_gate, w_up, w_down = theta
     # Read: every token of the chunk uses θ_c (Eq. 31), which makes the chunk one batch of matmuls.
@@ -215,12 +246,18 @@ def _chunk_piece(
     h = s * b
     y = h @ w_down.mT  # (B, L, D)
     if not learn:
-        return y, theta, grads, seen
+        return y, theta, grads, curv, seen
 
     # eta_t = eta_max sigmoid(z_t·w_eta + b_eta) (SPEC §3), zero on masked tokens so they change no state (§5).
     eta = eta_max * torch.sigmoid(z @ w_eta + b_eta)  # (B, L)
-    if mask is not None:
-        eta = eta * mask
+    valid = torch.ones_like(eta) if mask is None else mask
+    eta = eta * valid
+    sig = torch.sigmoid(a)
+    ds = sig + s * (1 - sig)  # silu'(a) = σ(a) (1 + a (1 - σ(a))) = σ(a) + silu(a) (1 - σ(a))
+    if step in ("gn", "gn_token"):
+        kappa = _curvature(z, a, b, s, ds, h, w_down)  # (B, L)
+    if step == "gn_token":
+        eta = eta / (chunk_size * kappa)
     target = z @ p_v  # (B, L, D)  z_t P_v
     # e_t = dℓ_t/dy_t: y_t - target_t for l2, -target_t for dot. Every gradient below is linear in e_t,
     # so eta_t is folded in once here instead of weighting three per-token outer products.
@@ -231,36 +268,65 @@ def _chunk_piece(
     # second order included (SPEC §3 "Gradient").
     g_down = e.mT @ h  # (B, D, F)  Σ_t eta_t e_t h_tᵀ
     dh = e @ w_down  # (B, L, F)
-    sig = torch.sigmoid(a)
-    da = dh * b * (sig + s * (1 - sig))  # silu'(a) = σ(a) (1 + a (1 - σ(a))) = σ(a) + silu(a) (1 - σ(a))
+    da = dh * b * ds
     db = dh * s
     g_gate = da.mT @ z  # (B, F, D)  Σ_t eta_t da_t z_tᵀ
     g_up = db.mT @ z  # (B, F, D)
     piece = (g_gate, g_up, g_down)
     grads = piece if grads is None else tuple(g + p for g, p in zip(grads, piece))
+    if step == "gn":
+        c = (valid * kappa).sum(1)
+        piece_curv = torch.stack([c, c, c], -1)
+    elif step == "nlms":
+        zz = (valid * z.pow(2).sum(-1)).sum(1)
+        piece_curv = torch.stack([zz, zz, (valid * h.pow(2).sum(-1)).sum(1)], -1)
+    else:
+        piece_curv = None
+    if piece_curv is not None:
+        curv = piece_curv if curv is None else curv + piece_curv
     seen = torch.ones_like(seen) if mask is None else seen | (mask > 0).any(dim=1)
 
     if closes_chunk:
-        # θ_{c+1} = θ_c - decay_c (θ_c - θ_0) - Σ_{t in c} eta_t ∇ℓ_t(θ_c)   (Eq. 31 with SPEC's retention pull)
+        # θ_{c+1} = θ_c - decay_c (θ_c - θ_0) - Δ_c   (Eq. 31 with SPEC's retention pull and v2 step N_c)
         # decay_c = decay only if chunk c held a valid token: a chunk of padding changes no state (SPEC §5).
+        if step in ("gn", "nlms"):
+            # A chunk without a valid token has G = 0 and N = 0: divide by 1 (a clamp would make the backward 0/0).
+            curv = torch.where(curv > 0, curv, torch.ones_like(curv))
+            delta = tuple(g / curv[:, i, None, None] for i, g in enumerate(grads))
+        elif step == "trust":
+            delta = []
+            for g, w0 in zip(grads, theta0):
+                gn = torch.linalg.vector_norm(g, dim=(-2, -1)).clamp_min(torch.finfo(z.dtype).tiny)
+                scale = torch.clamp(TRUST_RHO * torch.linalg.vector_norm(w0) / gn, max=1.0)
+                delta.append(g * scale[:, None, None])
+            delta = tuple(delta)
+        else:
+            delta = grads
         if decay:
             lam = decay * seen.to(z.dtype)[:, None, None]  # (B, 1, 1)
             theta = tuple(w - lam * (w - w0) for w, w0 in zip(theta, theta0))
-        theta = tuple(w - g for w, g in zip(theta, grads))
+        theta = tuple(w - d for w, d in zip(theta, delta))
+        if step == "lact":
+            tiny = torch.finfo(z.dtype).tiny
+            theta = tuple(w / torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(tiny)
+                          * torch.linalg.vector_norm(w0, dim=-1, keepdim=True) for w, w0 in zip(theta, theta0))
         grads = None
+        curv = None
         seen = torch.zeros_like(seen)
-    return y, theta, grads, seen
+    return y, theta, grads, curv, seen
 
 
 def _final_state(
-    theta: tuple[Tensor, Tensor, Tensor], grads: tuple[Tensor, Tensor, Tensor] | None, seen: Tensor, B: int,
-    position: int,
+    theta: tuple[Tensor, Tensor, Tensor], grads: tuple[Tensor, Tensor, Tensor] | None, curv: Tensor | None,
+    seen: Tensor, B: int, position: int,
 ) -> CMSState:
     """Package (θ_c, running sums, seen (B,) bool) as per-sequence (B, ...) tensors; None sums mean zeros."""
     theta = tuple(w if w.dim() == 3 else w.expand(B, -1, -1).contiguous() for w in theta)
     if grads is None:
         grads = tuple(torch.zeros_like(w) for w in theta)
-    return CMSState(*theta, *grads, position=position, chunk_has_valid=seen)
+    if curv is None:
+        curv = theta[0].new_zeros(B, 3)
+    return CMSState(*theta, *grads, curv, position=position, chunk_has_valid=seen)
 
 
 def _cast_inputs(
@@ -273,17 +339,18 @@ def _cast_inputs(
     b_eta = b_eta.to(dt).reshape(())
     mask = None if mask is None else mask.to(dt)
     if state is not None:
-        state = state._replace(**{name: getattr(state, name).to(dt) for name in CMSState._fields[:6]})
+        state = state._replace(**{name: getattr(state, name).to(dt) for name in STATE_TENSORS})
     return z.to(dt), params, b_eta, mask, state
 
 
 def _initial(
     theta0: tuple[Tensor, Tensor, Tensor], state: CMSState | None, B: int
-) -> tuple[int, tuple[Tensor, ...], tuple[Tensor, ...] | None, Tensor]:
-    """(position, θ, running sums or None, chunk_has_valid (B,) bool) to start from: the state, or θ_0 at 0."""
+) -> tuple[int, tuple[Tensor, ...], tuple[Tensor, ...] | None, Tensor | None, Tensor]:
+    """(position, θ, running sums or None, curvature sums or None, chunk_has_valid (B,) bool) to start from:
+    the state, or θ_0 at 0."""
     if state is None:
-        return 0, theta0, None, torch.zeros(B, dtype=torch.bool, device=theta0[0].device)
-    return state.position, tuple(state[:3]), tuple(state[3:6]), state.chunk_has_valid
+        return 0, theta0, None, None, torch.zeros(B, dtype=torch.bool, device=theta0[0].device)
+    return state.position, tuple(state[:3]), tuple(state[3:6]), state.curvature_sum, state.chunk_has_valid
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,6 +370,7 @@ def cms_level_reference(
     eta_max: float,
     objective: str = "l2",
     decay: float = 0.0,
+    step: str = "gn",
     mask: Tensor | None = None,
     state: CMSState | None = None,
     output_final_state: bool = False,
@@ -328,7 +396,7 @@ def cms_level_reference(
     The state is in fp32 (fp64 for fp64 z); the outer gradient is exact w.r.t. every tensor input.
     """
     B, T, D, Fh = _validate(
-        z, w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay, mask, state
+        z, w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay, mask, state, step
     )
     out_dtype = z.dtype
     with _no_autocast(z.device):
@@ -336,7 +404,7 @@ def cms_level_reference(
             z, w_gate, w_up, w_down, p_v, w_eta, b_eta, mask, state
         )
         theta0 = (w_gate, w_up, w_down)
-        start, theta, grads, seen = _initial(theta0, state, B)
+        start, theta, grads, curv, seen = _initial(theta0, state, B)
 
         ys = []
         t = 0
@@ -346,18 +414,18 @@ def cms_level_reference(
             # What the last piece learns is only read through the returned state: without one, skip its inner
             # gradients. With no state and C >= T this makes the level a plain FFN at the cost of one.
             learn = output_final_state or t + length < T
-            y, theta, grads, seen = _chunk_piece(
+            y, theta, grads, curv, seen = _chunk_piece(
                 z[:, t : t + length],
                 None if mask is None else mask[:, t : t + length],
-                theta, grads, seen, theta0, p_v, w_eta, b_eta,
-                eta_max=eta_max, objective=objective, decay=decay,
+                theta, grads, curv, seen, theta0, p_v, w_eta, b_eta,
+                eta_max=eta_max, objective=objective, decay=decay, step=step, chunk_size=chunk_size,
                 learn=learn, closes_chunk=phase + length == chunk_size,
             )
             ys.append(y)
             t += length
 
         y = torch.cat(ys, dim=1) if ys else z.new_zeros(B, 0, D)
-        final = _final_state(theta, grads, seen, B, start + T) if output_final_state else None
+        final = _final_state(theta, grads, curv, seen, B, start + T) if output_final_state else None
     return y.to(out_dtype), final
 
 
@@ -374,6 +442,7 @@ def cms_level_step_reference(
     eta_max: float,
     objective: str = "l2",
     decay: float = 0.0,
+    step: str = "gn",
     mask: Tensor | None = None,
     state: CMSState | None,
 ) -> tuple[Tensor, CMSState]:
@@ -397,7 +466,7 @@ def cms_level_step_reference(
     z = z_t.unsqueeze(1)
     mask = None if mask is None else mask.unsqueeze(1)
     B, _, D, Fh = _validate(
-        z, w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay, mask, state
+        z, w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay, mask, state, step
     )
     out_dtype = z_t.dtype
     with _no_autocast(z.device):
@@ -405,13 +474,13 @@ def cms_level_step_reference(
             z, w_gate, w_up, w_down, p_v, w_eta, b_eta, mask, state
         )
         theta0 = (w_gate, w_up, w_down)
-        position, theta, grads, seen = _initial(theta0, state, B)
-        y, theta, grads, seen = _chunk_piece(
-            z, mask, theta, grads, seen, theta0, p_v, w_eta, b_eta,
-            eta_max=eta_max, objective=objective, decay=decay,
+        position, theta, grads, curv, seen = _initial(theta0, state, B)
+        y, theta, grads, curv, seen = _chunk_piece(
+            z, mask, theta, grads, curv, seen, theta0, p_v, w_eta, b_eta,
+            eta_max=eta_max, objective=objective, decay=decay, step=step, chunk_size=chunk_size,
             learn=True, closes_chunk=(position + 1) % chunk_size == 0,
         )
-        final = _final_state(theta, grads, seen, B, position + 1)
+        final = _final_state(theta, grads, curv, seen, B, position + 1)
     return y.squeeze(1).to(out_dtype), final
 
 
@@ -428,6 +497,7 @@ def cms_level_naive(
     eta_max: float,
     objective: str = "l2",
     decay: float = 0.0,
+    step: str = "gn",
     mask: Tensor | None = None,
     state: CMSState | None = None,
     output_final_state: bool = False,
@@ -438,7 +508,7 @@ def cms_level_naive(
     hand-written SwiGLU backprop and the chunk bookkeeping. Slow: tests only.
     """
     B, T, D, Fh = _validate(
-        z, w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay, mask, state
+        z, w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay, mask, state, step
     )
     dt = compute_dtype(z.dtype)
     out_dtype = z.dtype
@@ -450,12 +520,15 @@ def cms_level_naive(
         position = 0
         theta = list(theta0)
         grads = [torch.zeros_like(w) for w in theta0]
+        curv = z.new_zeros(B, 3)
         seen = torch.zeros(B, dtype=torch.bool, device=z.device)
     else:
         position = state.position
         theta = [w.to(dt) for w in state[:3]]
         grads = [g.to(dt) for g in state[3:6]]
+        curv = state.curvature_sum.to(dt)
         seen = state.chunk_has_valid
+    tiny = torch.finfo(dt).tiny
 
     ys = []
     with torch.enable_grad():  # the inner loop is a gradient step, whatever the caller's grad mode
@@ -465,7 +538,8 @@ def cms_level_naive(
             th = [w if w.requires_grad else w.detach().requires_grad_() for w in theta]
             a = torch.einsum("bfd,bd->bf", th[0], z_t)
             b = torch.einsum("bfd,bd->bf", th[1], z_t)
-            y_t = torch.einsum("bdf,bf->bd", th[2], F.silu(a) * b)  # MLP_{θ_c}(z_t)
+            h = F.silu(a) * b
+            y_t = torch.einsum("bdf,bf->bd", th[2], h)  # MLP_{θ_c}(z_t)
             target = z_t @ p_v
             if objective == "l2":
                 loss = 0.5 * ((y_t - target) ** 2).sum(-1)  # ℓ_t = ½ ||MLP(z_t) - z_t P_v||²
@@ -474,18 +548,43 @@ def cms_level_naive(
             # Sequences do not share θ, so the gradient of the batch sum is each sequence's own ∇ℓ_t.
             inner = torch.autograd.grad(loss.sum(), th, create_graph=True)
             eta = eta_max * torch.sigmoid(z_t @ w_eta + b_eta) * valid[:, t]  # (B,)
+            if step in ("gn", "gn_token"):
+                # κ_t = ‖z_t‖² + λ_max(J_down J_downᵀ) + tr(J_gate J_gateᵀ) + tr(J_up J_upᵀ), J = ∂y_t/∂θ row by
+                # row from autograd; J_down J_downᵀ = ‖h_t‖² I, so its λ_max is its trace / D.
+                rows = [torch.autograd.grad(y_t[:, i].sum(), th, create_graph=True) for i in range(D)]
+                traces = [sum(r[k].pow(2).sum((-2, -1)) for r in rows) for k in range(3)]
+                kappa = z_t.pow(2).sum(-1) + traces[0] + traces[1] + traces[2] / D
+                if step == "gn_token":
+                    eta = eta / (chunk_size * kappa)
+                else:
+                    curv = curv + (valid[:, t] * kappa)[:, None]
+            elif step == "nlms":
+                zz = valid[:, t] * z_t.pow(2).sum(-1)
+                curv = curv + torch.stack([zz, zz, valid[:, t] * h.pow(2).sum(-1)], -1)
             grads = [g + eta[:, None, None] * d for g, d in zip(grads, inner)]
             seen = seen | (valid[:, t] > 0)
             ys.append(y_t)
             if (position + t + 1) % chunk_size == 0:  # token t closes its chunk: Eq. 31
+                if step in ("gn", "nlms"):
+                    denominator = torch.where(curv > 0, curv, torch.ones_like(curv))
+                    delta = [g / denominator[:, k, None, None] for k, g in enumerate(grads)]
+                elif step == "trust":
+                    delta = [g * torch.clamp(TRUST_RHO * w0[0].norm() / g.flatten(1).norm(dim=1).clamp_min(tiny),
+                                             max=1.0)[:, None, None] for g, w0 in zip(grads, theta0)]
+                else:
+                    delta = grads
                 # the pull applies only to a chunk that held a valid token (SPEC §5: padding changes no state)
                 lam = decay * seen.to(dt)[:, None, None]
-                theta = [w - lam * (w - w0) - g for w, w0, g in zip(theta, theta0, grads)]
+                theta = [w - lam * (w - w0) - d for w, w0, d in zip(theta, theta0, delta)]
+                if step == "lact":
+                    theta = [w * (w0.norm(dim=-1, keepdim=True) / w.norm(dim=-1, keepdim=True).clamp_min(tiny))
+                             for w, w0 in zip(theta, theta0)]
                 grads = [torch.zeros_like(g) for g in grads]
+                curv = torch.zeros_like(curv)
                 seen = torch.zeros_like(seen)
 
     y = torch.stack(ys, dim=1) if ys else z.new_zeros(B, 0, D)
     final = None
     if output_final_state:
-        final = CMSState(*theta, *grads, position=position + T, chunk_has_valid=seen)
+        final = CMSState(*theta, *grads, curv, position=position + T, chunk_has_valid=seen)
     return y.to(out_dtype), final

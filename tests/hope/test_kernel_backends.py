@@ -18,8 +18,6 @@ CASES = {
     # name: (variant overrides, ops it needs)
     "cms_sequential": (dict(mixer="attention", cms_variant="sequential"), ["cms"]),
     "cms_independent": (dict(mixer="attention", cms_variant="independent"), ["cms"]),
-    "hope": (dict(), ["titans", "cms"]),
-    "hope_deep": (dict(memory_depth=2, memory_hidden=12), ["deep_titans", "cms"]),  # h != d = 8
 }
 KERNELS = {"titans": titans_kernels, "deep_titans": deep_titans_kernels, "cms": cms_kernels}
 
@@ -93,13 +91,22 @@ def test_triton_decode_equals_torch(name, dispatched):
 @pytest.mark.parametrize("memory_depth", [1, 2])
 def test_titans_mixer_hands_the_kernel_one_dtype_under_autocast(monkeypatch, memory_depth):
     """CUDA autocast runs F.normalize in fp32 while the rest of the mixer stays bf16, so q would reach the kernel
-    fp32 and a bf16 (a ValueError in the Triton op). CPU autocast keeps both bf16, so the CUDA policy is imitated
-    by an upcasting normalize; the mixer must hand the kernel q and a of one dtype."""
+    fp32 and a bf16 (a ValueError in a Triton op). CPU autocast keeps both bf16, so the CUDA policy is imitated
+    by an upcasting normalize; the mixer must hand the memory op q and a of one dtype (checked by a spy)."""
     import hope.layers.titans_mixer as mixer_module
 
     normalize = mixer_module.F.normalize
     monkeypatch.setattr(mixer_module.F, "normalize", lambda x, *args, **kw: normalize(x.float(), *args, **kw))
-    model = tiny_model(variant_config("hope", memory_depth=memory_depth, kernel_backend="triton"),
-                       dtype=torch.bfloat16).to(DEV)
+    seen = []
+    name = "titans_memory" if memory_depth == 1 else "titans_deep_memory"
+    op = getattr(mixer_module, name)
+
+    def spy(q, a, *args, **kwargs):
+        seen.append((q.dtype, a.dtype))
+        return op(q, a, *args, **kwargs)
+
+    monkeypatch.setattr(mixer_module, name, spy)
+    model = tiny_model(variant_config("hope", memory_depth=memory_depth), dtype=torch.bfloat16).to(DEV)
     logits = model(random_ids(2, 9)).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    assert len(seen) == model.config.num_hidden_layers and all(q == a == torch.bfloat16 for q, a in seen), seen

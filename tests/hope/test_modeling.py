@@ -249,8 +249,9 @@ def test_right_padding_equals_unpadded_runs(name):
 
 
 def _states(cache: HopeCache) -> dict[str, torch.Tensor]:
-    """Every Titans and CMS state tensor of a cache, by name; CMS levels also as θ_eff = θ_c - Σ eta ∇ℓ
-    (what θ_{c+1} becomes when the chunk closes, with cms_decay 0)."""
+    """Every Titans and CMS state tensor of a cache, by name; CMS levels also as θ_eff = θ_c - Δ_c, with
+    Δ_c = Σ eta ∇ℓ / N_c the pending step of the default cms_step (what θ_{c+1} becomes when the chunk closes,
+    with cms_decay 0)."""
     states = {}
     for i, layer in enumerate(cache.layers):
         if layer.memory is not None:
@@ -259,11 +260,13 @@ def _states(cache: HopeCache) -> dict[str, torch.Tensor]:
         for level, state in enumerate(layer.cms):
             if state is None:
                 continue
-            for field in ("w_gate", "w_up", "w_down"):
+            curvature = state.curvature_sum  # N_c so far; 0 before the chunk's first valid token
+            curvature = torch.where(curvature > 0, curvature, torch.ones_like(curvature))
+            for k, field in enumerate(("w_gate", "w_up", "w_down")):
                 grad = getattr(state, "grad_" + field[2:])
                 states[f"layer{i}.cms{level}.{field}"] = getattr(state, field)
                 states[f"layer{i}.cms{level}.grad_{field[2:]}"] = grad
-                states[f"layer{i}.cms{level}.{field}_eff"] = getattr(state, field) - grad
+                states[f"layer{i}.cms{level}.{field}_eff"] = getattr(state, field) - grad / curvature[:, k, None, None]
     return states
 
 
