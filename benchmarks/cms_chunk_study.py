@@ -255,7 +255,8 @@ def summarise(results: List[Dict[str, Any]]) -> str:
         else:
             main = f"{e['accuracy']:.3f} accuracy"
             name = "pairs" if r["task"] == "mqar" else "age"
-            by_tag = ", ".join(f"{name} {k}: {v:.3f}" for k, v in sorted(e["by_tag"].items(), key=lambda kv: int(kv[0])))
+            tags = sorted(e["by_tag"].items(), key=lambda kv: int(kv[0]))
+            by_tag = ", ".join(f"{name} {k}: {v:.3f}" for k, v in tags)
             by_pos = ", ".join(f"{k}: {v['accuracy']:.3f}" for k, v in e["by_position"].items())
         lines.append(f"| {label(r['cms_chunk_sizes'])} | {r['task']} | {r['seed']} | {r['parameters']:,} | "
                      f"{'yes' if tr['trained_to_end'] else 'NO (step %s)' % tr['nan_step']} | "

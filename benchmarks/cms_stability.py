@@ -2,9 +2,10 @@
 
 For each `cms_step` and input scale it runs, on Python's help topics (byte tokens, topics split 80/20):
 
-1. a fresh `small` Hope (hidden 256, 4 layers) whose CMS level inputs are scaled by `--scales` (each CMS RMSNorm
-   gain starts at that value, as if outer training had grown the features), streaming a held-out text of
-   `--stream_tokens` tokens through the cache: the drift ‖θ_c − θ_0‖/‖θ_0‖ of every layer's learning levels;
+1. a fresh Hope of `--preset` (`tiny`: hidden 128, 2 layers; `small`: 256, 4) whose CMS level inputs are
+   scaled by `--scales` (each CMS RMSNorm gain starts at that value, as if outer training had grown the
+   features), streaming a held-out text of `--stream_tokens` tokens through the cache: the drift
+   ‖θ_c − θ_0‖/‖θ_0‖ of every layer's learning levels;
 2. `--steps` AdamW steps at B = `--batch_size`, T = `--seq_len` (lr 3e-3, cosine, 5% warm-up, clip 1): the loss
    and the gradient norm of every step, and the first step whose loss or gradient norm is not finite;
 3. the trained model: bits per byte of 512-token validation blocks, and the held-out stream again: bits per
@@ -12,11 +13,22 @@ For each `cms_step` and input scale it runs, on Python's help topics (byte token
 4. stress: the trained model with every CMS level input further multiplied by 10 and by 100: is the output
    finite over a `--stress_tokens` stream, and how far do the fast weights drift?
 
-One JSON per run under --output_dir (rerunning skips runs whose JSON exists), then `summary.json`, `summary.md`
-and `drift.png`. Seeded; one intra-op thread (the CPU box is shared). Example (the figures in docs/cms/):
+One JSON per run under --output_dir (rerunning skips runs whose JSON exists), then `summary.md` and `drift.png`;
+the trained model of a run that reached its last step is saved under --output_dir/checkpoints. Seeded; one
+intra-op thread (the CPU box is shared). `--op_stress` instead writes, in seconds, the op-level table: one level
+alone on inputs x1 ... x1000, finite or not, and its drift.
 
-    PYTHONPATH=. python benchmarks/cms_stability.py --steps 200 --steps_list gn,gn_token,nlms,trust,lact,v1 \\
-        --scales 1,10 --output_dir docs/cms/step_study
+The candidate study of docs/cms/step_study ran at commit 7e0f814, where the reference still had every candidate
+(cms_step = gn, i.e. today's gauss_newton; gn_token, nlms, trust, lact; v1, the old step):
+
+    git checkout 7e0f814 && PYTHONPATH=. python benchmarks/cms_stability.py --preset tiny --steps 200 \\
+        --stream_tokens 16384 --stress_tokens 4096 --steps_list gn,gn_token,nlms,trust,lact,v1 --scales 10,1 \\
+        --output_dir docs/cms/step_study
+
+Today's step, for the acceptance figures (docs/cms/drift):
+
+    PYTHONPATH=. python benchmarks/cms_stability.py --preset tiny --steps 200 --scales 1,10 --seed 0 \\
+        --output_dir docs/cms/drift
 """
 from __future__ import annotations
 
@@ -38,7 +50,7 @@ PIECE = 512  # tokens per forward call when streaming (a multiple of every chunk
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--steps_list", default="gn", help="comma-separated cms_step values to run")
+    parser.add_argument("--steps_list", default="gauss_newton", help="comma-separated cms_step values to run")
     parser.add_argument("--scales", default="1,10", help="comma-separated CMS input scales at initialisation")
     parser.add_argument("--decay", type=float, default=None, help="cms_decay (default: the config default)")
     parser.add_argument("--eta_max", type=float, default=None, help="cms_eta_max (default: the config default)")

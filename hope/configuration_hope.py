@@ -12,7 +12,7 @@ MEMORY_TARGETS = ("self", "value")
 MEMORY_DEPTHS = (1, 2)
 ADAPTIVE = ("k", "v", "eta", "alpha")
 CMS_VARIANTS = ("sequential", "independent")
-CMS_STEPS = ("gn", "gn_token", "nlms", "trust", "lact", "v1")
+CMS_STEPS = ("gauss_newton",)
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 
 
@@ -36,10 +36,13 @@ class HopeConfig(PretrainedConfig):
     2: the deep memory M(z) = z + W1 silu(W2 z) of SPEC §2 / Eq. 91), memory_hidden (h, the hidden width of
     the deep memory, default the head dim d; read only with memory_depth=2).
     CMS (SPEC §3): cms_chunk_sizes (a list, None = a level that never learns in context), cms_hidden_size,
-    cms_variant ("sequential" | "independent"), cms_objective ("l2" | "dot"), cms_eta_max, cms_decay;
-    the last three and cms_hidden_size take one value for all levels or a list with one per level;
-    eta_max defaults to 1 / chunk_size, cms_eta_max to 1 / (C_l hidden_size) per level, and cms_hidden_size to
-    8/3 hidden_size rounded up to 64.
+    cms_variant ("sequential" | "independent"), cms_objective ("l2" | "dot"), cms_eta_max, cms_decay, cms_step;
+    cms_eta_max, cms_decay and cms_hidden_size take one value for all levels or a list with one per level.
+    cms_step names the in-context step's normalisation N_c (SPEC §3 v2): "gauss_newton", the only one, divides
+    each chunk's summed step by N_c = Σ_t mask_t (‖z_t‖² + ‖h_t‖² + ‖z_t‖² Σ_f r_tf² ‖W_down[:, f]‖²), a bound on
+    its Gauss-Newton curvature (hope_kernels/cms/reference.py), so the step stays stable at any feature scale;
+    cms_eta_max is then a fraction of that bound (default 1; < 2 is stable).
+    eta_max defaults to 1 / chunk_size, and cms_hidden_size to 8/3 hidden_size rounded up to 64.
     Execution: kernel_backend ("auto" | "triton" | "torch"), tie_word_embeddings, max_position_embeddings.
     """
 
@@ -68,7 +71,7 @@ class HopeConfig(PretrainedConfig):
         cms_objective: str = "l2",
         cms_eta_max: Union[float, Sequence[float], None] = None,
         cms_decay: Union[float, Sequence[float]] = 0.0,
-        cms_step: str = "gn",
+        cms_step: str = "gauss_newton",
         kernel_backend: str = "auto",
         tie_word_embeddings: bool = True,
         max_position_embeddings: int = 8192,
@@ -108,15 +111,11 @@ class HopeConfig(PretrainedConfig):
         self.cms_hidden_size = _per_level("cms_hidden_size", cms_hidden_size, levels, default_hidden)
         self.cms_variant = cms_variant
         self.cms_objective = cms_objective
-        # A level sums C_l gradients taken at θ_c, and the inner loss's curvature grows with ||z||² = D:
-        # eta_max = 1 / (C_l D) keeps the summed step inside the NLMS stability bound.
         self.cms_step = cms_step
-        if cms_eta_max is None:
-            if cms_step in ("v1", "trust", "lact"):
-                cms_eta_max = [1.0 / ((size or 1) * hidden_size) for size in self.cms_chunk_sizes]
-            else:
-                cms_eta_max = 1.0
-        self.cms_eta_max = _per_level("cms_eta_max", cms_eta_max, levels, None)
+        # The step is divided by N_c, a bound on the chunk's Gauss-Newton curvature (SPEC §3 v2), so cms_eta_max is
+        # a fraction of the stability bound whatever C_l, D and the feature scale: 1 (with the gate at 1/2 at
+        # initialisation, half the bound).
+        self.cms_eta_max = _per_level("cms_eta_max", cms_eta_max, levels, 1.0)
         self.cms_decay = _per_level("cms_decay", cms_decay, levels, 0.0)
         self.kernel_backend = kernel_backend
         self.max_position_embeddings = max_position_embeddings
@@ -183,8 +182,9 @@ class HopeConfig(PretrainedConfig):
         for level, size in enumerate(self.cms_hidden_size):
             positive_int(f"cms_hidden_size[{level}]", size)
         for level, eta in enumerate(self.cms_eta_max):
-            if not (isinstance(eta, (int, float)) and eta > 0):
-                raise ValueError(f"cms_eta_max[{level}]={eta!r} is not allowed: it must be a number > 0")
+            if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and eta > 0 and math.isfinite(eta)):
+                raise ValueError(f"cms_eta_max[{level}]={eta!r} is not allowed: it must be a finite number > 0 "
+                                 "(a fraction of the Gauss-Newton step bound; the default 1, < 2 is stable)")
         for level, decay in enumerate(self.cms_decay):
             if not (isinstance(decay, (int, float)) and 0 <= decay <= 1):
                 raise ValueError(f"cms_decay[{level}]={decay!r} is not allowed: it must be in [0, 1]")

@@ -1,29 +1,45 @@
-"""PyTorch reference of one Continuum Memory System level (SPEC §3, paper Eqs. 30-31, 70-74).
+"""PyTorch reference of one Continuum Memory System level (SPEC §3 v2, paper Eqs. 30-31, 70-74).
 
 A level is a SwiGLU MLP whose weights θ = (W_gate, W_up, W_down) are fast weights, learned per sequence
 inside the forward pass. With row tensors (z_t is a row of z):
 
-    MLP_θ(z)  = (silu(z W_gateᵀ) * (z W_upᵀ)) W_downᵀ
+    MLP_θ(z)  = (silu(z W_gateᵀ) * (z W_upᵀ)) W_downᵀ,   a_t = z_t W_gateᵀ, b_t = z_t W_upᵀ, h_t = silu(a_t) * b_t
     y_t       = MLP_{θ_c}(z_t)                                     every token of chunk c reads θ_c (Eq. 31)
-    θ_{c+1}   = θ_c - decay_c (θ_c - θ_0) - Σ_{t in c} eta_t ∇_θ ℓ_t(θ_c)
+    θ_{c+1}   = θ_c - decay_c (θ_c - θ_0) - Δ_c
+    Δ_c       = Σ_{t in c} eta_t ∇_θ ℓ_t(θ_c)  /  N_c                          (N_c: SPEC §3 v2, below)
+    N_c       = Σ_{t in c} mask_t κ_t,   κ_t = ‖z_t‖² + ‖h_t‖² + ‖z_t‖² Σ_f r_tf² ‖W_down[:, f]‖²
+    r_tf²     = silu(a_tf)² + (b_tf silu'(a_tf))²
     decay_c   = decay if chunk c holds a valid (mask = 1) token of the sequence, else 0
     eta_t     = eta_max * sigmoid(z_t · w_eta + b_eta) * mask_t
     ℓ_t       = ½ ||MLP_θ(z_t) - z_t P_v||²   ("l2")   or   -<MLP_θ(z_t), z_t P_v>   ("dot")
+
+The step normalisation N_c (`cms_step="gauss_newton"`, the only one): with J_t = ∂y_t/∂θ, the linearised l2 update
+of one chunk maps the chunk's residuals E to (I - 𝒥 diag(eta) 𝒥ᵀ / N_c) E, which contracts when
+eta_max λ_max(Σ_t J_tᵀ J_t) / N_c < 2. κ_t - ‖z_t‖² = ‖h_t‖² + ‖z_t‖² Σ_f r_tf² ‖W_down[:, f]‖² bounds λ_max(J_t J_tᵀ)
+from above (the W_down block of J_t J_tᵀ is ‖h_t‖² I exactly; the W_gate and W_up blocks by their traces), and
+λ_max of a sum is at most the sum of the λ_max, so N_c bounds the chunk's curvature whatever the scale of z, h
+and θ: any eta_max < 2 is stable, and the step shrinks by itself when outer training grows the features. The
+‖z_t‖² term damps the step (Levenberg-Marquardt): for unit-scale features at initialisation it dominates, and
+the step is the old v1 step eta_t / (C ‖z_t‖²) ≈ eta_t / (C D). N_c is an ordinary differentiable function of
+z and θ_c, so the outer gradient flows through it too; it costs one (C, F) x (F,) product per chunk on top of
+the forward (the column norms of W_down, and r², come with the a, b and h the read already computed).
 
 Three functions with one semantics:
 
 - `cms_level_reference`: the chunked form the model runs on CPU. Vectorised over batch, a Python loop over
   chunks, inner gradients by hand-written backprop through SwiGLU as batched matmuls over each chunk.
 - `cms_level_step_reference`: one decode token, the same chunk step applied to a chunk piece of length 1.
-- `cms_level_naive`: a token loop with `torch.autograd.grad` for the inner gradient; the test oracle only.
+- `cms_level_naive`: a token loop with `torch.autograd.grad` for the inner gradient and for J_t (so κ_t comes
+  from autograd, not from the formula above); the test oracle only.
 
 Chunk c is the tokens at absolute positions [cC, (c+1)C); absolute position = tokens the state has already
 consumed + index in `z` (SPEC §5: chunk phase counts from position 0). The model applies the level's RMSNorm
 before calling these functions, so `z` is the normed input.
 
 Masks (SPEC §5: a masked position changes no state): a masked token has eta_t = 0, so it adds no gradient, and
-a chunk with no valid token of a sequence skips the retention pull too (decay_c = 0 above), so padding that
-covers whole chunks leaves θ exactly as it was. A chunk with at least one valid token decays as usual.
+mask_t = 0 in N_c, so it adds nothing to the normalisation either; a chunk with no valid token of a sequence
+skips the retention pull too (decay_c = 0 above), so padding that covers whole chunks leaves θ exactly as it
+was (its Σ eta ∇ℓ and N_c are both 0, and Δ_c = 0). A chunk with at least one valid token decays as usual.
 `CMSState.chunk_has_valid` remembers whether the chunk in progress has seen a valid token, so that a chunk
 split across calls (prefill, then decode) decides the same way.
 """
@@ -40,8 +56,7 @@ from torch import Tensor
 from hope_kernels._dispatch import compute_dtype
 
 OBJECTIVES = ("l2", "dot")
-STEPS = ("gn", "gn_token", "nlms", "trust", "lact", "v1")
-TRUST_RHO = 0.1
+STEPS = ("gauss_newton",)
 
 
 class CMSState(NamedTuple):
@@ -53,8 +68,8 @@ class CMSState(NamedTuple):
     grad_gate: (B, F, D) Σ eta_t ∇ℓ_t(θ_c) over the tokens already seen in the chunk in progress;
     grad_up:   (B, F, D)   zeros right after a chunk boundary, where the update has been applied.
     grad_down: (B, D, F)
-    curvature_sum: (B, 3) the step normalisation's running sums of this chunk for W_gate, W_up, W_down
-               (SPEC §3 v2 N_c: Σ_t mask_t κ_t); zeros right after a chunk boundary.
+    curvature_sum: (B,) N_c so far: Σ mask_t κ_t over the tokens already seen in the chunk in progress (the
+               step normalisation of SPEC §3 v2); zero right after a chunk boundary.
     position:  tokens consumed so far; the chunk phase is position % chunk_size.
     chunk_has_valid: (B,) bool, whether a valid (mask = 1) token of the chunk in progress has been consumed,
                i.e. whether Eq. 31's retention pull applies when that chunk closes (SPEC §5: a chunk that is
@@ -98,7 +113,7 @@ def _validate(
     decay: float,
     mask: Tensor | None,
     state: CMSState | None,
-    step: str = "gn",
+    step: str,
 ) -> tuple[int, int, int, int]:
     """Raise ValueError on any bad argument; return (B, T, D, F). `z` is (B, T, D) here."""
     named = {"z": z, "w_gate": w_gate, "w_up": w_up, "w_down": w_down, "p_v": p_v, "w_eta": w_eta, "b_eta": b_eta}
@@ -152,7 +167,7 @@ def _validate(
             raise ValueError(f"state must be a CMSState or None, got {type(state).__name__}")
         expected = {
             "w_gate": (B, Fh, D), "w_up": (B, Fh, D), "w_down": (B, D, Fh),
-            "grad_gate": (B, Fh, D), "grad_up": (B, Fh, D), "grad_down": (B, D, Fh), "curvature_sum": (B, 3),
+            "grad_gate": (B, Fh, D), "grad_up": (B, Fh, D), "grad_down": (B, D, Fh), "curvature_sum": (B,),
         }
         for name, shape in expected.items():
             t = getattr(state, name)
@@ -190,18 +205,15 @@ def _no_autocast(device: torch.device):
 
 
 def _curvature(z: Tensor, a: Tensor, b: Tensor, s: Tensor, ds: Tensor, h: Tensor, w_down: Tensor) -> Tensor:
-    """κ_t = ‖z_t‖² + N_t (B, L): the Gauss-Newton bound on the curvature of ℓ_t in θ (SPEC §3 v2, N_c).
+    """κ_t = ‖z_t‖² + ‖h_t‖² + ‖z_t‖² Σ_f r_tf² ‖W_down[:, f]‖² (B, L), the per-token term of N_c (module docstring).
 
-    J_t = ∂y_t/∂θ; N_t = ‖h_t‖² + ‖z_t‖² Σ_f r_f² ‖W_down[:, f]‖², r_f² = silu(a_f)² + (b_f silu'(a_f))², bounds
-    λ_max(J_t J_tᵀ) from above: the W_down block is ‖h_t‖² I exactly, the W_gate and W_up blocks by their traces.
-    ‖z_t‖² is the damping: it keeps the step at or below the v1 step 1/‖z_t‖² for unit-scale features.
-    z: (B, L, D); a, b, s = silu(a), ds = silu'(a), h: (B, L, F); w_down: (D, F) or (B, D, F).
+    z: (B, L, D); a, b, s = silu(a), ds = silu'(a), h: (B, L, F); w_down: (D, F) shared or (B, D, F).
     """
     zz = z.pow(2).sum(-1)
-    col = w_down.pow(2).sum(-2)  # (F,) or (B, F): ‖W_down[:, f]‖²
+    column = w_down.pow(2).sum(-2)  # (F,) or (B, F): ‖W_down[:, f]‖²
     r2 = s * s + (b * ds).pow(2)
-    col_term = r2 @ col if col.dim() == 1 else (r2 * col[:, None, :]).sum(-1)
-    return zz + h.pow(2).sum(-1) + zz * col_term
+    through_down = r2 @ column if column.dim() == 1 else (r2 * column[:, None, :]).sum(-1)
+    return zz + h.pow(2).sum(-1) + zz * through_down
 
 
 def _chunk_piece(
@@ -209,7 +221,7 @@ def _chunk_piece(
     mask: Tensor | None,
     theta: tuple[Tensor, Tensor, Tensor],
     grads: tuple[Tensor, Tensor, Tensor] | None,
-    curv: Tensor | None,
+    curvature: Tensor | None,
     seen: Tensor,
     theta0: tuple[Tensor, Tensor, Tensor],
     p_v: Tensor,
@@ -219,8 +231,6 @@ def _chunk_piece(
     eta_max: float,
     objective: str,
     decay: float,
-    step: str,
-    chunk_size: int,
     learn: bool,
     closes_chunk: bool,
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor] | None, Tensor | None, Tensor]:
@@ -230,13 +240,14 @@ def _chunk_piece(
     theta: θ_c, either shared (F, D), (F, D), (D, F) (θ_0 before any update, read with one plain matmul
            over the batch) or per sequence (B, F, D), (B, F, D), (B, D, F).
     grads: the chunk's running Σ eta_t ∇ℓ_t(θ_c) so far, (B, F, D), (B, F, D), (B, D, F), or None for zeros.
-    curv: the chunk's running normaliser sums (B, 3) (per weight gate, up, down), or None for zeros.
+    curvature: the chunk's running N_c = Σ mask_t κ_t so far, (B,), or None for zero.
     seen: (B,) bool, whether chunk c has had a valid token before this piece (CMSState.chunk_has_valid).
     learn: compute this piece's inner gradients, and apply Eq. 31's update if the piece closes its chunk;
            False when nobody will read the result, so the piece is only read.
     closes_chunk: the piece ends on a chunk boundary.
 
-    Returns y (B, L, D) and the (θ, grads, curv, seen) to carry on: θ_{c+1}, None, None, all False after a boundary.
+    Returns y (B, L, D) and the (θ, grads, curvature, seen) to carry on: θ_{c+1}, None, None and all False after
+    a boundary.
     """
     w_gate, w_up, w_down = theta
     # Read: every token of the chunk uses θ_c (Eq. 31), which makes the chunk one batch of matmuls.
@@ -246,18 +257,14 @@ def _chunk_piece(
     h = s * b
     y = h @ w_down.mT  # (B, L, D)
     if not learn:
-        return y, theta, grads, curv, seen
+        return y, theta, grads, curvature, seen
 
     # eta_t = eta_max sigmoid(z_t·w_eta + b_eta) (SPEC §3), zero on masked tokens so they change no state (§5).
     eta = eta_max * torch.sigmoid(z @ w_eta + b_eta)  # (B, L)
-    valid = torch.ones_like(eta) if mask is None else mask
-    eta = eta * valid
+    if mask is not None:
+        eta = eta * mask
     sig = torch.sigmoid(a)
     ds = sig + s * (1 - sig)  # silu'(a) = σ(a) (1 + a (1 - σ(a))) = σ(a) + silu(a) (1 - σ(a))
-    if step in ("gn", "gn_token"):
-        kappa = _curvature(z, a, b, s, ds, h, w_down)  # (B, L)
-    if step == "gn_token":
-        eta = eta / (chunk_size * kappa)
     target = z @ p_v  # (B, L, D)  z_t P_v
     # e_t = dℓ_t/dy_t: y_t - target_t for l2, -target_t for dot. Every gradient below is linear in e_t,
     # so eta_t is folded in once here instead of weighting three per-token outer products.
@@ -274,59 +281,40 @@ def _chunk_piece(
     g_up = db.mT @ z  # (B, F, D)
     piece = (g_gate, g_up, g_down)
     grads = piece if grads is None else tuple(g + p for g, p in zip(grads, piece))
-    if step == "gn":
-        c = (valid * kappa).sum(1)
-        piece_curv = torch.stack([c, c, c], -1)
-    elif step == "nlms":
-        zz = (valid * z.pow(2).sum(-1)).sum(1)
-        piece_curv = torch.stack([zz, zz, (valid * h.pow(2).sum(-1)).sum(1)], -1)
-    else:
-        piece_curv = None
-    if piece_curv is not None:
-        curv = piece_curv if curv is None else curv + piece_curv
+    # N_c (SPEC §3 v2) sums κ_t over the valid tokens only: a masked token adds nothing to the normalisation.
+    kappa = _curvature(z, a, b, s, ds, h, w_down)
+    if mask is not None:
+        kappa = kappa * mask
+    curvature = kappa.sum(1) if curvature is None else curvature + kappa.sum(1)
     seen = torch.ones_like(seen) if mask is None else seen | (mask > 0).any(dim=1)
 
     if closes_chunk:
-        # θ_{c+1} = θ_c - decay_c (θ_c - θ_0) - Δ_c   (Eq. 31 with SPEC's retention pull and v2 step N_c)
+        # θ_{c+1} = θ_c - decay_c (θ_c - θ_0) - Σ_{t in c} eta_t ∇ℓ_t(θ_c) / N_c   (Eq. 31, SPEC §3 v2)
         # decay_c = decay only if chunk c held a valid token: a chunk of padding changes no state (SPEC §5).
-        if step in ("gn", "nlms"):
-            # A chunk without a valid token has G = 0 and N = 0: divide by 1 (a clamp would make the backward 0/0).
-            curv = torch.where(curv > 0, curv, torch.ones_like(curv))
-            delta = tuple(g / curv[:, i, None, None] for i, g in enumerate(grads))
-        elif step == "trust":
-            delta = []
-            for g, w0 in zip(grads, theta0):
-                gn = torch.linalg.vector_norm(g, dim=(-2, -1)).clamp_min(torch.finfo(z.dtype).tiny)
-                scale = torch.clamp(TRUST_RHO * torch.linalg.vector_norm(w0) / gn, max=1.0)
-                delta.append(g * scale[:, None, None])
-            delta = tuple(delta)
-        else:
-            delta = grads
+        # A chunk without a valid token has Σ eta ∇ℓ = 0 and N_c = 0: it divides by 1 (a clamp would leave the
+        # backward a 0 / 0).
+        n_c = torch.where(curvature > 0, curvature, torch.ones_like(curvature))[:, None, None]
         if decay:
             lam = decay * seen.to(z.dtype)[:, None, None]  # (B, 1, 1)
             theta = tuple(w - lam * (w - w0) for w, w0 in zip(theta, theta0))
-        theta = tuple(w - d for w, d in zip(theta, delta))
-        if step == "lact":
-            tiny = torch.finfo(z.dtype).tiny
-            theta = tuple(w / torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(tiny)
-                          * torch.linalg.vector_norm(w0, dim=-1, keepdim=True) for w, w0 in zip(theta, theta0))
+        theta = tuple(w - g / n_c for w, g in zip(theta, grads))
         grads = None
-        curv = None
+        curvature = None
         seen = torch.zeros_like(seen)
-    return y, theta, grads, curv, seen
+    return y, theta, grads, curvature, seen
 
 
 def _final_state(
-    theta: tuple[Tensor, Tensor, Tensor], grads: tuple[Tensor, Tensor, Tensor] | None, curv: Tensor | None,
+    theta: tuple[Tensor, Tensor, Tensor], grads: tuple[Tensor, Tensor, Tensor] | None, curvature: Tensor | None,
     seen: Tensor, B: int, position: int,
 ) -> CMSState:
     """Package (θ_c, running sums, seen (B,) bool) as per-sequence (B, ...) tensors; None sums mean zeros."""
     theta = tuple(w if w.dim() == 3 else w.expand(B, -1, -1).contiguous() for w in theta)
     if grads is None:
         grads = tuple(torch.zeros_like(w) for w in theta)
-    if curv is None:
-        curv = theta[0].new_zeros(B, 3)
-    return CMSState(*theta, *grads, curv, position=position, chunk_has_valid=seen)
+    if curvature is None:
+        curvature = theta[0].new_zeros(B)
+    return CMSState(*theta, *grads, curvature, position=position, chunk_has_valid=seen)
 
 
 def _cast_inputs(
@@ -370,7 +358,7 @@ def cms_level_reference(
     eta_max: float,
     objective: str = "l2",
     decay: float = 0.0,
-    step: str = "gn",
+    step: str = "gauss_newton",
     mask: Tensor | None = None,
     state: CMSState | None = None,
     output_final_state: bool = False,
@@ -383,11 +371,14 @@ def cms_level_reference(
         p_v: (D, D) target projection: target_t = z_t @ p_v.
         w_eta: (D,) and b_eta: () scalar: the learning-rate gate.
         chunk_size: C >= 1; θ is updated after every C tokens counted from absolute position 0.
-        eta_max: > 0, the bound of eta_t.
+        eta_max: > 0, the bound of eta_t. The step is divided by N_c, so eta_max is a fraction of the chunk's
+            Gauss-Newton stability bound: the linearised update contracts for eta_max < 2 at any feature scale.
         objective: "l2" or "dot".
         decay: in [0, 1], the retention pull of θ_c toward θ_0 at each update of a chunk that held a valid token.
-        mask: (B, T) bool or 0/1, None = all valid. Masked tokens are still read but add no gradient, and a chunk
-            without a valid token (counting the state's tokens of the chunk in progress) skips the decay pull.
+        step: the step normalisation N_c; "gauss_newton" (module docstring) is the only one.
+        mask: (B, T) bool or 0/1, None = all valid. Masked tokens are still read but add no gradient and nothing
+            to N_c, and a chunk without a valid token (counting the state's tokens of the chunk in progress)
+            skips the decay pull.
         state: a CMSState to continue from; None starts at θ_0, position 0, no valid token seen.
         output_final_state: return the state after the last token.
 
@@ -404,7 +395,7 @@ def cms_level_reference(
             z, w_gate, w_up, w_down, p_v, w_eta, b_eta, mask, state
         )
         theta0 = (w_gate, w_up, w_down)
-        start, theta, grads, curv, seen = _initial(theta0, state, B)
+        start, theta, grads, curvature, seen = _initial(theta0, state, B)
 
         ys = []
         t = 0
@@ -414,18 +405,18 @@ def cms_level_reference(
             # What the last piece learns is only read through the returned state: without one, skip its inner
             # gradients. With no state and C >= T this makes the level a plain FFN at the cost of one.
             learn = output_final_state or t + length < T
-            y, theta, grads, curv, seen = _chunk_piece(
+            y, theta, grads, curvature, seen = _chunk_piece(
                 z[:, t : t + length],
                 None if mask is None else mask[:, t : t + length],
-                theta, grads, curv, seen, theta0, p_v, w_eta, b_eta,
-                eta_max=eta_max, objective=objective, decay=decay, step=step, chunk_size=chunk_size,
+                theta, grads, curvature, seen, theta0, p_v, w_eta, b_eta,
+                eta_max=eta_max, objective=objective, decay=decay,
                 learn=learn, closes_chunk=phase + length == chunk_size,
             )
             ys.append(y)
             t += length
 
         y = torch.cat(ys, dim=1) if ys else z.new_zeros(B, 0, D)
-        final = _final_state(theta, grads, curv, seen, B, start + T) if output_final_state else None
+        final = _final_state(theta, grads, curvature, seen, B, start + T) if output_final_state else None
     return y.to(out_dtype), final
 
 
@@ -442,15 +433,17 @@ def cms_level_step_reference(
     eta_max: float,
     objective: str = "l2",
     decay: float = 0.0,
-    step: str = "gn",
+    step: str = "gauss_newton",
     mask: Tensor | None = None,
     state: CMSState | None,
 ) -> tuple[Tensor, CMSState]:
-    """One decode token: read θ_c, add eta_t ∇ℓ_t(θ_c) to the running sum, update θ if the token closes a chunk.
+    """One decode token: read θ_c, add eta_t ∇ℓ_t(θ_c) and κ_t to the running sums, update θ if the token closes
+    a chunk.
 
     Args:
         z_t: (B, D) the level's normed input for this token.
-        w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay: as cms_level_reference.
+        w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay, step: as
+            cms_level_reference.
         mask: (B,) bool or 0/1, None = valid.
         state: the CMSState so far (None = start of a sequence, θ_0 at position 0).
 
@@ -474,13 +467,13 @@ def cms_level_step_reference(
             z, w_gate, w_up, w_down, p_v, w_eta, b_eta, mask, state
         )
         theta0 = (w_gate, w_up, w_down)
-        position, theta, grads, curv, seen = _initial(theta0, state, B)
-        y, theta, grads, curv, seen = _chunk_piece(
-            z, mask, theta, grads, curv, seen, theta0, p_v, w_eta, b_eta,
-            eta_max=eta_max, objective=objective, decay=decay, step=step, chunk_size=chunk_size,
+        position, theta, grads, curvature, seen = _initial(theta0, state, B)
+        y, theta, grads, curvature, seen = _chunk_piece(
+            z, mask, theta, grads, curvature, seen, theta0, p_v, w_eta, b_eta,
+            eta_max=eta_max, objective=objective, decay=decay,
             learn=True, closes_chunk=(position + 1) % chunk_size == 0,
         )
-        final = _final_state(theta, grads, curv, seen, B, position + 1)
+        final = _final_state(theta, grads, curvature, seen, B, position + 1)
     return y.squeeze(1).to(out_dtype), final
 
 
@@ -497,7 +490,7 @@ def cms_level_naive(
     eta_max: float,
     objective: str = "l2",
     decay: float = 0.0,
-    step: str = "gn",
+    step: str = "gauss_newton",
     mask: Tensor | None = None,
     state: CMSState | None = None,
     output_final_state: bool = False,
@@ -520,15 +513,14 @@ def cms_level_naive(
         position = 0
         theta = list(theta0)
         grads = [torch.zeros_like(w) for w in theta0]
-        curv = z.new_zeros(B, 3)
+        curvature = z.new_zeros(B)
         seen = torch.zeros(B, dtype=torch.bool, device=z.device)
     else:
         position = state.position
         theta = [w.to(dt) for w in state[:3]]
         grads = [g.to(dt) for g in state[3:6]]
-        curv = state.curvature_sum.to(dt)
+        curvature = state.curvature_sum.to(dt)
         seen = state.chunk_has_valid
-    tiny = torch.finfo(dt).tiny
 
     ys = []
     with torch.enable_grad():  # the inner loop is a gradient step, whatever the caller's grad mode
@@ -538,8 +530,7 @@ def cms_level_naive(
             th = [w if w.requires_grad else w.detach().requires_grad_() for w in theta]
             a = torch.einsum("bfd,bd->bf", th[0], z_t)
             b = torch.einsum("bfd,bd->bf", th[1], z_t)
-            h = F.silu(a) * b
-            y_t = torch.einsum("bdf,bf->bd", th[2], h)  # MLP_{θ_c}(z_t)
+            y_t = torch.einsum("bdf,bf->bd", th[2], F.silu(a) * b)  # MLP_{θ_c}(z_t)
             target = z_t @ p_v
             if objective == "l2":
                 loss = 0.5 * ((y_t - target) ** 2).sum(-1)  # ℓ_t = ½ ||MLP(z_t) - z_t P_v||²
@@ -548,43 +539,26 @@ def cms_level_naive(
             # Sequences do not share θ, so the gradient of the batch sum is each sequence's own ∇ℓ_t.
             inner = torch.autograd.grad(loss.sum(), th, create_graph=True)
             eta = eta_max * torch.sigmoid(z_t @ w_eta + b_eta) * valid[:, t]  # (B,)
-            if step in ("gn", "gn_token"):
-                # κ_t = ‖z_t‖² + λ_max(J_down J_downᵀ) + tr(J_gate J_gateᵀ) + tr(J_up J_upᵀ), J = ∂y_t/∂θ row by
-                # row from autograd; J_down J_downᵀ = ‖h_t‖² I, so its λ_max is its trace / D.
-                rows = [torch.autograd.grad(y_t[:, i].sum(), th, create_graph=True) for i in range(D)]
-                traces = [sum(r[k].pow(2).sum((-2, -1)) for r in rows) for k in range(3)]
-                kappa = z_t.pow(2).sum(-1) + traces[0] + traces[1] + traces[2] / D
-                if step == "gn_token":
-                    eta = eta / (chunk_size * kappa)
-                else:
-                    curv = curv + (valid[:, t] * kappa)[:, None]
-            elif step == "nlms":
-                zz = valid[:, t] * z_t.pow(2).sum(-1)
-                curv = curv + torch.stack([zz, zz, valid[:, t] * h.pow(2).sum(-1)], -1)
+            # κ_t = ‖z_t‖² + λ_max(J_down J_downᵀ) + tr(J_gate J_gateᵀ) + tr(J_up J_upᵀ), with the rows of
+            # J_t = ∂y_t/∂θ from autograd; J_down J_downᵀ = ‖h_t‖² I, so its λ_max is its trace / D.
+            rows = [torch.autograd.grad(y_t[:, i].sum(), th, create_graph=True) for i in range(D)]
+            traces = [sum(row[k].pow(2).sum((-2, -1)) for row in rows) for k in range(3)]
+            kappa = z_t.pow(2).sum(-1) + traces[0] + traces[1] + traces[2] / D
+            curvature = curvature + valid[:, t] * kappa
             grads = [g + eta[:, None, None] * d for g, d in zip(grads, inner)]
             seen = seen | (valid[:, t] > 0)
             ys.append(y_t)
-            if (position + t + 1) % chunk_size == 0:  # token t closes its chunk: Eq. 31
-                if step in ("gn", "nlms"):
-                    denominator = torch.where(curv > 0, curv, torch.ones_like(curv))
-                    delta = [g / denominator[:, k, None, None] for k, g in enumerate(grads)]
-                elif step == "trust":
-                    delta = [g * torch.clamp(TRUST_RHO * w0[0].norm() / g.flatten(1).norm(dim=1).clamp_min(tiny),
-                                             max=1.0)[:, None, None] for g, w0 in zip(grads, theta0)]
-                else:
-                    delta = grads
+            if (position + t + 1) % chunk_size == 0:  # token t closes its chunk: Eq. 31 with the v2 step
+                n_c = torch.where(curvature > 0, curvature, torch.ones_like(curvature))[:, None, None]
                 # the pull applies only to a chunk that held a valid token (SPEC §5: padding changes no state)
                 lam = decay * seen.to(dt)[:, None, None]
-                theta = [w - lam * (w - w0) - d for w, w0, d in zip(theta, theta0, delta)]
-                if step == "lact":
-                    theta = [w * (w0.norm(dim=-1, keepdim=True) / w.norm(dim=-1, keepdim=True).clamp_min(tiny))
-                             for w, w0 in zip(theta, theta0)]
+                theta = [w - lam * (w - w0) - g / n_c for w, w0, g in zip(theta, theta0, grads)]
                 grads = [torch.zeros_like(g) for g in grads]
-                curv = torch.zeros_like(curv)
+                curvature = torch.zeros_like(curvature)
                 seen = torch.zeros_like(seen)
 
     y = torch.stack(ys, dim=1) if ys else z.new_zeros(B, 0, D)
     final = None
     if output_final_state:
-        final = CMSState(*theta, *grads, curv, position=position + T, chunk_has_valid=seen)
+        final = CMSState(*theta, *grads, curvature, position=position + T, chunk_has_valid=seen)
     return y.to(out_dtype), final
