@@ -21,7 +21,8 @@ setup(
     ],
     entry_points={"console_scripts": ["hope-train = hope.train:main", "hope-eval = hope.eval:main"]},
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "triton>=3.6; platform_system == 'Linux'"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "triton>=3.6; platform_system == 'Linux'",
+                "peft>=0.21", "lm-eval>=0.4.13"],  # the client tests (tests/hope/test_hf_clients.py)
         "cuda": ["flash-attn"],
     },
 )

@@ -47,8 +47,8 @@ class OpFamily:
     chunked: str
     step: str
     piece: str
-    triton_chunked: str
-    triton_step: str
+    triton_chunked: Optional[str]  # None: the op has no kernel
+    triton_step: Optional[str]
 
 
 FAMILIES = {
@@ -56,9 +56,9 @@ FAMILIES = {
                               "titans_memory_step_reference", "_segment",
                               "hope_kernels.titans.chunk:titans_memory_triton",
                               "hope_kernels.titans.step:titans_memory_step_triton"),
+    # No Triton kernel (hope_kernels.cms.HAS_TRITON is False): the v1 kernels went with the v1 step (SPEC §3 v2).
     "cms_level": OpFamily("hope_kernels.cms.reference", "cms_level_reference", "cms_level_step_reference",
-                          "_chunk_piece", "hope_kernels.cms.chunk:cms_level_triton",
-                          "hope_kernels.cms.step:cms_level_step_triton"),
+                          "_chunk_piece", None, None),
     "titans_deep_memory": OpFamily("hope_kernels.deep_titans.reference", "titans_deep_memory_reference",
                                    "titans_deep_memory_step_reference", "_deep_segment",
                                    "hope_kernels.deep_titans.chunk:titans_deep_memory_triton",
@@ -161,8 +161,12 @@ def op_function(op: str, backend: str, compile_backend: str = "inductor") -> Cal
 
 
 def titans_kwargs(C: int) -> dict:
-    """The model's Titans settings: momentum, DGD, l2 objective, self targets, every row adaptive."""
-    return dict(chunk_size=C, eta_max=0.1, momentum=True, dgd=True, objective="l2", memory_target="self",
+    """The model's default Titans settings (SPEC §2 v2): no momentum, DGD, l2 objective, self targets, residual
+    memories, unit values, retention toward the initial state, every row adaptive."""
+    from hope.configuration_hope import ETA_MAX
+
+    return dict(chunk_size=C, eta_max=ETA_MAX, momentum=False, dgd=True, objective="l2", memory_target="self",
+                memory_residual=True, memory_value_norm=True, memory_retention="init",
                 adaptive=("k", "v", "eta", "alpha"))
 
 
@@ -172,18 +176,18 @@ def cms_kwargs(C: int) -> dict:
 
 def titans_inputs(B: int, T: int, H: int, d: int, dtype: torch.dtype, device, requires_grad: bool = False,
                   seed: int = 0) -> list[Tensor]:
-    """[q (B, T, H, d) unit rows, a (B, T, H, d), z0 (H, 3d+2, d), b_eta, b_alpha, momentum_logit (H,)]; q and a
-    in `dtype`, the parameters fp32 (as in the model). Random data: zeros would hide unwritten outputs."""
+    """[q (B, T, H, d) unit rows, a (B, T, H, d), z0 (H, 3d+2, d), b_eta, b_alpha (H,)]; q and a in `dtype`, the
+    parameters fp32 (as in the model); no momentum_logit (`titans_kwargs` has no momentum). Random data: zeros
+    would hide unwritten outputs."""
     from hope_kernels.titans.reference import memory_rows
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     q = F.normalize(torch.randn(B, T, H, d, generator=g), dim=-1)
     a = torch.randn(B, T, H, d, generator=g)
-    z0 = torch.randn(H, memory_rows(d), d, generator=g) / math.sqrt(d)
+    z0 = 0.1 * torch.randn(H, memory_rows(d), d, generator=g) / math.sqrt(d)  # residual memories start small
     b_eta = -1.0 + 0.3 * torch.randn(H, generator=g)
     b_alpha = 4.0 + 0.3 * torch.randn(H, generator=g)
-    mlog = 1.0 + 0.3 * torch.randn(H, generator=g)
-    out = [q.to(dtype), a.to(dtype), z0, b_eta, b_alpha, mlog]
+    out = [q.to(dtype), a.to(dtype), z0, b_eta, b_alpha]
     return [t.to(device).requires_grad_(requires_grad) for t in out]
 
 
@@ -208,19 +212,16 @@ def cms_inputs(B: int, T: int, D: int, Fh: int, dtype: torch.dtype, device, requ
 
 def deep_titans_inputs(B: int, T: int, H: int, d: int, h: int, dtype: torch.dtype, device,
                        requires_grad: bool = False, seed: int = 0) -> list[Tensor]:
-    """[q (B, T, H, d) unit rows, a (B, T, H, d), w1_0 (H, d, h), w2_0 (H, h, d), z0 (H, 2d+2, d), b_eta, b_alpha,
-    momentum_logit (H,)] for the deep op: `titans_inputs` with the linear M rows dropped from z0 (the deep op's
-    adaptive rows are [M_k ; M_v ; m_eta ; m_alpha]) and the two main-memory layers at the model's scales
+    """[q (B, T, H, d) unit rows, a (B, T, H, d), w1_0 (H, d, h), w2_0 (H, h, d), z0 (H, 2d+2, d), b_eta, b_alpha]
+    for the deep op: `titans_inputs` with the linear W rows dropped from z0 (the deep op's generating memories are
+    [W_k ; W_v ; w_eta ; w_alpha]) and the two main-memory layers at the model's scales
     (hope/layers/titans_mixer.py: W2 ~ N(0, 1/d), so silu(W2 q) is in SiLU's curved range; W1 small, so M starts
-    near the identity), and b_eta lowered by 2 (eta ~ 0.005 instead of ~ 0.027): with momentum and every gradient
-    of a chunk taken at its start, the deep memory on these random inputs diverges at the linear op's eta (NaN
-    from token ~400 at d = 64, C = 64), while at the lower one its reads stay below 1 up to T = 4096 (the GPU
-    suite's length). q and a in `dtype`, the parameters fp32."""
-    q, a, z0, b_eta, b_alpha, mlog = titans_inputs(B, T, H, d, dtype, device, seed=seed)
+    near the identity). q and a in `dtype`, the parameters fp32."""
+    q, a, z0, b_eta, b_alpha = titans_inputs(B, T, H, d, dtype, device, seed=seed)
     g = torch.Generator(device="cpu").manual_seed(seed + 1)  # other draws than titans_inputs' own generator
     w1 = 0.02 * torch.randn(H, d, h, generator=g)
     w2 = torch.randn(H, h, d, generator=g) / math.sqrt(d)
-    out = [q, a, w1.to(device), w2.to(device), z0[:, d:].contiguous(), b_eta - 2.0, b_alpha, mlog]
+    out = [q, a, w1.to(device), w2.to(device), z0[:, d:].contiguous(), b_eta, b_alpha]
     return [t.requires_grad_(requires_grad) for t in out]
 
 

@@ -14,9 +14,9 @@ class HopeLayerCache:
     """State of one HopeBlock.
 
     conv: the short-convolution tails by name, each (B, K-1, D).
-    memory: the Titans TitansState (Z_c, Z_t, S_t, position), or with memory_depth=2 a DeepTitansState (the
-            adaptive rows' and W1's and W2's chunk-start copy, current value and momentum, position); None before
-            the first token.
+    memory: the Titans TitansState (Z_c, Z_t, S_t, position; S_t is None without momentum), or with
+            memory_depth=2 a DeepTitansState (the generating memories' and W1's and W2's chunk-start copy, current
+            value and momentum, position); None before the first token.
     cms: one entry per CMS level: a CMSState (θ_c, this chunk's summed inner gradients, position, and
          chunk_has_valid (B,) bool: whether this chunk has seen a valid token, so its cms_decay pull applies),
          or None for a level that never learns in context. Every tensor is per batch row (reorder/repeat/detach).

@@ -9,11 +9,16 @@ from transformers import PretrainedConfig
 MIXERS = ("titans", "attention")
 OBJECTIVES = ("l2", "dot")
 MEMORY_TARGETS = ("self", "value")
+MEMORY_RETENTIONS = ("init", "zero")
 MEMORY_DEPTHS = (1, 2)
 ADAPTIVE = ("k", "v", "eta", "alpha")
 CMS_VARIANTS = ("sequential", "independent")
 CMS_STEPS = ("gauss_newton",)
 KERNEL_BACKENDS = ("auto", "triton", "torch")
+# The default bound on the Titans memories' eta (SPEC §2 v2): the delta-rule transition alpha (I - eta/alpha k kᵀ)
+# contracts for 0 < eta < 1 + alpha; 1.0 is the largest value the stability figures
+# (benchmarks/titans_stability.py, docs/titans_stability.md) show safe.
+ETA_MAX = 1.0
 
 
 def _per_level(name: str, value, levels: int, default) -> list:
@@ -31,10 +36,14 @@ class HopeConfig(PretrainedConfig):
     """Configuration of a Hope causal LM (SPEC §7); the names are the public API.
 
     Shape: vocab_size, hidden_size, num_hidden_layers, num_heads, mixer ("titans" | "attention"), conv_size.
-    Titans mixer (SPEC §2): chunk_size, momentum, dgd, objective ("l2" | "dot"), memory_target
-    ("self" | "value"), adaptive (subset of k/v/eta/alpha), eta_max, memory_depth (1: linear main memory;
-    2: the deep memory M(z) = z + W1 silu(W2 z) of SPEC §2 / Eq. 91), memory_hidden (h, the hidden width of
-    the deep memory, default the head dim d; read only with memory_depth=2).
+    Titans mixer (SPEC §2 v2): chunk_size (the main memory's gradient state), adaptive_chunk_size (the
+    generating memories', default chunk_size, a multiple of it), momentum (default False), dgd, objective
+    ("l2" | "dot"), memory_target ("self" | "value"), memory_residual (default True: M(z) = z + W z),
+    memory_value_norm (default True: v_t is l2-normalised), memory_retention ("init", the default: alpha retains
+    toward the meta-learned initial memories; "zero": toward 0, as Eq. 88 prints), adaptive
+    (subset of k/v/eta/alpha), eta_max (default 1.0), memory_depth (1: linear main memory; 2: the deep memory
+    M(z) = z + W1 silu(W2 z) of Eq. 91), memory_hidden (h, the hidden width of the deep memory, default the head
+    dim d; read only with memory_depth=2).
     CMS (SPEC §3): cms_chunk_sizes (a list, None = a level that never learns in context), cms_hidden_size,
     cms_variant ("sequential" | "independent"), cms_objective ("l2" | "dot"), cms_eta_max, cms_decay, cms_step;
     cms_eta_max, cms_decay and cms_hidden_size take one value for all levels or a list with one per level.
@@ -42,7 +51,7 @@ class HopeConfig(PretrainedConfig):
     each chunk's summed step by N_c = Σ_t mask_t (‖z_t‖² + ‖h_t‖² + ‖z_t‖² Σ_f r_tf² ‖W_down[:, f]‖²), a bound on
     its Gauss-Newton curvature (hope_kernels/cms/reference.py), so the step stays stable at any feature scale;
     cms_eta_max is then a fraction of that bound (default 1; < 2 is stable).
-    eta_max defaults to 1 / chunk_size, and cms_hidden_size to 8/3 hidden_size rounded up to 64.
+    cms_hidden_size defaults to 8/3 hidden_size rounded up to 64.
     Execution: kernel_backend ("auto" | "triton" | "torch"), tie_word_embeddings, max_position_embeddings.
     """
 
@@ -57,12 +66,16 @@ class HopeConfig(PretrainedConfig):
         mixer: str = "titans",
         conv_size: int = 4,
         chunk_size: int = 64,
-        momentum: bool = True,
+        adaptive_chunk_size: Optional[int] = None,
+        momentum: bool = False,
         dgd: bool = True,
         objective: str = "l2",
         memory_target: str = "self",
+        memory_residual: bool = True,
+        memory_value_norm: bool = True,
+        memory_retention: str = "init",
         adaptive: Sequence[str] = ADAPTIVE,
-        eta_max: Optional[float] = None,
+        eta_max: float = ETA_MAX,
         memory_depth: int = 1,
         memory_hidden: Optional[int] = None,
         cms_chunk_sizes: Sequence[Optional[int]] = (16, 128, None),
@@ -91,13 +104,16 @@ class HopeConfig(PretrainedConfig):
         self.mixer = mixer
         self.conv_size = conv_size
         self.chunk_size = chunk_size
+        self.adaptive_chunk_size = adaptive_chunk_size
         self.momentum = momentum
         self.dgd = dgd
         self.objective = objective
         self.memory_target = memory_target
+        self.memory_residual = memory_residual
+        self.memory_value_norm = memory_value_norm
+        self.memory_retention = memory_retention
         self.adaptive = list(adaptive)
-        # A chunk sums up to C steps taken at one state: eta_max = 1/C bounds that sum (the NLMS condition).
-        self.eta_max = 1.0 / chunk_size if eta_max is None and isinstance(chunk_size, int) and chunk_size > 0 else eta_max
+        self.eta_max = eta_max
         self.memory_depth = memory_depth
         # The deep memory's hidden width defaults to the head dim d (W1, W2 square): as many fast weights as two
         # linear memories. A non-int hidden_size / num_heads is rejected by _validate below.
@@ -166,13 +182,22 @@ class HopeConfig(PretrainedConfig):
                 "memory M(z) = z + W1 silu(W2 z) of SPEC §2 / Eq. 91)"
             )
         positive_int("memory_hidden", self.memory_hidden)
-        for name in ("momentum", "dgd"):
+        if self.adaptive_chunk_size is not None and (
+            isinstance(self.adaptive_chunk_size, bool) or not isinstance(self.adaptive_chunk_size, int)
+            or self.adaptive_chunk_size < 1 or self.adaptive_chunk_size % self.chunk_size
+        ):
+            raise ValueError(
+                f"adaptive_chunk_size={self.adaptive_chunk_size!r} is not allowed: it must be None (= chunk_size) or "
+                f"a positive multiple of chunk_size={self.chunk_size}"
+            )
+        choice("memory_retention", self.memory_retention, MEMORY_RETENTIONS)
+        for name in ("momentum", "dgd", "memory_residual", "memory_value_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: it must be True or False")
         bad = [entry for entry in self.adaptive if entry not in ADAPTIVE]
         if bad or len(set(self.adaptive)) != len(self.adaptive):
             raise ValueError(f"adaptive={self.adaptive!r} is not allowed: entries must be distinct, from {list(ADAPTIVE)}")
-        if not (isinstance(self.eta_max, (int, float)) and self.eta_max > 0):
+        if isinstance(self.eta_max, bool) or not (isinstance(self.eta_max, (int, float)) and self.eta_max > 0):
             raise ValueError(f"eta_max={self.eta_max!r} is not allowed: it must be a number > 0")
         if not self.cms_chunk_sizes:
             raise ValueError("cms_chunk_sizes=[] is not allowed: give at least one level (None = a plain FFN)")

@@ -11,7 +11,9 @@ The pipeline, one small function per step:
     build_datasets(tokenizer, ...)    all of the above for both splits
 
 For `hope-train`, `load_text_dataset(source)` reads user data (local files, a saved directory or a hub name)
-and `pack_for_training` tokenizes and packs it the same way, with EOS as a target.
+and `pack_for_training` tokenizes and packs it the same way, with EOS as a target. A row is a document: a
+.txt file is one document, or one per paragraph (`text_split`), its newlines kept, so EOS marks only the ends
+of documents and a validation split by rows never shares a document with training.
 
 In the demo, labels are the input ids with every </s> replaced by -100: the model still sees </s> as a topic separator,
 but never has to predict it, so the loss is a mean over UTF-8 bytes only and bits per byte = loss / ln 2.
@@ -22,6 +24,7 @@ import glob
 import hashlib
 import math
 import os
+import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -148,6 +151,54 @@ def bits_per_byte(loss_nats: float) -> float:
 
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
                  ".csv": "csv"}
+# How a text file is cut into rows (documents). "paragraph" (the default) cuts at blank lines: one corpus file
+# still gives many documents to split validation by, and the newlines inside a paragraph are kept.
+TEXT_SPLITS = ("paragraph", "document", "line")
+# A paragraph break: the newline ending a line, one or more blank (whitespace-only) lines, and their newlines;
+# the next paragraph keeps its indentation.
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+
+def split_paragraphs(text: str) -> List[str]:
+    """The paragraphs of `text`: the pieces between blank lines, trailing whitespace removed, blank ones dropped."""
+    return [piece.rstrip() for piece in _PARAGRAPH_BREAK.split(text) if piece.strip()]
+
+
+def _first_undecodable(files: Sequence[str]) -> Optional[Tuple[str, int, int]]:
+    """(file, byte offset, byte) of the first byte that is not valid UTF-8 in `files`, or None."""
+    import codecs
+
+    for path in files:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0  # of the first byte the decoder has not consumed (it holds an incomplete character back)
+        with open(path, "rb") as handle:
+            while True:
+                chunk = handle.read(1 << 20)
+                pending = len(decoder.getstate()[0])
+                try:
+                    decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as error:  # error.object is the held-back bytes + chunk
+                    return path, offset - pending + error.start, error.object[error.start]
+                if not chunk:
+                    break
+                offset += len(chunk)
+    return None
+
+
+def _unreadable(source: str, files: Sequence[str], error: BaseException) -> DataError:
+    """A one-line DataError for files `datasets` failed to read: the first byte that is not UTF-8, when that is
+    the cause, else the innermost exception's type and message."""
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, UnicodeDecodeError) or isinstance(error, UnicodeDecodeError):
+        found = _first_undecodable(files)
+        if found is not None:
+            path, offset, byte = found
+            return DataError(f"{path!r} is not UTF-8 text (byte 0x{byte:02x} at offset {offset}): binary data? "
+                             "text files are read as UTF-8")
+    message = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return DataError(f"cannot read {source!r}: {type(cause).__name__}: {message}")
 
 
 def _data_files(source: str) -> Optional[List[str]]:
@@ -176,17 +227,23 @@ def _data_files(source: str) -> Optional[List[str]]:
 
 
 def load_text_dataset(source: str, *, config: Optional[str] = None, text_column: str = "text",
-                      streaming: bool = False, split: str = "train") -> Union[Dataset, IterableDataset]:
+                      streaming: bool = False, split: str = "train",
+                      text_split: str = "paragraph") -> Union[Dataset, IterableDataset]:
     """Load the texts of `source` with `datasets`: a txt/json/jsonl/parquet/csv file, glob or directory of them
     (`load_dataset(<builder>, data_files=...)`), a directory written by `save_to_disk`, or a hub dataset name.
 
-    Returns a Dataset (or IterableDataset with `streaming`) whose column `text_column` holds strings. Raises
-    FileNotFoundError for missing paths, and DataError for an empty dataset, a missing column, or mixed
-    file types.
+    A row is a document. Text files (.txt, .text) are read as UTF-8 and cut by `text_split`: "paragraph" (at
+    blank lines), "document" (a file a row) or "line" (a line a row, without its newline); paragraphs and
+    documents keep their inner newlines. Returns a Dataset (or IterableDataset with `streaming`) whose column
+    `text_column` holds strings. Raises FileNotFoundError for missing paths, and DataError for data with no
+    text in it (empty or whitespace only), a file that is not UTF-8 text, a missing column, or mixed file types.
     """
     from datasets import load_dataset, load_from_disk
 
+    if text_split not in TEXT_SPLITS:
+        raise DataError(f"--text_split {text_split!r} is not allowed: choose one of {', '.join(TEXT_SPLITS)}")
     saved = Path(source) / "dataset_info.json", Path(source) / "dataset_dict.json", Path(source) / "state.json"
+    files: List[str] = []
     if Path(source).is_dir() and any(marker.is_file() for marker in saved):
         dataset = load_from_disk(source)
         if isinstance(dataset, DatasetDict):
@@ -196,8 +253,8 @@ def load_text_dataset(source: str, *, config: Optional[str] = None, text_column:
         if streaming:
             dataset = dataset.to_iterable_dataset()
     else:
-        files = _data_files(source)
-        if files is None:
+        files = _data_files(source) or []
+        if not files:
             try:
                 dataset = load_dataset(source, config, split=split, streaming=streaming)
             except Exception as error:  # the hub raises many types; the message says what went wrong
@@ -208,20 +265,32 @@ def load_text_dataset(source: str, *, config: Optional[str] = None, text_column:
                                         f"{type(error).__name__}: {error}") from None
         else:
             if all(os.path.getsize(f) == 0 for f in files):  # `datasets` fails on these with a bare StopIteration
-                raise DataError(f"{source!r} is empty: no rows to train on")
+                raise DataError(f"{source!r} holds no text: it is empty or whitespace only")
             builders = {FILE_BUILDERS.get(Path(f).suffix.lower()) for f in files}
             if None in builders or len(builders) != 1:
                 raise DataError(f"{source!r}: the files must all be one of {sorted(FILE_BUILDERS)}, got "
                                  f"{sorted({Path(f).suffix or '(none)' for f in files})}")
-            dataset = load_dataset(builders.pop(), data_files=files, split="train", streaming=streaming)
+            builder = builders.pop()
+            options = {"sample_by": "line" if text_split == "line" else "document"} if builder == "text" else {}
+            try:
+                dataset = load_dataset(builder, data_files=files, split="train", streaming=streaming, **options)
+            except Exception as error:  # a DatasetGenerationError wraps what the file reader raised
+                raise _unreadable(source, files, error) from None
+            if builder == "text" and text_split == "paragraph":
+                dataset = dataset.map(lambda batch: {"text": [p for text in batch["text"] for p in split_paragraphs(text)]},
+                                      batched=True, remove_columns=["text"],
+                                      **({} if streaming else {"desc": "split paragraphs"}))
     columns = dataset.column_names
     if columns is not None and text_column not in columns:
         raise DataError(f"{source!r} has no column {text_column!r} (columns: {columns}); pass --text_column")
-    if not streaming and len(dataset) == 0:
-        raise DataError(f"{source!r} is empty: no rows to train on")
-    if streaming and next(iter(dataset.take(1)), None) is None:
-        raise DataError(f"{source!r} is empty: no rows to train on")
-    return dataset.select_columns([text_column])
+    dataset = dataset.select_columns([text_column])
+    try:
+        has_rows = next(iter(dataset.take(1)), None) is not None if streaming else len(dataset) > 0
+    except Exception as error:  # a streamed file is first read here
+        raise _unreadable(source, files, error) from None
+    if not has_rows:
+        raise DataError(f"{source!r} holds no text: it is empty or whitespace only")
+    return dataset
 
 
 def pack_for_training(dataset, tokenizer, seq_len: int, text_column: str = "text",
@@ -229,6 +298,9 @@ def pack_for_training(dataset, tokenizer, seq_len: int, text_column: str = "text
     """Tokenize (each text + EOS) and pack `dataset` into blocks of `seq_len` "input_ids"/"labels"; EOS is a
     target here (a fine-tuned model should learn to stop). Keeps the first `max_blocks` blocks if given."""
     texts = dataset.filter(lambda row: bool(row[text_column] and row[text_column].strip()))
+    empty = next(iter(texts.take(1)), None) is None if isinstance(texts, IterableDataset) else len(texts) == 0
+    if empty:
+        raise DataError(f"{name} holds no text: every row is empty or whitespace")
     packed = pack_dataset(tokenize_dataset(texts, tokenizer, text_column), seq_len, name=name)
     if max_blocks is not None:
         packed = packed.take(max_blocks) if isinstance(packed, IterableDataset) else \

@@ -56,16 +56,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, help="optimizer steps per model (demo: 600)")
     parser.add_argument("--seq-len", type=int, help="tokens (bytes) per training block (demo: 256)")
     parser.add_argument("--batch-size", type=int, help="blocks per step (demo: 8)")
-    # 100-200-step sweeps at the demo size: Hope does best near 3e-3, Transformer++ near 1e-3; 2e-3 serves both.
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate, cosine decay (default 2e-3)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak AdamW learning rate, cosine decay (default: the tiny preset's recipe, "
+                             "hope.presets.training_defaults: 2e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order (default 0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto = cuda (bf16 when supported) if available, else cpu")
     parser.add_argument("--hidden-size", type=int, help="width of both models (demo: 128)")
     parser.add_argument("--num-layers", type=int, help="depth of both models (demo: 2)")
     parser.add_argument("--num-heads", type=int, help="heads of both models (demo: 2)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads for torch; 0 = one per core not busy with other processes (default)")
+    parser.add_argument("--num-threads", "--num_threads", dest="num_threads", type=int, default=None,
+                        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the cores other "
+                             "processes leave idle; hope.runtime.configure_threads)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt of the samples (default {DEFAULT_PROMPT!r})")
     parser.add_argument("--max-new-tokens", type=int, help="bytes to sample from each model (demo: 200)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke-test sizes (tests)
@@ -84,10 +86,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--seq-len must be at least 2, got {args.seq_len}")
     if args.hidden_size % args.num_heads:
         parser.error(f"--hidden-size {args.hidden_size} must be divisible by --num-heads {args.num_heads}")
+    if args.lr is None:
+        from hope.presets import training_defaults
+
+        args.lr = training_defaults("tiny")["learning_rate"]
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
-    if args.threads < 0:
-        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.num_threads is not None and args.num_threads < 1:
+        parser.error(f"--num-threads must be at least 1, got {args.num_threads}")
     return args
 
 
@@ -181,6 +187,7 @@ def train_one(name: str, config, datasets, tokenizer, args, device, output_dir: 
     from transformers.trainer_callback import ProgressCallback
 
     from hope import HopeForCausalLM
+    from hope.presets import training_defaults
 
     set_seed(args.seed)
     model = HopeForCausalLM(config)
@@ -195,17 +202,12 @@ def train_one(name: str, config, datasets, tokenizer, args, device, output_dir: 
     # ~5 validation points on the curve, the last one at the final step (the reported number).
     eval_steps = sorted({max(1, round(args.max_steps * k / 5)) for k in range(1, 6)})
     checkpoint = output_dir / name
+    recipe = {**training_defaults("tiny"), "learning_rate": args.lr}  # the demo's size (hope.presets)
     training_args = TrainingArguments(
         output_dir=str(checkpoint),
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, round(0.05 * args.max_steps)),
-        weight_decay=0.01,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        max_grad_norm=1.0,
+        **recipe,
         logging_steps=max(1, args.max_steps // 50),  # ~50 points on the loss curve
         eval_strategy="no",  # the Record callback evaluates, token-weighted, at eval_steps
         save_strategy="no",  # saved once at the end, below
@@ -316,13 +318,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, RunResult]:
 
     import hope  # noqa: F401  (registers "hope" with the Auto classes)
     from hope.data import build_datasets, load_topics, split_topics
-    from hope.train import idle_cores, pick_device
+    from hope.runtime import configure_threads, describe_threads
+    from hope.train import pick_device
 
     started = time.perf_counter()
     device = pick_device(args.device)
     threads_before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads or idle_cores())
+    threads = configure_threads(args.num_threads)
     bars_were_enabled = hf_datasets.is_progress_bar_enabled()
     hf_datasets.disable_progress_bars()
     try:
@@ -335,8 +337,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, RunResult]:
               f"  train: {len(train_names)} topics, {len(data['train'])} blocks; "
               f"validation: {len(validation_names)} other topics, {len(data['validation'])} blocks "
               f"({', '.join(validation_names)})\n"
-              f"device: {device}" + (f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""),
-              flush=True)
+              f"device: {device}, {describe_threads(threads, args.num_threads)}", flush=True)
         configs = build_configs(len(tokenizer), args.hidden_size, args.num_layers, args.num_heads, args.seq_len,
                                 tokenizer.pad_token_id, tokenizer.eos_token_id)
         results = {name: train_one(name, configs[name], data, tokenizer, args, device, output_dir)

@@ -9,7 +9,7 @@
 `--compare` trains the three models from scratch with the HF Trainer on freshly generated rows, evaluates them
 on rows from another seed, and writes `results.json`, `results.md` and `<task>.png` plus each checkpoint under
 --output_dir. Defaults are the CPU scale (minutes); `--hidden_size 512 --num_layers 8 --steps 5000 ...` is
-the GPU scale.
+the GPU scale. A progress bar counts the evaluated rows. Exit status: 0, 2 for bad input (one line), 130 on Ctrl-C.
 """
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--output_dir", "--output-dir", default=None, help="where --compare writes (runs/<task>)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", "--batch-size", type=int, default=16)
+    parser.add_argument("--num_threads", "--num-threads", type=int, default=None,
+                        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the cores other processes "
+                             "leave idle)")
     lm = parser.add_argument_group("lm: loss on a dataset")
     lm.add_argument("--data", help="a txt/json/jsonl/parquet/csv file, glob, directory, saved dataset or hub name")
     lm.add_argument("--data_config", default=None)
@@ -41,6 +44,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     lm.add_argument("--tokenizer", default=None, help="default: the checkpoint's own, else ByT5")
     lm.add_argument("--seq_len", type=int, default=1024)
     lm.add_argument("--max_eval_samples", type=int, default=None, help="evaluate on the first N blocks")
+    lm.add_argument("--text_split", choices=["paragraph", "document", "line"], default="paragraph",
+                    help="how .txt files are cut into documents (EOS after each), as in hope-train")
     synthetic = parser.add_argument_group("mqar / forgetting")
     synthetic.add_argument("--num_examples", type=int, default=256, help="evaluation rows per setting")
     synthetic.add_argument("--num_pairs", default="2,4,8", help="MQAR: comma-separated pairs per setting")
@@ -67,6 +72,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                 "num_heads", "chunk_size", "num_segments", "pairs_per_segment", "mqar_seq_len", "num_keys", "num_values",
                 "repeats"):
         if getattr(args, key) < 1:
+            parser.error(f"--{key} must be a positive integer, got {getattr(args, key)}")
+    if args.seq_len < 2:
+        parser.error(f"--seq_len must be at least 2 (a block predicts its tokens 1..T-1), got {args.seq_len}")
+    for key in ("max_eval_samples", "num_threads"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key} must be a positive integer, got {getattr(args, key)}")
     try:
         args.num_pairs = [int(value) for value in args.num_pairs.split(",") if value.strip()]
@@ -104,18 +114,20 @@ def evaluate_task(model, args: argparse.Namespace) -> Dict[str, Any]:
         check_vocab(model, needed)
         return {"accuracy_by_pairs": {task.num_pairs: mqar_accuracy(model, generate_mqar(task, args.num_examples,
                                                                                          args.seed + 1),
-                                                                    args.batch_size) for task in tasks}}
+                                                                    args.batch_size, progress=True)
+                                      for task in tasks}}
     task = forgetting_task(args)
     check_vocab(model, task.vocab_size)
     recall = recall_by_age(model, generate_stream(task, args.num_examples, args.seed + 1), task.num_segments,
-                           args.batch_size)
+                           args.batch_size, progress=True)
     return {"recall_by_age": recall, "mean_recall": sum(recall) / len(recall)}
 
 
 def check_vocab(model, needed: int) -> None:
+    from hope.train import UsageError
+
     if model.config.vocab_size < needed:
-        raise SystemExit(f"hope-eval: error: the task uses {needed} token ids but the model's vocab_size is "
-                         f"{model.config.vocab_size}")
+        raise UsageError(f"the task uses {needed} token ids but the model's vocab_size is {model.config.vocab_size}")
 
 
 def train_rows(args: argparse.Namespace):
@@ -136,13 +148,7 @@ def compare(args: argparse.Namespace) -> Dict[str, Any]:
     """Train the three models on the task and evaluate each; write results.json, results.md and the PNG."""
     from hope.evals.common import MODEL_LABELS, ModelShape, comparison_configs, train_on_task
 
-    import torch
-
-    from hope.train import idle_cores
-
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    if not torch.cuda.is_available():
-        torch.set_num_threads(idle_cores())
     train, vocab_size, seq_len = train_rows(args)
     shape = ModelShape(args.hidden_size, args.num_layers, args.num_heads, args.chunk_size)
     configs = comparison_configs(vocab_size, shape, max_position_embeddings=max(seq_len, 512))
@@ -228,12 +234,15 @@ def evaluate_lm(args: argparse.Namespace) -> Dict[str, Any]:
     from hope.evals.common import evaluate_loss
     from hope.train import bits_per_byte_factor, load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer, args.model)
     model = load_checkpoint(args.model)
+    tokenizer = load_tokenizer(args.tokenizer, args.model)
     check_vocab(model, len(tokenizer))
-    raw = load_text_dataset(args.data, config=args.data_config, text_column=args.text_column)
+    raw = load_text_dataset(args.data, config=args.data_config, text_column=args.text_column,
+                            text_split=args.text_split)
     blocks = pack_for_training(raw, tokenizer, args.seq_len, args.text_column, args.max_eval_samples, name=args.data)
-    loss = evaluate_loss(model, blocks, args.batch_size)
+    print(f"hope-eval: {args.model} on {args.data}: {len(blocks):,} blocks of {args.seq_len} tokens; {args.threads}",
+          file=sys.stderr, flush=True)
+    loss = evaluate_loss(model, blocks, args.batch_size, progress=True)
     factor = bits_per_byte_factor(raw, tokenizer, args.text_column)
     metrics = {"loss": loss, "perplexity": math.exp(loss) if loss < 50 else float("inf"), "blocks": len(blocks),
                "bits_per_byte": loss / math.log(2) * factor if factor else None}
@@ -246,31 +255,59 @@ def load_checkpoint(path: str):
     from transformers import AutoModelForCausalLM
 
     import hope  # noqa: F401  (Auto classes)
+    from hope.train import UsageError
 
+    if not Path(path).exists():
+        raise UsageError(f"--model {path!r}: no such checkpoint directory")
     if not Path(path, "config.json").is_file():
-        raise SystemExit(f"hope-eval: error: {path!r} is not a checkpoint directory (no config.json)")
+        raise UsageError(f"--model {path!r} is not a checkpoint directory (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(path)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Console entry point of `hope-eval`."""
+def run_command(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """What `hope-eval ARGS` does, returning the metrics (or the --compare results) rather than an exit status.
+    Bad input prints one line (`hope-eval: error: ...`) and raises SystemExit(2)."""
+    import torch
+
     from hope.data import DataError
+    from hope.runtime import configure_threads, describe_threads
     from hope.train import UsageError
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    threads_before = torch.get_num_threads()
     try:
+        try:
+            threads = configure_threads(args.num_threads)
+        except ValueError as error:  # a bad OMP_NUM_THREADS
+            raise UsageError(str(error)) from None
+        args.threads = describe_threads(threads, args.num_threads)
         if args.compare:
+            print(f"hope-eval: {args.threads}", file=sys.stderr, flush=True)
             return compare(args)
         if args.task == "lm":
             return evaluate_lm(args)
-        metrics = evaluate_task(load_checkpoint(args.model), args)
+        model = load_checkpoint(args.model)
+        print(f"hope-eval: {args.model} on {args.task}; {args.threads}", file=sys.stderr, flush=True)
+        metrics = evaluate_task(model, args)
         print(json.dumps(metrics, indent=2))
         return metrics
     except (UsageError, DataError, FileNotFoundError) as error:
         print(f"hope-eval: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point of `hope-eval`: exit status 0 on success, 2 for bad input, 130 after Ctrl-C."""
+    try:
+        run_command(argv)
+    except KeyboardInterrupt:
+        print("\nhope-eval: interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

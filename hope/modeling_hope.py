@@ -7,14 +7,18 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any, Optional, Union
+import os
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .cache_hope import HopeCache, HopeLayerCache
@@ -26,9 +30,14 @@ from .layers.titans_mixer import TitansMixer
 
 # transformers renamed the cache field of model outputs from `past_key_values` to `cache` during 5.x.
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+# generate()'s bookkeeping keywords, which prepare_inputs_for_generation consumes instead of passing to forward.
+_NOT_FORWARDED = ("labels", "next_sequence_length", "is_first_iteration", "cache_position")
 
 
-class HopeBlock(nn.Module):
+class HopeBlock(GradientCheckpointingLayer):
+    """One block; a GradientCheckpointingLayer, so transformers' activation checkpointing (every_n_layers too)
+    recomputes it in backward."""
+
     def __init__(self, config: HopeConfig):
         super().__init__()
         self.mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -51,6 +60,32 @@ class HopePreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["HopeBlock"]
     _supports_sdpa = True
+    # The recurrent state cannot be rewound to a prefix: generate() then refuses assisted decoding with its own
+    # clear message, as for Mamba and RWKV.
+    _is_stateful = True
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], is_main_process: bool = True, *args: Any,
+                        **kwargs: Any) -> Any:
+        """As `PreTrainedModel.save_pretrained`, plus the modeling code next to the weights (`hope.remote_code`), so
+        that `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` needs no `import hope`."""
+        if __package__ != "hope":
+            # Loaded from such a checkpoint: transformers copies this code itself (custom_object_save).
+            return super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if kwargs.pop("push_to_hub", False):
+            # The upload inside save_pretrained sends only files written after it starts; push_to_hub saves into a
+            # fresh folder through this method and uploads all of it, the code included.
+            hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private")
+                   if key in kwargs}
+            result = self.save_pretrained(save_directory, is_main_process, *args, **kwargs)
+            if is_main_process:
+                self.push_to_hub(hub.pop("repo_id", os.path.basename(os.path.normpath(save_directory))),
+                                 token=kwargs.get("token"), **hub)
+            return result
+        if is_main_process:
+            from .remote_code import save_remote_code
+
+            save_remote_code(save_directory, self.config)  # sets config.auto_map before config.json is written
+        return super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -59,31 +94,33 @@ class HopePreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        # transformers.initialization leaves every tensor that from_pretrained loaded as it is (`_is_hf_initialized`):
+        # after a load this only fills the missing ones.
         std = self.config.initializer_range
         # Residual outputs are scaled down with depth (GPT-2) so the stream's variance stays bounded.
         residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         if isinstance(module, nn.Embedding):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, 0.0, std)
         elif isinstance(module, nn.Linear):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
-                module.bias.zero_()
+                init.zeros_(module.bias)
         elif isinstance(module, RMSNorm):
-            module.weight.fill_(1.0)
+            init.ones_(module.weight)
         elif isinstance(module, TitansMixer):
             module.reset_memory_parameters()
         elif isinstance(module, CMSLevel):
-            module.w_gate.normal_(0.0, std)
-            module.w_up.normal_(0.0, std)
-            module.w_down.normal_(0.0, residual_std)
+            init.normal_(module.w_gate, 0.0, std)
+            init.normal_(module.w_up, 0.0, std)
+            init.normal_(module.w_down, 0.0, residual_std)
             if module.learns_in_context:
-                module.p_v.normal_(0.0, std)  # targets start at the scale of the other projections
-                module.w_eta.zero_()
-                module.b_eta.zero_()  # eta starts at cms_eta_max / 2
+                init.normal_(module.p_v, 0.0, std)  # targets start at the scale of the other projections
+                init.zeros_(module.w_eta)
+                init.zeros_(module.b_eta)  # eta starts at cms_eta_max / 2
         elif isinstance(module, CMS) and hasattr(module, "level_weights"):
-            module.level_weights.fill_(1.0)
+            init.ones_(module.level_weights)
         if isinstance(module, (TitansMixer, AttentionMixer)):
-            module.o_proj.weight.normal_(0.0, residual_std)
+            init.normal_(module.o_proj.weight, 0.0, residual_std)
 
 
 class HopeModel(HopePreTrainedModel):
@@ -108,7 +145,9 @@ class HopeModel(HopePreTrainedModel):
             raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-        if input_ids.numel():
+        # The range check reads values on the host: eager only, so that torch.compile and torch.export trace
+        # through (an out-of-range id then fails in the embedding lookup instead).
+        if input_ids.numel() and not torch.compiler.is_compiling():
             low, high = torch.stack(torch.aminmax(input_ids.long())).tolist()  # one host sync for both bounds
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(
@@ -133,6 +172,12 @@ class HopeModel(HopePreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        output_attentions = kwargs.get("output_attentions")
+        if self.config.output_attentions if output_attentions is None else output_attentions:
+            raise ValueError("output_attentions=True is not supported: Hope's mixers return no attention weights")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         if input_ids is not None:
             self._check_input_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids)
@@ -144,7 +189,8 @@ class HopeModel(HopePreTrainedModel):
         if cache is not None and not isinstance(cache, HopeCache):
             raise TypeError(f"cache must be a HopeCache, got {type(cache).__name__}")
         # A cache the caller passes in is always continued; use_cache only decides whether to create one.
-        if use_cache and cache is None and not (self.gradient_checkpointing and self.training):
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if use_cache and cache is None and not checkpointing:
             cache = HopeCache(self.config.num_hidden_layers)
         start = cache.seen_tokens if cache is not None else 0
         valid = self._token_validity(attention_mask, B, T, start)
@@ -154,10 +200,10 @@ class HopeModel(HopePreTrainedModel):
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden.append(hidden)
+            if T == 0:
+                continue  # nothing to read: the states stay as they are (every block maps no token to no token)
             layer_cache = cache.layers[i] if cache is not None else None
-            if self.gradient_checkpointing and self.training and layer_cache is None and torch.is_grad_enabled():
-                hidden = self._gradient_checkpointing_func(layer.__call__, hidden, valid, None, start)
-            else:
+            with _no_checkpointing(layer) if layer_cache is not None and checkpointing else contextlib.nullcontext():
                 hidden = layer(hidden, valid, layer_cache, start)
         hidden = self.norm(hidden)
         if output_hidden_states:
@@ -168,7 +214,7 @@ class HopeModel(HopePreTrainedModel):
             last_hidden_state=hidden, hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             **{_CACHE_FIELD: cache},
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if return_dict else output.to_tuple()
 
     def _token_validity(self, attention_mask: Optional[Tensor], B: int, T: int, start: int) -> Optional[Tensor]:
         """(B, T) bool validity of the current tokens, or None when every token is valid."""
@@ -179,8 +225,33 @@ class HopeModel(HopePreTrainedModel):
                 f"attention_mask must be (batch, seq_len) = ({B}, {T}) or include the cached tokens "
                 f"({B}, {start + T}); got {tuple(attention_mask.shape)}"
             )
-        valid = attention_mask[:, -T:].bool()
-        return None if bool(valid.all()) else valid
+        valid = attention_mask[:, attention_mask.shape[1] - T :].bool()
+        if torch.compiler.is_compiling():
+            return valid  # no host sync on a traced path: the masked code path is exact for an all-ones mask too
+        if attention_mask.dtype == torch.bool:
+            all_valid = bool(valid.all())
+        else:
+            # A float mask of 0.5s is not "half valid": a token is either read or padding (SPEC §5).
+            non_binary = (attention_mask != 0) & (attention_mask != 1)
+            any_non_binary, all_valid = torch.stack([non_binary.any(), valid.all()]).tolist()  # one host sync
+            if any_non_binary:
+                bad = attention_mask[non_binary][0].item()
+                raise ValueError(
+                    f"attention_mask must hold only 0 (padding) and 1 (token); got the value {bad} "
+                    f"({attention_mask.dtype})"
+                )
+        return None if all_valid else valid
+
+
+@contextlib.contextmanager
+def _no_checkpointing(layer: HopeBlock) -> Iterator[None]:
+    """Run a block that continues a cache without activation checkpointing: the backward recompute would read the
+    state that this forward has already advanced."""
+    enabled, layer.gradient_checkpointing = layer.gradient_checkpointing, False
+    try:
+        yield
+    finally:
+        layer.gradient_checkpointing = enabled
 
 
 class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
@@ -191,6 +262,21 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
         self.model = HopeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @property
+    def _keys_to_ignore_on_save(self) -> set[str]:
+        """A tied head is saved once, as the embedding; Trainer's resume loads the state dict and treats missing
+        keys listed here as tied instead of warning about them. Read from the live modules, so a head untied
+        later is saved again."""
+        keys = set(self.__dict__.get("_keys_ignored_on_save", ()))
+        modules = self.__dict__.get("_modules", {})
+        if "lm_head" in modules and "model" in modules and self.lm_head.weight is self.model.embed_tokens.weight:
+            keys.add("lm_head.weight")
+        return keys
+
+    @_keys_to_ignore_on_save.setter
+    def _keys_to_ignore_on_save(self, keys) -> None:
+        self.__dict__["_keys_ignored_on_save"] = set(keys or ())
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -218,14 +304,18 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
         logits_to_keep: Union[int, Tensor] = 0,
         **kwargs: Any,
     ) -> Union[tuple, CausalLMOutputWithPast]:
-        """As `HopeModel.forward`; `labels` (B, T) give the shifted next-token loss (-100 = ignored), and
-        `num_items_in_batch` (passed by Trainer) normalises it over gradient-accumulation steps."""
-        if labels is not None and use_cache is None and cache is None and past_key_values is None:
+        """As `HopeModel.forward`; `labels` (B, T) give the shifted next-token loss (-100 = ignored), or
+        `shift_labels` (B, T) the already shifted targets (context parallelism shards them so); `num_items_in_batch`
+        (passed by Trainer) normalises it over gradient-accumulation steps."""
+        shift_labels = kwargs.get("shift_labels")
+        has_targets = labels is not None or shift_labels is not None
+        if has_targets and use_cache is None and cache is None and past_key_values is None:
             use_cache = False  # training needs no cache, but a given one is continued (truncated BPTT)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, cache=cache,
             past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=output_hidden_states,
-            return_dict=True,
+            return_dict=True, output_attentions=kwargs.get("output_attentions"),
         )
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -234,17 +324,20 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
             hidden = hidden[:, logits_to_keep]
         logits = self.lm_head(hidden)
         loss = None
-        if labels is not None:
-            if labels.shape != logits.shape[:2]:
-                raise ValueError(f"labels must be (batch, seq_len) = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+        if has_targets:
+            for name, targets in (("labels", labels), ("shift_labels", shift_labels)):
+                if targets is not None and targets.shape != logits.shape[:2]:
+                    raise ValueError(
+                        f"{name} must be (batch, seq_len) = {tuple(logits.shape[:2])}, got {tuple(targets.shape)}"
+                    )
             loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, shift_labels=shift_labels,
                 num_items_in_batch=kwargs.get("num_items_in_batch"),
             )
         output = CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)}
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if return_dict else output.to_tuple()
 
     def prepare_inputs_for_generation(
         self,
@@ -256,23 +349,30 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
         use_cache: bool = True,
         **kwargs: Any,
     ) -> dict:
-        """Feed only the tokens the cache has not consumed yet (the prompt first, then one token a step)."""
+        """Feed only the tokens the cache has not consumed yet (the prompt first, then one token a step).
+
+        With `inputs_embeds` the sequence is the embedded prompt followed by `input_ids`, which then hold only the
+        generated tokens (generate starts them empty); a returned cache continues from a longer `inputs_embeds`.
+        Every other keyword (output_hidden_states, logits_to_keep, ...) goes on to forward.
+        """
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = HopeCache(self.config.num_hidden_layers)
         inputs = {"attention_mask": attention_mask, "use_cache": use_cache, "cache": cache}
         seen = cache.seen_tokens if cache is not None else 0
-        if inputs_embeds is not None and seen == 0:
-            inputs["inputs_embeds"] = inputs_embeds
-        elif cache is None:
-            inputs["input_ids"] = input_ids
+        prompt = inputs_embeds.shape[1] if inputs_embeds is not None else 0
+        if inputs_embeds is not None and cache is None:
+            # Without a state every step reads the whole sequence.
+            inputs["inputs_embeds"] = torch.cat([inputs_embeds, self.get_input_embeddings()(input_ids)], dim=1)
+        elif inputs_embeds is not None and seen < prompt:
+            inputs["inputs_embeds"] = inputs_embeds[:, seen:]
         elif inputs_embeds is not None and input_ids.shape[1] <= seen:
-            # The prompt came as inputs_embeds, so input_ids holds only the generated tokens.
-            inputs["input_ids"] = input_ids[:, seen - inputs_embeds.shape[1] :]
+            inputs["input_ids"] = input_ids[:, seen - prompt :]
         else:
             inputs["input_ids"] = input_ids[:, seen:]
-        if "logits_to_keep" in kwargs:
-            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        for key, value in kwargs.items():
+            if key not in inputs and key not in _NOT_FORWARDED:
+                inputs[key] = value
         return inputs
 
     def _reorder_cache(self, cache: HopeCache, beam_idx: Tensor) -> HopeCache:

@@ -2,17 +2,21 @@
 
     hope-train --model small --data corpus.txt --output_dir runs/small --max_steps 2000
     hope-train --model hope-340m --data data/*.jsonl --tokenizer ./my-tokenizer --seq_len 4096 --bf16 \\
-               --gradient_accumulation_steps 8 --gradient_checkpointing --save_total_limit 3
+               --gradient_accumulation_steps 8 --activation_checkpointing --save_total_limit 3
     hope-train --model runs/small --data more.parquet --output_dir runs/ft --learning_rate 1e-4   # fine-tune
     hope-train ... --resume_from_checkpoint last                                  # after an interruption
     torchrun --nproc_per_node 8 -m hope.train ...        accelerate launch -m hope.train ...   (DDP / FSDP)
     python -m hope.train --demo                                                   # the offline demo (hope.demo)
 
 `--model` is a preset name (`hope.get_preset`: tiny, small, hope-340m/760m/1.3b, transformer-340m/...) or a
-checkpoint directory. `--data` is a local txt/json/jsonl/parquet/csv file, glob or directory of such files
-(read by `datasets.load_dataset`), a directory written by `Dataset.save_to_disk`, or a hub dataset name when
-the machine is online. Every `TrainingArguments` option passes through unchanged (`--help` lists them). Texts
-are tokenized, each followed by EOS, and packed into blocks of `--seq_len` tokens (`hope.data`).
+checkpoint directory. A preset trains from scratch with its recipe (`hope.presets.training_defaults`: learning
+rate, schedule, warm-up, weight decay), each overridable by its flag; a checkpoint is fine-tuned with the
+Trainer's defaults or your flags. `--data` is a local txt/json/jsonl/parquet/csv file, glob or directory of
+such files (read by `datasets.load_dataset`), a directory written by `Dataset.save_to_disk`, or a hub dataset
+name when the machine is online. A row is a document; a .txt file is cut at blank lines (`--text_split`). Every
+`TrainingArguments` option passes through unchanged (`--help` lists them). Documents are tokenized, each
+followed by EOS, and packed into blocks of `--seq_len` tokens (`hope.data`). Ctrl-C saves a checkpoint at the
+end of the current step and prints the command that resumes from it.
 """
 from __future__ import annotations
 
@@ -20,10 +24,12 @@ import ast
 import json
 import math
 import os
+import shlex
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 DEFAULT_TOKENIZER = "byt5 (ByT5Tokenizer(): byte-level, needs no files)"
 
@@ -53,6 +59,11 @@ class HopeTrainArguments:
                                         "or a JSON object; for a checkpoint only execution fields make sense"})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "keep the first N packed blocks"})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "evaluate on the first N blocks"})
+    text_split: str = field(default="paragraph", metadata={
+        "help": "how .txt files are cut into documents (EOS after each): paragraph (at blank lines), document (a "
+                "file each) or line; newlines inside a document are kept", "choices": ["paragraph", "document", "line"]})
+    num_threads: Optional[int] = field(default=None, metadata={
+        "help": "CPU threads for torch; default OMP_NUM_THREADS if set, else the cores other processes leave idle"})
 
 
 class UsageError(ValueError):
@@ -71,17 +82,6 @@ def pick_device(requested: str):
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(requested)
-
-
-def idle_cores() -> int:
-    """CPU cores this process may use minus the load of other processes (1-minute load average), at least 1.
-    On a shared box, more threads than idle cores make torch's OpenMP threads spin and slow down many-fold."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        busy = 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
 
 
 def parse_overrides(text: Optional[str]) -> Dict[str, Any]:
@@ -195,50 +195,211 @@ def bits_per_byte_factor(dataset, tokenizer, text_column: str, sample: int = 200
     return tokens / nbytes if nbytes else None
 
 
+# ------------------------------------------------------------------ command line, training recipe, Ctrl-C
+
+# transformers 5.24 renamed TrainingArguments.gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs)
+# and warns (FutureWarning) on the old names; 5.17 knows only the old ones. hope-train accepts both spellings
+# and passes the installed version its own, so neither warns.
+CHECKPOINTING_FLAGS = (("gradient_checkpointing", "activation_checkpointing"),
+                       ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
+# The fields of a training recipe that hope-train prints, whether from a preset or the Trainer's defaults.
+RECIPE_FIELDS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta2", "max_grad_norm")
+
+
+def checkpointing_flags_for(argv: Sequence[str], fields) -> List[str]:
+    """`argv` with every --gradient_checkpointing / --activation_checkpointing flag (and its _kwargs; with "_"
+    or "-", bare or "=value") spelled as the installed TrainingArguments, whose field names are `fields`, does."""
+    spelled = []
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        for old, new in CHECKPOINTING_FLAGS:
+            if name in {f"--{flag}" for flag in (old, new, old.replace("_", "-"), new.replace("_", "-"))}:
+                name = f"--{new if new in fields else old}"
+                break
+        spelled.append(name + sep + value)
+    return spelled
+
+
+def build_parser():
+    from transformers import HfArgumentParser, TrainingArguments
+
+    return HfArgumentParser((HopeTrainArguments, TrainingArguments), prog="hope-train",
+                            description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+
+
+def parse_args(argv: Sequence[str]):
+    """(HopeTrainArguments, TrainingArguments, recipe, argv) for a command line. `recipe` is the preset's
+    from-scratch recipe (`hope.presets.training_defaults`), already the default of those TrainingArguments
+    fields the command line leaves unset; empty when --model is a checkpoint. The returned argv is the command
+    line as parsed (the checkpointing flags respelled, --output_dir made explicit)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from hope.presets import training_defaults
+
+    argv = checkpointing_flags_for(argv, {f.name for f in dataclasses.fields(TrainingArguments)})
+    if not any(a == "--output_dir" or a.startswith(("--output_dir=", "--output-dir")) for a in argv):
+        model = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--model"), "model")
+        argv += ["--output_dir", str(Path("runs") / Path(model).name)]
+    args, training_args = build_parser().parse_args_into_dataclasses(args=argv)
+    try:  # a preset trains from scratch with its recipe; a path is a checkpoint to fine-tune
+        recipe = {} if Path(args.model).exists() else training_defaults(args.model)
+    except ValueError:  # an unknown preset name, which load_model reports
+        recipe = {}
+    if recipe:  # parse again with the recipe as the defaults: a flag on the command line still wins
+        parser = build_parser()
+        parser.set_defaults(**recipe)
+        args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return args, training_args, recipe, argv
+
+
+def describe_recipe(training_args, recipe: Dict[str, Any], model: str) -> str:
+    """One line: the learning rate, schedule, warm-up, ... this run uses, and where they come from."""
+    from hope.presets import TRAINING_RECIPE_SOURCE, parse_preset_name
+
+    def shown(key: str) -> str:
+        value = getattr(training_args, key)
+        value = getattr(value, "value", value)  # SchedulerType -> "cosine"
+        given = recipe and key in recipe and value != recipe[key]
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        return f"{key}={text}" + (" (yours)" if given else "")
+
+    values = ", ".join(shown(key) for key in RECIPE_FIELDS)
+    if recipe:
+        source = TRAINING_RECIPE_SOURCE[parse_preset_name(model)[1]]
+        return f"from scratch with preset {model}'s recipe ({source}; a flag overrides any of it): {values}"
+    return f"fine-tuning with the Trainer's defaults and your flags: {values}"
+
+
+def resume_command(argv: Sequence[str], world_size: int = 1) -> str:
+    """The command that resumes this run from its newest checkpoint: the same arguments, with
+    `--resume_from_checkpoint last` in place of any given."""
+    kept, skip_value = [], False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg in ("--resume_from_checkpoint", "--resume-from-checkpoint"):
+            skip_value = True
+        elif not arg.startswith(("--resume_from_checkpoint=", "--resume-from-checkpoint=")):
+            kept.append(arg)
+    program = "hope-train" if Path(sys.argv[0]).name.startswith("hope-train") else "python -m hope.train"
+    command = f"{program} {shlex.join(kept + ['--resume_from_checkpoint', 'last'])}"
+    if world_size > 1:
+        command += f"    (with the launcher of this run: torchrun / accelerate launch ... -m hope.train, {world_size} processes)"
+    return command
+
+
+def stop_on_interrupt_callback():
+    """A TrainerCallback whose `request` (the SIGINT handler during training) asks the Trainer to save a
+    checkpoint at the end of the current optimizer step and stop. The checkpoint holds what
+    --resume_from_checkpoint needs (weights, optimizer, scheduler, RNG and data position). A second Ctrl-C
+    aborts at once. With several processes the request is shared (all-reduce) so that all stop at one step."""
+    from transformers import TrainerCallback
+
+    class StopOnInterrupt(TrainerCallback):
+        def __init__(self):
+            self.requested = False
+            self.stopped_at: Optional[int] = None
+
+        def request(self, signum, frame):
+            self.requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("\nhope-train: Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again aborts without "
+                  "saving)", file=sys.stderr, flush=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            requested = self.requested
+            if args.world_size > 1:
+                import torch
+                import torch.distributed as dist
+
+                flag = torch.tensor([float(requested)], device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                requested = bool(flag.item())
+            if requested and state.global_step < state.max_steps:
+                control.should_save = control.should_training_stop = True
+                self.stopped_at = state.global_step
+            return control
+
+    return StopOnInterrupt()
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
-def run(args: HopeTrainArguments, training_args) -> Dict[str, Any]:
-    """Load data and model, train, evaluate, save; returns the metrics (also written to all_results.json)."""
+def prepare_data(args: HopeTrainArguments, tokenizer, seed: int):
+    """(train blocks, validation blocks or None, tokens per byte of the validation texts or None). Without
+    --validation_data, --validation_split_percentage of the documents (the rows; `hope.data.load_text_dataset`)
+    is held out whole, so no text of a validation document is trained on."""
+    from hope.data import load_text_dataset, pack_for_training
+
+    raw = load_text_dataset(args.data, config=args.data_config, text_column=args.text_column,
+                            streaming=args.streaming, text_split=args.text_split)
+    if args.validation_data is not None:
+        raw_validation = load_text_dataset(args.validation_data, config=args.data_config,
+                                           text_column=args.text_column, streaming=args.streaming,
+                                           text_split=args.text_split)
+    elif args.validation_split_percentage > 0 and not args.streaming:
+        if len(raw) < 2:
+            raise UsageError(f"{args.data} has {len(raw)} document(s): too few to hold out a validation split; "
+                             "pass --validation_data, --validation_split_percentage 0, or (a .txt file) "
+                             "--text_split paragraph")
+        split = raw.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
+        raw, raw_validation = split["train"], split["test"]
+    else:
+        raw_validation = None
+    factor = bits_per_byte_factor(raw_validation if raw_validation is not None else raw, tokenizer,
+                                  args.text_column)
+    train = pack_for_training(raw, tokenizer, args.seq_len, args.text_column, args.max_train_samples,
+                              name=args.data)
+    validation = (pack_for_training(raw_validation, tokenizer, args.seq_len, args.text_column,
+                                    args.max_eval_samples, name=args.validation_data or "validation split")
+                  if raw_validation is not None else None)
+    return train, validation, factor
+
+
+def run(args: HopeTrainArguments, training_args, recipe: Optional[Dict[str, Any]] = None,
+        argv: Sequence[str] = ()) -> Dict[str, Any]:
+    """Load data and model, train, evaluate, save; returns the metrics (also written to all_results.json).
+    `recipe` and `argv` come from `parse_args`: what to report, and the command a Ctrl-C prints to resume."""
+    import threading
+
     from transformers import Trainer, default_data_collator, set_seed
 
-    from hope.data import load_text_dataset, pack_for_training
+    from hope.runtime import configure_threads, describe_threads
 
     if args.seq_len < 2:
         raise UsageError(f"--seq_len must be at least 2, got {args.seq_len}")
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1 (a block), got {getattr(args, name)}")
     if args.streaming and training_args.max_steps <= 0:
         raise UsageError("--streaming needs --max_steps (a streamed dataset has no length to count epochs by)")
     if not 0 <= args.validation_split_percentage < 100:
         raise UsageError(f"--validation_split_percentage must be in [0, 100), got {args.validation_split_percentage}")
+    if training_args.fsdp_plugin_args is not None and (training_args.world_size < 2 or
+                                                       training_args.device.type == "cpu"):
+        # Trainer shards (FSDP2 by default, each HopeBlock: _no_split_modules) only across several processes, and
+        # accelerate only on accelerators: on CPU it would quietly run DDP.
+        raise UsageError(f"--fsdp needs several processes on accelerators (CUDA, XPU, NPU, ...); this run has "
+                         f"{training_args.world_size} process(es) on {training_args.device.type}. Launch with "
+                         "torchrun or accelerate launch on GPUs, or drop --fsdp (DDP on CPU)")
+    try:
+        threads = configure_threads(args.num_threads)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(args.tokenizer, args.model)
     model, source = load_model(args, tokenizer)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
 
     with training_args.main_process_first(desc="load and pack the data"):
-        raw = load_text_dataset(args.data, config=args.data_config, text_column=args.text_column,
-                                streaming=args.streaming)
-        if args.validation_data is not None:
-            raw_validation = load_text_dataset(args.validation_data, config=args.data_config,
-                                               text_column=args.text_column, streaming=args.streaming)
-        elif args.validation_split_percentage > 0 and not args.streaming:
-            if len(raw) < 2:
-                raise UsageError(f"{args.data} has {len(raw)} text(s): too few to hold out a validation split; "
-                                 "pass --validation_data or --validation_split_percentage 0")
-            split = raw.train_test_split(test_size=args.validation_split_percentage / 100, seed=training_args.seed)
-            raw, raw_validation = split["train"], split["test"]
-        else:
-            raw_validation = None
-        factor = bits_per_byte_factor(raw_validation if raw_validation is not None else raw, tokenizer,
-                                      args.text_column)
-        train = pack_for_training(raw, tokenizer, args.seq_len, args.text_column, args.max_train_samples,
-                                  name=args.data)
-        validation = (pack_for_training(raw_validation, tokenizer, args.seq_len, args.text_column,
-                                        args.max_eval_samples, name=args.validation_data or "validation split")
-                      if raw_validation is not None else None)
+        train, validation, factor = prepare_data(args, tokenizer, training_args.seed)
 
+    stop = stop_on_interrupt_callback()
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=validation,
-                      data_collator=default_data_collator, processing_class=tokenizer)
+                      data_collator=default_data_collator, processing_class=tokenizer, callbacks=[stop])
     if training_args.process_index == 0:
         parameters = sum(p.numel() for p in model.parameters())
         blocks = "streamed" if args.streaming else f"{len(train):,} blocks"
@@ -246,8 +407,22 @@ def run(args: HopeTrainArguments, training_args) -> Dict[str, Any]:
         print(f"hope-train: {source}, {parameters:,} parameters, mixer={model.config.mixer}, "
               f"cms_chunk_sizes={model.config.cms_chunk_sizes}; data {args.data}: {blocks} of {args.seq_len} tokens; "
               f"tokenizer {type(tokenizer).__name__} ({len(tokenizer)} tokens); {training_args.world_size} "
-              f"process(es), {engine}", flush=True)
-    result = trainer.train(resume_from_checkpoint=resume)
+              f"process(es), {engine}; {describe_threads(threads, args.num_threads)}\n"
+              f"hope-train: {describe_recipe(training_args, recipe or {}, args.model)}", flush=True)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous_handler = signal.signal(signal.SIGINT, stop.request) if in_main_thread else None
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous_handler)
+    if stop.stopped_at is not None:
+        if training_args.process_index == 0:
+            checkpoint = Path(training_args.output_dir, f"checkpoint-{stop.stopped_at}")
+            print(f"hope-train: interrupted: step {stop.stopped_at} of {trainer.state.max_steps} saved to "
+                  f"{checkpoint}; resume with:\n  {resume_command(argv, training_args.world_size)}",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(130)
     metrics = dict(result.metrics)
     if validation is not None:
         metrics.update(trainer.evaluate())
@@ -265,35 +440,41 @@ def run(args: HopeTrainArguments, training_args) -> Dict[str, Any]:
     return metrics
 
 
-def parse_args(argv: Sequence[str]):
-    from transformers import HfArgumentParser, TrainingArguments
-
-    parser = HfArgumentParser((HopeTrainArguments, TrainingArguments), prog="hope-train",
-                              description=__doc__.split("\n\n")[0].split(": ", 1)[1])
-    argv = list(argv)
-    if not any(a == "--output_dir" or a.startswith(("--output_dir=", "--output-dir")) for a in argv):
-        model = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--model"), "model")
-        argv += ["--output_dir", str(Path("runs") / Path(model).name)]
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
-def main(argv: Optional[Sequence[str]] = None):
-    """Console entry point of `hope-train`; `--demo` runs `hope.demo` instead."""
+def run_command(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """What `hope-train ARGS` does, returning its result rather than an exit status: the demo's results with
+    --demo, else the metrics of `run`. Bad input prints one line (`hope-train: error: ...`) and raises
+    SystemExit(2); a run stopped by Ctrl-C saves a checkpoint, prints how to resume and raises SystemExit(130)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--demo" in argv:
         from hope.demo import main as demo_main
 
         return demo_main(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
     from hope.data import DataError
 
+    threads_before = torch.get_num_threads()
     try:
-        args, training_args = parse_args(argv)
-        return run(args, training_args)
+        args, training_args, recipe, argv = parse_args(argv)
+        return run(args, training_args, recipe, argv)
     except (UsageError, DataError, FileNotFoundError) as error:
         print(f"hope-train: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point of `hope-train` (`--demo` runs `hope.demo`): exit status 0 after a successful run,
+    2 for bad input, 130 after Ctrl-C."""
+    try:
+        run_command(argv)
+    except KeyboardInterrupt:
+        print("\nhope-train: interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,21 +17,27 @@ IGNORE_INDEX = -100
 MODEL_LABELS = {"hope": "Hope", "hope-no-cms": "Hope w/o CMS", "transformer": "Transformer++"}
 
 
-def _batches(dataset, batch_size: int, device: torch.device):
-    for start in range(0, len(dataset), batch_size):
-        batch = dataset[start : start + batch_size]
-        yield (torch.tensor(batch["input_ids"], device=device), torch.tensor(batch["labels"], device=device))
+def _batches(dataset, batch_size: int, device: torch.device, progress: bool = False):
+    """(input_ids, labels) tensors of `batch_size` rows; with `progress`, a tqdm bar counts the rows."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(dataset), desc="evaluate", unit="row", disable=not progress) as bar:
+        for start in range(0, len(dataset), batch_size):
+            batch = dataset[start : start + batch_size]
+            yield (torch.tensor(batch["input_ids"], device=device), torch.tensor(batch["labels"], device=device))
+            bar.update(len(batch["input_ids"]))
 
 
-def evaluate_loss(model, dataset, batch_size: int, autocast_dtype: Optional[torch.dtype] = None) -> float:
+def evaluate_loss(model, dataset, batch_size: int, autocast_dtype: Optional[torch.dtype] = None,
+                  progress: bool = False) -> float:
     """Mean next-token loss in nats over every labelled token of `dataset` (rows of "input_ids" and "labels",
-    -100 skipped), weighted by tokens, not by batches."""
+    -100 skipped), weighted by tokens, not by batches. `progress` shows a tqdm bar."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for ids, labels in _batches(dataset, batch_size, device):
+        for ids, labels in _batches(dataset, batch_size, device, progress):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(input_ids=ids, use_cache=False).logits
             targets = labels[:, 1:]
@@ -42,15 +48,16 @@ def evaluate_loss(model, dataset, batch_size: int, autocast_dtype: Optional[torc
     return total / max(count, 1)
 
 
-def labelled_correct(model, dataset, batch_size: int = 32) -> torch.Tensor:
+def labelled_correct(model, dataset, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
     """Greedy correctness at every labelled position: a bool tensor (rows, T) that is True where the argmax of
-    the prediction for token t (made at t - 1) equals labels[t]; False at unlabelled positions."""
+    the prediction for token t (made at t - 1) equals labels[t]; False at unlabelled positions. `progress` shows a
+    tqdm bar."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     rows = []
     with torch.no_grad():
-        for ids, labels in _batches(dataset, batch_size, device):
+        for ids, labels in _batches(dataset, batch_size, device, progress):
             predicted = model(input_ids=ids, use_cache=False).logits[:, :-1].argmax(-1)
             correct = torch.zeros_like(labels, dtype=torch.bool)
             correct[:, 1:] = (predicted == labels[:, 1:]) & (labels[:, 1:] != IGNORE_INDEX)

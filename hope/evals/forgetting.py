@@ -86,9 +86,10 @@ def generate_stream(task: ForgettingTask, num_examples: int, seed: int) -> Datas
     return Dataset.from_dict(rows)
 
 
-def recall_by_age(model, dataset: Dataset, num_segments: int, batch_size: int = 32) -> list[float]:
+def recall_by_age(model, dataset: Dataset, num_segments: int, batch_size: int = 32,
+                  progress: bool = False) -> list[float]:
     """Accuracy on the queried facts grouped by age: entry a is the recall of facts taught a segments before
-    the end of the teaching part (0 = the last segment)."""
-    correct = labelled_correct(model, dataset.select_columns(["input_ids", "labels"]), batch_size)
+    the end of the teaching part (0 = the last segment). `progress` shows a tqdm bar."""
+    correct = labelled_correct(model, dataset.select_columns(["input_ids", "labels"]), batch_size, progress)
     ages = torch.tensor(dataset["age"])
     return [float(correct[ages == age].float().mean()) for age in range(num_segments)]

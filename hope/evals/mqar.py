@@ -83,8 +83,8 @@ def generate_mixture(tasks: Sequence[MQARTask], num_examples: int, seed: int) ->
     return concatenate_datasets(parts).shuffle(seed=seed)
 
 
-def mqar_accuracy(model, dataset: Dataset, batch_size: int = 32) -> float:
-    """Fraction of the labelled answers that `model` predicts greedily from the query key."""
-    correct = labelled_correct(model, dataset, batch_size)
+def mqar_accuracy(model, dataset: Dataset, batch_size: int = 32, progress: bool = False) -> float:
+    """Fraction of the labelled answers that `model` predicts greedily from the query key (`progress`: a bar)."""
+    correct = labelled_correct(model, dataset, batch_size, progress)
     answers = int((torch.tensor(dataset["labels"]) != IGNORE_INDEX).sum())
     return int(correct.sum()) / max(answers, 1)

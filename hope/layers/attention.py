@@ -8,10 +8,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from transformers.utils import logging
 
 from hope.cache_hope import HopeLayerCache
 
 from .common import apply_rotary, rotary_tables
+
+logger = logging.get_logger(__name__)
 
 
 def flash_attn_available() -> bool:
@@ -27,6 +30,7 @@ class AttentionMixer(nn.Module):
         D, H = config.hidden_size, config.num_heads
         self.num_heads, self.head_dim = H, D // H
         self.rope_theta = config.rope_theta
+        self.max_position_embeddings = config.max_position_embeddings
         self.q_proj = nn.Linear(D, D, bias=False)
         self.k_proj = nn.Linear(D, D, bias=False)
         self.v_proj = nn.Linear(D, D, bias=False)
@@ -36,6 +40,13 @@ class AttentionMixer(nn.Module):
         """x: (B, T, D) normed input; valid: (B, T) bool or None; start: position of x's first token."""
         B, T, D = x.shape
         H, d = self.num_heads, self.head_dim
+        if start + T > self.max_position_embeddings and not torch.compiler.is_compiling():
+            # RoPE extrapolates past the positions the config declares; it runs, but the user should know. (One
+            # message per model size: warning_once keys on the text.)
+            logger.warning_once(
+                f"the attention mixer reads positions beyond max_position_embeddings={self.max_position_embeddings}, "
+                "the longest context the config declares: RoPE extrapolates there and quality may degrade"
+            )
         q, k, v = (proj(x).view(B, T, H, d).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
         cos, sin = rotary_tables(torch.arange(start, start + T, device=x.device), d, self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -32,7 +32,8 @@ class CMSLevel(nn.Module):
         if chunk_size is not None:
             self.p_v = nn.Parameter(torch.empty(hidden_size, hidden_size))  # target projection P_v
             self.w_eta = nn.Parameter(torch.empty(hidden_size))
-            self.b_eta = nn.Parameter(torch.empty(()))
+            # (1,), not (): FSDP2's fully_shard shards no 0-dim parameter.
+            self.b_eta = nn.Parameter(torch.empty(1))
 
     @property
     def learns_in_context(self) -> bool:

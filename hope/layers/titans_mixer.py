@@ -1,4 +1,4 @@
-"""The self-modifying Titans mixer (SPEC §2, paper Eqs. 79-93) around the `hope_kernels.titans` op (linear main
+"""The self-modifying Titans mixer (SPEC §2 v2, paper Eqs. 79-93) around the `hope_kernels.titans` op (linear main
 memory, `memory_depth=1`) or the `hope_kernels.deep_titans` op (deep main memory M(z) = z + W1 silu(W2 z), Eq. 91,
 `memory_depth=2`)."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from transformers import initialization as init
 
 from hope.cache_hope import HopeLayerCache
 from hope_kernels.deep_titans import adaptive_rows, titans_deep_memory, titans_deep_memory_step
@@ -35,48 +36,55 @@ class TitansMixer(nn.Module):
         d = self.head_dim
         self.deep = config.memory_depth == 2
         if self.deep:
-            # Deep main memory M(z) = z + W1 silu(W2 z) per head (Eq. 91); the adaptive memories
-            # [M_k ; M_v ; m_eta ; m_alpha] stay linear. All initial values are meta-learned (SPEC §2).
+            # Deep main memory M(z) = z + W1 silu(W2 z) per head (Eq. 91); the generating memories
+            # [W_k ; W_v ; w_eta ; w_alpha] stay residual-linear. All initial values are meta-learned (SPEC §2).
             h = config.memory_hidden
             self.memory_w1 = nn.Parameter(torch.empty(H, d, h))
             self.memory_w2 = nn.Parameter(torch.empty(H, h, d))
             self.adaptive_init = nn.Parameter(torch.empty(H, adaptive_rows(d), d))
         else:
-            # Initial fast memories Z_0 = [M ; M_k ; M_v ; m_eta ; m_alpha] per head, meta-learned (SPEC §2).
+            # Initial fast memories Z_0 = [W ; W_k ; W_v ; w_eta ; w_alpha] per head, meta-learned (SPEC §2).
             self.memory_init = nn.Parameter(torch.empty(H, memory_rows(d), d))
         self.b_eta = nn.Parameter(torch.empty(H))
         self.b_alpha = nn.Parameter(torch.empty(H))
-        if config.momentum:
-            self.momentum_logit = nn.Parameter(torch.empty(H))
-        else:
-            # Without momentum beta is never read; a buffer keeps the op's signature without an unused parameter.
-            self.register_buffer("momentum_logit", torch.zeros(H), persistent=False)
+        # Without momentum there is no beta: no parameter or buffer (DDP sees none unused, and the module holds
+        # only state that a checkpoint saves and from_pretrained accounts for).
+        self.momentum_logit = nn.Parameter(torch.empty(H)) if config.momentum else None
         self.o_norm = RMSNorm(d, config.rms_norm_eps)
 
     @torch.no_grad()
     def reset_memory_parameters(self) -> None:
+        # transformers.initialization skips a tensor that from_pretrained loaded (`_is_hf_initialized`); the sliced
+        # memories are drawn into a fresh tensor and copied in by one such guarded call.
         d = self.head_dim
+        # Residual memories X(z) = z + X z start near the identity (SPEC §2 v2): entries of std 0.1/sqrt(d) give
+        # a spectral norm of about 0.2. Never zero: the heads' first keys, values and writes must differ.
+        # Bare memories (memory_residual=False) need unit-scale maps instead: q and a are unit-scale.
+        residual = self.config.memory_residual
+        square_std = 0.1 * d**-0.5 if residual else d**-0.5
         if self.deep:
             # W2 (input side): ~N(0, 1/d) entries give ||W2 z|| about 1 for unit z (h = d), SiLU's curved range.
-            self.memory_w2.normal_(0.0, d**-0.5)
-            # W1 (output side): small, so M(z) = z + W1 silu(W2 z) starts near the identity and the read o ~ q is
-            # unit-scale like the linear M's; non-zero, so that W2's inner gradient (through W1ᵀ e) and its outer
-            # gradient exist from the first chunk (W1 = 0 would leave W2 to retention alone there).
-            self.memory_w1.normal_(0.0, self.config.initializer_range)
-            z = self.adaptive_init
+            init.normal_(self.memory_w2, 0.0, d**-0.5)
+            # W1 (output side): small, so M(z) = z + W1 silu(W2 z) starts near the identity; non-zero, so that
+            # W2's inner gradient (through W1ᵀ e) exists from the first chunk.
+            init.normal_(self.memory_w1, 0.0, self.config.initializer_range)
+            memory = self.adaptive_init
+            fresh = z = torch.empty_like(memory)
         else:
-            z = self.memory_init
-            z[:, :d].normal_(0.0, d**-0.5)  # M: unit-norm q reads unit-scale o
-            z = z[:, d:]
-        z[:, :d].normal_(0.0, d**-0.5)  # M_k: k is normalised anyway
-        z[:, d : 2 * d].normal_(0.0, 1.0 / d)  # M_v: small targets keep the first in-context steps gentle
-        z[:, 2 * d :].normal_(0.0, self.config.initializer_range)  # m_eta, m_alpha start near their biases
-        self.b_eta.zero_()  # eta starts at eta_max / 2
-        self.b_alpha.fill_(math.log(0.99 / 0.01))  # alpha about 0.99 (SPEC §2)
-        if isinstance(self.momentum_logit, nn.Parameter):
-            self.momentum_logit.zero_()  # beta = 0.5
-        self.q_conv.weight.normal_(0.0, self.config.conv_size**-0.5)
-        self.a_conv.weight.normal_(0.0, self.config.conv_size**-0.5)
+            memory = self.memory_init
+            fresh = torch.empty_like(memory)
+            fresh[:, :d].normal_(0.0, square_std)  # W
+            z = fresh[:, d:]
+        z[:, :d].normal_(0.0, square_std)  # W_k: k is normalised anyway
+        z[:, d : 2 * d].normal_(0.0, square_std if residual else 1.0 / d)  # W_v
+        z[:, 2 * d :].normal_(0.0, self.config.initializer_range)  # w_eta, w_alpha start near their biases
+        init.copy_(memory, fresh)
+        init.zeros_(self.b_eta)  # eta starts at eta_max / 2
+        init.constant_(self.b_alpha, math.log(0.99 / 0.01))  # alpha about 0.99 (SPEC §2)
+        if self.momentum_logit is not None:
+            init.zeros_(self.momentum_logit)  # beta = 0.5
+        init.normal_(self.q_conv.weight, 0.0, self.config.conv_size**-0.5)
+        init.normal_(self.a_conv.weight, 0.0, self.config.conv_size**-0.5)
 
     def forward(self, x: Tensor, valid: Optional[Tensor], cache: Optional[HopeLayerCache]) -> Tensor:
         """x: (B, T, D) normed input; valid: (B, T) bool or None; cache: updated in place when given."""
@@ -89,9 +97,10 @@ class TitansMixer(nn.Module):
         q = F.normalize(F.silu(q).view(B, T, H, d), dim=-1).to(a.dtype)
         config = self.config
         kwargs = dict(
-            chunk_size=config.chunk_size, eta_max=config.eta_max, momentum=config.momentum, dgd=config.dgd,
-            objective=config.objective, memory_target=config.memory_target, adaptive=tuple(config.adaptive),
-            backend=config.kernel_backend,
+            chunk_size=config.chunk_size, adaptive_chunk_size=config.adaptive_chunk_size, eta_max=config.eta_max,
+            momentum=config.momentum, dgd=config.dgd, objective=config.objective, memory_target=config.memory_target,
+            memory_residual=config.memory_residual, memory_value_norm=config.memory_value_norm,
+            memory_retention=config.memory_retention, adaptive=tuple(config.adaptive), backend=config.kernel_backend,
         )
         if self.deep:
             memory, memory_step = titans_deep_memory, titans_deep_memory_step

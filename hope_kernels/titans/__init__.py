@@ -1,8 +1,6 @@
-"""Self-modifying Titans memory (SPEC §2): one op, dispatched to the PyTorch reference or Triton.
+"""Self-modifying Titans memory (SPEC §2 v2): one op, dispatched to the PyTorch reference or Triton.
 
-The Triton kernels (`chunk.py`, `step.py`) are checked against the reference in Triton's interpreter. Until
-they have been verified and timed on a GPU (GPU_VERIFIED), kernel_backend="auto" keeps the reference on CUDA
-too; kernel_backend="triton" runs them.
+`kernel_backend="triton"` raises until the v2 Triton kernels exist (HAS_TRITON); "auto" picks the reference.
 """
 from __future__ import annotations
 
@@ -16,12 +14,11 @@ from hope_kernels.titans.reference import (
     TitansState,
     adaptive_row_mask,
     memory_rows,
-    titans_memory_naive,
     titans_memory_reference,
     titans_memory_step_reference,
 )
 
-HAS_TRITON = True
+HAS_TRITON = False
 GPU_VERIFIED = False
 
 __all__ = [
@@ -31,7 +28,6 @@ __all__ = [
     "memory_rows",
     "titans_memory",
     "titans_memory_step",
-    "titans_memory_naive",
     "titans_memory_reference",
     "titans_memory_step_reference",
 ]
@@ -43,14 +39,18 @@ def titans_memory(
     z0: Tensor,
     b_eta: Tensor,
     b_alpha: Tensor,
-    momentum_logit: Tensor,
+    momentum_logit: Optional[Tensor] = None,
     *,
     chunk_size: int,
     eta_max: float,
-    momentum: bool = True,
+    adaptive_chunk_size: Optional[int] = None,
+    momentum: bool = False,
     dgd: bool = True,
     objective: str = "l2",
     memory_target: str = "self",
+    memory_residual: bool = True,
+    memory_value_norm: bool = True,
+    memory_retention: str = "init",
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[TitansState] = None,
@@ -58,13 +58,11 @@ def titans_memory(
     backend: str = "auto",
 ) -> tuple[Tensor, Optional[TitansState]]:
     """Chunked Titans memory over a sequence; shapes and semantics as `titans_memory_reference`."""
-    kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, momentum=momentum, dgd=dgd, objective=objective,
-                  memory_target=memory_target, adaptive=adaptive, mask=mask, state=state,
-                  output_final_state=output_final_state)
-    if resolve_backend(backend, q.device, op="titans", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED) == "triton":
-        from hope_kernels.titans.chunk import titans_memory_triton
-
-        return titans_memory_triton(q, a, z0, b_eta, b_alpha, momentum_logit, **kwargs)
+    kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, adaptive_chunk_size=adaptive_chunk_size, momentum=momentum,
+                  dgd=dgd, objective=objective, memory_target=memory_target, memory_residual=memory_residual,
+                  memory_value_norm=memory_value_norm, memory_retention=memory_retention, adaptive=adaptive,
+                  mask=mask, state=state, output_final_state=output_final_state)
+    resolve_backend(backend, q.device, op="titans", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED)
     return titans_memory_reference(q, a, z0, b_eta, b_alpha, momentum_logit, **kwargs)
 
 
@@ -74,24 +72,27 @@ def titans_memory_step(
     z0: Tensor,
     b_eta: Tensor,
     b_alpha: Tensor,
-    momentum_logit: Tensor,
+    momentum_logit: Optional[Tensor] = None,
     *,
     chunk_size: int,
     eta_max: float,
-    momentum: bool = True,
+    adaptive_chunk_size: Optional[int] = None,
+    momentum: bool = False,
     dgd: bool = True,
     objective: str = "l2",
     memory_target: str = "self",
+    memory_residual: bool = True,
+    memory_value_norm: bool = True,
+    memory_retention: str = "init",
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[TitansState] = None,
     backend: str = "auto",
 ) -> tuple[Tensor, TitansState]:
     """One decode token; shapes and semantics as `titans_memory_step_reference`."""
-    kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, momentum=momentum, dgd=dgd, objective=objective,
-                  memory_target=memory_target, adaptive=adaptive, mask=mask, state=state)
-    if resolve_backend(backend, q.device, op="titans", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED) == "triton":
-        from hope_kernels.titans.step import titans_memory_step_triton
-
-        return titans_memory_step_triton(q, a, z0, b_eta, b_alpha, momentum_logit, **kwargs)
+    kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, adaptive_chunk_size=adaptive_chunk_size, momentum=momentum,
+                  dgd=dgd, objective=objective, memory_target=memory_target, memory_residual=memory_residual,
+                  memory_value_norm=memory_value_norm, memory_retention=memory_retention, adaptive=adaptive,
+                  mask=mask, state=state)
+    resolve_backend(backend, q.device, op="titans", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED)
     return titans_memory_step_reference(q, a, z0, b_eta, b_alpha, momentum_logit, **kwargs)

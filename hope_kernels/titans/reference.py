@@ -1,20 +1,39 @@
-"""PyTorch reference of the self-modifying Titans memory (SPEC §2, paper Eqs. 79-93, linear memories).
+"""PyTorch reference of the self-modifying Titans memory, SPEC §2 v2 (paper Eqs. 79-93), linear memories.
+
+The fast memories of one head are stacked row-wise as Z = [W ; W_k ; W_v ; w_eta ; w_alpha], a (3d+2) x d
+matrix; row block X of Z reads z -> E_X z + X z, with E_X = I for the three square memories (the residual
+memories of Eq. 89, `memory_residual=True`) and 0 for w_eta, w_alpha. Per token t of chunk c:
+
+    k_t = l2norm(E a_t + W_k,c a_t)   v_t = l2norm(E a_t + W_v,c a_t)   from the chunk-start generating memories
+    eta_t = eta_max sigmoid(w_eta,c . a_t + b_eta)    alpha_t = sigmoid(w_alpha,c . a_t + b_alpha)
+    u_t = k_t - v_t ("l2") or -v_t ("dot")                           self targets M_c(v_t)
+    w^X_t = -eta_t (E_X + X_c) u_t                                   the write: minus eta times the gradient's left
+                                                                     factor at the chunk start (Eq. 91)
+    X_t = X_0 + alpha_t (X_{t-1} - X_0) - eps eta_t X_{t-1} k_t k_tᵀ + w^X_t k_tᵀ
+                                                                     DGD on the running state (Eqs. 88, 93)
+    o_t = E q_t + W_t q_t                                            the read after token t's update
+
+Two choices the paper leaves open, both config fields, set by the stability figures
+(benchmarks/titans_stability.py): `memory_value_norm=True` l2-normalises v_t like q_t and k_t (without it, W_v's
+self-target write is quadratic in W_v and the literal rule diverges on real text at every eta_max tried, 1.0
+down to 0.02); `memory_retention="init"` makes alpha_t retain toward the meta-learned initial state X_0 rather
+than toward 0 (with unit values and retention toward 0, every memory relaxes to the identity: W_k = W_v is an
+attracting fixed point of the self-target objective). `memory_value_norm=False, memory_retention="zero"` is
+the rule exactly as printed.
+
+With `momentum=True`, S_t = beta S_{t-1} + w_t k_tᵀ replaces the write term w_t k_tᵀ.
+With `memory_target="value"`, W's write is -eta_t ((E + W_c) k_t - v_t) ("l2") or eta_t v_t ("dot").
+
+Every row shares the transition, so a chunk is a gated delta rule over 3d+2 value rows whose writes are known
+once the chunk starts (`delta_rule_*` below, also used by the deep memory). W's chunk start moves every
+`chunk_size` tokens; the generating memories' (and so k, v, eta, alpha) every `adaptive_chunk_size` tokens.
 
 Three functions with one semantics:
-
-- `titans_memory_reference`: the chunked closed form. It is what the model runs on CPU and what the
-  Triton kernels are checked against. Vectorised over batch and heads, a Python loop over chunks.
-- `titans_memory_step_reference`: one decode token, the per-token recurrence (Eq. 88 with momentum).
-- `titans_memory_naive`: the token-by-token recurrence built from that step; the test oracle only.
-
-The fast memories of one head are stacked row-wise as Z = [M ; M_k ; M_v ; m_eta ; m_alpha], a (3d+2) x d
-matrix. Every row X follows the same rule, with all state-dependent terms taken at the chunk-start X_c:
-
-    g_t = X_c u_t k_tᵀ                    u_t = k_t - v_t (objective "l2") or -v_t ("dot"): self targets X_c v_t
-    S_t = beta S_{t-1} - eta_t g_t        momentum (without it: S_t = -eta_t g_t)
-    X_t = alpha_t X_{t-1} - eps eta_t X_c k_t k_tᵀ + S_t          eps = 1 with DGD (Eq. 88), else 0
-
-Tensors use the layout (B, T, H, d) at the API and (B, H, T, d) inside.
+- `titans_memory_reference`: the chunked form (WY / UT representation inside a chunk), vectorised over batch and
+  heads, a Python loop over chunks only. What the model runs on CPU and what the kernels are checked against.
+- `titans_memory_step_reference`: one decode token, the per-token recurrence.
+Tests hold a token-by-token oracle written straight from SPEC §2. Tensors use (B, T, H, d) at the API and
+(B, H, T, d) inside.
 """
 from __future__ import annotations
 
@@ -29,31 +48,32 @@ from hope_kernels._dispatch import compute_dtype
 ADAPTIVE_NAMES = ("k", "v", "eta", "alpha")
 OBJECTIVES = ("l2", "dot")
 MEMORY_TARGETS = ("self", "value")
+RETENTIONS = ("init", "zero")
 
 
 class TitansState(NamedTuple):
-    """Recurrent state of the Titans memory for one layer (SPEC §5 cache).
+    """Recurrent state of the Titans memory for one layer (SPEC §5 cache), fp32 (fp64 for fp64 inputs).
 
-    z_chunk: (B, H, 3d+2, d) stacked memories at the start of the current chunk (Z_c): k, v, eta, alpha
-             and every gradient of the chunk are read from it.
-    z:       (B, H, 3d+2, d) stacked memories after the last consumed token (Z_t).
-    s:       (B, H, 3d+2, d) momentum after the last consumed token (S_t); zeros without momentum.
-    position: tokens consumed so far; the chunk phase is position % chunk_size.
+    z_chunk: (B, H, 3d+2, d) the gradient state: rows [:d] hold W at the start of the current chunk, rows [d:]
+             the generating memories [W_k ; W_v ; w_eta ; w_alpha] at the start of the current adaptive chunk.
+    z:       (B, H, 3d+2, d) the stacked memories after the last consumed token (Z_t).
+    s:       (B, H, 3d+2, d) momentum after the last consumed token (S_t), or None without momentum.
+    position: tokens consumed so far; the chunk phases are position % chunk_size and % adaptive_chunk_size.
     """
 
     z_chunk: Tensor
     z: Tensor
-    s: Tensor
+    s: Optional[Tensor]
     position: int
 
 
 def memory_rows(d: int) -> int:
-    """Rows of the stacked memory Z = [M ; M_k ; M_v ; m_eta ; m_alpha] for head dim d."""
+    """Rows of the stacked memory Z = [W ; W_k ; W_v ; w_eta ; w_alpha] for head dim d."""
     return 3 * d + 2
 
 
 def adaptive_row_mask(adaptive: Sequence[str], d: int, device: torch.device | None = None) -> Tensor:
-    """(3d+2,) bool: which rows of Z learn in context. M always does; the others per `adaptive`."""
+    """(3d+2,) bool: which rows of Z learn in context. W always does; the others per `adaptive`."""
     if isinstance(adaptive, str):
         raise ValueError(f"adaptive must be a sequence of names such as ('k', 'v'), got the string {adaptive!r}")
     unknown = set(adaptive) - set(ADAPTIVE_NAMES)
@@ -72,47 +92,70 @@ def adaptive_row_mask(adaptive: Sequence[str], d: int, device: torch.device | No
     return mask
 
 
+def resolve_adaptive_chunk_size(chunk_size: int, adaptive_chunk_size: Optional[int]) -> int:
+    """The generating memories' chunk size: `chunk_size` when None, else a positive multiple of it."""
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if adaptive_chunk_size is None:
+        return chunk_size
+    if (not isinstance(adaptive_chunk_size, int) or isinstance(adaptive_chunk_size, bool)
+            or adaptive_chunk_size < 1 or adaptive_chunk_size % chunk_size):
+        raise ValueError(
+            f"adaptive_chunk_size={adaptive_chunk_size!r} is not allowed: it must be a positive multiple of "
+            f"chunk_size={chunk_size}"
+        )
+    return adaptive_chunk_size
 
-def _check_inputs(
+
+def check_memory_inputs(
     q: Tensor,
     a: Tensor,
     z0: Tensor,
     b_eta: Tensor,
     b_alpha: Tensor,
-    momentum_logit: Tensor,
+    momentum_logit: Optional[Tensor],
+    *,
     chunk_size: int,
+    adaptive_chunk_size: Optional[int],
     eta_max: float,
+    momentum: bool,
     objective: str,
     memory_target: str,
     adaptive: Sequence[str],
     mask: Optional[Tensor],
-    state: Optional[TitansState],
     token_dim: bool = True,
-    adaptive_only: bool = False,
+    z0_rows: Optional[int] = None,
 ) -> None:
-    """ValueError for any malformed input. `adaptive_only`: z0 holds only the adaptive rows
-    [M_k ; M_v ; m_eta ; m_alpha], (H, 2d+2, d) (the deep memory's main memory lives elsewhere)."""
+    """ValueError for any malformed input shared by the linear and the deep op. `z0_rows` is the row count z0
+    must have: 3d+2 (linear op, the default) or 2d+2 (the deep op's generating memories only)."""
     lead = "(B, T, H, d)" if token_dim else "(B, H, d)"
     if q.dim() != (4 if token_dim else 3):
         raise ValueError(f"q must be {lead}, got shape {tuple(q.shape)}")
     if a.shape != q.shape:
         raise ValueError(f"a must have the shape of q {tuple(q.shape)}, got {tuple(a.shape)}")
-    for name, t in (("q", q), ("a", a), ("z0", z0), ("b_eta", b_eta), ("b_alpha", b_alpha), ("momentum_logit", momentum_logit)):
+    if momentum and momentum_logit is None:
+        raise ValueError("momentum=True needs momentum_logit, the (H,) logit of beta")
+    if not momentum and momentum_logit is not None:
+        raise ValueError("momentum_logit is given but momentum=False: pass None (there is no momentum to weight)")
+    named = [("q", q), ("a", a), ("z0", z0), ("b_eta", b_eta), ("b_alpha", b_alpha)]
+    if momentum_logit is not None:
+        named.append(("momentum_logit", momentum_logit))
+    for name, t in named:
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     H, d = q.shape[-2], q.shape[-1]
-    want_rows, rows_label = (memory_rows(d) - d, "2d+2") if adaptive_only else (memory_rows(d), "3d+2")
-    if z0.shape != (H, want_rows, d):
-        raise ValueError(f"z0 must be (H, {rows_label}, d) = {(H, want_rows, d)}, got {tuple(z0.shape)}")
-    for name, t in (("b_eta", b_eta), ("b_alpha", b_alpha), ("momentum_logit", momentum_logit)):
+    rows = memory_rows(d) if z0_rows is None else z0_rows
+    if z0.shape != (H, rows, d):
+        label = "3d+2" if rows == memory_rows(d) else "2d+2"
+        raise ValueError(f"z0 must be (H, {label}, d) = {(H, rows, d)}, got {tuple(z0.shape)}")
+    for name, t in named[3:]:
         if t.shape != (H,):
             raise ValueError(f"{name} must be (H,) = ({H},), got {tuple(t.shape)}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if not eta_max > 0:
-        raise ValueError(f"eta_max must be > 0, got {eta_max!r}")
+    resolve_adaptive_chunk_size(chunk_size, adaptive_chunk_size)
+    if not (isinstance(eta_max, (int, float)) and eta_max > 0):
+        raise ValueError(f"eta_max must be a number > 0, got {eta_max!r}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}; allowed: {list(OBJECTIVES)}")
     if memory_target not in MEMORY_TARGETS:
@@ -122,231 +165,256 @@ def _check_inputs(
         want = q.shape[:2] if token_dim else q.shape[:1]
         if tuple(mask.shape) != tuple(want):
             raise ValueError(f"mask must be {'(B, T)' if token_dim else '(B,)'} = {tuple(want)}, got {tuple(mask.shape)}")
-    if state is not None:
-        want = (q.shape[0], H, memory_rows(d), d)
-        for name in ("z_chunk", "z", "s"):
-            t = getattr(state, name)
-            if tuple(t.shape) != want:
-                raise ValueError(f"state.{name} must be (B, H, 3d+2, d) = {want}, got {tuple(t.shape)}")
-        if state.position < 0:
-            raise ValueError(f"state.position must be >= 0, got {state.position}")
 
 
-def _stacked_update(x_chunk: Tensor, w_u: Tensor, w_k: Tensor, k: Tensor, u: Tensor) -> Tensor:
-    """X_c Σ_i (w_k[i] k_i + w_u[i] u_i) k_iᵀ for weights over the chunk tokens i.
+def check_state(state, want: dict[str, tuple[int, ...]], momentum: bool) -> None:
+    """ValueError unless every tensor of a cached state has its shape (momentum tensors exist iff momentum)."""
+    for name, shape in want.items():
+        t = getattr(state, name)
+        if t is None:
+            if name.startswith("s") and not momentum:
+                continue
+            raise ValueError(f"state.{name} is None but momentum={momentum} needs it")
+        if name.startswith("s") and not momentum:
+            raise ValueError(f"state.{name} is a tensor but momentum=False: a momentum-free state holds None")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"state.{name} must be {shape}, got {tuple(t.shape)}")
+    if state.position < 0:
+        raise ValueError(f"state.position must be >= 0, got {state.position}")
 
-    x_chunk: (B, H, R, d); w_u, w_k: (B, H, L); k, u: (B, H, L, d). Returns (B, H, R, d).
+
+# ------------------------------------------------------------------------------------------------------------
+# The gated delta rule over one segment (a chunk, or its part after a mid-chunk state), shared with the deep op.
+
+
+class SegmentDecays(NamedTuple):
+    """Decay coefficients of one segment of L tokens, all computed in log space (each factor <= 1).
+
+    gamma: (B, H, L) retention product gamma_t = prod_{s<=t} alpha_s.
+    decay: (B, H, L, L), [j, t] = gamma_t / gamma_j for j <= t, else 0.
+    c:     (B, H, L, L), [i, t] = Σ_{j=i..t} valid_j (gamma_t/gamma_j)(B_j/B_i): the weight of token i's write in
+           the state after token t (equal to `decay` without momentum).
+    sigma: (B, H, L) Σ_{j<=t} valid_j (gamma_t/gamma_j) B_j, the weight of the start momentum; None without.
+    log_b: (B, H, L) log B_t, B the momentum product over valid tokens; None without momentum.
     """
-    rank_sum = (w_k.unsqueeze(-1) * k + w_u.unsqueeze(-1) * u).transpose(-1, -2) @ k
-    return x_chunk @ rank_sum
 
-
-class ChunkDecays(NamedTuple):
-    """Decay coefficients of the SPEC §2 closed form over the L tokens of one segment (`chunk_decays`).
-
-    decay: (B, H, L, L), [j, t] = gamma_t/gamma_j for j <= t, else 0.
-    gamma: (B, H, L), the retention product gamma_t = prod_{s<=t} alpha_s.
-    c:     (B, H, L, L), [i, t] = Σ_{j=i..t} valid_j (gamma_t/gamma_j)(B_j/B_i); equal to decay without momentum.
-    sigma: (B, H, L), Σ_{j<=t} valid_j (gamma_t/gamma_j) B_j; None without momentum.
-    mom:   (B, H, L, L), [i, j] = B_j/B_i for i <= j, B the momentum product; None without momentum.
-    log_b: (B, H, L), log B_t; None without momentum.
-    """
-
-    decay: Tensor
     gamma: Tensor
+    decay: Tensor
     c: Tensor
     sigma: Optional[Tensor]
-    mom: Optional[Tensor]
     log_b: Optional[Tensor]
 
 
-def chunk_reads(
-    a: Tensor, adaptive_chunk: Tensor, valid: Tensor, b_eta: Tensor, b_alpha: Tensor, eta_max: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Eq. 90: k, v, eta and log(alpha) of every token of a chunk, read from the chunk-start adaptive memories.
-
-    a: (B, H, L, d); adaptive_chunk: (B, H, 2d+2, d) = [M_k ; M_v ; m_eta ; m_alpha] at the chunk start;
-    valid: (B, H, L) 0/1; b_eta, b_alpha: (H,). Returns k, v (B, H, L, d) and eta, log_alpha (B, H, L);
-    a masked token has eta = 0 and alpha = 1.
-    """
-    d = a.shape[-1]
-    k = F.normalize(a @ adaptive_chunk[..., :d, :].transpose(-1, -2), dim=-1)
-    v = a @ adaptive_chunk[..., d : 2 * d, :].transpose(-1, -2)
-    eta = eta_max * torch.sigmoid((a * adaptive_chunk[..., 2 * d, :].unsqueeze(-2)).sum(-1) + b_eta[:, None]) * valid
-    log_alpha = F.logsigmoid((a * adaptive_chunk[..., 2 * d + 1, :].unsqueeze(-2)).sum(-1) + b_alpha[:, None]) * valid
-    return k, v, eta, log_alpha
-
-
-def chunk_decays(log_alpha: Tensor, valid: Tensor, log_beta: Optional[Tensor]) -> ChunkDecays:
-    """The decay coefficients of one segment from log(alpha), valid (B, H, L) and log(beta) (H,) or None.
-
-    Computed in log space: only exponents of non-positive numbers are ever formed (no beta^{-i}, no 1/gamma).
-    """
+def segment_decays(log_alpha: Tensor, valid: Tensor, log_beta: Optional[Tensor]) -> SegmentDecays:
+    """Decays of one segment from log(alpha) (B, H, L) (0 at masked tokens), valid (B, H, L) 0/1 and log(beta)
+    (H,) or None. Only exponents of non-positive numbers are formed: no 1/gamma, no beta^-i."""
     L = log_alpha.shape[-1]
     causal = torch.ones(L, L, dtype=torch.bool, device=log_alpha.device).triu()  # [j, t]: j <= t
     log_gamma = log_alpha.cumsum(-1)
-    decay = torch.where(causal, log_gamma.unsqueeze(-2) - log_gamma.unsqueeze(-1), -torch.inf).exp()  # gamma_t/gamma_j
-    gamma = log_gamma.exp()
+    decay = torch.where(causal, log_gamma.unsqueeze(-2) - log_gamma.unsqueeze(-1), -torch.inf).exp()
     if log_beta is None:
-        # S_t = -eta_t g_t: token i's gradient enters X_i once, then decays like X.
-        return ChunkDecays(decay, gamma, decay, None, None, None)
+        return SegmentDecays(log_gamma.exp(), decay, decay, None, None)
     log_b = (log_beta[:, None] * valid).cumsum(-1)
-    mom = torch.where(causal, log_b.unsqueeze(-2) - log_b.unsqueeze(-1), -torch.inf).exp()  # B_j/B_i, i <= j
+    mom = torch.where(causal, log_b.unsqueeze(-2) - log_b.unsqueeze(-1), -torch.inf).exp()  # [i, j] = B_j/B_i
     c = mom @ (valid.unsqueeze(-1) * decay)
     sigma = ((valid * log_b.exp()).unsqueeze(-2) @ decay).squeeze(-2)
-    return ChunkDecays(decay, gamma, c, sigma, mom, log_b)
+    return SegmentDecays(log_gamma.exp(), decay, c, sigma, log_b)
 
 
-def read_weights(scores: Tensor, eta: Tensor, decays: ChunkDecays, eps: float) -> tuple[Tensor, Tensor]:
-    """Weights [i, t] of token i's DGD and gradient terms in a read at token t (t >= i) inside a segment.
+def _before(x: Tensor, fill: float) -> Tensor:
+    """Shift the last (token) axis by one: [..., t] = x[..., t-1], [..., 0] = fill. Turns "after token t" into
+    "after token t-1", i.e. the state that token t's DGD term reads."""
+    return F.pad(x[..., :-1], (1, 0), value=fill)
 
-    scores: (B, H, L, L), [i, t] = r_i . z_t, the right factor of token i's rank-one update applied to the
-    read's input z_t; eta: (B, H, L). Returns eps eta_i (gamma_t/gamma_i) scores and eta_i c_{i,t} scores.
+
+def delta_rule_corrections(
+    x0: Tensor, s0: Optional[Tensor], writes: Tensor, keys: Tensor, dgd: Tensor, dec: SegmentDecays,
+    anchor: Optional[Tensor] = None,
+) -> Tensor:
+    """The DGD corrections e_t = dgd_t X_{t-1} k_t of one segment (UT form: one unit-lower-triangular solve).
+
+    With retention toward an anchor A (A = 0 when None), the recurrence
+        X_t = A + alpha_t (X_{t-1} - A) - dgd_t X_{t-1} k_t k_tᵀ + N_t
+    unrolls, for the deviation D = X - A, to
+        D_t = gamma_t D_0 + sigma_t S_0 + Σ_{i<=t} c_{i,t} w_i k_iᵀ - Σ_{j<=t} (gamma_t/gamma_j) e_j k_jᵀ,
+    so e_t = dgd_t (A + D_{t-1}) k_t is linear in the earlier e_j: (I + L) E = RHS, L strictly lower triangular.
+
+    x0: (B, H, R, n) segment-start deviation D_0; s0: momentum, or None without momentum; writes: (B, H, L, R),
+    row t is w_t; keys: (B, H, L, n); dgd: (B, H, L) the DGD coefficients eps eta_t; anchor: (B, H, R, n) or
+    None. Returns E (B, H, L, R), row t = e_t.
     """
-    return eps * eta.unsqueeze(-1) * scores * decays.decay, eta.unsqueeze(-1) * scores * decays.c
+    kk = keys @ keys.transpose(-1, -2)  # [i, t] = k_i . k_t
+    decay_before = _before(dec.decay, 0.0)  # [j, t] = gamma_{t-1} / gamma_j, j < t
+    rhs = _before(dec.gamma, 1.0).unsqueeze(-1) * (keys @ x0.transpose(-1, -2))
+    if anchor is not None:
+        rhs = rhs + keys @ anchor.transpose(-1, -2)
+    rhs = rhs + (_before(dec.c, 0.0) * kk).transpose(-1, -2) @ writes
+    if s0 is not None:
+        rhs = rhs + _before(dec.sigma, 0.0).unsqueeze(-1) * (keys @ s0.transpose(-1, -2))
+    lower = dgd.unsqueeze(-1) * (decay_before * kk).transpose(-1, -2)  # [t, j] = dgd_t (gamma_{t-1}/gamma_j) k_j.k_t
+    eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
+    return torch.linalg.solve_triangular(eye + lower, dgd.unsqueeze(-1) * rhs, upper=False, unitriangular=True)
 
 
-def end_weights(eta: Tensor, decays: ChunkDecays, eps: float) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Weights of token i's DGD, gradient and momentum terms in the state after the segment's last token L:
-    eps eta_i gamma_L/gamma_i, eta_i c_{i,L} and eta_i B_L/B_i (None without momentum). Each (B, H, L)."""
-    eta_mom = None if decays.mom is None else eta * decays.mom[..., :, -1]
-    return eps * eta * decays.decay[..., :, -1], eta * decays.c[..., :, -1], eta_mom
+def delta_rule_read(
+    x0: Tensor, s0: Optional[Tensor], writes: Tensor, corrections: Optional[Tensor], keys: Tensor, queries: Tensor,
+    dec: SegmentDecays,
+) -> Tensor:
+    """D_t z_t for every token t of the segment, from the unrolled form of `delta_rule_corrections`.
 
-
-def advance_rows(
-    x_chunk: Tensor, x_start: Tensor, s_start: Tensor, k: Tensor, u: Tensor, eta: Tensor, decays: ChunkDecays,
-    eps: float,
-) -> tuple[Tensor, Tensor]:
-    """Memory and momentum of self-target rows after the segment's last token L (SPEC §2 closed form):
-
-        X_L = gamma_L X_s - X_c Σ_i eta_i (eps (gamma_L/gamma_i) k_i + c_{i,L} u_i) k_iᵀ + sigma_L S_s
-        S_L = B_L S_s - X_c Σ_i eta_i (B_L/B_i) u_i k_iᵀ                 (S_L = S_s without momentum)
-
-    x_chunk, x_start, s_start: (B, H, R, d); k, u: (B, H, L, d); eta: (B, H, L). Returns X_L, S_L (B, H, R, d).
+    x0, s0: (B, H, R, n); writes, corrections: (B, H, L, R) (corrections None without DGD); keys, queries:
+    (B, H, L, n). Returns (B, H, L, R).
     """
-    eta_dgd, eta_grad, eta_mom = end_weights(eta, decays, eps)
-    x_end = decays.gamma[..., -1, None, None] * x_start - _stacked_update(x_chunk, eta_grad, eta_dgd, k, u)
-    if eta_mom is None:
-        return x_end, s_start
-    x_end = x_end + decays.sigma[..., -1, None, None] * s_start
-    s_end = decays.log_b[..., -1, None, None].exp() * s_start - _stacked_update(
-        x_chunk, eta_mom, torch.zeros_like(eta_mom), k, u)
+    kq = keys @ queries.transpose(-1, -2)  # [i, t] = k_i . z_t
+    out = dec.gamma.unsqueeze(-1) * (queries @ x0.transpose(-1, -2)) + (dec.c * kq).transpose(-1, -2) @ writes
+    if corrections is not None:
+        out = out - (dec.decay * kq).transpose(-1, -2) @ corrections
+    if s0 is not None:
+        out = out + dec.sigma.unsqueeze(-1) * (queries @ s0.transpose(-1, -2))
+    return out
+
+
+def delta_rule_end(
+    x0: Tensor, s0: Optional[Tensor], writes: Tensor, corrections: Optional[Tensor], keys: Tensor,
+    dec: SegmentDecays,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Deviation and momentum after the segment's last token L. Shapes as `delta_rule_read`; returns (B, H, R, n)."""
+    left = dec.c[..., :, -1, None] * writes
+    if corrections is not None:
+        left = left - dec.decay[..., :, -1, None] * corrections
+    x_end = dec.gamma[..., -1, None, None] * x0 + left.transpose(-1, -2) @ keys
+    if s0 is None:
+        return x_end, None
+    x_end = x_end + dec.sigma[..., -1, None, None] * s0
+    to_end = (dec.log_b[..., -1:] - dec.log_b).exp()  # B_L / B_i
+    s_end = dec.log_b[..., -1, None, None].exp() * s0 + (to_end.unsqueeze(-1) * writes).transpose(-1, -2) @ keys
     return x_end, s_end
 
 
-def step_reads(
-    a: Tensor, adaptive_chunk: Tensor, valid: Tensor, b_eta: Tensor, b_alpha: Tensor, eta_max: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Eq. 90 for one decode token: k, v (B, H, d) and eta, alpha (B, H) from the chunk-start adaptive rows.
+# ------------------------------------------------------------------------------------------------------------
+# Titans-specific pieces: reads of the generating memories and the writes of every row
 
-    a: (B, H, d); adaptive_chunk: (B, H, 2d+2, d) = [M_k ; M_v ; m_eta ; m_alpha]; valid: (B, 1) 0/1;
-    b_eta, b_alpha: (H,). A masked token has eta = 0 and alpha = 1.
+
+def generating_reads(
+    a: Tensor, generating: Tensor, valid: Tensor, b_eta: Tensor, b_alpha: Tensor, cfg: dict
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """k, v, eta and log(alpha) of tokens (Eq. 90 with residual memories), from the chunk-start generating memories.
+
+    a: (B, H, L, d); generating: (B, H, 2d+2, d) = [W_k ; W_v ; w_eta ; w_alpha]; valid: (B, H, L) 0/1;
+    b_eta, b_alpha: (H,); cfg: eta_max, residual (1.0: M(z) = z + W z, or 0.0) and value_norm. Returns k, v
+    (B, H, L, d) and eta, log_alpha (B, H, L); a masked token has eta = 0 and alpha = 1.
     """
     d = a.shape[-1]
-    k = F.normalize(torch.einsum("bhed,bhd->bhe", adaptive_chunk[..., :d, :], a), dim=-1)
-    v = torch.einsum("bhed,bhd->bhe", adaptive_chunk[..., d : 2 * d, :], a)
-    eta = eta_max * torch.sigmoid((adaptive_chunk[..., 2 * d, :] * a).sum(-1) + b_eta) * valid
-    alpha = torch.sigmoid((adaptive_chunk[..., 2 * d + 1, :] * a).sum(-1) + b_alpha)
-    return k, v, eta, torch.where(valid > 0, alpha, torch.ones_like(alpha))
+    residual, eta_max = cfg["residual"], cfg["eta_max"]
+    k = F.normalize(residual * a + a @ generating[..., :d, :].transpose(-1, -2), dim=-1)
+    v = residual * a + a @ generating[..., d : 2 * d, :].transpose(-1, -2)
+    if cfg["value_norm"]:
+        # Self targets make W_v's write quadratic in W_v through v (SPEC §2 v2 notes): unit values bound it.
+        v = F.normalize(v, dim=-1)
+    logit_eta = (a * generating[..., 2 * d, :].unsqueeze(-2)).sum(-1) + b_eta[:, None]
+    logit_alpha = (a * generating[..., 2 * d + 1, :].unsqueeze(-2)).sum(-1) + b_alpha[:, None]
+    return k, v, eta_max * torch.sigmoid(logit_eta) * valid, F.logsigmoid(logit_alpha) * valid
 
 
-def step_update(
-    x: Tensor, s: Tensor, grad: Tensor, dgd: Tensor, eta: Tensor, alpha: Tensor, valid: Tensor,
-    beta: Optional[Tensor],
-) -> tuple[Tensor, Tensor]:
-    """One token of Eq. 88 with Titans momentum, for any memory block X (B, H, R, R'):
+def inner_error(k: Tensor, v: Tensor, objective: str) -> Tensor:
+    """u_t: the self-target gradient of a row block X is (E_X + X_c) u_t k_tᵀ (SPEC §2)."""
+    return k - v if objective == "l2" else -v
 
-        S_t = beta S_{t-1} - eta_t grad_t        (without momentum, beta None: S_t = -eta_t grad_t, s is kept)
-        X_t = alpha_t X_{t-1} - eta_t dgd_t + S_t
 
-    grad, dgd: (B, H, R, R') the inner gradient and the DGD term (eps X_c k kᵀ), both at the chunk start;
-    eta, alpha: (B, H); valid: (B, 1) 0/1, a masked token changes nothing; beta: (H,) or None.
-    Returns X_t and the momentum to carry.
+def generating_writes(generating: Tensor, u: Tensor, eta: Tensor, residual: float) -> Tensor:
+    """w_t = -eta_t (E + G_c) u_t for the generating rows G = [W_k ; W_v ; w_eta ; w_alpha] (Eq. 91: the gradient
+    at the chunk start). generating: (B, H, 2d+2, d); u: (B, H, L, d); eta: (B, H, L). Returns (B, H, L, 2d+2)."""
+    identity = residual * torch.cat([u, u, torch.zeros_like(u[..., :2])], dim=-1)  # E u: the square blocks only
+    return -eta.unsqueeze(-1) * (identity + u @ generating.transpose(-1, -2))
+
+
+def memory_writes(
+    z_chunk: Tensor, k: Tensor, v: Tensor, eta: Tensor, objective: str, value_target: bool, residual: float
+) -> Tensor:
+    """w_t = -eta_t (E + Z_c) u_t for every row of Z, (B, H, L, 3d+2).
+
+    z_chunk: (B, H, 3d+2, d) the gradient state; k, v: (B, H, L, d); eta: (B, H, L). With value targets W's
+    rows regress on v_t instead: -eta_t ((E + W_c) k_t - v_t) ("l2") or eta_t v_t ("dot").
     """
-    step = -eta[..., None, None] * grad
-    upd = valid[..., None, None] > 0
-    if beta is None:
-        s_new, new = s, step
+    d = k.shape[-1]
+    u = inner_error(k, v, objective)
+    w_chunk = z_chunk[..., :d, :]
+    if not value_target:
+        main = residual * u + u @ w_chunk.transpose(-1, -2)
+    elif objective == "l2":
+        main = residual * k + k @ w_chunk.transpose(-1, -2) - v
     else:
-        s_new = torch.where(upd, beta[:, None, None] * s + step, s)
-        new = s_new
-    x_new = alpha[..., None, None] * x - eta[..., None, None] * dgd + new
-    return torch.where(upd, x_new, x), s_new
+        main = -v
+    return torch.cat([-eta.unsqueeze(-1) * main, generating_writes(z_chunk[..., d:, :], u, eta, residual)], dim=-1)
 
 
 def _segment(
-    q: Tensor,
-    a: Tensor,
-    valid: Tensor,
-    z_chunk: Tensor,
-    z_start: Tensor,
-    s_start: Tensor,
-    b_eta: Tensor,
-    b_alpha: Tensor,
-    log_beta: Optional[Tensor],
-    eps: float,
-    eta_max: float,
-    objective: str,
-    value_target: bool,
-    rows: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Tokens 1..L of one chunk (or of its remainder when the state starts mid-chunk), in closed form.
+    q: Tensor, a: Tensor, valid: Tensor, z_chunk: Tensor, z_start: Tensor, s_start: Optional[Tensor],
+    anchor: Optional[Tensor], b_eta: Tensor, b_alpha: Tensor, log_beta: Optional[Tensor], rows: Tensor, cfg: dict,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One segment: tokens that share one gradient state, in closed form.
 
-    q, a: (B, H, L, d); valid: (B, H, L) 0/1; z_chunk, z_start, s_start: (B, H, R, d) with R = 3d+2.
-    Returns the reads o (B, H, L, d) and the memory and momentum after token L.
-
-    SPEC §2 closed form, extended to a start state Z_s that may differ from the chunk-start Z_c:
-        X_t = gamma_t X_s - X_c Σ_{i<=t} eta_i (eps (gamma_t/gamma_i) k_i + c_{i,t} u_i) k_iᵀ + sigma_t S_s
-    with gamma the retention product, c_{i,t} = Σ_{j=i..t} valid_j (gamma_t/gamma_j)(B_j/B_i) and
-    B the momentum product; a masked token has alpha = 1, eta = 0 and takes no momentum step.
+    q, a: (B, H, L, d); valid: (B, H, L) 0/1; z_chunk, z_start, s_start: (B, H, 3d+2, d); anchor: the retention
+    target Z_0 (B, H, 3d+2, d), or None for retention toward 0. Returns the reads o (B, H, L, d) and the state
+    and momentum after the segment's last token.
     """
     d = q.shape[-1]
-    m_chunk = z_chunk[..., :d, :]
-    # Eq. 90: k, v, eta and alpha of every token of the chunk are read from the chunk-start memories.
-    k, v, eta, log_alpha = chunk_reads(a, z_chunk[..., d:, :], valid, b_eta, b_alpha, eta_max)
-    decays = chunk_decays(log_alpha, valid, log_beta)
-
-    # Self-generated targets X_c v_t (Eqs. 83-85) turn every gradient into X_c u_t k_tᵀ.
-    u = k - v if objective == "l2" else -v
-    if value_target:
-        # Titans/DeltaNet target for M: g = (M_c k - v) k^T, so M's self part is k (l2) or nothing (dot).
-        u_m = k if objective == "l2" else torch.zeros_like(k)
-    else:
-        u_m = u
-
-    # Read o_t = M_t q_t (Eq. 79, after token t's update).
-    w_dgd, w_grad = read_weights(k @ q.transpose(-1, -2), eta, decays, eps)  # scores [i, t] = k_i . q_t
-    r = w_dgd.transpose(-1, -2) @ k + w_grad.transpose(-1, -2) @ u_m
-    o = decays.gamma.unsqueeze(-1) * (q @ z_start[..., :d, :].transpose(-1, -2)) - r @ m_chunk.transpose(-1, -2)
-    if log_beta is not None:
-        o = o + decays.sigma.unsqueeze(-1) * (q @ s_start[..., :d, :].transpose(-1, -2))
-    if value_target:
-        o = o + w_grad.transpose(-1, -2) @ v
-
-    # State after token L: every row moves by the same right-multiplication (M differs with value targets).
-    z_end, s_end = advance_rows(z_chunk, z_start, s_start, k, u, eta, decays, eps)
-    if value_target:
-        m_end, s_m = advance_rows(m_chunk, z_start[..., :d, :], s_start[..., :d, :], k, u_m, eta, decays, eps)
-        _, eta_grad, eta_mom = end_weights(eta, decays, eps)
-        m_end = m_end + (eta_grad.unsqueeze(-1) * v).transpose(-1, -2) @ k
-        z_end = torch.cat([m_end, z_end[..., d:, :]], dim=-2)
-        if eta_mom is not None:
-            s_m = s_m + (eta_mom.unsqueeze(-1) * v).transpose(-1, -2) @ k
-            s_end = torch.cat([s_m, s_end[..., d:, :]], dim=-2)
+    residual = cfg["residual"]
+    k, v, eta, log_alpha = generating_reads(a, z_chunk[..., d:, :], valid, b_eta, b_alpha, cfg)
+    writes = memory_writes(z_chunk, k, v, eta, cfg["objective"], cfg["value_target"], residual)
+    dec = segment_decays(log_alpha, valid, log_beta)
+    x0 = z_start if anchor is None else z_start - anchor
+    corrections = delta_rule_corrections(x0, s_start, writes, k, eta, dec, anchor) if cfg["dgd"] else None
+    main = slice(0, d)
+    o = residual * q + delta_rule_read(
+        x0[..., main, :], None if s_start is None else s_start[..., main, :], writes[..., main],
+        None if corrections is None else corrections[..., main], k, q, dec,
+    )
+    z_end, s_end = delta_rule_end(x0, s_start, writes, corrections, k, dec)
+    if anchor is not None:
+        o = o + q @ anchor[..., main, :].transpose(-1, -2)
+        z_end = z_end + anchor
     # Rows outside `adaptive` keep their initial value: they are ordinary projections.
     rows = rows[:, None]
-    return o, torch.where(rows, z_end, z_start), torch.where(rows, s_end, s_start)
+    z_end = torch.where(rows, z_end, z_start)
+    if s_end is not None:
+        s_end = torch.where(rows, s_end, s_start)
+    return o, z_end, s_end
 
 
 def _prepare(
-    q: Tensor, z0: Tensor, momentum_logit: Tensor, momentum: bool, state: Optional[TitansState], batch: int
-) -> tuple[torch.dtype, Tensor, Tensor, Tensor, int, Optional[Tensor]]:
+    q: Tensor, z0: Tensor, momentum_logit: Optional[Tensor], state: Optional[TitansState], batch: int
+) -> tuple[torch.dtype, Tensor, Tensor, Optional[Tensor], int, Optional[Tensor]]:
+    """Compute dtype, z_chunk, z, s (None without momentum), position and log(beta) (None without momentum)."""
     dtype = compute_dtype(q.dtype)
-    log_beta = F.logsigmoid(momentum_logit.to(dtype)) if momentum else None
+    log_beta = None if momentum_logit is None else F.logsigmoid(momentum_logit.to(dtype))
     if state is None:
         z = z0.to(dtype).unsqueeze(0).expand(batch, *z0.shape)
-        return dtype, z, z, torch.zeros_like(z), 0, log_beta
-    return dtype, state.z_chunk.to(dtype), state.z.to(dtype), state.s.to(dtype), state.position, log_beta
+        return dtype, z, z, None if log_beta is None else torch.zeros_like(z), 0, log_beta
+    s = None if state.s is None else state.s.to(dtype)
+    return dtype, state.z_chunk.to(dtype), state.z.to(dtype), s, state.position, log_beta
+
+
+def _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual,
+            memory_value_norm, memory_retention) -> dict:
+    if memory_retention not in RETENTIONS:
+        raise ValueError(f"memory_retention={memory_retention!r}; allowed: {list(RETENTIONS)}")
+    if not isinstance(memory_value_norm, bool):
+        raise ValueError(f"memory_value_norm={memory_value_norm!r}; allowed: True or False")
+    return dict(chunk_size=chunk_size, adaptive_chunk_size=resolve_adaptive_chunk_size(chunk_size, adaptive_chunk_size),
+                eta_max=eta_max, dgd=dgd, objective=objective, value_target=memory_target == "value",
+                residual=1.0 if memory_residual else 0.0, value_norm=memory_value_norm,
+                anchored=memory_retention == "init")
+
+
+def move_chunk_starts(z_chunk: Tensor, z: Tensor, position: int, d: int, cfg: dict) -> Tensor:
+    """At a chunk end the current state becomes the gradient state: W's rows every chunk_size tokens, the
+    generating rows every adaptive_chunk_size tokens (a multiple of chunk_size)."""
+    if position % cfg["adaptive_chunk_size"] == 0:
+        return z
+    if position % cfg["chunk_size"] == 0:
+        return torch.cat([z[..., :d, :], z_chunk[..., d:, :]], dim=-2)
+    return z_chunk
 
 
 def titans_memory_reference(
@@ -355,58 +423,100 @@ def titans_memory_reference(
     z0: Tensor,
     b_eta: Tensor,
     b_alpha: Tensor,
-    momentum_logit: Tensor,
+    momentum_logit: Optional[Tensor] = None,
     *,
     chunk_size: int,
     eta_max: float,
-    momentum: bool = True,
+    adaptive_chunk_size: Optional[int] = None,
+    momentum: bool = False,
     dgd: bool = True,
     objective: str = "l2",
     memory_target: str = "self",
+    memory_residual: bool = True,
+    memory_value_norm: bool = True,
+    memory_retention: str = "init",
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[TitansState] = None,
     output_final_state: bool = False,
 ) -> tuple[Tensor, Optional[TitansState]]:
-    """Chunked self-modifying Titans memory: reads o_t = M_t q_t for every token.
+    """Chunked self-modifying Titans memory (SPEC §2 v2): reads o_t = E q_t + W_t q_t for every token.
 
     Args:
         q: (B, T, H, d) static queries, l2-normalised by the caller.
-        a: (B, T, H, d) input of the adaptive memories.
-        z0: (H, 3d+2, d) initial stacked memories [M ; M_k ; M_v ; m_eta ; m_alpha] (parameters).
-        b_eta, b_alpha, momentum_logit: (H,) per-head biases; beta = sigmoid(momentum_logit).
-        chunk_size: C, the tokens that share one chunk-start state; chunk phase counts from position 0.
+        a: (B, T, H, d) input of the generating memories.
+        z0: (H, 3d+2, d) initial stacked memories [W ; W_k ; W_v ; w_eta ; w_alpha] (parameters).
+        b_eta, b_alpha: (H,) per-head biases. momentum_logit: (H,), beta = sigmoid of it; given iff momentum.
+        chunk_size: C, the tokens whose writes use one chunk-start W; chunk phase counts from position 0.
+        adaptive_chunk_size: the same for the generating memories (default C; a multiple of C).
         mask: (B, T), 0 at positions that must change no state.
-        state: cached state to continue from (then z0 only anchors nothing: the state's rows are used).
+        state: a cached TitansState to continue from (z0 is then not read).
     Returns:
         o: (B, T, H, d) in q.dtype, and the TitansState after the last token when `output_final_state`.
     """
-    _check_inputs(q, a, z0, b_eta, b_alpha, momentum_logit, chunk_size, eta_max, objective, memory_target, adaptive, mask, state)
+    check_memory_inputs(q, a, z0, b_eta, b_alpha, momentum_logit, chunk_size=chunk_size,
+                        adaptive_chunk_size=adaptive_chunk_size, eta_max=eta_max, momentum=momentum,
+                        objective=objective, memory_target=memory_target, adaptive=adaptive, mask=mask)
     B, T, H, d = q.shape
-    dtype, z_chunk, z, s, position, log_beta = _prepare(q, z0, momentum_logit, momentum, state, B)
-    qh = q.transpose(1, 2).to(dtype)
-    ah = a.transpose(1, 2).to(dtype)
+    if state is not None:
+        shape = (B, H, memory_rows(d), d)
+        check_state(state, dict(z_chunk=shape, z=shape, s=shape), momentum)
+    cfg = _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual,
+                  memory_value_norm, memory_retention)
+    dtype, z_chunk, z, s, position, log_beta = _prepare(q, z0, momentum_logit, state, B)
+    anchor = z0.to(dtype).unsqueeze(0).expand(B, *z0.shape) if cfg["anchored"] else None
+    qh, ah = q.transpose(1, 2).to(dtype), a.transpose(1, 2).to(dtype)
     valid = (torch.ones(B, T, dtype=dtype, device=q.device) if mask is None else mask.to(dtype)).unsqueeze(1).expand(B, H, T)
     rows = adaptive_row_mask(adaptive, d, q.device)
     b_eta, b_alpha = b_eta.to(dtype), b_alpha.to(dtype)
-    eps = 1.0 if dgd else 0.0
 
     outputs = []
     t = 0
     while t < T:
         length = min(chunk_size - (position + t) % chunk_size, T - t)
-        o, z, s = _segment(
-            qh[:, :, t : t + length], ah[:, :, t : t + length], valid[:, :, t : t + length],
-            z_chunk, z, s, b_eta, b_alpha, log_beta, eps, eta_max, objective, memory_target == "value", rows,
-        )
+        piece = slice(t, t + length)
+        o, z, s = _segment(qh[:, :, piece], ah[:, :, piece], valid[:, :, piece], z_chunk, z, s, anchor, b_eta,
+                           b_alpha, log_beta, rows, cfg)
         outputs.append(o)
         t += length
-        if (position + t) % chunk_size == 0:
-            z_chunk = z
+        z_chunk = move_chunk_starts(z_chunk, z, position + t, d, cfg)
     o = torch.cat(outputs, dim=2).transpose(1, 2).to(q.dtype) if outputs else q.new_zeros(q.shape)
+    if not output_final_state:
+        return o, None
     # contiguous(): a state that never left z0 is an expanded view of the parameter; the cache gets its own copy.
-    final = TitansState(z_chunk.contiguous(), z.contiguous(), s.contiguous(), position + T) if output_final_state else None
-    return o, final
+    return o, TitansState(z_chunk.contiguous(), z.contiguous(), None if s is None else s.contiguous(), position + T)
+
+
+def generating_step_reads(
+    a: Tensor, generating: Tensor, valid: Tensor, b_eta: Tensor, b_alpha: Tensor, cfg: dict
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`generating_reads` for one decode token: a (B, H, d), valid (B, 1). Returns k, v (B, H, d), eta and alpha
+    (B, H) (alpha itself, 1 at a masked token)."""
+    k, v, eta, log_alpha = generating_reads(a.unsqueeze(-2), generating, valid.unsqueeze(-1).expand(*a.shape[:2], 1),
+                                            b_eta, b_alpha, cfg)
+    return k.squeeze(-2), v.squeeze(-2), eta.squeeze(-1), log_alpha.squeeze(-1).exp()
+
+
+def delta_rule_step(
+    x: Tensor, s: Optional[Tensor], write: Tensor, key: Tensor, dgd: Tensor, alpha: Tensor, beta: Optional[Tensor],
+    valid: Tensor, anchor: Optional[Tensor] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """One token of X_t = A + alpha_t (X_{t-1} - A) - dgd_t X_{t-1} k_t k_tᵀ + N_t, N_t = w_t k_tᵀ (or the momentum
+    S_t = beta S_{t-1} + w_t k_tᵀ), with A the retention anchor (0 when None).
+
+    x, s: (B, H, R, n) (s None without momentum); write: (B, H, R); key: (B, H, n); dgd, alpha: (B, H);
+    beta: (H,) or None; valid: (B, 1) 0/1: a masked token changes nothing; anchor: (B, H, R, n) or None.
+    Returns X_t and S_t.
+    """
+    correction = dgd.unsqueeze(-1) * (x @ key.unsqueeze(-1)).squeeze(-1)  # e_t = dgd_t X_{t-1} k_t
+    retained = alpha[..., None, None] * (x if anchor is None else x - anchor)
+    x_new = (retained if anchor is None else anchor + retained) - correction.unsqueeze(-1) * key.unsqueeze(-2)
+    write = write.unsqueeze(-1) * key.unsqueeze(-2)
+    keep = valid[..., None, None] > 0
+    if s is None:
+        return torch.where(keep, x_new + write, x), None
+    s_new = torch.where(keep, beta[:, None, None] * s + write, s)
+    return torch.where(keep, x_new + s_new, x), s_new
 
 
 def titans_memory_step_reference(
@@ -415,77 +525,52 @@ def titans_memory_step_reference(
     z0: Tensor,
     b_eta: Tensor,
     b_alpha: Tensor,
-    momentum_logit: Tensor,
+    momentum_logit: Optional[Tensor] = None,
     *,
     chunk_size: int,
     eta_max: float,
-    momentum: bool = True,
+    adaptive_chunk_size: Optional[int] = None,
+    momentum: bool = False,
     dgd: bool = True,
     objective: str = "l2",
     memory_target: str = "self",
+    memory_residual: bool = True,
+    memory_value_norm: bool = True,
+    memory_retention: str = "init",
     adaptive: Sequence[str] = ADAPTIVE_NAMES,
     mask: Optional[Tensor] = None,
     state: Optional[TitansState] = None,
 ) -> tuple[Tensor, TitansState]:
-    """One decode token of the Titans memory: the per-token recurrence, straight from SPEC §2.
+    """One decode token of the Titans memory: the per-token recurrence of SPEC §2 v2.
 
     q, a: (B, H, d); mask: (B,). Returns o (B, H, d) in q.dtype and the state after the token.
     """
-    _check_inputs(q, a, z0, b_eta, b_alpha, momentum_logit, chunk_size, eta_max, objective, memory_target, adaptive, mask, state, token_dim=False)
+    check_memory_inputs(q, a, z0, b_eta, b_alpha, momentum_logit, chunk_size=chunk_size,
+                        adaptive_chunk_size=adaptive_chunk_size, eta_max=eta_max, momentum=momentum,
+                        objective=objective, memory_target=memory_target, adaptive=adaptive, mask=mask,
+                        token_dim=False)
     B, H, d = q.shape
-    dtype, z_chunk, z, s, position, log_beta = _prepare(q, z0, momentum_logit, momentum, state, B)
+    if state is not None:
+        shape = (B, H, memory_rows(d), d)
+        check_state(state, dict(z_chunk=shape, z=shape, s=shape), momentum)
+    cfg = _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual,
+                  memory_value_norm, memory_retention)
+    dtype, z_chunk, z, s, position, log_beta = _prepare(q, z0, momentum_logit, state, B)
+    anchor = z0.to(dtype).unsqueeze(0).expand(B, *z0.shape) if cfg["anchored"] else None
     out_dtype = q.dtype
     q, a = q.to(dtype), a.to(dtype)
     valid = (torch.ones(B, dtype=dtype, device=q.device) if mask is None else mask.to(dtype))[:, None]  # (B, 1)
+    residual = cfg["residual"]
+    k, v, eta, alpha = generating_step_reads(a, z_chunk[..., d:, :], valid, b_eta.to(dtype), b_alpha.to(dtype), cfg)
+    write = memory_writes(z_chunk, k.unsqueeze(-2), v.unsqueeze(-2), eta.unsqueeze(-1), objective,
+                          cfg["value_target"], residual).squeeze(-2)
+    dgd_coef = eta if dgd else torch.zeros_like(eta)
+    z_new, s_new = delta_rule_step(z, s, write, k, dgd_coef, alpha, None if log_beta is None else log_beta.exp(), valid,
+                                   anchor)
     rows = adaptive_row_mask(adaptive, d, q.device)[:, None]
-
-    k, v, eta, alpha = step_reads(a, z_chunk[..., d:, :], valid, b_eta.to(dtype), b_alpha.to(dtype), eta_max)
-
-    # Eqs. 83-86: self targets X_c v, L2 (or dot) gradient at the chunk start.
-    target = torch.einsum("bhrd,bhd->bhr", z_chunk, v)
-    pred = torch.einsum("bhrd,bhd->bhr", z_chunk, k)
-    err = pred - target if objective == "l2" else -target
-    if memory_target == "value":
-        err_m = pred[..., :d] - v if objective == "l2" else -v
-        err = torch.cat([err_m, err[..., d:]], dim=-1)
-    grad = err.unsqueeze(-1) * k.unsqueeze(-2)  # (B, H, R, d)
-    dgd = (1.0 if dgd else 0.0) * pred.unsqueeze(-1) * k.unsqueeze(-2)  # Eq. 88: X_c k kᵀ
-    z_new, s_new = step_update(z, s, grad, dgd, eta, alpha, valid, log_beta.exp() if momentum else None)
     z_new = torch.where(rows, z_new, z)
-    s_new = torch.where(rows, s_new, s)
-    o = torch.einsum("bhed,bhd->bhe", z_new[..., :d, :], q)
-    if (position + 1) % chunk_size == 0:
-        z_chunk = z_new
+    if s_new is not None:
+        s_new = torch.where(rows, s_new, s)
+    o = residual * q + (z_new[..., :d, :] @ q.unsqueeze(-1)).squeeze(-1)  # the read after the token's update
+    z_chunk = move_chunk_starts(z_chunk, z_new, position + 1, d, cfg)
     return o.to(out_dtype), TitansState(z_chunk, z_new, s_new, position + 1)
-
-
-def titans_memory_naive(
-    q: Tensor,
-    a: Tensor,
-    z0: Tensor,
-    b_eta: Tensor,
-    b_alpha: Tensor,
-    momentum_logit: Tensor,
-    *,
-    chunk_size: int,
-    eta_max: float,
-    momentum: bool = True,
-    dgd: bool = True,
-    objective: str = "l2",
-    memory_target: str = "self",
-    adaptive: Sequence[str] = ADAPTIVE_NAMES,
-    mask: Optional[Tensor] = None,
-    state: Optional[TitansState] = None,
-    output_final_state: bool = False,
-) -> tuple[Tensor, Optional[TitansState]]:
-    """Token-by-token recurrence with the signature of `titans_memory_reference`. Test oracle only."""
-    kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, momentum=momentum, dgd=dgd, objective=objective,
-                  memory_target=memory_target, adaptive=adaptive)
-    outputs = []
-    for t in range(q.shape[1]):
-        o, state = titans_memory_step_reference(
-            q[:, t], a[:, t], z0, b_eta, b_alpha, momentum_logit,
-            mask=None if mask is None else mask[:, t], state=state, **kwargs,
-        )
-        outputs.append(o.to(q.dtype))
-    return torch.stack(outputs, dim=1), (state if output_final_state else None)

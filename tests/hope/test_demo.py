@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer
 
 import hope  # noqa: F401  (registers the Auto classes)
 from hope.data import IGNORE_INDEX, build_datasets, load_topics, pack_dataset, split_topics, topics_dataset, tokenize_dataset
-from hope.train import main
+from hope.train import run_command
 
 
 def test_topic_split_is_disjoint_deterministic_and_non_empty():
@@ -42,9 +42,10 @@ def test_packed_blocks_are_full_and_skip_the_separators():
 
 
 def test_demo_trains_saves_and_reports_both_models(tmp_path, capsys):
-    results = main(["--demo", "--tiny", "--max-steps", "3", "--device", "cpu", "--threads", "1",
-                    "--output-dir", str(tmp_path)])
+    results = run_command(["--demo", "--tiny", "--max-steps", "3", "--device", "cpu", "--num-threads", "1",
+                           "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
+    assert "1 CPU thread (from --num_threads)" in out  # hope.runtime.configure_threads, as in hope-train
 
     assert set(results) == {"hope", "transformer"}
     row = re.search(r"^validation bits per byte\s+(\S+)\s+(\S+)\s*$", out, re.MULTILINE)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from hope.eval import main as eval_main
+from hope.eval import run_command as eval_main
 from hope.evals.common import IGNORE_INDEX, comparison_configs, ModelShape
 from hope.evals.forgetting import ForgettingTask, generate_stream, recall_by_age
 from hope.evals.mqar import MQARTask, generate_mixture, generate_mqar, mqar_accuracy
@@ -132,7 +132,7 @@ def test_compare_smoke_and_checkpoint_mode_agree(tmp_path, task):
         assert again[key] == metrics[key]
 
 
-def test_lm_mode_reports_the_models_own_loss(tmp_path):
+def test_lm_mode_reports_the_models_own_loss(tmp_path, capsys):
     from transformers import ByT5Tokenizer
 
     from hope import HopeConfig, HopeForCausalLM
@@ -143,10 +143,40 @@ def test_lm_mode_reports_the_models_own_loss(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     text = "The quick brown fox jumps over the lazy dog. " * 3
     Dataset.from_dict({"text": [text]}).to_json(str(tmp_path / "held.jsonl"))
-    metrics = eval_main(["--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "held.jsonl"), "--seq_len", "32"])
+    metrics = eval_main(["--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "held.jsonl"), "--seq_len", "32",
+                         "--num_threads", "1"])
+    err = capsys.readouterr().err
+    assert "evaluate: 100%|██████████| 4/4" in err  # the progress bar, left at its end
+    assert "4 blocks of 32 tokens; 1 CPU thread (from --num_threads)" in err  # hope.runtime's policy, as in hope-train
     ids = ByT5Tokenizer()(text, add_special_tokens=False).input_ids + [1]
     blocks = torch.tensor(ids[: len(ids) // 32 * 32]).view(-1, 32)
     with torch.no_grad():
         expected = model(input_ids=blocks, labels=blocks).loss.item()
     assert metrics["blocks"] == blocks.shape[0] and metrics["loss"] == pytest.approx(expected, rel=1e-5)
     assert metrics["bits_per_byte"] == pytest.approx(expected / 0.6931471805599453, rel=1e-5)  # ByT5: a token a byte
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "blank", "no_blocks", "zero_length", "threads"])
+def test_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, case):
+    from hope import HopeConfig, HopeForCausalLM
+
+    HopeForCausalLM(HopeConfig(vocab_size=384, hidden_size=16, num_hidden_layers=1, num_heads=2, chunk_size=4,
+                               cms_chunk_sizes=[None])).save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "blank.txt").write_text(" \n\n \n")
+    (tmp_path / "plain").mkdir()
+    Dataset.from_dict({"text": ["some held-out text " * 8]}).to_json(str(tmp_path / "held.jsonl"))
+    model, data, extra, message = {
+        "missing": (tmp_path / "nope", tmp_path / "held.jsonl", [], "no such checkpoint directory"),
+        "not_a_checkpoint": (tmp_path / "plain", tmp_path / "held.jsonl", [], "not a checkpoint directory"),
+        "blank": (tmp_path / "ckpt", tmp_path / "blank.txt", [], "holds no text"),
+        "no_blocks": (tmp_path / "ckpt", tmp_path / "held.jsonl", ["--max_eval_samples", "0"],
+                      "--max_eval_samples must be a positive integer"),
+        "zero_length": (tmp_path / "ckpt", tmp_path / "held.jsonl", ["--seq_len", "1"], "--seq_len must be at least 2"),
+        "threads": (tmp_path / "ckpt", tmp_path / "held.jsonl", ["--num_threads", "0"],
+                    "--num_threads must be a positive integer"),
+    }[case]
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["--model", str(model), "--data", str(data), "--seq_len", "16", *extra])  # the last --seq_len wins
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err, err

@@ -31,6 +31,6 @@ def test_hope_matches_its_transformer_twin(size):
 def test_short_names_overrides_and_errors():
     assert hope.get_preset("tiny").to_dict() == hope.get_preset("hope-tiny").to_dict()
     config = hope.get_preset("hope-small", chunk_size=32)
-    assert config.chunk_size == 32 and config.eta_max == 1 / 32  # derived defaults follow the override
+    assert config.chunk_size == 32 and config.adaptive_chunk_size is None  # the generating chunk follows C
     with pytest.raises(ValueError, match="unknown preset 'hope-7b'"):
         hope.get_preset("hope-7b")

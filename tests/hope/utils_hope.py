@@ -19,7 +19,9 @@ VARIANTS = {
     "independent": {"cms_variant": "independent"},
     "dot": {"objective": "dot", "cms_objective": "dot"},
     "value_target": {"memory_target": "value"},
-    "no_momentum": {"momentum": False},
+    "momentum": {"momentum": True},
+    "no_residual": {"memory_residual": False},
+    "adaptive_chunk": {"adaptive_chunk_size": 2 * CHUNK},
     "no_dgd": {"dgd": False},
     "non_adaptive_kv": {"adaptive": ["eta", "alpha"]},
 }
