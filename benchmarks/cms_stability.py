@@ -215,7 +215,7 @@ def train(model, blocks: torch.Tensor, ignore_id: int, args) -> Dict[str, Any]:
         loss = model(input_ids=x, labels=labels).loss
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         grad_norms.append(grad_norm)
         if not (math.isfinite(losses[-1]) and math.isfinite(grad_norm)):
             nan_step = step

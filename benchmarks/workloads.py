@@ -33,7 +33,6 @@ OPS = ("titans_memory", "cms_level", "titans_memory_step", "cms_level_step", "ti
        "titans_deep_memory_step")
 OP_BACKENDS = ("eager", "compile", "triton")
 STEP_OPS = ("titans_memory_step", "cms_level_step", "titans_deep_memory_step")
-CMS_ETA_MAX = 0.1
 MODEL_NAMES = ("hope", "hope-attention", "transformer++")
 
 
@@ -171,7 +170,10 @@ def titans_kwargs(C: int) -> dict:
 
 
 def cms_kwargs(C: int) -> dict:
-    return dict(chunk_size=C, eta_max=CMS_ETA_MAX, objective="l2")
+    """The model's default CMS settings (SPEC §3 v2): the Gauss-Newton step at eta_max 1, decay 0.05, l2."""
+    from hope.configuration_hope import CMS_DECAY
+
+    return dict(chunk_size=C, eta_max=1.0, objective="l2", decay=CMS_DECAY, step="gauss_newton")
 
 
 def titans_inputs(B: int, T: int, H: int, d: int, dtype: torch.dtype, device, requires_grad: bool = False,
