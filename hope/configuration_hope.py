@@ -98,7 +98,7 @@ class HopeConfig(PretrainedConfig):
         cms_hidden_size: Union[int, Sequence[int], None] = None,
         cms_variant: str = "sequential",
         cms_objective: str = "l2",
-        cms_eta_max: Union[float, Sequence[float], None] = None,
+        cms_eta_max: Union[float, Sequence[float]] = 1.0,
         cms_decay: Union[float, Sequence[float]] = CMS_DECAY,
         cms_step: str = "gauss_newton",
         cms_in_context: bool = True,
