@@ -55,13 +55,13 @@ from hope_kernels.titans.reference import (
     delta_rule_end,
     delta_rule_read,
     delta_rule_step,
-    dgd_system,
     generating_reads,
     generating_step_reads,
     gradient_writes,
     identity_rows,
     inner_error,
     segment_decays,
+    segment_keys,
     segment_lengths,
 )
 from hope_kernels._dispatch import compute_dtype
@@ -185,20 +185,20 @@ def _deep_segment(
     eta_main = eta * curvature_scale(p, w1c) if cfg["curvature_guard"] else eta
 
     # G and W2 share keys k_t and the transition alpha_t I - eps eta_t k_t k_tᵀ: one DGD system for both.
-    system = dgd_system(k, eta, dec) if cfg["dgd"] else None
+    keys = segment_keys(k, eta if cfg["dgd"] else None, dec)
     g_writes = gradient_writes(maps_g, inner_error(k, v, cfg["objective"]), eta)
-    g_writes, g_corrections = delta_rule_dgd(x_g, s_g, g_writes, k, eta, dec, system, anchor_g)
-    w2_writes, w2_corrections = delta_rule_dgd(x_2, s_2, -eta_main.unsqueeze(-1) * g, k, eta, dec, system, anchor_2)
-    pre = delta_rule_read(x_2, s_2, w2_writes, w2_corrections, k, q, dec)
+    g_writes, g_corrections = delta_rule_dgd(x_g, s_g, g_writes, keys, anchor_g)
+    w2_writes, w2_corrections = delta_rule_dgd(x_2, s_2, -eta_main.unsqueeze(-1) * g, keys, anchor_2)
+    pre = delta_rule_read(x_2, s_2, w2_writes, w2_corrections, keys, q, dec)
     if anchor_2 is not None:
         pre = pre + q @ anchor_2.transpose(-1, -2)
     hidden = F.silu(pre)  # sigma(W2_t q_t)
-    w1_writes, w1_keys = -eta_main.unsqueeze(-1) * e, F.silu(p)
+    w1_writes, w1_keys = -eta_main.unsqueeze(-1) * e, segment_keys(F.silu(p), None, dec)  # W1: no DGD
     o = q + delta_rule_read(x_1, s_1, w1_writes, None, w1_keys, hidden, dec)
     if anchor_1 is not None:
         o = o + hidden @ anchor_1.transpose(-1, -2)
 
-    end_g, end_2 = (delta_rule_end(x, s, w, c, k, dec) for x, s, w, c in
+    end_g, end_2 = (delta_rule_end(x, s, w, c, keys, dec) for x, s, w, c in
                     ((x_g, s_g, g_writes, g_corrections), (x_2, s_2, w2_writes, w2_corrections)))
     end_1 = delta_rule_end(x_1, s_1, w1_writes, None, w1_keys, dec)
     if rows_g is not None:  # rows outside `adaptive` keep their initial value

@@ -238,28 +238,59 @@ def _before(x: Tensor, fill: float = 0.0) -> Tensor:
 
 
 class DGDSystem(NamedTuple):
-    """The DGD terms' triangular system of one segment, shared by every row block with its keys.
+    """The triangular system of the DGD terms of one segment (`delta_rule_dgd`).
 
-    unit_lower: (B, H, L, L) I + L, L[t, j] = dgd_t (gamma_{t-1}/gamma_j) k_t.k_j for j < t.
-    write_weights: (B, H, L, L) [t, i] = dgd_t c_{t-1,i} k_t.k_i for i < t, with momentum; None without (it is L).
+    lower: (B, H, L, L) L[t, j] = dgd_t (gamma_{t-1}/gamma_j) k_t.k_j for j < t, else 0 (the system is I + L).
+    write_weights: (B, H, L, L) C'[t, i] = dgd_t c_{t-1,i} k_t.k_i for i < t, with momentum; None without (C' = L).
+    start_keys, anchor_keys: (B, H, L, n) dgd_t gamma_{t-1} k_t and dgd_t k_t, the weights of the segment-start
+    deviation and of the anchor; momentum_keys: dgd_t sigma_{t-1} k_t, or None without momentum.
     """
 
-    unit_lower: Tensor
+    lower: Tensor
     write_weights: Optional[Tensor]
+    start_keys: Tensor
+    anchor_keys: Tensor
+    momentum_keys: Optional[Tensor]
 
 
-def dgd_system(keys: Tensor, dgd: Tensor, dec: SegmentDecays) -> DGDSystem:
-    """The system of `delta_rule_dgd` from keys (B, H, L, n) and the DGD coefficients dgd (B, H, L), eps eta_t."""
-    kk = keys @ keys.transpose(-1, -2)
-    lower = dgd.unsqueeze(-1) * _before(dec.decay) * kk
-    unit_lower = lower + torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
-    write_weights = None if dec.sigma is None else dgd.unsqueeze(-1) * _before(dec.c) * kk
-    return DGDSystem(unit_lower, write_weights)
+class SegmentKeys(NamedTuple):
+    """What the row blocks that share keys k_t (B, H, L, n) share over one segment (`segment_keys`).
+
+    keys: k_t. dgd: the DGD system, None without DGD.
+    to_end: c_{L,t} k_t, the weight of write t in the segment's final state; corrections_to_end: (gamma_L/gamma_t)
+    k_t, that of correction t (with momentum and DGD, else None: without momentum the writes are net writes);
+    momentum_to_end: (B_L/B_t) k_t, that of write t in the final momentum (None without momentum).
+    """
+
+    keys: Tensor
+    dgd: Optional[DGDSystem]
+    to_end: Tensor
+    corrections_to_end: Optional[Tensor]
+    momentum_to_end: Optional[Tensor]
+
+
+def segment_keys(keys: Tensor, dgd: Optional[Tensor], dec: SegmentDecays) -> SegmentKeys:
+    """The key-side factors of one segment from keys (B, H, L, n), the DGD coefficients dgd (B, H, L) = eps eta_t
+    (None without DGD) and the decays."""
+    momentum = dec.sigma is not None
+    system = None
+    if dgd is not None:
+        kk = keys @ keys.transpose(-1, -2)
+        scale = dgd.unsqueeze(-1)
+        system = DGDSystem(
+            scale * _before(dec.decay) * kk,
+            scale * _before(dec.c) * kk if momentum else None,
+            (dgd * _before(dec.gamma, 1.0)).unsqueeze(-1) * keys,
+            scale * keys,
+            (dgd * _before(dec.sigma)).unsqueeze(-1) * keys if momentum else None,
+        )
+    corrections_to_end = dec.decay_end.unsqueeze(-1) * keys if momentum and dgd is not None else None
+    momentum_to_end = (dec.log_b[..., -1:] - dec.log_b).exp().unsqueeze(-1) * keys if momentum else None
+    return SegmentKeys(keys, system, dec.c_end.unsqueeze(-1) * keys, corrections_to_end, momentum_to_end)
 
 
 def delta_rule_dgd(
-    x0: Tensor, s0: Optional[Tensor], writes: Tensor, keys: Tensor, dgd: Tensor, dec: SegmentDecays,
-    system: Optional[DGDSystem], anchor: Optional[Tensor] = None,
+    x0: Tensor, s0: Optional[Tensor], writes: Tensor, keys: SegmentKeys, anchor: Optional[Tensor] = None
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The DGD terms e_t = dgd_t X_{t-1} k_t of one row block over one segment (UT form: one triangular solve).
 
@@ -273,32 +304,32 @@ def delta_rule_dgd(
     then sums decayed rank-one terms n_j k_jᵀ only.
 
     x0: (B, H, R, n) segment-start deviation D_0; s0: momentum, or None without momentum; writes: (B, H, L, R),
-    row t is w_t; keys: (B, H, L, n); dgd: (B, H, L); system: `dgd_system(keys, dgd, dec)`, or None without DGD;
-    anchor: (B, H, R, n) or None. Returns the (writes, corrections) that `delta_rule_read` and `delta_rule_end`
-    take: (N, None) without momentum, (W, E) with it, (W, None) without DGD.
+    row t is w_t; keys: `segment_keys(...)`; anchor: (B, H, R, n) or None. Returns the (writes, corrections) that
+    `delta_rule_read` and `delta_rule_end` take: (N, None) without momentum, (W, E) with it, (W, None) without DGD.
     """
+    system = keys.dgd
     if system is None:
         return writes, None
-    start = (dgd * _before(dec.gamma, 1.0)).unsqueeze(-1) * keys @ x0.transpose(-1, -2)
+    start = system.start_keys @ x0.transpose(-1, -2)
     if anchor is not None:
-        start = start + (dgd.unsqueeze(-1) * keys) @ anchor.transpose(-1, -2)
+        start = start + system.anchor_keys @ anchor.transpose(-1, -2)
+    # unitriangular: the solve reads I + L from L alone.
     if system.write_weights is None:
-        return torch.linalg.solve_triangular(system.unit_lower, writes - start, upper=False, unitriangular=True), None
-    start = start + (dgd * _before(dec.sigma)).unsqueeze(-1) * keys @ s0.transpose(-1, -2)
-    rhs = start + system.write_weights @ writes
-    return writes, torch.linalg.solve_triangular(system.unit_lower, rhs, upper=False, unitriangular=True)
+        return torch.linalg.solve_triangular(system.lower, writes - start, upper=False, unitriangular=True), None
+    rhs = start + system.momentum_keys @ s0.transpose(-1, -2) + system.write_weights @ writes
+    return writes, torch.linalg.solve_triangular(system.lower, rhs, upper=False, unitriangular=True)
 
 
 def delta_rule_read(
-    x0: Tensor, s0: Optional[Tensor], writes: Tensor, corrections: Optional[Tensor], keys: Tensor, queries: Tensor,
-    dec: SegmentDecays,
+    x0: Tensor, s0: Optional[Tensor], writes: Tensor, corrections: Optional[Tensor], keys: SegmentKeys,
+    queries: Tensor, dec: SegmentDecays,
 ) -> Tensor:
     """D_t z_t for every token t of the segment, from the unrolled form of `delta_rule_dgd`.
 
     x0, s0: (B, H, R, n); writes, corrections: (B, H, L, R) (corrections None when the writes are net: without
-    DGD or without momentum); keys, queries: (B, H, L, n). Returns (B, H, L, R).
+    DGD or without momentum); queries: (B, H, L, n). Returns (B, H, L, R).
     """
-    qk = queries @ keys.transpose(-1, -2)  # [t, j] = z_t . k_j
+    qk = queries @ keys.keys.transpose(-1, -2)  # [t, j] = z_t . k_j
     out = (dec.gamma.unsqueeze(-1) * queries) @ x0.transpose(-1, -2) + (dec.c * qk) @ writes
     if corrections is not None:
         out = out - (dec.decay * qk) @ corrections
@@ -308,18 +339,17 @@ def delta_rule_read(
 
 
 def delta_rule_end(
-    x0: Tensor, s0: Optional[Tensor], writes: Tensor, corrections: Optional[Tensor], keys: Tensor,
+    x0: Tensor, s0: Optional[Tensor], writes: Tensor, corrections: Optional[Tensor], keys: SegmentKeys,
     dec: SegmentDecays,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Deviation and momentum after the segment's last token L. Shapes as `delta_rule_read`; returns (B, H, R, n)."""
-    x_end = dec.gamma[..., -1, None, None] * x0 + writes.transpose(-1, -2) @ (dec.c_end.unsqueeze(-1) * keys)
+    x_end = dec.gamma[..., -1, None, None] * x0 + writes.transpose(-1, -2) @ keys.to_end
     if corrections is not None:
-        x_end = x_end - corrections.transpose(-1, -2) @ (dec.decay_end.unsqueeze(-1) * keys)
+        x_end = x_end - corrections.transpose(-1, -2) @ keys.corrections_to_end
     if s0 is None:
         return x_end, None
     x_end = x_end + dec.sigma[..., -1, None, None] * s0
-    to_end = (dec.log_b[..., -1:] - dec.log_b).exp()  # B_L / B_i
-    s_end = dec.log_b[..., -1, None, None].exp() * s0 + writes.transpose(-1, -2) @ (to_end.unsqueeze(-1) * keys)
+    s_end = dec.log_b[..., -1, None, None].exp() * s0 + writes.transpose(-1, -2) @ keys.momentum_to_end
     return x_end, s_end
 
 
@@ -398,13 +428,13 @@ def _segment(
     k, v, eta, log_alpha = generating_reads(a, maps[1], valid, b_eta, b_alpha, cfg)
     writes = memory_writes(*maps, k, v, eta, cfg["objective"], cfg["value_target"])
     dec = segment_decays(log_alpha, valid, log_beta)
-    system = dgd_system(k, eta, dec) if cfg["dgd"] else None  # one system for both blocks: same keys, same transition
+    keys = segment_keys(k, eta if cfg["dgd"] else None, dec)  # both blocks: the same keys, the same transition
     ends = []
     for block in range(2):
-        w, e = delta_rule_dgd(x0[block], s0[block], writes[block], k, eta, dec, system, anchor[block])
+        w, e = delta_rule_dgd(x0[block], s0[block], writes[block], keys, anchor[block])
         if block == 0:  # the queries read W after each token's update
-            o = delta_rule_read(x0[0], s0[0], w, e, k, q, dec)
-        ends.append(delta_rule_end(x0[block], s0[block], w, e, k, dec))
+            o = delta_rule_read(x0[0], s0[0], w, e, keys, q, dec)
+        ends.append(delta_rule_end(x0[block], s0[block], w, e, keys, dec))
     (x_w, s_w), (x_g, s_g) = ends
     if rows_g is not None:  # rows outside `adaptive` keep their initial value: they are ordinary projections
         x_g = torch.where(rows_g[:, None], x_g, x0[1])
