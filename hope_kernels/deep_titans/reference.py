@@ -102,12 +102,6 @@ def adaptive_rows(d: int) -> int:
     return 2 * d + 2
 
 
-def silu_grad(x: Tensor) -> Tensor:
-    """d/dx x sigmoid(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))."""
-    s = torch.sigmoid(x)
-    return s * (1 + x * (1 - s))
-
-
 def _check_deep_inputs(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit, state, token_dim, kwargs) -> None:
     check_memory_inputs(q, a, z0, b_eta, b_alpha, momentum_logit, token_dim=token_dim,
                         z0_rows=adaptive_rows(q.shape[-1]), **kwargs)
@@ -140,29 +134,43 @@ def _prepare(q, w1_0, w2_0, z0, momentum_logit, state, batch) -> tuple[torch.dty
     return dtype, [None if t is None else t.to(dtype) for t in state[:9]], state.position, log_beta
 
 
+class InnerErrors(NamedTuple):
+    """The main memory's inner-loss pieces at the chunk start for tokens (..., L): with p = W2_c k (..., L, h),
+    features = sigma(p) and slopes = sigma'(p) (..., L, h), e = dℓ/dM (..., L, d), g = sigma'(p) ⊙ W1_cᵀ e."""
+
+    features: Tensor
+    slopes: Tensor
+    e: Tensor
+    g: Tensor
+
+
 def main_memory_errors(
     k: Tensor, v: Tensor, w1c: Tensor, w2c: Tensor, objective: str, value_target: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Inner-loss pieces at the chunk start for tokens (..., L, d): p = W2_c k (..., L, h), e = dℓ/dM (..., L, d)
-    and g = sigma'(p) ⊙ W1_cᵀ e (..., L, h). The target is M_c(v) (self) or v (value), held constant."""
+) -> InnerErrors:
+    """`InnerErrors` of tokens k, v (..., L, d) at the chunk start (W1_c, W2_c); the target M_c(v) (self) or v
+    (value) is held constant."""
     p = k @ w2c.transpose(-1, -2)
+    gate = torch.sigmoid(p)
+    features = p * gate
+    slopes = gate + features * (1 - gate)  # d/dp p sigmoid(p) = sigmoid(p) (1 + p (1 - sigmoid(p)))
     target = v if value_target else v + F.silu(v @ w2c.transpose(-1, -2)) @ w1c.transpose(-1, -2)
     if objective == "l2":
-        e = k + F.silu(p) @ w1c.transpose(-1, -2) - target  # ℓ = ½||M_c(k) - target||²
+        e = k + features @ w1c.transpose(-1, -2) - target  # ℓ = ½||M_c(k) - target||²
     else:
         e = -target  # ℓ = -<M_c(k), target>
-    return p, e, silu_grad(p) * (e @ w1c)
+    return InnerErrors(features, slopes, e, slopes * (e @ w1c))
 
 
-def curvature_scale(p: Tensor, w1c: Tensor) -> Tensor:
+def curvature_scale(errors: InnerErrors, w1c: Tensor) -> Tensor:
     """1 / max(1, N_t): the step scale of the main memory's inner gradient (`memory_curvature_guard`).
 
     N_t = ||sigma(p_t)||² + Σ_f sigma'(p_f)² ||W1_c[:, f]||² bounds the Gauss-Newton curvature of ℓ_t in
     (W1, W2) at the chunk start (||k_t|| = 1), so eta_t / max(1, N_t) keeps a token's step inside the region where
     gradient descent contracts however wide the hidden features grow; unit-curvature steps are left alone.
-    p: (..., L, h); w1c: (..., d, h). Returns (..., L).
+    errors: of tokens (..., L); w1c: (..., d, h). Returns (..., L).
     """
-    curvature = F.silu(p).square().sum(-1) + (silu_grad(p).square() * w1c.square().sum(-2).unsqueeze(-2)).sum(-1)
+    column_norms = w1c.square().sum(-2).unsqueeze(-1)  # (..., h, 1)
+    curvature = errors.features.square().sum(-1) + (errors.slopes.square() @ column_norms).squeeze(-1)
     return 1.0 / curvature.clamp_min(1.0)
 
 
@@ -181,19 +189,19 @@ def _deep_segment(
     (x_g, x_1, x_2), (s_g, s_1, s_2), (anchor_g, anchor_1, anchor_2) = x0, s0, anchors
     k, v, eta, log_alpha = generating_reads(a, maps_g, valid, b_eta, b_alpha, cfg)
     dec = segment_decays(log_alpha, valid, log_beta)
-    p, e, g = main_memory_errors(k, v, w1c, w2c, cfg["objective"], cfg["value_target"])
-    eta_main = eta * curvature_scale(p, w1c) if cfg["curvature_guard"] else eta
+    errors = main_memory_errors(k, v, w1c, w2c, cfg["objective"], cfg["value_target"])
+    eta_main = eta * curvature_scale(errors, w1c) if cfg["curvature_guard"] else eta
 
     # G and W2 share keys k_t and the transition alpha_t I - eps eta_t k_t k_tᵀ: one DGD system for both.
     keys = segment_keys(k, eta if cfg["dgd"] else None, dec)
     g_writes = gradient_writes(maps_g, inner_error(k, v, cfg["objective"]), eta)
     g_writes, g_corrections = delta_rule_dgd(x_g, s_g, g_writes, keys, anchor_g)
-    w2_writes, w2_corrections = delta_rule_dgd(x_2, s_2, -eta_main.unsqueeze(-1) * g, keys, anchor_2)
+    w2_writes, w2_corrections = delta_rule_dgd(x_2, s_2, -eta_main.unsqueeze(-1) * errors.g, keys, anchor_2)
     pre = delta_rule_read(x_2, s_2, w2_writes, w2_corrections, keys, q, dec)
     if anchor_2 is not None:
         pre = pre + q @ anchor_2.transpose(-1, -2)
     hidden = F.silu(pre)  # sigma(W2_t q_t)
-    w1_writes, w1_keys = -eta_main.unsqueeze(-1) * e, segment_keys(F.silu(p), None, dec)  # W1: no DGD
+    w1_writes, w1_keys = -eta_main.unsqueeze(-1) * errors.e, segment_keys(errors.features, None, dec)  # W1: no DGD
     o = q + delta_rule_read(x_1, s_1, w1_writes, None, w1_keys, hidden, dec)
     if anchor_1 is not None:
         o = o + hidden @ anchor_1.transpose(-1, -2)
@@ -366,11 +374,11 @@ def titans_deep_memory_step_reference(
         z_new = torch.where(rows[:, None], z_new, z)
         if s_new is not None:
             s_new = torch.where(rows[:, None], s_new, s)
-    p, e, g = (x.squeeze(-2) for x in main_memory_errors(k.unsqueeze(-2), v.unsqueeze(-2), w1c, w2c, objective,
-                                                        cfg["value_target"]))
-    eta_main = eta * curvature_scale(p.unsqueeze(-2), w1c).squeeze(-1) if cfg["curvature_guard"] else eta
+    errors = main_memory_errors(k.unsqueeze(-2), v.unsqueeze(-2), w1c, w2c, objective, cfg["value_target"])
+    eta_main = eta * curvature_scale(errors, w1c).squeeze(-1) if cfg["curvature_guard"] else eta
+    features, e, g = (x.squeeze(-2) for x in (errors.features, errors.e, errors.g))
     w2, s2 = delta_rule_step(w2, s2, -eta_main.unsqueeze(-1) * g, k, dgd_coef, alpha, beta, step_valid, w2_anchor)
-    w1, s1 = delta_rule_step(w1, s1, -eta_main.unsqueeze(-1) * e, F.silu(p), torch.zeros_like(eta), alpha, beta,
+    w1, s1 = delta_rule_step(w1, s1, -eta_main.unsqueeze(-1) * e, features, torch.zeros_like(eta), alpha, beta,
                              step_valid, w1_anchor)
     o = q + (w1 @ F.silu(w2 @ q.unsqueeze(-1))).squeeze(-1)  # the read after the token's update
     w_end, g_end = chunk_ends(position + 1, cfg)
