@@ -294,7 +294,8 @@ def titans_deep_memory_reference(
     x = tuple(_deviation(t, anchor) for t, anchor in zip((z, w1, w2), anchors))
     x_gc, mom = _deviation(zc, anchors[0]), (s, s1, s2)
     maps_g = base_g + x_gc
-    qh, ah = q.transpose(1, 2).to(dtype), a.transpose(1, 2).to(dtype)
+    # contiguous(): the batched matmuls fold (B, H) without a copy of every segment's q and a.
+    qh, ah = (x.transpose(1, 2).to(dtype).contiguous() for x in (q, a))
     valid = (torch.ones(B, T, dtype=dtype, device=q.device) if mask is None else mask.to(dtype)).unsqueeze(1).expand(B, H, T)
     rows = adaptive_row_mask(adaptive, d, q.device)[d:]
     rows_g = None if bool(rows.all()) else rows

@@ -547,7 +547,8 @@ def titans_memory_reference(
     base_w, base_g = _blocks(base, d)
     x_chunk, x, mom, anchors = _blocks(z_chunk, d), _blocks(z, d), _blocks(s, d), _blocks(anchor, d)
     maps = (base_w + x_chunk[0], base_g + x_chunk[1])
-    qh, ah = q.transpose(1, 2).to(dtype), a.transpose(1, 2).to(dtype)
+    # contiguous(): the batched matmuls fold (B, H) without a copy of every segment's q and a.
+    qh, ah = (x.transpose(1, 2).to(dtype).contiguous() for x in (q, a))
     valid = (torch.ones(B, T, dtype=dtype, device=q.device) if mask is None else mask.to(dtype)).unsqueeze(1).expand(B, H, T)
     rows = adaptive_row_mask(adaptive, d, q.device)[d:]
     rows_g = None if bool(rows.all()) else rows
