@@ -28,7 +28,7 @@ Gauss-Newton curvature bound of `curvature_scale`: plain steps diverge at C = 64
 (a chunk sums C of them at one state), and the guard leaves unit-curvature steps alone.
 With `memory_retention="zero"` the retention pulls toward 0 instead of the initial state (W_t = alpha_t W_{t-1}
 ...); `memory_value_norm` normalises v_t (see the linear op).
-Inside a chunk W2_t q_t comes from the delta rule's UT form (G and W2 share one triangular solve: same keys and
+Inside a chunk W2_t q_t comes from the delta rule's UT form (G and W2 share one triangular system: same keys and
 transition), then W1_t from the linear-attention form (`hope_kernels.titans.reference.delta_rule_*`).
 
 - `titans_deep_memory_reference`: the chunked form, a Python loop over chunks only.
@@ -206,12 +206,14 @@ def _deep_segment(
     if anchor_1 is not None:
         o = o + hidden @ anchor_1.transpose(-1, -2)
 
-    end_g, end_2 = (delta_rule_end(x, s, w, c, keys, dec) for x, s, w, c in
-                    ((x_g, s_g, g_writes, g_corrections), (x_2, s_2, w2_writes, w2_corrections)))
-    end_1 = delta_rule_end(x_1, s_1, w1_writes, None, w1_keys, dec)
+    g_end, sg_end = delta_rule_end(x_g, s_g, g_writes, g_corrections, keys, dec)
+    w1_end, s1_end = delta_rule_end(x_1, s_1, w1_writes, None, w1_keys, dec)
+    w2_end, s2_end = delta_rule_end(x_2, s_2, w2_writes, w2_corrections, keys, dec)
     if rows_g is not None:  # rows outside `adaptive` keep their initial value
-        end_g = tuple(None if new is None else torch.where(rows_g[:, None], new, old) for new, old in zip(end_g, (x_g, s_g)))
-    return o, (end_g[0], end_1[0], end_2[0]), (end_g[1], end_1[1], end_2[1])
+        g_end = torch.where(rows_g[:, None], g_end, x_g)
+        if s_g is not None:
+            sg_end = torch.where(rows_g[:, None], sg_end, s_g)
+    return o, (g_end, w1_end, w2_end), (sg_end, s1_end, s2_end)
 
 
 def _anchors(cfg: dict, dtype: torch.dtype, batch: int, z0: Tensor, w1_0: Tensor, w2_0: Tensor,

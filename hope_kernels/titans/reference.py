@@ -25,8 +25,10 @@ With `momentum=True`, S_t = beta S_{t-1} + w_t k_tᵀ replaces the write term w_
 With `memory_target="value"`, W's write is -eta_t ((E + W_c) k_t - v_t) ("l2") or eta_t v_t ("dot").
 
 Every row shares the transition, so a chunk is a gated delta rule over 3d+2 value rows whose writes are known
-once the chunk starts (`delta_rule_*` below, also used by the deep memory). W's chunk start moves every
-`chunk_size` tokens; the generating memories' (and so k, v, eta, alpha) every `adaptive_chunk_size` tokens.
+once the chunk starts (`delta_rule_*` below, also used by the deep memory). The code runs it on two row blocks,
+W (which the queries read) and G = [W_k ; W_v ; w_eta ; w_alpha], that share one triangular system per chunk.
+W's chunk start moves every `chunk_size` tokens; the generating memories' (and so k, v, eta, alpha) every
+`adaptive_chunk_size` tokens.
 
 Two functions with one semantics:
 - `titans_memory_reference`: the chunked form (WY / UT representation inside a chunk), vectorised over batch and
@@ -429,18 +431,17 @@ def _segment(
     writes = memory_writes(*maps, k, v, eta, cfg["objective"], cfg["value_target"])
     dec = segment_decays(log_alpha, valid, log_beta)
     keys = segment_keys(k, eta if cfg["dgd"] else None, dec)  # both blocks: the same keys, the same transition
-    ends = []
-    for block in range(2):
-        w, e = delta_rule_dgd(x0[block], s0[block], writes[block], keys, anchor[block])
-        if block == 0:  # the queries read W after each token's update
-            o = delta_rule_read(x0[0], s0[0], w, e, keys, q, dec)
-        ends.append(delta_rule_end(x0[block], s0[block], w, e, keys, dec))
-    (x_w, s_w), (x_g, s_g) = ends
+    (x_w, x_g), (s_w, s_g), (anchor_w, anchor_g) = x0, s0, anchor
+    w_writes, w_corrections = delta_rule_dgd(x_w, s_w, writes[0], keys, anchor_w)
+    g_writes, g_corrections = delta_rule_dgd(x_g, s_g, writes[1], keys, anchor_g)
+    o = delta_rule_read(x_w, s_w, w_writes, w_corrections, keys, q, dec)  # W after each token's update
+    w_end, sw_end = delta_rule_end(x_w, s_w, w_writes, w_corrections, keys, dec)
+    g_end, sg_end = delta_rule_end(x_g, s_g, g_writes, g_corrections, keys, dec)
     if rows_g is not None:  # rows outside `adaptive` keep their initial value: they are ordinary projections
-        x_g = torch.where(rows_g[:, None], x_g, x0[1])
+        g_end = torch.where(rows_g[:, None], g_end, x_g)
         if s_g is not None:
-            s_g = torch.where(rows_g[:, None], s_g, s0[1])
-    return o, (x_w, x_g), (s_w, s_g)
+            sg_end = torch.where(rows_g[:, None], sg_end, s_g)
+    return o, (w_end, g_end), (sw_end, sg_end)
 
 
 def _prepare(
