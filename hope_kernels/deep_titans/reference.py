@@ -293,8 +293,11 @@ def titans_deep_memory_reference(
     anchors = _anchors(cfg, dtype, B, z0, w1_0, w2_0, contiguous=True)
     # The loop runs on deviations from the retention anchors; G enters through its chunk-start maps E + G_c.
     base_g = _absolute(identity_rows(2, d, cfg["residual"], dtype, q.device), anchors[0])
-    x = tuple(_deviation(t, anchor) for t, anchor in zip((z, w1, w2), anchors))
-    x_gc, mom = _deviation(zc, anchors[0]), (s, s1, s2)
+    if state is None and anchors[0] is not None:  # a fresh state sits at its anchors: deviations 0
+        x, x_gc = tuple(torch.zeros_like(anchor) for anchor in anchors), torch.zeros_like(anchors[0])
+    else:
+        x, x_gc = tuple(_deviation(t, anchor) for t, anchor in zip((z, w1, w2), anchors)), _deviation(zc, anchors[0])
+    mom = (s, s1, s2)
     maps_g = base_g + x_gc
     # contiguous(): the batched matmuls fold (B, H) without a copy of every segment's q and a.
     qh, ah = (x.transpose(1, 2).to(dtype).contiguous() for x in (q, a))

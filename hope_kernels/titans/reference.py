@@ -544,7 +544,8 @@ def titans_memory_reference(
     base = identity_rows(3, d, cfg["residual"], dtype, q.device)
     if anchor is not None:
         base = base + anchor
-        z_chunk, z = z_chunk - anchor, z - anchor
+        # A fresh state sits at its anchor: deviation 0.
+        z_chunk, z = (z_chunk - anchor, z - anchor) if state is not None else (torch.zeros_like(anchor),) * 2
     base_w, base_g = _blocks(base, d)
     x_chunk, x, mom, anchors = _blocks(z_chunk, d), _blocks(z, d), _blocks(s, d), _blocks(anchor, d)
     maps = (base_w + x_chunk[0], base_g + x_chunk[1])
