@@ -19,7 +19,8 @@ setup(
         "numpy",
         "matplotlib",
     ],
-    entry_points={"console_scripts": ["hope-train = hope.train:main", "hope-eval = hope.eval:main"]},
+    entry_points={"console_scripts": ["hope-train = hope.train:main", "hope-eval = hope.eval:main",
+                                      "hope-learn = hope.continual:main"]},
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "triton>=3.6; platform_system == 'Linux'",
                 "peft>=0.21", "lm-eval>=0.4.13"],  # the client tests (tests/hope/test_hf_clients.py)

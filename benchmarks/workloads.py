@@ -33,7 +33,6 @@ OPS = ("titans_memory", "cms_level", "titans_memory_step", "cms_level_step", "ti
        "titans_deep_memory_step")
 OP_BACKENDS = ("eager", "compile", "triton")
 STEP_OPS = ("titans_memory_step", "cms_level_step", "titans_deep_memory_step")
-CMS_ETA_MAX = 0.1
 MODEL_NAMES = ("hope", "hope-attention", "transformer++")
 
 
@@ -47,8 +46,8 @@ class OpFamily:
     chunked: str
     step: str
     piece: str
-    triton_chunked: str
-    triton_step: str
+    triton_chunked: Optional[str]  # None: the op has no kernel
+    triton_step: Optional[str]
 
 
 FAMILIES = {
@@ -56,9 +55,9 @@ FAMILIES = {
                               "titans_memory_step_reference", "_segment",
                               "hope_kernels.titans.chunk:titans_memory_triton",
                               "hope_kernels.titans.step:titans_memory_step_triton"),
+    # No Triton kernel (hope_kernels.cms.HAS_TRITON is False): the v1 kernels went with the v1 step (SPEC §3 v2).
     "cms_level": OpFamily("hope_kernels.cms.reference", "cms_level_reference", "cms_level_step_reference",
-                          "_chunk_piece", "hope_kernels.cms.chunk:cms_level_triton",
-                          "hope_kernels.cms.step:cms_level_step_triton"),
+                          "_chunk_piece", None, None),
     "titans_deep_memory": OpFamily("hope_kernels.deep_titans.reference", "titans_deep_memory_reference",
                                    "titans_deep_memory_step_reference", "_deep_segment",
                                    "hope_kernels.deep_titans.chunk:titans_deep_memory_triton",
@@ -171,7 +170,10 @@ def titans_kwargs(C: int) -> dict:
 
 
 def cms_kwargs(C: int) -> dict:
-    return dict(chunk_size=C, eta_max=CMS_ETA_MAX, objective="l2")
+    """The model's default CMS settings (SPEC §3 v2): the Gauss-Newton step at eta_max 1, decay 0.05, l2."""
+    from hope.configuration_hope import CMS_DECAY
+
+    return dict(chunk_size=C, eta_max=1.0, objective="l2", decay=CMS_DECAY, step="gauss_newton")
 
 
 def titans_inputs(B: int, T: int, H: int, d: int, dtype: torch.dtype, device, requires_grad: bool = False,

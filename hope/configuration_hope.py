@@ -13,6 +13,12 @@ MEMORY_RETENTIONS = ("init", "zero")
 MEMORY_DEPTHS = (1, 2)
 ADAPTIVE = ("k", "v", "eta", "alpha")
 CMS_VARIANTS = ("sequential", "independent")
+CMS_STEPS = ("gauss_newton",)
+# The CMS retention pull toward θ_0 per chunk update (SPEC §3 lambda_l). SPEC §3 v2 names 0 as the default; 0.05 is
+# measured (benchmarks/cms_stability.py, docs/cms/): with 0 the fast-weight drift ‖θ_c − θ_0‖/‖θ_0‖ keeps growing
+# over a 16K-32K stream (about as √T) under every step tried, with 0.05 it is flat, and held-out bits per byte
+# at 4K-16K are better; 0 remains available.
+CMS_DECAY = 0.05
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 # The default bound on the Titans memories' eta (SPEC §2 v2): the delta-rule transition alpha (I - eta/alpha k kᵀ)
 # contracts for 0 < eta < 1 + alpha; 1.0 is the largest value the stability figures
@@ -48,12 +54,17 @@ class HopeConfig(PretrainedConfig):
     M(z) = z + W1 silu(W2 z) of Eq. 91), memory_hidden (h, the hidden width of the deep memory, default the head
     dim d; read only with memory_depth=2).
     CMS (SPEC §3): cms_chunk_sizes (a list, None = a level that never learns in context), cms_hidden_size,
-    cms_variant ("sequential" | "independent"), cms_objective ("l2" | "dot"), cms_eta_max, cms_decay,
+    cms_variant ("sequential" | "independent"), cms_objective ("l2" | "dot"), cms_eta_max, cms_decay, cms_step,
     cms_in_context (default True; False switches every level's in-context step off: each level then reads its
     parameters θ_0 on every token, a plain SwiGLU FFN that keeps its chunk size, eta and target parameters, as
-    `hope.stack_levels` and `HopePreTrainedModel.set_cms_in_context` use it); cms_hidden_size, cms_eta_max and
-    cms_decay take one value for all levels or a list with one per level; cms_eta_max defaults to
-    1 / (C_l hidden_size) per level, and cms_hidden_size to 8/3 hidden_size rounded up to 64.
+    `hope.stack_levels` and `HopePreTrainedModel.set_cms_in_context` use it); cms_eta_max, cms_decay and
+    cms_hidden_size take one value for all levels or a list with one per level.
+    cms_step names the in-context step's normalisation N_c (SPEC §3 v2): "gauss_newton", the only one, divides
+    each chunk's summed step by N_c = Σ_t mask_t (‖z_t‖² + ‖h_t‖² + ‖z_t‖² Σ_f r_tf² ‖W_down[:, f]‖²), a bound on
+    its Gauss-Newton curvature (hope_kernels/cms/reference.py), so the step stays stable at any feature scale;
+    cms_eta_max is then a fraction of that bound (default 1; < 2 is stable). cms_decay, the pull of θ_c toward
+    θ_0 at each update, defaults to 0.05 (measured: it bounds the fast-weight drift on long streams).
+    cms_hidden_size defaults to 8/3 hidden_size rounded up to 64.
     Execution: kernel_backend ("auto" | "triton" | "torch"), tie_word_embeddings, max_position_embeddings.
     """
 
@@ -87,8 +98,9 @@ class HopeConfig(PretrainedConfig):
         cms_hidden_size: Union[int, Sequence[int], None] = None,
         cms_variant: str = "sequential",
         cms_objective: str = "l2",
-        cms_eta_max: Union[float, Sequence[float], None] = None,
-        cms_decay: Union[float, Sequence[float]] = 0.0,
+        cms_eta_max: Union[float, Sequence[float]] = 1.0,
+        cms_decay: Union[float, Sequence[float]] = CMS_DECAY,
+        cms_step: str = "gauss_newton",
         cms_in_context: bool = True,
         kernel_backend: str = "auto",
         tie_word_embeddings: bool = True,
@@ -135,13 +147,12 @@ class HopeConfig(PretrainedConfig):
         self.cms_hidden_size = _per_level("cms_hidden_size", cms_hidden_size, levels, default_hidden)
         self.cms_variant = cms_variant
         self.cms_objective = cms_objective
-        # A level sums C_l gradients taken at θ_c, and the inner loss's curvature grows with ||z||² = D:
-        # eta_max = 1 / (C_l D) keeps the summed step inside the NLMS stability bound.
-        if cms_eta_max is None:  # a malformed size is left to _validate, which names it
-            cms_eta_max = [1.0 / ((size if isinstance(size, int) and size > 0 else 1) * hidden_size)
-                           for size in self.cms_chunk_sizes]
-        self.cms_eta_max = _per_level("cms_eta_max", cms_eta_max, levels, None)
-        self.cms_decay = _per_level("cms_decay", cms_decay, levels, 0.0)
+        self.cms_step = cms_step
+        # The step is divided by N_c, a bound on the chunk's Gauss-Newton curvature (SPEC §3 v2), so cms_eta_max is
+        # a fraction of the stability bound whatever C_l, D and the feature scale: 1 (with the gate at 1/2 at
+        # initialisation, half the bound).
+        self.cms_eta_max = _per_level("cms_eta_max", cms_eta_max, levels, 1.0)
+        self.cms_decay = _per_level("cms_decay", cms_decay, levels, CMS_DECAY)
         self.cms_in_context = cms_in_context
         self.kernel_backend = kernel_backend
         self.max_position_embeddings = max_position_embeddings
@@ -199,6 +210,7 @@ class HopeConfig(PretrainedConfig):
         choice("memory_target", self.memory_target, MEMORY_TARGETS)
         choice("cms_variant", self.cms_variant, CMS_VARIANTS)
         choice("cms_objective", self.cms_objective, OBJECTIVES)
+        choice("cms_step", self.cms_step, CMS_STEPS)
         choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         if isinstance(self.memory_depth, bool) or self.memory_depth not in MEMORY_DEPTHS:
             raise ValueError(
@@ -231,8 +243,9 @@ class HopeConfig(PretrainedConfig):
         for level, size in enumerate(self.cms_hidden_size):
             positive_int(f"cms_hidden_size[{level}]", size)
         for level, eta in enumerate(self.cms_eta_max):
-            if not (isinstance(eta, (int, float)) and eta > 0):
-                raise ValueError(f"cms_eta_max[{level}]={eta!r} is not allowed: it must be a number > 0")
+            if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and eta > 0 and math.isfinite(eta)):
+                raise ValueError(f"cms_eta_max[{level}]={eta!r} is not allowed: it must be a finite number > 0 "
+                                 "(a fraction of the Gauss-Newton step bound; the default 1, < 2 is stable)")
         for level, decay in enumerate(self.cms_decay):
             if not (isinstance(decay, (int, float)) and 0 <= decay <= 1):
                 raise ValueError(f"cms_decay[{level}]={decay!r} is not allowed: it must be in [0, 1]")

@@ -5,6 +5,7 @@
     hope-eval --model runs/forgetting/hope --task forgetting        # a checkpoint's recall by age
     hope-eval --task mqar --compare --output_dir runs/mqar          # train Hope, Hope w/o CMS, Transformer++ at one
     hope-eval --task forgetting --compare --output_dir runs/forget  #   budget on the task; table, JSON and PNG
+    hope-eval --task continual --output_dir runs/continual          # tasks learned in turn: forgetting matrix
 
 `--compare` trains the three models from scratch with the HF Trainer on freshly generated rows, evaluates them
 on rows from another seed, and writes `results.json`, `results.md` and `<task>.png` plus each checkpoint under
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-TASKS = ("lm", "mqar", "forgetting")
+TASKS = ("lm", "mqar", "forgetting", "continual")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -63,7 +64,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     compare.add_argument("--steps", type=int, default=1000, help="optimizer steps per model")
     compare.add_argument("--train_batch_size", type=int, default=32)
     compare.add_argument("--learning_rate", type=float, default=3e-3)
+    from hope.evals.continual import add_arguments as add_continual_arguments, check_arguments
+
+    add_continual_arguments(parser)
     args = parser.parse_args(argv)
+    if args.task == "continual":
+        if args.model is not None:
+            parser.error("--task continual trains its own models (no --model)")
+        args.compare = True
+        check_arguments(args, parser.error)
     if args.compare == (args.model is not None):
         parser.error("give either --model CHECKPOINT or --compare")
     if args.task == "lm" and (args.compare or not args.data):
@@ -146,6 +155,10 @@ def train_rows(args: argparse.Namespace):
 
 def compare(args: argparse.Namespace) -> Dict[str, Any]:
     """Train the three models on the task and evaluate each; write results.json, results.md and the PNG."""
+    if args.task == "continual":  # its own methods and outputs (hope/evals/continual.py)
+        from hope.evals.continual import run as run_continual
+
+        return run_continual(args)
     from hope.evals.common import MODEL_LABELS, ModelShape, comparison_configs, train_on_task
 
     args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ synthetic task with the HF Trainer, and the three models every comparison runs (
 Transformer++ at one parameter budget)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional
@@ -93,21 +94,35 @@ def comparison_configs(vocab_size: int, shape: ModelShape, max_position_embeddin
 def train_on_task(config, train_dataset, *, steps: int, batch_size: int, learning_rate: float, seed: int,
                   output_dir: Path, progress: bool = True):
     """A fresh HopeForCausalLM(config) trained on `train_dataset` ("input_ids"/"labels" rows) with the HF
-    Trainer: AdamW, cosine schedule with 5% warmup, gradient clipping at 1; the CPU unless CUDA is present (bf16
-    there). Returns the trained model in eval mode."""
-    from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+    Trainer (`fine_tune`). Returns the trained model in eval mode."""
+    from transformers import set_seed
 
     from hope import HopeForCausalLM
 
     set_seed(seed)
-    model = HopeForCausalLM(config)
+    return fine_tune(HopeForCausalLM(config), train_dataset, steps=steps, batch_size=batch_size,
+                     learning_rate=learning_rate, seed=seed, output_dir=output_dir, progress=progress)
+
+
+def fine_tune(model, train_dataset, *, batch_size: int, learning_rate: float, seed: int, output_dir: Path,
+              steps: Optional[int] = None, epochs: Optional[float] = None, progress: bool = True):
+    """Train `model` (any HF causal LM) in place on `train_dataset` with the HF Trainer, for `steps` optimizer
+    steps or `epochs` passes: AdamW, cosine schedule with 5% warmup, gradient clipping at 1; the CPU unless CUDA
+    is present (bf16 there). Returns the model in eval mode."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps and epochs")
     cuda = torch.cuda.is_available()
+    total = steps if steps is not None else math.ceil(len(train_dataset) / batch_size * epochs)
     arguments = TrainingArguments(
-        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
-        weight_decay=0.01, adam_beta2=0.95, max_grad_norm=1.0, logging_steps=max(1, steps // 10),
+        output_dir=str(output_dir), max_steps=steps if steps is not None else -1,
+        num_train_epochs=epochs if epochs is not None else 1, per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, total // 20),
+        weight_decay=0.01, adam_beta2=0.95, max_grad_norm=1.0, logging_steps=max(1, total // 10),
         save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(), dataloader_num_workers=0, disable_tqdm=not progress,
     )
+    model.train()
     Trainer(model=model, args=arguments, train_dataset=train_dataset, data_collator=default_data_collator).train()
     return model.eval()

@@ -24,10 +24,10 @@ class CMSLevel(nn.Module):
     """
 
     def __init__(self, hidden_size: int, ffn_size: int, chunk_size: Optional[int], eta_max: float, decay: float,
-                 objective: str, backend: str, in_context: bool):
+                 objective: str, step: str, backend: str, in_context: bool):
         super().__init__()
         self.chunk_size, self.eta_max, self.decay, self.objective, self.backend = chunk_size, eta_max, decay, objective, backend
-        self.in_context = in_context
+        self.step, self.in_context = step, in_context
         self.w_gate = nn.Parameter(torch.empty(ffn_size, hidden_size))
         self.w_up = nn.Parameter(torch.empty(ffn_size, hidden_size))
         self.w_down = nn.Parameter(torch.empty(hidden_size, ffn_size))
@@ -47,7 +47,7 @@ class CMSLevel(nn.Module):
             return F.linear(F.silu(F.linear(z, self.w_gate)) * F.linear(z, self.w_up), self.w_down)
         params = (self.w_gate, self.w_up, self.w_down, self.p_v, self.w_eta, self.b_eta)
         kwargs = dict(chunk_size=self.chunk_size, eta_max=self.eta_max, objective=self.objective, decay=self.decay,
-                      backend=self.backend)
+                      step=self.step, backend=self.backend)
         if cache is None:
             y, _ = cms_level(z, *params, mask=valid, **kwargs)
             return y
@@ -74,7 +74,7 @@ class CMS(nn.Module):
         D = config.hidden_size
         self.levels = nn.ModuleList(
             CMSLevel(D, config.cms_hidden_size[l], size, config.cms_eta_max[l], config.cms_decay[l],
-                     config.cms_objective, config.kernel_backend, config.cms_in_context)
+                     config.cms_objective, config.cms_step, config.kernel_backend, config.cms_in_context)
             for l, size in enumerate(config.cms_chunk_sizes)
         )
         if self.variant == "sequential":

@@ -1,29 +1,45 @@
-"""PyTorch reference of one Continuum Memory System level (SPEC §3, paper Eqs. 30-31, 70-74).
+"""PyTorch reference of one Continuum Memory System level (SPEC §3 v2, paper Eqs. 30-31, 70-74).
 
 A level is a SwiGLU MLP whose weights θ = (W_gate, W_up, W_down) are fast weights, learned per sequence
 inside the forward pass. With row tensors (z_t is a row of z):
 
-    MLP_θ(z)  = (silu(z W_gateᵀ) * (z W_upᵀ)) W_downᵀ
+    MLP_θ(z)  = (silu(z W_gateᵀ) * (z W_upᵀ)) W_downᵀ,   a_t = z_t W_gateᵀ, b_t = z_t W_upᵀ, h_t = silu(a_t) * b_t
     y_t       = MLP_{θ_c}(z_t)                                     every token of chunk c reads θ_c (Eq. 31)
-    θ_{c+1}   = θ_c - decay_c (θ_c - θ_0) - Σ_{t in c} eta_t ∇_θ ℓ_t(θ_c)
+    θ_{c+1}   = θ_c - decay_c (θ_c - θ_0) - Δ_c
+    Δ_c       = Σ_{t in c} eta_t ∇_θ ℓ_t(θ_c)  /  N_c                          (N_c: SPEC §3 v2, below)
+    N_c       = Σ_{t in c} mask_t κ_t,   κ_t = ‖z_t‖² + ‖h_t‖² + ‖z_t‖² Σ_f r_tf² ‖W_down[:, f]‖²
+    r_tf²     = silu(a_tf)² + (b_tf silu'(a_tf))²
     decay_c   = decay if chunk c holds a valid (mask = 1) token of the sequence, else 0
     eta_t     = eta_max * sigmoid(z_t · w_eta + b_eta) * mask_t
     ℓ_t       = ½ ||MLP_θ(z_t) - z_t P_v||²   ("l2")   or   -<MLP_θ(z_t), z_t P_v>   ("dot")
+
+The step normalisation N_c (`cms_step="gauss_newton"`, the only one): with J_t = ∂y_t/∂θ, the linearised l2 update
+of one chunk maps the chunk's residuals E to (I - 𝒥 diag(eta) 𝒥ᵀ / N_c) E, which contracts when
+eta_max λ_max(Σ_t J_tᵀ J_t) / N_c < 2. κ_t - ‖z_t‖² = ‖h_t‖² + ‖z_t‖² Σ_f r_tf² ‖W_down[:, f]‖² bounds λ_max(J_t J_tᵀ)
+from above (the W_down block of J_t J_tᵀ is ‖h_t‖² I exactly; the W_gate and W_up blocks by their traces), and
+λ_max of a sum is at most the sum of the λ_max, so N_c bounds the chunk's curvature whatever the scale of z, h
+and θ: any eta_max < 2 is stable, and the step shrinks by itself when outer training grows the features. The
+‖z_t‖² term damps the step (Levenberg-Marquardt): for unit-scale features at initialisation it dominates, and
+the step is the old v1 step eta_t / (C ‖z_t‖²) ≈ eta_t / (C D). N_c is an ordinary differentiable function of
+z and θ_c, so the outer gradient flows through it too; it costs one (C, F) x (F,) product per chunk on top of
+the forward (the column norms of W_down, and r², come with the a, b and h the read already computed).
 
 Three functions with one semantics:
 
 - `cms_level_reference`: the chunked form the model runs on CPU. Vectorised over batch, a Python loop over
   chunks, inner gradients by hand-written backprop through SwiGLU as batched matmuls over each chunk.
 - `cms_level_step_reference`: one decode token, the same chunk step applied to a chunk piece of length 1.
-- `cms_level_naive`: a token loop with `torch.autograd.grad` for the inner gradient; the test oracle only.
+- `cms_level_naive`: a token loop with `torch.autograd.grad` for the inner gradient and for J_t (so κ_t comes
+  from autograd, not from the formula above); the test oracle only.
 
 Chunk c is the tokens at absolute positions [cC, (c+1)C); absolute position = tokens the state has already
 consumed + index in `z` (SPEC §5: chunk phase counts from position 0). The model applies the level's RMSNorm
 before calling these functions, so `z` is the normed input.
 
 Masks (SPEC §5: a masked position changes no state): a masked token has eta_t = 0, so it adds no gradient, and
-a chunk with no valid token of a sequence skips the retention pull too (decay_c = 0 above), so padding that
-covers whole chunks leaves θ exactly as it was. A chunk with at least one valid token decays as usual.
+mask_t = 0 in N_c, so it adds nothing to the normalisation either; a chunk with no valid token of a sequence
+skips the retention pull too (decay_c = 0 above), so padding that covers whole chunks leaves θ exactly as it
+was (its Σ eta ∇ℓ and N_c are both 0, and Δ_c = 0). A chunk with at least one valid token decays as usual.
 `CMSState.chunk_has_valid` remembers whether the chunk in progress has seen a valid token, so that a chunk
 split across calls (prefill, then decode) decides the same way.
 """
@@ -40,6 +56,7 @@ from torch import Tensor
 from hope_kernels._dispatch import compute_dtype
 
 OBJECTIVES = ("l2", "dot")
+STEPS = ("gauss_newton",)
 
 
 class CMSState(NamedTuple):
@@ -51,6 +68,8 @@ class CMSState(NamedTuple):
     grad_gate: (B, F, D) Σ eta_t ∇ℓ_t(θ_c) over the tokens already seen in the chunk in progress;
     grad_up:   (B, F, D)   zeros right after a chunk boundary, where the update has been applied.
     grad_down: (B, D, F)
+    curvature_sum: (B,) N_c so far: Σ mask_t κ_t over the tokens already seen in the chunk in progress (the
+               step normalisation of SPEC §3 v2); zero right after a chunk boundary.
     position:  tokens consumed so far; the chunk phase is position % chunk_size.
     chunk_has_valid: (B,) bool, whether a valid (mask = 1) token of the chunk in progress has been consumed,
                i.e. whether Eq. 31's retention pull applies when that chunk closes (SPEC §5: a chunk that is
@@ -63,8 +82,13 @@ class CMSState(NamedTuple):
     grad_gate: Tensor
     grad_up: Tensor
     grad_down: Tensor
+    curvature_sum: Tensor
     position: int
     chunk_has_valid: Tensor
+
+
+# The CMSState fields that are tensors of the compute dtype: θ_c and the chunk's running sums.
+STATE_TENSORS = CMSState._fields[:7]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,6 +113,7 @@ def _validate(
     decay: float,
     mask: Tensor | None,
     state: CMSState | None,
+    step: str,
 ) -> tuple[int, int, int, int]:
     """Raise ValueError on any bad argument; return (B, T, D, F). `z` is (B, T, D) here."""
     named = {"z": z, "w_gate": w_gate, "w_up": w_up, "w_down": w_down, "p_v": p_v, "w_eta": w_eta, "b_eta": b_eta}
@@ -117,6 +142,8 @@ def _validate(
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
+    if step not in STEPS:
+        raise ValueError(f"step={step!r} is not one of {STEPS}")
     if not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
     if not isinstance(eta_max, (int, float)) or not (eta_max > 0 and math.isfinite(eta_max)):
@@ -140,7 +167,7 @@ def _validate(
             raise ValueError(f"state must be a CMSState or None, got {type(state).__name__}")
         expected = {
             "w_gate": (B, Fh, D), "w_up": (B, Fh, D), "w_down": (B, D, Fh),
-            "grad_gate": (B, Fh, D), "grad_up": (B, Fh, D), "grad_down": (B, D, Fh),
+            "grad_gate": (B, Fh, D), "grad_up": (B, Fh, D), "grad_down": (B, D, Fh), "curvature_sum": (B,),
         }
         for name, shape in expected.items():
             t = getattr(state, name)
@@ -177,11 +204,24 @@ def _no_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _curvature(z: Tensor, a: Tensor, b: Tensor, s: Tensor, ds: Tensor, h: Tensor, w_down: Tensor) -> Tensor:
+    """κ_t = ‖z_t‖² + ‖h_t‖² + ‖z_t‖² Σ_f r_tf² ‖W_down[:, f]‖² (B, L), the per-token term of N_c (module docstring).
+
+    z: (B, L, D); a, b, s = silu(a), ds = silu'(a), h: (B, L, F); w_down: (D, F) shared or (B, D, F).
+    """
+    zz = z.pow(2).sum(-1)
+    column = w_down.pow(2).sum(-2)  # (F,) or (B, F): ‖W_down[:, f]‖²
+    r2 = s * s + (b * ds).pow(2)
+    through_down = r2 @ column if column.dim() == 1 else (r2 * column[:, None, :]).sum(-1)
+    return zz + h.pow(2).sum(-1) + zz * through_down
+
+
 def _chunk_piece(
     z: Tensor,
     mask: Tensor | None,
     theta: tuple[Tensor, Tensor, Tensor],
     grads: tuple[Tensor, Tensor, Tensor] | None,
+    curvature: Tensor | None,
     seen: Tensor,
     theta0: tuple[Tensor, Tensor, Tensor],
     p_v: Tensor,
@@ -193,19 +233,21 @@ def _chunk_piece(
     decay: float,
     learn: bool,
     closes_chunk: bool,
-) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor] | None, Tensor]:
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor] | None, Tensor | None, Tensor]:
     """Process L consecutive tokens that all lie in one chunk c.
 
     z: (B, L, D); mask: (B, L) in the compute dtype or None.
     theta: θ_c, either shared (F, D), (F, D), (D, F) (θ_0 before any update, read with one plain matmul
            over the batch) or per sequence (B, F, D), (B, F, D), (B, D, F).
     grads: the chunk's running Σ eta_t ∇ℓ_t(θ_c) so far, (B, F, D), (B, F, D), (B, D, F), or None for zeros.
+    curvature: the chunk's running N_c = Σ mask_t κ_t so far, (B,), or None for zero.
     seen: (B,) bool, whether chunk c has had a valid token before this piece (CMSState.chunk_has_valid).
     learn: compute this piece's inner gradients, and apply Eq. 31's update if the piece closes its chunk;
            False when nobody will read the result, so the piece is only read.
     closes_chunk: the piece ends on a chunk boundary.
 
-    Returns y (B, L, D) and the (θ, grads, seen) to carry on: θ_{c+1}, None and all False after a boundary.
+    Returns y (B, L, D) and the (θ, grads, curvature, seen) to carry on: θ_{c+1}, None, None and all False after
+    a boundary.
     """
     w_gate, w_up, w_down = theta
     # Read: every token of the chunk uses θ_c (Eq. 31), which makes the chunk one batch of matmuls.
@@ -215,12 +257,14 @@ def _chunk_piece(
     h = s * b
     y = h @ w_down.mT  # (B, L, D)
     if not learn:
-        return y, theta, grads, seen
+        return y, theta, grads, curvature, seen
 
     # eta_t = eta_max sigmoid(z_t·w_eta + b_eta) (SPEC §3), zero on masked tokens so they change no state (§5).
     eta = eta_max * torch.sigmoid(z @ w_eta + b_eta)  # (B, L)
     if mask is not None:
         eta = eta * mask
+    sig = torch.sigmoid(a)
+    ds = sig + s * (1 - sig)  # silu'(a) = σ(a) (1 + a (1 - σ(a))) = σ(a) + silu(a) (1 - σ(a))
     target = z @ p_v  # (B, L, D)  z_t P_v
     # e_t = dℓ_t/dy_t: y_t - target_t for l2, -target_t for dot. Every gradient below is linear in e_t,
     # so eta_t is folded in once here instead of weighting three per-token outer products.
@@ -231,36 +275,46 @@ def _chunk_piece(
     # second order included (SPEC §3 "Gradient").
     g_down = e.mT @ h  # (B, D, F)  Σ_t eta_t e_t h_tᵀ
     dh = e @ w_down  # (B, L, F)
-    sig = torch.sigmoid(a)
-    da = dh * b * (sig + s * (1 - sig))  # silu'(a) = σ(a) (1 + a (1 - σ(a))) = σ(a) + silu(a) (1 - σ(a))
+    da = dh * b * ds
     db = dh * s
     g_gate = da.mT @ z  # (B, F, D)  Σ_t eta_t da_t z_tᵀ
     g_up = db.mT @ z  # (B, F, D)
     piece = (g_gate, g_up, g_down)
     grads = piece if grads is None else tuple(g + p for g, p in zip(grads, piece))
+    # N_c (SPEC §3 v2) sums κ_t over the valid tokens only: a masked token adds nothing to the normalisation.
+    kappa = _curvature(z, a, b, s, ds, h, w_down)
+    if mask is not None:
+        kappa = kappa * mask
+    curvature = kappa.sum(1) if curvature is None else curvature + kappa.sum(1)
     seen = torch.ones_like(seen) if mask is None else seen | (mask > 0).any(dim=1)
 
     if closes_chunk:
-        # θ_{c+1} = θ_c - decay_c (θ_c - θ_0) - Σ_{t in c} eta_t ∇ℓ_t(θ_c)   (Eq. 31 with SPEC's retention pull)
+        # θ_{c+1} = θ_c - decay_c (θ_c - θ_0) - Σ_{t in c} eta_t ∇ℓ_t(θ_c) / N_c   (Eq. 31, SPEC §3 v2)
         # decay_c = decay only if chunk c held a valid token: a chunk of padding changes no state (SPEC §5).
+        # A chunk without a valid token has Σ eta ∇ℓ = 0 and N_c = 0: it divides by 1 (a clamp would leave the
+        # backward a 0 / 0).
+        n_c = torch.where(curvature > 0, curvature, torch.ones_like(curvature))[:, None, None]
         if decay:
             lam = decay * seen.to(z.dtype)[:, None, None]  # (B, 1, 1)
             theta = tuple(w - lam * (w - w0) for w, w0 in zip(theta, theta0))
-        theta = tuple(w - g for w, g in zip(theta, grads))
+        theta = tuple(w - g / n_c for w, g in zip(theta, grads))
         grads = None
+        curvature = None
         seen = torch.zeros_like(seen)
-    return y, theta, grads, seen
+    return y, theta, grads, curvature, seen
 
 
 def _final_state(
-    theta: tuple[Tensor, Tensor, Tensor], grads: tuple[Tensor, Tensor, Tensor] | None, seen: Tensor, B: int,
-    position: int,
+    theta: tuple[Tensor, Tensor, Tensor], grads: tuple[Tensor, Tensor, Tensor] | None, curvature: Tensor | None,
+    seen: Tensor, B: int, position: int,
 ) -> CMSState:
     """Package (θ_c, running sums, seen (B,) bool) as per-sequence (B, ...) tensors; None sums mean zeros."""
     theta = tuple(w if w.dim() == 3 else w.expand(B, -1, -1).contiguous() for w in theta)
     if grads is None:
         grads = tuple(torch.zeros_like(w) for w in theta)
-    return CMSState(*theta, *grads, position=position, chunk_has_valid=seen)
+    if curvature is None:
+        curvature = theta[0].new_zeros(B)
+    return CMSState(*theta, *grads, curvature, position=position, chunk_has_valid=seen)
 
 
 def _cast_inputs(
@@ -273,17 +327,18 @@ def _cast_inputs(
     b_eta = b_eta.to(dt).reshape(())
     mask = None if mask is None else mask.to(dt)
     if state is not None:
-        state = state._replace(**{name: getattr(state, name).to(dt) for name in CMSState._fields[:6]})
+        state = state._replace(**{name: getattr(state, name).to(dt) for name in STATE_TENSORS})
     return z.to(dt), params, b_eta, mask, state
 
 
 def _initial(
     theta0: tuple[Tensor, Tensor, Tensor], state: CMSState | None, B: int
-) -> tuple[int, tuple[Tensor, ...], tuple[Tensor, ...] | None, Tensor]:
-    """(position, θ, running sums or None, chunk_has_valid (B,) bool) to start from: the state, or θ_0 at 0."""
+) -> tuple[int, tuple[Tensor, ...], tuple[Tensor, ...] | None, Tensor | None, Tensor]:
+    """(position, θ, running sums or None, curvature sums or None, chunk_has_valid (B,) bool) to start from:
+    the state, or θ_0 at 0."""
     if state is None:
-        return 0, theta0, None, torch.zeros(B, dtype=torch.bool, device=theta0[0].device)
-    return state.position, tuple(state[:3]), tuple(state[3:6]), state.chunk_has_valid
+        return 0, theta0, None, None, torch.zeros(B, dtype=torch.bool, device=theta0[0].device)
+    return state.position, tuple(state[:3]), tuple(state[3:6]), state.curvature_sum, state.chunk_has_valid
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,6 +358,7 @@ def cms_level_reference(
     eta_max: float,
     objective: str = "l2",
     decay: float = 0.0,
+    step: str = "gauss_newton",
     mask: Tensor | None = None,
     state: CMSState | None = None,
     output_final_state: bool = False,
@@ -315,11 +371,14 @@ def cms_level_reference(
         p_v: (D, D) target projection: target_t = z_t @ p_v.
         w_eta: (D,) and b_eta: () scalar: the learning-rate gate.
         chunk_size: C >= 1; θ is updated after every C tokens counted from absolute position 0.
-        eta_max: > 0, the bound of eta_t.
+        eta_max: > 0, the bound of eta_t. The step is divided by N_c, so eta_max is a fraction of the chunk's
+            Gauss-Newton stability bound: the linearised update contracts for eta_max < 2 at any feature scale.
         objective: "l2" or "dot".
         decay: in [0, 1], the retention pull of θ_c toward θ_0 at each update of a chunk that held a valid token.
-        mask: (B, T) bool or 0/1, None = all valid. Masked tokens are still read but add no gradient, and a chunk
-            without a valid token (counting the state's tokens of the chunk in progress) skips the decay pull.
+        step: the step normalisation N_c; "gauss_newton" (module docstring) is the only one.
+        mask: (B, T) bool or 0/1, None = all valid. Masked tokens are still read but add no gradient and nothing
+            to N_c, and a chunk without a valid token (counting the state's tokens of the chunk in progress)
+            skips the decay pull.
         state: a CMSState to continue from; None starts at θ_0, position 0, no valid token seen.
         output_final_state: return the state after the last token.
 
@@ -328,7 +387,7 @@ def cms_level_reference(
     The state is in fp32 (fp64 for fp64 z); the outer gradient is exact w.r.t. every tensor input.
     """
     B, T, D, Fh = _validate(
-        z, w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay, mask, state
+        z, w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay, mask, state, step
     )
     out_dtype = z.dtype
     with _no_autocast(z.device):
@@ -336,7 +395,7 @@ def cms_level_reference(
             z, w_gate, w_up, w_down, p_v, w_eta, b_eta, mask, state
         )
         theta0 = (w_gate, w_up, w_down)
-        start, theta, grads, seen = _initial(theta0, state, B)
+        start, theta, grads, curvature, seen = _initial(theta0, state, B)
 
         ys = []
         t = 0
@@ -346,10 +405,10 @@ def cms_level_reference(
             # What the last piece learns is only read through the returned state: without one, skip its inner
             # gradients. With no state and C >= T this makes the level a plain FFN at the cost of one.
             learn = output_final_state or t + length < T
-            y, theta, grads, seen = _chunk_piece(
+            y, theta, grads, curvature, seen = _chunk_piece(
                 z[:, t : t + length],
                 None if mask is None else mask[:, t : t + length],
-                theta, grads, seen, theta0, p_v, w_eta, b_eta,
+                theta, grads, curvature, seen, theta0, p_v, w_eta, b_eta,
                 eta_max=eta_max, objective=objective, decay=decay,
                 learn=learn, closes_chunk=phase + length == chunk_size,
             )
@@ -357,7 +416,7 @@ def cms_level_reference(
             t += length
 
         y = torch.cat(ys, dim=1) if ys else z.new_zeros(B, 0, D)
-        final = _final_state(theta, grads, seen, B, start + T) if output_final_state else None
+        final = _final_state(theta, grads, curvature, seen, B, start + T) if output_final_state else None
     return y.to(out_dtype), final
 
 
@@ -374,14 +433,17 @@ def cms_level_step_reference(
     eta_max: float,
     objective: str = "l2",
     decay: float = 0.0,
+    step: str = "gauss_newton",
     mask: Tensor | None = None,
     state: CMSState | None,
 ) -> tuple[Tensor, CMSState]:
-    """One decode token: read θ_c, add eta_t ∇ℓ_t(θ_c) to the running sum, update θ if the token closes a chunk.
+    """One decode token: read θ_c, add eta_t ∇ℓ_t(θ_c) and κ_t to the running sums, update θ if the token closes
+    a chunk.
 
     Args:
         z_t: (B, D) the level's normed input for this token.
-        w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay: as cms_level_reference.
+        w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay, step: as
+            cms_level_reference.
         mask: (B,) bool or 0/1, None = valid.
         state: the CMSState so far (None = start of a sequence, θ_0 at position 0).
 
@@ -397,7 +459,7 @@ def cms_level_step_reference(
     z = z_t.unsqueeze(1)
     mask = None if mask is None else mask.unsqueeze(1)
     B, _, D, Fh = _validate(
-        z, w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay, mask, state
+        z, w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay, mask, state, step
     )
     out_dtype = z_t.dtype
     with _no_autocast(z.device):
@@ -405,13 +467,13 @@ def cms_level_step_reference(
             z, w_gate, w_up, w_down, p_v, w_eta, b_eta, mask, state
         )
         theta0 = (w_gate, w_up, w_down)
-        position, theta, grads, seen = _initial(theta0, state, B)
-        y, theta, grads, seen = _chunk_piece(
-            z, mask, theta, grads, seen, theta0, p_v, w_eta, b_eta,
+        position, theta, grads, curvature, seen = _initial(theta0, state, B)
+        y, theta, grads, curvature, seen = _chunk_piece(
+            z, mask, theta, grads, curvature, seen, theta0, p_v, w_eta, b_eta,
             eta_max=eta_max, objective=objective, decay=decay,
             learn=True, closes_chunk=(position + 1) % chunk_size == 0,
         )
-        final = _final_state(theta, grads, seen, B, position + 1)
+        final = _final_state(theta, grads, curvature, seen, B, position + 1)
     return y.squeeze(1).to(out_dtype), final
 
 
@@ -428,6 +490,7 @@ def cms_level_naive(
     eta_max: float,
     objective: str = "l2",
     decay: float = 0.0,
+    step: str = "gauss_newton",
     mask: Tensor | None = None,
     state: CMSState | None = None,
     output_final_state: bool = False,
@@ -438,7 +501,7 @@ def cms_level_naive(
     hand-written SwiGLU backprop and the chunk bookkeeping. Slow: tests only.
     """
     B, T, D, Fh = _validate(
-        z, w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay, mask, state
+        z, w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size, eta_max, objective, decay, mask, state, step
     )
     dt = compute_dtype(z.dtype)
     out_dtype = z.dtype
@@ -450,11 +513,13 @@ def cms_level_naive(
         position = 0
         theta = list(theta0)
         grads = [torch.zeros_like(w) for w in theta0]
+        curvature = z.new_zeros(B)
         seen = torch.zeros(B, dtype=torch.bool, device=z.device)
     else:
         position = state.position
         theta = [w.to(dt) for w in state[:3]]
         grads = [g.to(dt) for g in state[3:6]]
+        curvature = state.curvature_sum.to(dt)
         seen = state.chunk_has_valid
 
     ys = []
@@ -474,18 +539,26 @@ def cms_level_naive(
             # Sequences do not share θ, so the gradient of the batch sum is each sequence's own ∇ℓ_t.
             inner = torch.autograd.grad(loss.sum(), th, create_graph=True)
             eta = eta_max * torch.sigmoid(z_t @ w_eta + b_eta) * valid[:, t]  # (B,)
+            # κ_t = ‖z_t‖² + λ_max(J_down J_downᵀ) + tr(J_gate J_gateᵀ) + tr(J_up J_upᵀ), with the rows of
+            # J_t = ∂y_t/∂θ from autograd; J_down J_downᵀ = ‖h_t‖² I, so its λ_max is its trace / D.
+            rows = [torch.autograd.grad(y_t[:, i].sum(), th, create_graph=True) for i in range(D)]
+            traces = [sum(row[k].pow(2).sum((-2, -1)) for row in rows) for k in range(3)]
+            kappa = z_t.pow(2).sum(-1) + traces[0] + traces[1] + traces[2] / D
+            curvature = curvature + valid[:, t] * kappa
             grads = [g + eta[:, None, None] * d for g, d in zip(grads, inner)]
             seen = seen | (valid[:, t] > 0)
             ys.append(y_t)
-            if (position + t + 1) % chunk_size == 0:  # token t closes its chunk: Eq. 31
+            if (position + t + 1) % chunk_size == 0:  # token t closes its chunk: Eq. 31 with the v2 step
+                n_c = torch.where(curvature > 0, curvature, torch.ones_like(curvature))[:, None, None]
                 # the pull applies only to a chunk that held a valid token (SPEC §5: padding changes no state)
                 lam = decay * seen.to(dt)[:, None, None]
-                theta = [w - lam * (w - w0) - g for w, w0, g in zip(theta, theta0, grads)]
+                theta = [w - lam * (w - w0) - g / n_c for w, w0, g in zip(theta, theta0, grads)]
                 grads = [torch.zeros_like(g) for g in grads]
+                curvature = torch.zeros_like(curvature)
                 seen = torch.zeros_like(seen)
 
     y = torch.stack(ys, dim=1) if ys else z.new_zeros(B, 0, D)
     final = None
     if output_final_state:
-        final = CMSState(*theta, *grads, position=position + T, chunk_has_valid=seen)
+        final = CMSState(*theta, *grads, curvature, position=position + T, chunk_has_valid=seen)
     return y.to(out_dtype), final

@@ -191,15 +191,23 @@ def check_goals_and_markdown(dry_run: tuple) -> None:
 
 
 def test_failing_case_is_recorded_and_the_run_continues(tmp_path, monkeypatch) -> None:
-    real = W.op_function
+    """A kernel that raises is recorded as an error and the run goes on; an op without a kernel is recorded as
+    skipped with the reason. No op has a Triton kernel for now (the v2 kernels of issues #11 and #13), so the test
+    pretends titans_memory_step has one that fails, and leaves cms_level_step as it is."""
+    real_function, real_reason = W.op_function, W.backend_unavailable_reason
 
     def op_function(op, backend, compile_backend="inductor"):
         if backend == "triton":
-            raise RuntimeError("cms Triton kernel does not fit this GPU (shared memory)\nsecond line")
-        return real(op, backend, compile_backend)
+            raise RuntimeError("titans Triton kernel does not fit this GPU (shared memory)\nsecond line")
+        return real_function(op, backend, compile_backend)
+
+    def reason(backend, device, allow_interpreter=False, op=None):
+        if backend == "triton" and op == "titans_memory_step":
+            return None
+        return real_reason(backend, device, allow_interpreter, op)
 
     monkeypatch.setattr(W, "op_function", op_function)
-    # One op of the list has a kernel that fails, one has none (recorded as skipped): the run goes on.
+    monkeypatch.setattr(W, "backend_unavailable_reason", reason)
     argv = ["--dry-run", "--out-dir", str(tmp_path), "--sections", "kernels", "--ops",
             "titans_memory_step,cms_level_step", "--methods", "eager,triton"]
     assert S.main(argv) == 0
@@ -208,20 +216,16 @@ def test_failing_case_is_recorded_and_the_run_continues(tmp_path, monkeypatch) -
         results = json.load(f)
     by_method = {(e["op"], e["method"]): e for e in results["kernels"]}
     assert set(by_method) == {(op, m) for op in ("titans_memory_step", "cms_level_step") for m in ("eager", "triton")}
-    failing = [op for op in ("titans_memory_step", "cms_level_step")
-               if W.backend_unavailable_reason("triton", torch.device("cpu"), allow_interpreter=True, op=op) is None]
-    assert "cms_level_step" in failing
+    assert by_method[("titans_memory_step", "triton")]["error"] == (
+        "RuntimeError: titans Triton kernel does not fit this GPU (shared memory)")
+    assert "no Triton kernel" in by_method[("cms_level_step", "triton")]["skipped"]
     for op in ("titans_memory_step", "cms_level_step"):
-        if op in failing:
-            assert by_method[(op, "triton")]["error"] == "RuntimeError: cms Triton kernel does not fit this GPU (shared memory)"
-        else:
-            assert "no Triton kernel" in by_method[(op, "triton")]["skipped"]
         assert "ms" not in by_method[(op, "triton")]
         assert by_method[(op, "eager")]["ms"] > 0
-    assert results["errors"] == len(failing)
+    assert results["errors"] == 1
     assert not results["model"]["train"] and not results["ceilings"]
     with open(tmp_path / name.replace(".json", ".md")) as f:
-        assert "ERROR RuntimeError: cms Triton kernel does not fit" in f.read()
+        assert "ERROR RuntimeError: titans Triton kernel does not fit" in f.read()
 
 
 def _figures(train: dict, titans: tuple, cms_frac: float, decode: dict, deep: Optional[dict] = None) -> dict:

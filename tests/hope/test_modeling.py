@@ -251,8 +251,8 @@ def test_right_padding_equals_unpadded_runs(name):
 
 
 def _states(cache: HopeCache) -> dict[str, torch.Tensor]:
-    """Every Titans and CMS state tensor of a cache, by name; CMS levels also as θ_eff = θ_c - Σ eta ∇ℓ
-    (what θ_{c+1} becomes when the chunk closes, with cms_decay 0)."""
+    """Every Titans and CMS state tensor of a cache, by name; CMS levels also as θ_eff = θ_c - Σ eta ∇ℓ / N_c
+    (what θ_{c+1} becomes when the chunk closes, with cms_decay 0; SPEC §3 v2)."""
     states = {}
     for i, layer in enumerate(cache.layers):
         if layer.memory is not None:
@@ -262,11 +262,13 @@ def _states(cache: HopeCache) -> dict[str, torch.Tensor]:
         for level, state in enumerate(layer.cms):
             if state is None:
                 continue
+            n_c = state.curvature_sum[:, None, None]  # N_c so far; 0 before the chunk's first valid token
+            n_c = torch.where(n_c > 0, n_c, torch.ones_like(n_c))
             for field in ("w_gate", "w_up", "w_down"):
                 grad = getattr(state, "grad_" + field[2:])
                 states[f"layer{i}.cms{level}.{field}"] = getattr(state, field)
                 states[f"layer{i}.cms{level}.grad_{field[2:]}"] = grad
-                states[f"layer{i}.cms{level}.{field}_eff"] = getattr(state, field) - grad
+                states[f"layer{i}.cms{level}.{field}_eff"] = getattr(state, field) - grad / n_c
     return states
 
 

@@ -185,7 +185,7 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path, corpus):
 
 
 def test_console_scripts_are_declared_and_answer_help(monkeypatch, capsys):
-    """setup.py declares hope-train and hope-eval, and each resolves to a main that prints its usage."""
+    """setup.py declares hope-train, hope-eval and hope-learn, and each resolves to a main that prints its usage."""
     import importlib
     import runpy
 
@@ -196,7 +196,7 @@ def test_console_scripts_are_declared_and_answer_help(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     runpy.run_path(str(REPO / "setup.py"), run_name="__main__")
     scripts = dict(line.replace(" ", "").split("=") for line in declared["entry_points"]["console_scripts"])
-    assert set(scripts) == {"hope-train", "hope-eval"}
+    assert set(scripts) == {"hope-train", "hope-eval", "hope-learn"}
     for name, target in scripts.items():
         module, function = target.split(":")
         with pytest.raises(SystemExit) as exit_info:
@@ -252,12 +252,12 @@ def tiny_run(data, output: Path, *extra: str) -> list:
             "--output_dir", str(output), "--validation_split_percentage", "0", "--disable_tqdm", "true", *extra]
 
 
-@pytest.mark.slow  # four subprocesses, ~25 s on 2 cores
+@pytest.mark.slow  # six subprocesses, ~35 s on 2 cores
 def test_console_scripts_return_0_after_success_and_2_with_one_line_for_bad_input(tmp_path, corpus, monkeypatch):
-    """The installed hope-train, hope-eval and hope-train --demo exit 0 after a successful run, without printing
-    their result dict on stderr; bad input exits 2 with one line and no traceback."""
+    """The installed hope-train, hope-eval, hope-learn and hope-train --demo exit 0 after a successful run, without
+    printing their result dict on stderr; bad input exits 2 with one line and no traceback."""
     scripts = write_console_scripts(monkeypatch, tmp_path)
-    assert set(scripts) == {"hope-train", "hope-eval"}
+    assert set(scripts) == {"hope-train", "hope-eval", "hope-learn"}
     trained = console(scripts["hope-train"], *tiny_run(corpus, tmp_path / "run", "--max_steps", "2"), cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "{'train_runtime'" not in trained.stderr
@@ -272,6 +272,14 @@ def test_console_scripts_return_0_after_success_and_2_with_one_line_for_bad_inpu
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines() == [f"hope-eval: error: --model '{tmp_path / 'nope'}': no such "
                                                    "checkpoint directory"]
+    learned = console(scripts["hope-learn"], "--model", str(tmp_path / "run"), "--data", str(corpus), "--max_texts", "2",
+                      "--output_dir", str(tmp_path / "learned"), "--no_progress", cwd=tmp_path)
+    assert learned.returncode == 0, learned.stderr[-3000:]
+    assert (tmp_path / "learned" / "config.json").is_file() and "{'tokens'" not in learned.stderr
+    bad_level = console(scripts["hope-learn"], "--model", str(tmp_path / "run"), "--data", str(corpus), "--levels", "9",
+                        cwd=tmp_path)
+    assert bad_level.returncode == 2 and "Traceback" not in bad_level.stderr
+    assert bad_level.stderr.strip().splitlines()[-1].startswith("hope-learn: error: unknown level 9")
 
 
 def test_ctrl_c_saves_a_checkpoint_that_the_printed_command_resumes(tmp_path, corpus, monkeypatch):

@@ -32,7 +32,7 @@ def tiny_config(**overrides) -> HopeConfig:
     """A 2-layer, 16-wide Hope whose in-context learning rates are large enough to matter in tests."""
     kwargs = dict(
         vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_heads=2, conv_size=4, chunk_size=CHUNK,
-        cms_chunk_sizes=list(CMS_CHUNKS), cms_hidden_size=32, eta_max=0.5, cms_eta_max=0.05, cms_decay=0.0,
+        cms_chunk_sizes=list(CMS_CHUNKS), cms_hidden_size=32, eta_max=0.5, cms_eta_max=1.0, cms_decay=0.0,
         initializer_range=0.2, max_position_embeddings=512, use_cache=True,
     )
     kwargs.update(overrides)
