@@ -48,6 +48,7 @@ from hope_kernels.titans.reference import (
     ADAPTIVE_NAMES,
     _config,
     adaptive_row_mask,
+    every_row_adapts,
     check_memory_inputs,
     check_state,
     chunk_ends,
@@ -303,7 +304,7 @@ def titans_deep_memory_reference(
     qh, ah = (x.transpose(1, 2).to(dtype).contiguous() for x in (q, a))
     valid = (torch.ones(B, T, dtype=dtype, device=q.device) if mask is None else mask.to(dtype)).unsqueeze(1).expand(B, H, T)
     rows = adaptive_row_mask(adaptive, d, q.device)[d:]
-    rows_g = None if bool(rows.all()) else rows
+    rows_g = None if every_row_adapts(adaptive) else rows
     b_eta, b_alpha = b_eta.to(dtype), b_alpha.to(dtype)
 
     lengths = segment_lengths(position, T, chunk_size)
@@ -376,7 +377,7 @@ def titans_deep_memory_step_reference(
     step_valid = None if mask is None else valid
     z_new, s_new = delta_rule_step(z, s, gen_write, k, dgd_coef, alpha, beta, step_valid, g_anchor)
     rows = adaptive_row_mask(adaptive, d, q.device)[d:]
-    if not bool(rows.all()):  # rows outside `adaptive` keep their initial value
+    if not every_row_adapts(adaptive):  # rows outside `adaptive` keep their initial value
         z_new = torch.where(rows[:, None], z_new, z)
         if s_new is not None:
             s_new = torch.where(rows[:, None], s_new, s)

@@ -74,6 +74,11 @@ def memory_rows(d: int) -> int:
     return 3 * d + 2
 
 
+def every_row_adapts(adaptive: Sequence[str]) -> bool:
+    """Whether every generating row learns in context (decided from the names, so no host sync or graph break)."""
+    return set(adaptive) >= set(ADAPTIVE_NAMES)
+
+
 def adaptive_row_mask(adaptive: Sequence[str], d: int, device: torch.device | None = None) -> Tensor:
     """(3d+2,) bool: which rows of Z learn in context. W always does; the others per `adaptive`."""
     if isinstance(adaptive, str):
@@ -553,7 +558,7 @@ def titans_memory_reference(
     qh, ah = (x.transpose(1, 2).to(dtype).contiguous() for x in (q, a))
     valid = (torch.ones(B, T, dtype=dtype, device=q.device) if mask is None else mask.to(dtype)).unsqueeze(1).expand(B, H, T)
     rows = adaptive_row_mask(adaptive, d, q.device)[d:]
-    rows_g = None if bool(rows.all()) else rows
+    rows_g = None if every_row_adapts(adaptive) else rows
     b_eta, b_alpha = b_eta.to(dtype), b_alpha.to(dtype)
 
     lengths = segment_lengths(position, T, chunk_size)
