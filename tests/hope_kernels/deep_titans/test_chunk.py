@@ -29,7 +29,7 @@ from hope_kernels.deep_titans import (  # noqa: E402
     titans_deep_memory_reference,
 )
 from hope_kernels.deep_titans.chunk import titans_deep_memory_triton  # noqa: E402
-from hope_kernels.deep_titans.reference import curvature_scale  # noqa: E402
+from hope_kernels.deep_titans.reference import curvature_scale, main_memory_errors  # noqa: E402
 
 F64, F32 = torch.float64, torch.float32
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -161,7 +161,9 @@ def test_curvature_guard_binds():
     x, _, _ = make_case(seed, 1, 9, 1, 16, 16, w2_scale=1.0)
     d = x["q"].shape[-1]
     k = F.normalize(x["a"][0, :, 0] + x["a"][0, :, 0] @ x["z0"][0, :d].transpose(0, 1), dim=-1)
-    scale = curvature_scale(k[:4] @ x["w2_0"][0].transpose(0, 1), x["w1_0"][0])
+    # N_t reads only sigma(p), sigma'(p) with p = W2_c k: any target will do (here the value form with v = k)
+    errors = main_memory_errors(k[:4], k[:4], x["w1_0"][0], x["w2_0"][0], "l2", True)
+    scale = curvature_scale(errors, x["w1_0"][0])
     assert (scale < 1).any(), f"seed={seed}: the guard does not bind on these inputs ({scale})"
     outs = []
     for guard in (True, False):
