@@ -22,6 +22,7 @@ HAS_TRITON = True
 GPU_VERIFIED = False
 
 __all__ = [
+    "GPU_VERIFIED",
     "HAS_TRITON",
     "STEPS",
     "CMSState",
