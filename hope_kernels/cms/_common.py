@@ -70,7 +70,7 @@ def segment_has_valid(mask: Optional[Tensor], chunk_has_valid: Tensor, T: int, C
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """Launch; a kernel that does not fit the GPU raises a RuntimeError that says what to change (no fallback).
-    `benchmarks/sm90_check.py` replaces this function with a recorder to compile every launch offline."""
+    `benchmarks/cms_sm90_check.py` replaces this function with a recorder to compile every launch offline."""
     try:
         kernel[grid](*args, **kwargs)
     except OutOfResources as e:

@@ -41,7 +41,7 @@ Design
   update with Δ_n recomputed from the factors (dA = dH ⊙ B ⊙ silu'(A), dB = dH ⊙ silu(A), E, H): the same code
   and operands as the forward's update, so Δ_n is bit-identical and the rebuilt θ_n differs from the forward's
   by rounding only (at most K (1 - λ)^-K roundings since the last checkpoint). Bytes at the 340M shape:
-  docs/cms/kernel.md.
+  docs/cms/README.md §5.
 * Backward of segment n (derived in docs/cms/README.md §5; checked against float64 autograd of the reference):
   with Ḡ = -θ̄_{n+1} / N_c the adjoint of the chunk's gradient sum (or the final state's running-sum cotangent),
   launch part 1 (B1) rebuilds θ_n, computes dĀ = Z Ḡ_gateᵀ, dB̄ = Z Ḡ_upᵀ, E Ḡ_down and the partial sums over F
@@ -55,7 +55,7 @@ Design
 Constraints (ValueError otherwise): z, the parameters and the state tensors float32, float16 or bfloat16
 (float64: use cms_level_reference); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Any D, F, chunk_size >= 1.
 Verified in the interpreter (tests/hope_kernels/cms/test_chunk.py) and by an offline sm_90a compile
-(`make sm90-check`); never run on a GPU yet.
+(benchmarks/cms_sm90_check.py); never run on a GPU yet.
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ __all__ = ["cms_level_triton"]
 # (BT, BD, BF): token tile, D block, F tile (= the program's slice of θ). The interpreter's are smaller so that
 # tiny test shapes still have several F tiles (the cross-tile reduction) and several blocks along every axis.
 # The backward's token tile is 32 on a GPU: its elementwise adjoints keep ~12 (BT, BF) fp32 tensors live, which
-# spill at BT = 64 and 8 warps (offline sm_90a table, benchmarks/results/sm90_check.md).
+# spill at BT = 64 and 8 warps (offline sm_90a compile, benchmarks/cms_sm90_check.py, docs/cms/README.md §5).
 GPU_BLOCKS = (64, 64, 64)
 GPU_BWD_TOKEN_TILE = 32
 INTERPRETER_BLOCKS = (32, 32, 16)
@@ -108,15 +108,16 @@ def block_sizes(C: int, D: int, Fh: int, backward: bool = False) -> tuple[int, i
     return (max(16, min(next_pow2(C), cap_t)), max(16, min(next_pow2(D), cap_d)), max(16, min(next_pow2(Fh), cap_f)))
 
 
-def launch_options(lowp: bool) -> dict:
-    """num_warps / num_stages, chosen with the offline sm_90a compile table (benchmarks/results/sm90_check.md):
-    8 warps (4 spill everywhere); with bf16 operands 2 stages (the next tile of every loop is prefetched while the
-    current one multiplies; no loop reads what an earlier iteration of it wrote), fp32 operands spill at 2 stages
-    and take 1. The interpreter takes one config (it cannot autotune, and autotune's repeated launches would
-    corrupt the workspaces these kernels read and write)."""
+def launch_options() -> dict:
+    """num_warps / num_stages, chosen with the offline sm_90a compile (benchmarks/cms_sm90_check.py, docs/cms/README.md
+    §5): 8 warps and 1 stage for fp32 and bf16 operands alike. 4 warps spill 0.1-4 KB per thread, 16 warps spill
+    more than 8, and every extra stage (software pipelining of the tile loops) adds spills and shared memory, e.g.
+    the bf16 backward at C = 128 goes from 52 B to 928 B of spill stores at 2 stages. The interpreter takes one
+    config (it cannot autotune, and autotune's repeated launches would corrupt the workspaces these kernels read
+    and write)."""
     if triton_interpreting():
         return dict(num_warps=4, num_stages=1)
-    return dict(num_warps=8, num_stages=2 if lowp else 1)
+    return dict(num_warps=8, num_stages=1)
 
 
 # --------------------------------------------------------------------------------------------- device parts
@@ -651,7 +652,7 @@ def _forward(z, tg, eta, zz, mk, lam, th0, th_start, gin, nin, cfg: dict, save: 
     args = (z, tg, eta, zz, mk, lam, th0, gin if has_gin else th, nin if has_gin else nb,
             th, ck, gout, cb, y32, q, p, fa, fb, fdh, s1, s2, s3, nb)
     consts = dict(OBJ_L2=cfg["objective"] == "l2", HAS_GIN=has_gin, LOWP=lowp, PREC=dot_precision(),
-                  BT=plan["BT"], BD=plan["BD"], BF=plan["BF"], **launch_options(lowp))
+                  BT=plan["BT"], BD=plan["BD"], BF=plan["BF"], **launch_options())
     grid = (plan["nF"], B)
     for k in range(nseg + 1):
         n_prev = k - 1 if k >= 1 and (k - 1 < nseg - 1 or cfg["learn_last"]) else -1
@@ -689,7 +690,7 @@ def _backward(z, tg, eta, zz, mk, lam, th0, ts, ts_bstride, gin, fwd: dict, gy, 
             fwd["y32"], fwd["fa"], fwd["fb"], fwd["fdh"], fwd["nb"], gy, gsb, dcv,
             th, thb, th0b, cb, eb, zb, gdot, nbar, ginb, x1, x2, x3, s1, s2, s3, s4, s5, s6)
     consts = dict(OBJ_L2=cfg["objective"] == "l2", HAS_GIN=has_gin, LOWP=lowp, PREC=dot_precision(),
-                  BT=plan["BTB"], BD=plan["BD"], BF=plan["BF"], **launch_options(lowp))
+                  BT=plan["BTB"], BD=plan["BD"], BF=plan["BF"], **launch_options())
     grid = (plan["nF"], B)
     for n in range(nseg - 1, -2, -1):
         launch(_cms_bwd_kernel, grid, *args, n, T, D, Fh, plan["C"], plan["shift"], nseg, CP, plan["nck"],
