@@ -7,7 +7,7 @@ every kernel is compiled with the arguments, constexprs, warps and grid the runt
 registers and spills. Nothing runs on a GPU: these are the compiler's resource figures, not timings.
 
     python -m benchmarks.cms_sm90_check                  # 340M and 1.3B, the presets' chunk sizes, fp32 and bf16
-    python -m benchmarks.cms_sm90_check --presets hope-340m --chunks 16 --dtypes bf16
+    python -m benchmarks.cms_sm90_check --presets hope-340m --chunks 16 --dtypes bf16 --kernels _cms_bwd_kernel
 
 Writes benchmarks/results/cms_sm90_check.json and prints a Markdown table (docs/cms/README.md §5 quotes it).
 Goal (issue #13): no spills, shared memory <= 227 KB, wgmma present. When `make sm90-check` (the Titans kernels'
@@ -132,6 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--presets", nargs="+", default=["hope-340m", "hope-1.3b"])
     parser.add_argument("--chunks", type=int, nargs="*", help="chunk sizes (default: the preset's learning levels)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--kernels", nargs="*", help="only these kernel names (default: every kernel)")
     parser.add_argument("--out", type=Path, default=RESULTS / "cms_sm90_check.json")
     args = parser.parse_args(argv)
     from tqdm import tqdm
@@ -146,6 +147,8 @@ def main(argv=None) -> int:
                 for kernel, grid, a, kw in record(D, Fh, C, DTYPES[dt]):
                     if kernel.__name__.startswith("_step") and C != levels[0][0]:
                         continue  # the step kernels do not depend on the chunk size
+                    if args.kernels and kernel.__name__ not in args.kernels:
+                        continue
                     jobs.append((preset, D, Fh, C, dt, kernel, grid, a, kw))
     rows, cache = [], {}
     for preset, D, Fh, C, dt, kernel, grid, a, kw in tqdm(jobs, desc="sm_90a compile", unit="kernel"):

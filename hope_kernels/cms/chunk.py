@@ -110,7 +110,7 @@ def block_sizes(C: int, D: int, Fh: int, backward: bool = False) -> tuple[int, i
 
 def launch_options() -> dict:
     """num_warps / num_stages, chosen with the offline sm_90a compile (benchmarks/cms_sm90_check.py, docs/cms/README.md
-    §5): 8 warps and 1 stage for fp32 and bf16 operands alike. 4 warps spill 0.1-4 KB per thread, 16 warps spill
+    §5): 8 warps and 1 stage for fp32 and bf16 operands alike. 4 warps spill 0.1-3 KB per thread, 16 warps spill
     more than 8, and every extra stage (software pipelining of the tile loops) adds spills and shared memory, e.g.
     the bf16 backward at C = 128 goes from 52 B to 928 B of spill stores at 2 stages. The interpreter takes one
     config (it cannot autotune, and autotune's repeated launches would corrupt the workspaces these kernels read
