@@ -28,7 +28,7 @@ Gauss-Newton curvature bound of `curvature_scale`: plain steps diverge at C = 64
 (a chunk sums C of them at one state), and the guard leaves unit-curvature steps alone.
 With `memory_retention="zero"` the retention pulls toward 0 instead of the initial state (W_t = alpha_t W_{t-1}
 ...); `memory_value_norm` normalises v_t (see the linear op).
-Inside a chunk W2_t q_t comes from the delta rule's UT form (G and W2 share one triangular solve: same keys and
+Inside a chunk W2_t q_t comes from the delta rule's UT form (G and W2 share one triangular system: same keys and
 transition), then W1_t from the linear-attention form (`hope_kernels.titans.reference.delta_rule_*`).
 
 - `titans_deep_memory_reference`: the chunked form, a Python loop over chunks only.
@@ -48,17 +48,22 @@ from hope_kernels.titans.reference import (
     ADAPTIVE_NAMES,
     _config,
     adaptive_row_mask,
+    every_row_adapts,
     check_memory_inputs,
     check_state,
-    delta_rule_corrections,
+    chunk_ends,
+    delta_rule_dgd,
     delta_rule_end,
     delta_rule_read,
     delta_rule_step,
     generating_reads,
     generating_step_reads,
-    generating_writes,
+    gradient_writes,
+    identity_rows,
     inner_error,
     segment_decays,
+    segment_keys,
+    segment_lengths,
 )
 from hope_kernels._dispatch import compute_dtype
 
@@ -98,12 +103,6 @@ def adaptive_rows(d: int) -> int:
     return 2 * d + 2
 
 
-def silu_grad(x: Tensor) -> Tensor:
-    """d/dx x sigmoid(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))."""
-    s = torch.sigmoid(x)
-    return s * (1 + x * (1 - s))
-
-
 def _check_deep_inputs(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit, state, token_dim, kwargs) -> None:
     check_memory_inputs(q, a, z0, b_eta, b_alpha, momentum_logit, token_dim=token_dim,
                         z0_rows=adaptive_rows(q.shape[-1]), **kwargs)
@@ -136,100 +135,104 @@ def _prepare(q, w1_0, w2_0, z0, momentum_logit, state, batch) -> tuple[torch.dty
     return dtype, [None if t is None else t.to(dtype) for t in state[:9]], state.position, log_beta
 
 
+class InnerErrors(NamedTuple):
+    """The main memory's inner-loss pieces at the chunk start for tokens (..., L): with p = W2_c k (..., L, h),
+    features = sigma(p) and slopes = sigma'(p) (..., L, h), e = dℓ/dM (..., L, d), g = sigma'(p) ⊙ W1_cᵀ e."""
+
+    features: Tensor
+    slopes: Tensor
+    e: Tensor
+    g: Tensor
+
+
 def main_memory_errors(
     k: Tensor, v: Tensor, w1c: Tensor, w2c: Tensor, objective: str, value_target: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Inner-loss pieces at the chunk start for tokens (..., L, d): p = W2_c k (..., L, h), e = dℓ/dM (..., L, d)
-    and g = sigma'(p) ⊙ W1_cᵀ e (..., L, h). The target is M_c(v) (self) or v (value), held constant."""
+) -> InnerErrors:
+    """`InnerErrors` of tokens k, v (..., L, d) at the chunk start (W1_c, W2_c); the target M_c(v) (self) or v
+    (value) is held constant."""
     p = k @ w2c.transpose(-1, -2)
+    gate = torch.sigmoid(p)
+    features = p * gate
+    slopes = gate + features * (1 - gate)  # d/dp p sigmoid(p) = sigmoid(p) (1 + p (1 - sigmoid(p)))
     target = v if value_target else v + F.silu(v @ w2c.transpose(-1, -2)) @ w1c.transpose(-1, -2)
     if objective == "l2":
-        e = k + F.silu(p) @ w1c.transpose(-1, -2) - target  # ℓ = ½||M_c(k) - target||²
+        e = k + features @ w1c.transpose(-1, -2) - target  # ℓ = ½||M_c(k) - target||²
     else:
         e = -target  # ℓ = -<M_c(k), target>
-    return p, e, silu_grad(p) * (e @ w1c)
+    return InnerErrors(features, slopes, e, slopes * (e @ w1c))
 
 
-def curvature_scale(p: Tensor, w1c: Tensor) -> Tensor:
+def curvature_scale(errors: InnerErrors, w1c: Tensor) -> Tensor:
     """1 / max(1, N_t): the step scale of the main memory's inner gradient (`memory_curvature_guard`).
 
     N_t = ||sigma(p_t)||² + Σ_f sigma'(p_f)² ||W1_c[:, f]||² bounds the Gauss-Newton curvature of ℓ_t in
     (W1, W2) at the chunk start (||k_t|| = 1), so eta_t / max(1, N_t) keeps a token's step inside the region where
     gradient descent contracts however wide the hidden features grow; unit-curvature steps are left alone.
-    p: (..., L, h); w1c: (..., d, h). Returns (..., L).
+    errors: of tokens (..., L); w1c: (..., d, h). Returns (..., L).
     """
-    curvature = F.silu(p).square().sum(-1) + (silu_grad(p).square() * w1c.square().sum(-2).unsqueeze(-2)).sum(-1)
+    column_norms = w1c.square().sum(-2).unsqueeze(-1)  # (..., h, 1)
+    curvature = errors.features.square().sum(-1) + (errors.slopes.square() @ column_norms).squeeze(-1)
     return 1.0 / curvature.clamp_min(1.0)
 
 
 def _deep_segment(
-    q: Tensor, a: Tensor, valid: Tensor, states: list, anchors: Optional[tuple], b_eta: Tensor, b_alpha: Tensor,
-    log_beta: Optional[Tensor], rows: Tensor, cfg: dict,
-) -> tuple[Tensor, list]:
+    q: Tensor, a: Tensor, valid: Tensor, maps_g: Tensor, w1c: Tensor, w2c: Tensor, x0: tuple, s0: tuple,
+    anchors: tuple, b_eta: Tensor, b_alpha: Tensor, log_beta: Optional[Tensor], rows_g: Optional[Tensor], cfg: dict,
+) -> tuple[Tensor, tuple, tuple]:
     """One segment (tokens that share one gradient state), in closed form.
 
-    q, a: (B, H, L, d); valid: (B, H, L) 0/1; states: the nine DeepTitansState tensors; anchors: the retention
-    targets (G_0, W1_0, W2_0) broadcast over the batch, or None for retention toward 0; rows: (2d+2,) bool, the
-    generating rows that learn. Returns o (B, H, L, d) and the nine tensors after token L (chunk-start copies
-    unchanged: the caller moves them).
+    q, a: (B, H, L, d); valid: (B, H, L) 0/1; maps_g: (B, H, 2d+2, d) the chunk-start maps E + G_c; w1c, w2c: the
+    chunk-start W1, W2; x0, s0, anchors: (G, W1, W2) triples of the segment-start deviations from the retention
+    anchors, the momenta (None without) and the anchors (G_0, W1_0, W2_0) broadcast over the batch (None for
+    retention toward 0); rows_g: (2d+2,) bool, the generating rows that learn, or None when all do. Returns
+    o (B, H, L, d) and the (G, W1, W2) triples of deviations and momenta after token L.
     """
-    zc, z, s, w1c, w1, s1, w2c, w2, s2 = states
-    d, n_gen = q.shape[-1], zc.shape[-2]
-    k, v, eta, log_alpha = generating_reads(a, zc, valid, b_eta, b_alpha, cfg)
+    (x_g, x_1, x_2), (s_g, s_1, s_2), (anchor_g, anchor_1, anchor_2) = x0, s0, anchors
+    k, v, eta, log_alpha = generating_reads(a, maps_g, valid, b_eta, b_alpha, cfg)
     dec = segment_decays(log_alpha, valid, log_beta)
-    p, e, g = main_memory_errors(k, v, w1c, w2c, cfg["objective"], cfg["value_target"])
-    eta_main = eta * curvature_scale(p, w1c) if cfg["curvature_guard"] else eta
+    errors = main_memory_errors(k, v, w1c, w2c, cfg["objective"], cfg["value_target"])
+    eta_main = eta * curvature_scale(errors, w1c) if cfg["curvature_guard"] else eta
 
-    # G and W2 share keys k_t and the transition alpha_t I - eps eta_t k_t k_tᵀ: one delta rule over their rows.
-    x0 = torch.cat([z, w2], dim=-2)
-    anchor = None if anchors is None else torch.cat([anchors[0], anchors[2]], dim=-2)
-    w1_anchor = None if anchors is None else anchors[1]
-    if anchor is not None:
-        x0, w1 = x0 - anchor, w1 - w1_anchor  # the delta rule runs on the deviations from the anchors
-    s0 = None if s is None else torch.cat([s, s2], dim=-2)
-    writes = torch.cat([generating_writes(zc, inner_error(k, v, cfg["objective"]), eta, cfg["residual"]),
-                        -eta_main.unsqueeze(-1) * g], dim=-1)
-    corrections = delta_rule_corrections(x0, s0, writes, k, eta, dec, anchor) if cfg["dgd"] else None
-    w2_writes = writes[..., n_gen:]
-    w2_corrections = None if corrections is None else corrections[..., n_gen:]
-    pre = delta_rule_read(x0[..., n_gen:, :], s2, w2_writes, w2_corrections, k, q, dec)
-    if anchor is not None:
-        pre = pre + q @ anchors[2].transpose(-1, -2)
+    # G and W2 share keys k_t and the transition alpha_t I - eps eta_t k_t k_tᵀ: one DGD system for both.
+    keys = segment_keys(k, eta if cfg["dgd"] else None, dec)
+    g_writes = gradient_writes(maps_g, inner_error(k, v, cfg["objective"]), eta)
+    g_writes, g_corrections = delta_rule_dgd(x_g, s_g, g_writes, keys, anchor_g)
+    w2_writes, w2_corrections = delta_rule_dgd(x_2, s_2, -eta_main.unsqueeze(-1) * errors.g, keys, anchor_2)
+    pre = delta_rule_read(x_2, s_2, w2_writes, w2_corrections, keys, q, dec)
+    if anchor_2 is not None:
+        pre = pre + q @ anchor_2.transpose(-1, -2)
     hidden = F.silu(pre)  # sigma(W2_t q_t)
-    w1_writes, w1_keys = -eta_main.unsqueeze(-1) * e, F.silu(p)
-    o = q + delta_rule_read(w1, s1, w1_writes, None, w1_keys, hidden, dec)
-    if anchor is not None:
-        o = o + hidden @ w1_anchor.transpose(-1, -2)
+    w1_writes, w1_keys = -eta_main.unsqueeze(-1) * errors.e, segment_keys(errors.features, None, dec)  # W1: no DGD
+    o = q + delta_rule_read(x_1, s_1, w1_writes, None, w1_keys, hidden, dec)
+    if anchor_1 is not None:
+        o = o + hidden @ anchor_1.transpose(-1, -2)
 
-    x_end, s_end = delta_rule_end(x0, s0, writes, corrections, k, dec)
-    w1_end, s1_end = delta_rule_end(w1, s1, w1_writes, None, w1_keys, dec)
-    if anchor is not None:
-        x_end, w1_end = x_end + anchor, w1_end + w1_anchor
-    rows = rows[:, None]
-    z_end = torch.where(rows, x_end[..., :n_gen, :], z)  # rows outside `adaptive` keep their initial value
-    w2_end = x_end[..., n_gen:, :]
-    sz_end = s2_end = None
-    if s_end is not None:
-        sz_end, s2_end = torch.where(rows, s_end[..., :n_gen, :], s), s_end[..., n_gen:, :]
-    return o, [zc, z_end, sz_end, w1c, w1_end, s1_end, w2c, w2_end, s2_end]
+    g_end, sg_end = delta_rule_end(x_g, s_g, g_writes, g_corrections, keys, dec)
+    w1_end, s1_end = delta_rule_end(x_1, s_1, w1_writes, None, w1_keys, dec)
+    w2_end, s2_end = delta_rule_end(x_2, s_2, w2_writes, w2_corrections, keys, dec)
+    if rows_g is not None:  # rows outside `adaptive` keep their initial value
+        g_end = torch.where(rows_g[:, None], g_end, x_g)
+        if s_g is not None:
+            sg_end = torch.where(rows_g[:, None], sg_end, s_g)
+    return o, (g_end, w1_end, w2_end), (sg_end, s1_end, s2_end)
 
 
-def _move_chunk_starts(states: list, position: int, cfg: dict) -> list:
-    """At a chunk end the current state becomes the gradient state: W1 and W2 every chunk_size tokens, the
-    generating memories every adaptive_chunk_size tokens."""
-    states = list(states)
-    if position % cfg["chunk_size"] == 0:
-        states[3], states[6] = states[4], states[7]
-    if position % cfg["adaptive_chunk_size"] == 0:
-        states[0] = states[1]
-    return states
-
-
-def _anchors(cfg: dict, dtype: torch.dtype, batch: int, z0: Tensor, w1_0: Tensor, w2_0: Tensor) -> Optional[tuple]:
-    """The retention targets (G_0, W1_0, W2_0) broadcast over the batch, or None for retention toward 0."""
+def _anchors(cfg: dict, dtype: torch.dtype, batch: int, z0: Tensor, w1_0: Tensor, w2_0: Tensor,
+             contiguous: bool = False) -> tuple:
+    """The retention targets (G_0, W1_0, W2_0) broadcast over the batch, or three None for retention toward 0.
+    `contiguous` copies them once, so that batched matmuls read them without a copy each."""
     if not cfg["anchored"]:
-        return None
-    return tuple(x.to(dtype).unsqueeze(0).expand(batch, *x.shape) for x in (z0, w1_0, w2_0))
+        return None, None, None
+    anchors = tuple(x.to(dtype).unsqueeze(0).expand(batch, *x.shape) for x in (z0, w1_0, w2_0))
+    return tuple(x.contiguous() for x in anchors) if contiguous else anchors
+
+
+def _deviation(x: Optional[Tensor], anchor: Optional[Tensor]) -> Optional[Tensor]:
+    return x if x is None or anchor is None else x - anchor
+
+
+def _absolute(x: Optional[Tensor], anchor: Optional[Tensor]) -> Optional[Tensor]:
+    return x if x is None or anchor is None else x + anchor
 
 
 def _kwargs(chunk_size, adaptive_chunk_size, eta_max, momentum, objective, memory_target, adaptive, mask) -> dict:
@@ -287,25 +290,42 @@ def titans_deep_memory_reference(
     cfg = _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual,
                   memory_value_norm, memory_retention, memory_curvature_guard)
     dtype, states, position, log_beta = _prepare(q, w1_0, w2_0, z0, momentum_logit, state, B)
-    anchors = _anchors(cfg, dtype, B, z0, w1_0, w2_0)
-    qh, ah = q.transpose(1, 2).to(dtype), a.transpose(1, 2).to(dtype)
+    zc, z, s, w1c, w1, s1, w2c, w2, s2 = states
+    anchors = _anchors(cfg, dtype, B, z0, w1_0, w2_0, contiguous=True)
+    # The loop runs on deviations from the retention anchors; G enters through its chunk-start maps E + G_c.
+    base_g = _absolute(identity_rows(2, d, cfg["residual"], dtype, q.device), anchors[0])
+    if state is None and anchors[0] is not None:  # a fresh state sits at its anchors: deviations 0
+        x, x_gc = tuple(torch.zeros_like(anchor) for anchor in anchors), torch.zeros_like(anchors[0])
+    else:
+        x, x_gc = tuple(_deviation(t, anchor) for t, anchor in zip((z, w1, w2), anchors)), _deviation(zc, anchors[0])
+    mom = (s, s1, s2)
+    maps_g = base_g + x_gc
+    # contiguous(): the batched matmuls fold (B, H) without a copy of every segment's q and a.
+    qh, ah = (x.transpose(1, 2).to(dtype).contiguous() for x in (q, a))
     valid = (torch.ones(B, T, dtype=dtype, device=q.device) if mask is None else mask.to(dtype)).unsqueeze(1).expand(B, H, T)
     rows = adaptive_row_mask(adaptive, d, q.device)[d:]
+    rows_g = None if every_row_adapts(adaptive) else rows
     b_eta, b_alpha = b_eta.to(dtype), b_alpha.to(dtype)
 
+    lengths = segment_lengths(position, T, chunk_size)
     outputs = []
-    t = 0
-    while t < T:
-        length = min(chunk_size - (position + t) % chunk_size, T - t)
-        piece = slice(t, t + length)
-        o, states = _deep_segment(qh[:, :, piece], ah[:, :, piece], valid[:, :, piece], states, anchors, b_eta,
-                                  b_alpha, log_beta, rows, cfg)
+    t = position
+    # split(), not slicing: each slice's backward would fill a zero tensor of the whole sequence.
+    for q_n, a_n, valid_n in zip(qh.split(lengths, 2), ah.split(lengths, 2), valid.split(lengths, 2)):
+        o, x, mom = _deep_segment(q_n, a_n, valid_n, maps_g, w1c, w2c, x, mom, anchors, b_eta, b_alpha, log_beta,
+                                  rows_g, cfg)
         outputs.append(o)
-        t += length
-        states = _move_chunk_starts(states, position + t, cfg)
+        t += q_n.shape[2]
+        w_end, g_end = chunk_ends(t, cfg)
+        if w_end:  # the running state becomes the gradient state: W1 and W2 every chunk_size tokens
+            w1c, w2c = _absolute(x[1], anchors[1]), _absolute(x[2], anchors[2])
+        if g_end:  # the generating memories every adaptive_chunk_size tokens
+            x_gc, maps_g = x[0], base_g + x[0]
     o = torch.cat(outputs, dim=2).transpose(1, 2).to(q.dtype) if outputs else q.new_zeros(q.shape)
     if not output_final_state:
         return o, None
+    (z, w1, w2), (s, s1, s2) = (_absolute(t, anchor) for t, anchor in zip(x, anchors)), mom
+    states = (_absolute(x_gc, anchors[0]), z, s, w1c, w1, s1, w2c, w2, s2)
     # contiguous(): a state that never left its init is an expanded view of a parameter; the cache gets a copy.
     return o, DeepTitansState(*(None if x is None else x.contiguous() for x in states), position + T)
 
@@ -344,26 +364,30 @@ def titans_deep_memory_step_reference(
                   memory_value_norm, memory_retention, memory_curvature_guard)
     dtype, (zc, z, s, w1c, w1, s1, w2c, w2, s2), position, log_beta = _prepare(q, w1_0, w2_0, z0, momentum_logit,
                                                                               state, B)
-    g_anchor, w1_anchor, w2_anchor = _anchors(cfg, dtype, B, z0, w1_0, w2_0) or (None, None, None)
+    g_anchor, w1_anchor, w2_anchor = _anchors(cfg, dtype, B, z0, w1_0, w2_0)
     out_dtype = q.dtype
     q, a = q.to(dtype), a.to(dtype)
     valid = (torch.ones(B, dtype=dtype, device=q.device) if mask is None else mask.to(dtype))[:, None]  # (B, 1)
     beta = None if log_beta is None else log_beta.exp()
-    k, v, eta, alpha = generating_step_reads(a, zc, valid, b_eta.to(dtype), b_alpha.to(dtype), cfg)
+    maps_g = identity_rows(2, d, cfg["residual"], dtype, q.device) + zc
+    k, v, eta, alpha = generating_step_reads(a, maps_g, valid, b_eta.to(dtype), b_alpha.to(dtype), cfg)
     dgd_coef = eta if dgd else torch.zeros_like(eta)
     u = inner_error(k, v, objective)
-    gen_write = generating_writes(zc, u.unsqueeze(-2), eta.unsqueeze(-1), cfg["residual"]).squeeze(-2)
-    z_new, s_new = delta_rule_step(z, s, gen_write, k, dgd_coef, alpha, beta, valid, g_anchor)
-    rows = adaptive_row_mask(adaptive, d, q.device)[d:, None]
-    z_new = torch.where(rows, z_new, z)
-    if s_new is not None:
-        s_new = torch.where(rows, s_new, s)
-    p, e, g = (x.squeeze(-2) for x in main_memory_errors(k.unsqueeze(-2), v.unsqueeze(-2), w1c, w2c, objective,
-                                                        cfg["value_target"]))
-    eta_main = eta * curvature_scale(p.unsqueeze(-2), w1c).squeeze(-1) if cfg["curvature_guard"] else eta
-    w2, s2 = delta_rule_step(w2, s2, -eta_main.unsqueeze(-1) * g, k, dgd_coef, alpha, beta, valid, w2_anchor)
-    w1, s1 = delta_rule_step(w1, s1, -eta_main.unsqueeze(-1) * e, F.silu(p), torch.zeros_like(eta), alpha, beta,
-                             valid, w1_anchor)
+    gen_write = gradient_writes(maps_g, u.unsqueeze(-2), eta.unsqueeze(-1)).squeeze(-2)
+    step_valid = None if mask is None else valid
+    z_new, s_new = delta_rule_step(z, s, gen_write, k, dgd_coef, alpha, beta, step_valid, g_anchor)
+    rows = adaptive_row_mask(adaptive, d, q.device)[d:]
+    if not every_row_adapts(adaptive):  # rows outside `adaptive` keep their initial value
+        z_new = torch.where(rows[:, None], z_new, z)
+        if s_new is not None:
+            s_new = torch.where(rows[:, None], s_new, s)
+    errors = main_memory_errors(k.unsqueeze(-2), v.unsqueeze(-2), w1c, w2c, objective, cfg["value_target"])
+    eta_main = eta * curvature_scale(errors, w1c).squeeze(-1) if cfg["curvature_guard"] else eta
+    features, e, g = (x.squeeze(-2) for x in (errors.features, errors.e, errors.g))
+    w2, s2 = delta_rule_step(w2, s2, -eta_main.unsqueeze(-1) * g, k, dgd_coef, alpha, beta, step_valid, w2_anchor)
+    w1, s1 = delta_rule_step(w1, s1, -eta_main.unsqueeze(-1) * e, features, torch.zeros_like(eta), alpha, beta,
+                             step_valid, w1_anchor)
     o = q + (w1 @ F.silu(w2 @ q.unsqueeze(-1))).squeeze(-1)  # the read after the token's update
-    states = _move_chunk_starts([zc, z_new, s_new, w1c, w1, s1, w2c, w2, s2], position + 1, cfg)
-    return o.to(out_dtype), DeepTitansState(*states, position + 1)
+    w_end, g_end = chunk_ends(position + 1, cfg)
+    zc, w1c, w2c = z_new if g_end else zc, w1 if w_end else w1c, w2 if w_end else w2c
+    return o.to(out_dtype), DeepTitansState(zc, z_new, s_new, w1c, w1, s1, w2c, w2, s2, position + 1)

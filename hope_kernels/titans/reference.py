@@ -25,8 +25,10 @@ With `momentum=True`, S_t = beta S_{t-1} + w_t k_tᵀ replaces the write term w_
 With `memory_target="value"`, W's write is -eta_t ((E + W_c) k_t - v_t) ("l2") or eta_t v_t ("dot").
 
 Every row shares the transition, so a chunk is a gated delta rule over 3d+2 value rows whose writes are known
-once the chunk starts (`delta_rule_*` below, also used by the deep memory). W's chunk start moves every
-`chunk_size` tokens; the generating memories' (and so k, v, eta, alpha) every `adaptive_chunk_size` tokens.
+once the chunk starts (`delta_rule_*` below, also used by the deep memory). The code runs it on two row blocks,
+W (which the queries read) and G = [W_k ; W_v ; w_eta ; w_alpha], that share one triangular system per chunk.
+W's chunk start moves every `chunk_size` tokens; the generating memories' (and so k, v, eta, alpha) every
+`adaptive_chunk_size` tokens.
 
 Two functions with one semantics:
 - `titans_memory_reference`: the chunked form (WY / UT representation inside a chunk), vectorised over batch and
@@ -70,6 +72,11 @@ class TitansState(NamedTuple):
 def memory_rows(d: int) -> int:
     """Rows of the stacked memory Z = [W ; W_k ; W_v ; w_eta ; w_alpha] for head dim d."""
     return 3 * d + 2
+
+
+def every_row_adapts(adaptive: Sequence[str]) -> bool:
+    """Whether every generating row learns in context (decided from the names, so no host sync or graph break)."""
+    return set(adaptive) >= set(ADAPTIVE_NAMES)
 
 
 def adaptive_row_mask(adaptive: Sequence[str], d: int, device: torch.device | None = None) -> Tensor:
@@ -185,22 +192,28 @@ def check_state(state, want: dict[str, tuple[int, ...]], momentum: bool) -> None
 
 # ------------------------------------------------------------------------------------------------------------
 # The gated delta rule over one segment (a chunk, or its part after a mid-chunk state), shared with the deep op.
+# Every row of a memory follows it with the same keys and transition, so it runs on row blocks: a block is any
+# set of rows (W, the generating memories G, the deep op's W2 and W1), each with its own segment-start deviation
+# x0 (R, n), momentum s0 and writes (L, R). Matrices over token pairs are indexed [t, j]: target t, source j.
 
 
 class SegmentDecays(NamedTuple):
     """Decay coefficients of one segment of L tokens, all computed in log space (each factor <= 1).
 
-    gamma: (B, H, L) retention product gamma_t = prod_{s<=t} alpha_s.
-    decay: (B, H, L, L), [j, t] = gamma_t / gamma_j for j <= t, else 0.
-    c:     (B, H, L, L), [i, t] = Σ_{j=i..t} valid_j (gamma_t/gamma_j)(B_j/B_i): the weight of token i's write in
-           the state after token t (equal to `decay` without momentum).
-    sigma: (B, H, L) Σ_{j<=t} valid_j (gamma_t/gamma_j) B_j, the weight of the start momentum; None without.
-    log_b: (B, H, L) log B_t, B the momentum product over valid tokens; None without momentum.
+    gamma:     (B, H, L) retention product gamma_t = prod_{s<=t} alpha_s.
+    decay:     (B, H, L, L), [t, j] = gamma_t / gamma_j for j <= t, else 0.
+    c:         (B, H, L, L), [t, i] = Σ_{j=i..t} valid_j (gamma_t/gamma_j)(B_j/B_i): the weight of token i's write
+               in the state after token t (`decay` itself without momentum).
+    decay_end, c_end: (B, H, L) the last rows of `decay` and `c`: the weights in the segment's final state.
+    sigma:     (B, H, L) Σ_{j<=t} valid_j (gamma_t/gamma_j) B_j, the weight of the start momentum; None without.
+    log_b:     (B, H, L) log B_t, B the momentum product over valid tokens; None without momentum.
     """
 
     gamma: Tensor
     decay: Tensor
     c: Tensor
+    decay_end: Tensor
+    c_end: Tensor
     sigma: Optional[Tensor]
     log_b: Optional[Tensor]
 
@@ -209,90 +222,153 @@ def segment_decays(log_alpha: Tensor, valid: Tensor, log_beta: Optional[Tensor])
     """Decays of one segment from log(alpha) (B, H, L) (0 at masked tokens), valid (B, H, L) 0/1 and log(beta)
     (H,) or None. Only exponents of non-positive numbers are formed: no 1/gamma, no beta^-i."""
     L = log_alpha.shape[-1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=log_alpha.device).triu()  # [j, t]: j <= t
+    causal = torch.ones(L, L, dtype=torch.bool, device=log_alpha.device).tril()  # [t, j]: j <= t
     log_gamma = log_alpha.cumsum(-1)
-    decay = torch.where(causal, log_gamma.unsqueeze(-2) - log_gamma.unsqueeze(-1), -torch.inf).exp()
+    decay = torch.where(causal, log_gamma.unsqueeze(-1) - log_gamma.unsqueeze(-2), -torch.inf).exp()
+    decay_end = (log_gamma[..., -1:] - log_gamma).exp()
     if log_beta is None:
-        return SegmentDecays(log_gamma.exp(), decay, decay, None, None)
+        return SegmentDecays(log_gamma.exp(), decay, decay, decay_end, decay_end, None, None)
     log_b = (log_beta[:, None] * valid).cumsum(-1)
-    mom = torch.where(causal, log_b.unsqueeze(-2) - log_b.unsqueeze(-1), -torch.inf).exp()  # [i, j] = B_j/B_i
-    c = mom @ (valid.unsqueeze(-1) * decay)
-    sigma = ((valid * log_b.exp()).unsqueeze(-2) @ decay).squeeze(-2)
-    return SegmentDecays(log_gamma.exp(), decay, c, sigma, log_b)
+    mom = torch.where(causal, log_b.unsqueeze(-1) - log_b.unsqueeze(-2), -torch.inf).exp()  # [j, i] = B_j/B_i
+    c = decay @ (valid.unsqueeze(-1) * mom)
+    sigma = (decay @ (valid * log_b.exp()).unsqueeze(-1)).squeeze(-1)
+    return SegmentDecays(log_gamma.exp(), decay, c, decay_end, c[..., -1, :], sigma, log_b)
 
 
-def _before(x: Tensor, fill: float) -> Tensor:
-    """Shift the last (token) axis by one: [..., t] = x[..., t-1], [..., 0] = fill. Turns "after token t" into
-    "after token t-1", i.e. the state that token t's DGD term reads."""
-    return F.pad(x[..., :-1], (1, 0), value=fill)
+def _before(x: Tensor, fill: float = 0.0) -> Tensor:
+    """Shift the token axis t by one: [..., t] = x[..., t-1] for vectors (B, H, L), [..., t, :] = x[..., t-1, :] for
+    matrices [t, j], `fill` at t = 0. Turns "after token t" into "after token t-1", the state that token t's DGD
+    term reads."""
+    if x.dim() == 3:
+        return F.pad(x[..., :-1], (1, 0), value=fill)
+    return F.pad(x[..., :-1, :], (0, 0, 1, 0), value=fill)
 
 
-def delta_rule_corrections(
-    x0: Tensor, s0: Optional[Tensor], writes: Tensor, keys: Tensor, dgd: Tensor, dec: SegmentDecays,
-    anchor: Optional[Tensor] = None,
-) -> Tensor:
-    """The DGD corrections e_t = dgd_t X_{t-1} k_t of one segment (UT form: one unit-lower-triangular solve).
+class DGDSystem(NamedTuple):
+    """The triangular system of the DGD terms of one segment (`delta_rule_dgd`).
+
+    lower: (B, H, L, L) L[t, j] = dgd_t (gamma_{t-1}/gamma_j) k_t.k_j for j < t, else 0 (the system is I + L).
+    write_weights: (B, H, L, L) C'[t, i] = dgd_t c_{t-1,i} k_t.k_i for i < t, with momentum; None without (C' = L).
+    start_keys, anchor_keys: (B, H, L, n) dgd_t gamma_{t-1} k_t and dgd_t k_t, the weights of the segment-start
+    deviation and of the anchor; momentum_keys: dgd_t sigma_{t-1} k_t, or None without momentum.
+    """
+
+    lower: Tensor
+    write_weights: Optional[Tensor]
+    start_keys: Tensor
+    anchor_keys: Tensor
+    momentum_keys: Optional[Tensor]
+
+
+class SegmentKeys(NamedTuple):
+    """What the row blocks that share keys k_t (B, H, L, n) share over one segment (`segment_keys`).
+
+    keys: k_t. dgd: the DGD system, None without DGD.
+    to_end: c_{L,t} k_t, the weight of write t in the segment's final state; corrections_to_end: (gamma_L/gamma_t)
+    k_t, that of correction t (with momentum and DGD, else None: without momentum the writes are net writes);
+    momentum_to_end: (B_L/B_t) k_t, that of write t in the final momentum (None without momentum).
+    """
+
+    keys: Tensor
+    dgd: Optional[DGDSystem]
+    to_end: Tensor
+    corrections_to_end: Optional[Tensor]
+    momentum_to_end: Optional[Tensor]
+
+
+def segment_keys(keys: Tensor, dgd: Optional[Tensor], dec: SegmentDecays) -> SegmentKeys:
+    """The key-side factors of one segment from keys (B, H, L, n), the DGD coefficients dgd (B, H, L) = eps eta_t
+    (None without DGD) and the decays."""
+    momentum = dec.sigma is not None
+    system = None
+    if dgd is not None:
+        kk = keys @ keys.transpose(-1, -2)
+        scale = dgd.unsqueeze(-1)
+        system = DGDSystem(
+            scale * _before(dec.decay) * kk,
+            scale * _before(dec.c) * kk if momentum else None,
+            (dgd * _before(dec.gamma, 1.0)).unsqueeze(-1) * keys,
+            scale * keys,
+            (dgd * _before(dec.sigma)).unsqueeze(-1) * keys if momentum else None,
+        )
+    corrections_to_end = dec.decay_end.unsqueeze(-1) * keys if momentum and dgd is not None else None
+    momentum_to_end = (dec.log_b[..., -1:] - dec.log_b).exp().unsqueeze(-1) * keys if momentum else None
+    return SegmentKeys(keys, system, dec.c_end.unsqueeze(-1) * keys, corrections_to_end, momentum_to_end)
+
+
+def delta_rule_dgd(
+    x0: Tensor, s0: Optional[Tensor], writes: Tensor, keys: SegmentKeys, anchor: Optional[Tensor] = None
+) -> tuple[Tensor, Optional[Tensor]]:
+    """The DGD terms e_t = dgd_t X_{t-1} k_t of one row block over one segment (UT form: one triangular solve).
 
     With retention toward an anchor A (A = 0 when None), the recurrence
         X_t = A + alpha_t (X_{t-1} - A) - dgd_t X_{t-1} k_t k_tᵀ + N_t
     unrolls, for the deviation D = X - A, to
-        D_t = gamma_t D_0 + sigma_t S_0 + Σ_{i<=t} c_{i,t} w_i k_iᵀ - Σ_{j<=t} (gamma_t/gamma_j) e_j k_jᵀ,
-    so e_t = dgd_t (A + D_{t-1}) k_t is linear in the earlier e_j: (I + L) E = RHS, L strictly lower triangular.
+        D_t = gamma_t D_0 + sigma_t S_0 + Σ_{i<=t} c_{t,i} w_i k_iᵀ - Σ_{j<=t} (gamma_t/gamma_j) e_j k_jᵀ,
+    so e_t = dgd_t (A + D_{t-1}) k_t is linear in the earlier e_j:
+        (I + L) E = P + C' W,   P_t = dgd_t (A + gamma_{t-1} D_0 + sigma_{t-1} S_0) k_t,   C' = `write_weights`.
+    Without momentum c = decay, so C' = L and the net writes n_t = w_t - e_t solve (I + L) N = W - P: the state
+    then sums decayed rank-one terms n_j k_jᵀ only.
 
     x0: (B, H, R, n) segment-start deviation D_0; s0: momentum, or None without momentum; writes: (B, H, L, R),
-    row t is w_t; keys: (B, H, L, n); dgd: (B, H, L) the DGD coefficients eps eta_t; anchor: (B, H, R, n) or
-    None. Returns E (B, H, L, R), row t = e_t.
+    row t is w_t; keys: `segment_keys(...)`; anchor: (B, H, R, n) or None. Returns the (writes, corrections) that
+    `delta_rule_read` and `delta_rule_end` take: (N, None) without momentum, (W, E) with it, (W, None) without DGD.
     """
-    kk = keys @ keys.transpose(-1, -2)  # [i, t] = k_i . k_t
-    decay_before = _before(dec.decay, 0.0)  # [j, t] = gamma_{t-1} / gamma_j, j < t
-    rhs = _before(dec.gamma, 1.0).unsqueeze(-1) * (keys @ x0.transpose(-1, -2))
+    system = keys.dgd
+    if system is None:
+        return writes, None
+    start = system.start_keys @ x0.transpose(-1, -2)
     if anchor is not None:
-        rhs = rhs + keys @ anchor.transpose(-1, -2)
-    rhs = rhs + (_before(dec.c, 0.0) * kk).transpose(-1, -2) @ writes
-    if s0 is not None:
-        rhs = rhs + _before(dec.sigma, 0.0).unsqueeze(-1) * (keys @ s0.transpose(-1, -2))
-    lower = dgd.unsqueeze(-1) * (decay_before * kk).transpose(-1, -2)  # [t, j] = dgd_t (gamma_{t-1}/gamma_j) k_j.k_t
-    eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
-    return torch.linalg.solve_triangular(eye + lower, dgd.unsqueeze(-1) * rhs, upper=False, unitriangular=True)
+        start = start + system.anchor_keys @ anchor.transpose(-1, -2)
+    # unitriangular: the solve reads I + L from L alone.
+    if system.write_weights is None:
+        return torch.linalg.solve_triangular(system.lower, writes - start, upper=False, unitriangular=True), None
+    rhs = start + system.momentum_keys @ s0.transpose(-1, -2) + system.write_weights @ writes
+    return writes, torch.linalg.solve_triangular(system.lower, rhs, upper=False, unitriangular=True)
 
 
 def delta_rule_read(
-    x0: Tensor, s0: Optional[Tensor], writes: Tensor, corrections: Optional[Tensor], keys: Tensor, queries: Tensor,
-    dec: SegmentDecays,
+    x0: Tensor, s0: Optional[Tensor], writes: Tensor, corrections: Optional[Tensor], keys: SegmentKeys,
+    queries: Tensor, dec: SegmentDecays,
 ) -> Tensor:
-    """D_t z_t for every token t of the segment, from the unrolled form of `delta_rule_corrections`.
+    """D_t z_t for every token t of the segment, from the unrolled form of `delta_rule_dgd`.
 
-    x0, s0: (B, H, R, n); writes, corrections: (B, H, L, R) (corrections None without DGD); keys, queries:
-    (B, H, L, n). Returns (B, H, L, R).
+    x0, s0: (B, H, R, n); writes, corrections: (B, H, L, R) (corrections None when the writes are net: without
+    DGD or without momentum); queries: (B, H, L, n). Returns (B, H, L, R).
     """
-    kq = keys @ queries.transpose(-1, -2)  # [i, t] = k_i . z_t
-    out = dec.gamma.unsqueeze(-1) * (queries @ x0.transpose(-1, -2)) + (dec.c * kq).transpose(-1, -2) @ writes
+    qk = queries @ keys.keys.transpose(-1, -2)  # [t, j] = z_t . k_j
+    out = (dec.gamma.unsqueeze(-1) * queries) @ x0.transpose(-1, -2) + (dec.c * qk) @ writes
     if corrections is not None:
-        out = out - (dec.decay * kq).transpose(-1, -2) @ corrections
+        out = out - (dec.decay * qk) @ corrections
     if s0 is not None:
-        out = out + dec.sigma.unsqueeze(-1) * (queries @ s0.transpose(-1, -2))
+        out = out + (dec.sigma.unsqueeze(-1) * queries) @ s0.transpose(-1, -2)
     return out
 
 
 def delta_rule_end(
-    x0: Tensor, s0: Optional[Tensor], writes: Tensor, corrections: Optional[Tensor], keys: Tensor,
+    x0: Tensor, s0: Optional[Tensor], writes: Tensor, corrections: Optional[Tensor], keys: SegmentKeys,
     dec: SegmentDecays,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Deviation and momentum after the segment's last token L. Shapes as `delta_rule_read`; returns (B, H, R, n)."""
-    left = dec.c[..., :, -1, None] * writes
+    x_end = dec.gamma[..., -1, None, None] * x0 + writes.transpose(-1, -2) @ keys.to_end
     if corrections is not None:
-        left = left - dec.decay[..., :, -1, None] * corrections
-    x_end = dec.gamma[..., -1, None, None] * x0 + left.transpose(-1, -2) @ keys
+        x_end = x_end - corrections.transpose(-1, -2) @ keys.corrections_to_end
     if s0 is None:
         return x_end, None
     x_end = x_end + dec.sigma[..., -1, None, None] * s0
-    to_end = (dec.log_b[..., -1:] - dec.log_b).exp()  # B_L / B_i
-    s_end = dec.log_b[..., -1, None, None].exp() * s0 + (to_end.unsqueeze(-1) * writes).transpose(-1, -2) @ keys
+    s_end = dec.log_b[..., -1, None, None].exp() * s0 + writes.transpose(-1, -2) @ keys.momentum_to_end
     return x_end, s_end
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Titans-specific pieces: reads of the generating memories and the writes of every row
+# Titans-specific pieces: the maps of the memories, their reads and the writes of every row
+
+
+def identity_rows(square: int, d: int, residual: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """E = residual [I ; ... ; I ; 0 ; 0] ((square d + 2) x d): the skips of the `square` residual memories
+    (Eq. 89), none for w_eta and w_alpha. A row block X then maps z -> (E_X + X) z."""
+    eye = residual * torch.eye(d, dtype=dtype, device=device)
+    return torch.cat([eye] * square + [torch.zeros(2, d, dtype=dtype, device=device)])
 
 
 def generating_reads(
@@ -300,20 +376,18 @@ def generating_reads(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """k, v, eta and log(alpha) of tokens (Eq. 90 with residual memories), from the chunk-start generating memories.
 
-    a: (B, H, L, d); generating: (B, H, 2d+2, d) = [W_k ; W_v ; w_eta ; w_alpha]; valid: (B, H, L) 0/1;
-    b_eta, b_alpha: (H,); cfg: eta_max, residual (1.0: M(z) = z + W z, or 0.0) and value_norm. Returns k, v
-    (B, H, L, d) and eta, log_alpha (B, H, L); a masked token has eta = 0 and alpha = 1.
+    a: (B, H, L, d); generating: (B, H, 2d+2, d) the maps E + [W_k ; W_v ; w_eta ; w_alpha] (`identity_rows`);
+    valid: (B, H, L) 0/1; b_eta, b_alpha: (H,); cfg: eta_max and value_norm. Returns k, v (B, H, L, d) and eta,
+    log_alpha (B, H, L); a masked token has eta = 0 and alpha = 1.
     """
     d = a.shape[-1]
-    residual, eta_max = cfg["residual"], cfg["eta_max"]
-    k = F.normalize(residual * a + a @ generating[..., :d, :].transpose(-1, -2), dim=-1)
-    v = residual * a + a @ generating[..., d : 2 * d, :].transpose(-1, -2)
+    k, v, logit_eta, logit_alpha = (a @ generating.transpose(-1, -2)).split([d, d, 1, 1], dim=-1)
+    k = F.normalize(k, dim=-1)
     if cfg["value_norm"]:
         # Self targets make W_v's write quadratic in W_v through v (SPEC §2 v2 notes): unit values bound it.
         v = F.normalize(v, dim=-1)
-    logit_eta = (a * generating[..., 2 * d, :].unsqueeze(-2)).sum(-1) + b_eta[:, None]
-    logit_alpha = (a * generating[..., 2 * d + 1, :].unsqueeze(-2)).sum(-1) + b_alpha[:, None]
-    return k, v, eta_max * torch.sigmoid(logit_eta) * valid, F.logsigmoid(logit_alpha) * valid
+    eta = cfg["eta_max"] * torch.sigmoid(logit_eta.squeeze(-1) + b_eta[:, None]) * valid
+    return k, v, eta, F.logsigmoid(logit_alpha.squeeze(-1) + b_alpha[:, None]) * valid
 
 
 def inner_error(k: Tensor, v: Tensor, objective: str) -> Tensor:
@@ -321,65 +395,58 @@ def inner_error(k: Tensor, v: Tensor, objective: str) -> Tensor:
     return k - v if objective == "l2" else -v
 
 
-def generating_writes(generating: Tensor, u: Tensor, eta: Tensor, residual: float) -> Tensor:
-    """w_t = -eta_t (E + G_c) u_t for the generating rows G = [W_k ; W_v ; w_eta ; w_alpha] (Eq. 91: the gradient
-    at the chunk start). generating: (B, H, 2d+2, d); u: (B, H, L, d); eta: (B, H, L). Returns (B, H, L, 2d+2)."""
-    identity = residual * torch.cat([u, u, torch.zeros_like(u[..., :2])], dim=-1)  # E u: the square blocks only
-    return -eta.unsqueeze(-1) * (identity + u @ generating.transpose(-1, -2))
+def gradient_writes(maps: Tensor, u: Tensor, eta: Tensor) -> Tensor:
+    """w_t = -eta_t (E + X_c) u_t for the rows of one block (Eq. 91: the gradient at the chunk start).
+    maps: (B, H, R, d) E + X_c; u: (B, H, L, d); eta: (B, H, L). Returns (B, H, L, R)."""
+    return (-eta.unsqueeze(-1) * u) @ maps.transpose(-1, -2)
 
 
 def memory_writes(
-    z_chunk: Tensor, k: Tensor, v: Tensor, eta: Tensor, objective: str, value_target: bool, residual: float
-) -> Tensor:
-    """w_t = -eta_t (E + Z_c) u_t for every row of Z, (B, H, L, 3d+2).
+    maps_w: Tensor, maps_g: Tensor, k: Tensor, v: Tensor, eta: Tensor, objective: str, value_target: bool
+) -> tuple[Tensor, Tensor]:
+    """The writes of W's rows (B, H, L, d) and of the generating rows (B, H, L, 2d+2): w_t = -eta_t (E + Z_c) u_t.
 
-    z_chunk: (B, H, 3d+2, d) the gradient state; k, v: (B, H, L, d); eta: (B, H, L). With value targets W's
-    rows regress on v_t instead: -eta_t ((E + W_c) k_t - v_t) ("l2") or eta_t v_t ("dot").
+    maps_w, maps_g: the chunk-start maps E + W_c (B, H, d, d) and E + G_c (B, H, 2d+2, d); k, v: (B, H, L, d);
+    eta: (B, H, L). With value targets W's rows regress on v_t instead: -eta_t ((E + W_c) k_t - v_t) ("l2") or
+    eta_t v_t ("dot").
     """
-    d = k.shape[-1]
     u = inner_error(k, v, objective)
-    w_chunk = z_chunk[..., :d, :]
     if not value_target:
-        main = residual * u + u @ w_chunk.transpose(-1, -2)
+        w_writes = gradient_writes(maps_w, u, eta)
     elif objective == "l2":
-        main = residual * k + k @ w_chunk.transpose(-1, -2) - v
+        w_writes = gradient_writes(maps_w, k, eta) + eta.unsqueeze(-1) * v
     else:
-        main = -v
-    return torch.cat([-eta.unsqueeze(-1) * main, generating_writes(z_chunk[..., d:, :], u, eta, residual)], dim=-1)
+        w_writes = eta.unsqueeze(-1) * v
+    return w_writes, gradient_writes(maps_g, u, eta)
 
 
 def _segment(
-    q: Tensor, a: Tensor, valid: Tensor, z_chunk: Tensor, z_start: Tensor, s_start: Optional[Tensor],
-    anchor: Optional[Tensor], b_eta: Tensor, b_alpha: Tensor, log_beta: Optional[Tensor], rows: Tensor, cfg: dict,
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    q: Tensor, a: Tensor, valid: Tensor, maps: tuple[Tensor, Tensor], x0: tuple, s0: tuple, anchor: tuple,
+    b_eta: Tensor, b_alpha: Tensor, log_beta: Optional[Tensor], rows_g: Optional[Tensor], cfg: dict,
+) -> tuple[Tensor, tuple, tuple]:
     """One segment: tokens that share one gradient state, in closed form.
 
-    q, a: (B, H, L, d); valid: (B, H, L) 0/1; z_chunk, z_start, s_start: (B, H, 3d+2, d); anchor: the retention
-    target Z_0 (B, H, 3d+2, d), or None for retention toward 0. Returns the reads o (B, H, L, d) and the state
-    and momentum after the segment's last token.
+    q, a: (B, H, L, d); valid: (B, H, L) 0/1; maps: the chunk-start maps (E + W_c, E + G_c); x0, s0, anchor:
+    (W, G) pairs of the segment-start deviations from the retention anchor, momenta (None without) and anchors
+    (None for retention toward 0), W (B, H, d, d), G (B, H, 2d+2, d); rows_g: (2d+2,) bool, the generating rows
+    that learn, or None when all do. Returns W's deviation read D_t q_t (B, H, L, d) and the (W, G) pairs of
+    deviations and momenta after the segment's last token.
     """
-    d = q.shape[-1]
-    residual = cfg["residual"]
-    k, v, eta, log_alpha = generating_reads(a, z_chunk[..., d:, :], valid, b_eta, b_alpha, cfg)
-    writes = memory_writes(z_chunk, k, v, eta, cfg["objective"], cfg["value_target"], residual)
+    k, v, eta, log_alpha = generating_reads(a, maps[1], valid, b_eta, b_alpha, cfg)
+    writes = memory_writes(*maps, k, v, eta, cfg["objective"], cfg["value_target"])
     dec = segment_decays(log_alpha, valid, log_beta)
-    x0 = z_start if anchor is None else z_start - anchor
-    corrections = delta_rule_corrections(x0, s_start, writes, k, eta, dec, anchor) if cfg["dgd"] else None
-    main = slice(0, d)
-    o = residual * q + delta_rule_read(
-        x0[..., main, :], None if s_start is None else s_start[..., main, :], writes[..., main],
-        None if corrections is None else corrections[..., main], k, q, dec,
-    )
-    z_end, s_end = delta_rule_end(x0, s_start, writes, corrections, k, dec)
-    if anchor is not None:
-        o = o + q @ anchor[..., main, :].transpose(-1, -2)
-        z_end = z_end + anchor
-    # Rows outside `adaptive` keep their initial value: they are ordinary projections.
-    rows = rows[:, None]
-    z_end = torch.where(rows, z_end, z_start)
-    if s_end is not None:
-        s_end = torch.where(rows, s_end, s_start)
-    return o, z_end, s_end
+    keys = segment_keys(k, eta if cfg["dgd"] else None, dec)  # both blocks: the same keys, the same transition
+    (x_w, x_g), (s_w, s_g), (anchor_w, anchor_g) = x0, s0, anchor
+    w_writes, w_corrections = delta_rule_dgd(x_w, s_w, writes[0], keys, anchor_w)
+    g_writes, g_corrections = delta_rule_dgd(x_g, s_g, writes[1], keys, anchor_g)
+    o = delta_rule_read(x_w, s_w, w_writes, w_corrections, keys, q, dec)  # W after each token's update
+    w_end, sw_end = delta_rule_end(x_w, s_w, w_writes, w_corrections, keys, dec)
+    g_end, sg_end = delta_rule_end(x_g, s_g, g_writes, g_corrections, keys, dec)
+    if rows_g is not None:  # rows outside `adaptive` keep their initial value: they are ordinary projections
+        g_end = torch.where(rows_g[:, None], g_end, x_g)
+        if s_g is not None:
+            sg_end = torch.where(rows_g[:, None], sg_end, s_g)
+    return o, (w_end, g_end), (sw_end, sg_end)
 
 
 def _prepare(
@@ -408,14 +475,24 @@ def _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_tar
                 anchored=memory_retention == "init", curvature_guard=memory_curvature_guard)
 
 
-def move_chunk_starts(z_chunk: Tensor, z: Tensor, position: int, d: int, cfg: dict) -> Tensor:
-    """At a chunk end the current state becomes the gradient state: W's rows every chunk_size tokens, the
-    generating rows every adaptive_chunk_size tokens (a multiple of chunk_size)."""
-    if position % cfg["adaptive_chunk_size"] == 0:
-        return z
-    if position % cfg["chunk_size"] == 0:
-        return torch.cat([z[..., :d, :], z_chunk[..., d:, :]], dim=-2)
-    return z_chunk
+def chunk_ends(position: int, cfg: dict) -> tuple[bool, bool]:
+    """Whether `position` tokens end a chunk of the main memory (every chunk_size tokens) and one of the generating
+    memories (every adaptive_chunk_size tokens, a multiple of chunk_size): there the current state becomes the
+    gradient state."""
+    return position % cfg["chunk_size"] == 0, position % cfg["adaptive_chunk_size"] == 0
+
+
+def segment_lengths(position: int, length: int, chunk_size: int) -> list[int]:
+    """Lengths of the segments of a call of `length` tokens from `position`: the rest of the current chunk, whole
+    chunks, then the remainder (the chunk phase counts from position 0)."""
+    first = min(chunk_size - position % chunk_size, length)
+    whole, rest = divmod(length - first, chunk_size)
+    return ([first] if first else []) + [chunk_size] * whole + ([rest] if rest else [])
+
+
+def _blocks(x: Optional[Tensor], d: int) -> tuple:
+    """Split stacked rows (..., 3d+2, d) into the row blocks (W, G); (None, None) for None."""
+    return (None, None) if x is None else tuple(x.split([d, x.shape[-2] - d], dim=-2))
 
 
 def titans_memory_reference(
@@ -466,27 +543,50 @@ def titans_memory_reference(
     cfg = _config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual,
                   memory_value_norm, memory_retention)
     dtype, z_chunk, z, s, position, log_beta = _prepare(q, z0, momentum_logit, state, B)
-    anchor = z0.to(dtype).unsqueeze(0).expand(B, *z0.shape) if cfg["anchored"] else None
-    qh, ah = q.transpose(1, 2).to(dtype), a.transpose(1, 2).to(dtype)
+    # The loop runs on deviations from the retention anchor A = Z_0 (A = 0 for retention toward 0) and on the
+    # chunk-start maps E + Z_c = (E + A) + D_c. contiguous(): the batched matmuls then read A without a copy each.
+    anchor = z0.to(dtype).unsqueeze(0).expand(B, *z0.shape).contiguous() if cfg["anchored"] else None
+    base = identity_rows(3, d, cfg["residual"], dtype, q.device)
+    if anchor is not None:
+        base = base + anchor
+        # A fresh state sits at its anchor: deviation 0.
+        z_chunk, z = (z_chunk - anchor, z - anchor) if state is not None else (torch.zeros_like(anchor),) * 2
+    base_w, base_g = _blocks(base, d)
+    x_chunk, x, mom, anchors = _blocks(z_chunk, d), _blocks(z, d), _blocks(s, d), _blocks(anchor, d)
+    maps = (base_w + x_chunk[0], base_g + x_chunk[1])
+    # contiguous(): the batched matmuls fold (B, H) without a copy of every segment's q and a.
+    qh, ah = (x.transpose(1, 2).to(dtype).contiguous() for x in (q, a))
     valid = (torch.ones(B, T, dtype=dtype, device=q.device) if mask is None else mask.to(dtype)).unsqueeze(1).expand(B, H, T)
-    rows = adaptive_row_mask(adaptive, d, q.device)
+    rows = adaptive_row_mask(adaptive, d, q.device)[d:]
+    rows_g = None if every_row_adapts(adaptive) else rows
     b_eta, b_alpha = b_eta.to(dtype), b_alpha.to(dtype)
 
-    outputs = []
-    t = 0
-    while t < T:
-        length = min(chunk_size - (position + t) % chunk_size, T - t)
-        piece = slice(t, t + length)
-        o, z, s = _segment(qh[:, :, piece], ah[:, :, piece], valid[:, :, piece], z_chunk, z, s, anchor, b_eta,
-                           b_alpha, log_beta, rows, cfg)
-        outputs.append(o)
-        t += length
-        z_chunk = move_chunk_starts(z_chunk, z, position + t, d, cfg)
-    o = torch.cat(outputs, dim=2).transpose(1, 2).to(q.dtype) if outputs else q.new_zeros(q.shape)
+    lengths = segment_lengths(position, T, chunk_size)
+    reads = []
+    t = position
+    # split(), not slicing: each slice's backward would fill a zero tensor of the whole sequence.
+    for q_n, a_n, valid_n in zip(qh.split(lengths, 2), ah.split(lengths, 2), valid.split(lengths, 2)):
+        o, x, mom = _segment(q_n, a_n, valid_n, maps, x, mom, anchors, b_eta, b_alpha, log_beta, rows_g, cfg)
+        reads.append(o)
+        t += q_n.shape[2]
+        w_end, g_end = chunk_ends(t, cfg)
+        if w_end:
+            x_chunk, maps = (x[0], x_chunk[1]), (base_w + x[0], maps[1])
+        if g_end:
+            x_chunk, maps = (x_chunk[0], x[1]), (maps[0], base_g + x[1])
+    # o_t = (E + A_W) q_t + D_t q_t: the anchor's read for every token at once.
+    o = qh @ base_w.transpose(-1, -2)
+    if reads:
+        o = o + torch.cat(reads, dim=2)
+    o = o.transpose(1, 2).to(q.dtype)
     if not output_final_state:
         return o, None
+    z_chunk, z = torch.cat(x_chunk, dim=-2), torch.cat(x, dim=-2)
+    if anchor is not None:
+        z_chunk, z = z_chunk + anchor, z + anchor
     # contiguous(): a state that never left z0 is an expanded view of the parameter; the cache gets its own copy.
-    return o, TitansState(z_chunk.contiguous(), z.contiguous(), None if s is None else s.contiguous(), position + T)
+    s = None if mom[0] is None else torch.cat(mom, dim=-2)
+    return o, TitansState(z_chunk.contiguous(), z.contiguous(), s, position + T)
 
 
 def generating_step_reads(
@@ -507,18 +607,22 @@ def delta_rule_step(
     S_t = beta S_{t-1} + w_t k_tᵀ), with A the retention anchor (0 when None).
 
     x, s: (B, H, R, n) (s None without momentum); write: (B, H, R); key: (B, H, n); dgd, alpha: (B, H);
-    beta: (H,) or None; valid: (B, 1) 0/1: a masked token changes nothing; anchor: (B, H, R, n) or None.
-    Returns X_t and S_t.
+    beta: (H,) or None; valid: (B, 1) 0/1, a masked token changes nothing, or None when no token is masked;
+    anchor: (B, H, R, n) or None. Returns X_t and S_t.
     """
     correction = dgd.unsqueeze(-1) * (x @ key.unsqueeze(-1)).squeeze(-1)  # e_t = dgd_t X_{t-1} k_t
-    retained = alpha[..., None, None] * (x if anchor is None else x - anchor)
-    x_new = (retained if anchor is None else anchor + retained) - correction.unsqueeze(-1) * key.unsqueeze(-2)
-    write = write.unsqueeze(-1) * key.unsqueeze(-2)
-    keep = valid[..., None, None] > 0
+    x_new = alpha[..., None, None] * (x if anchor is None else x - anchor)
+    if anchor is not None:
+        x_new = x_new + anchor
     if s is None:
-        return torch.where(keep, x_new + write, x), None
-    s_new = torch.where(keep, beta[:, None, None] * s + write, s)
-    return torch.where(keep, x_new + s_new, x), s_new
+        x_new, s_new = x_new + (write - correction).unsqueeze(-1) * key.unsqueeze(-2), None
+    else:
+        s_new = beta[:, None, None] * s + write.unsqueeze(-1) * key.unsqueeze(-2)
+        x_new = x_new - correction.unsqueeze(-1) * key.unsqueeze(-2) + s_new
+    if valid is None:
+        return x_new, s_new
+    keep = valid[..., None, None] > 0
+    return torch.where(keep, x_new, x), None if s is None else torch.where(keep, s_new, s)
 
 
 def titans_memory_step_reference(
@@ -562,17 +666,23 @@ def titans_memory_step_reference(
     out_dtype = q.dtype
     q, a = q.to(dtype), a.to(dtype)
     valid = (torch.ones(B, dtype=dtype, device=q.device) if mask is None else mask.to(dtype))[:, None]  # (B, 1)
-    residual = cfg["residual"]
-    k, v, eta, alpha = generating_step_reads(a, z_chunk[..., d:, :], valid, b_eta.to(dtype), b_alpha.to(dtype), cfg)
-    write = memory_writes(z_chunk, k.unsqueeze(-2), v.unsqueeze(-2), eta.unsqueeze(-1), objective,
-                          cfg["value_target"], residual).squeeze(-2)
+    maps_w, maps_g = _blocks(identity_rows(3, d, cfg["residual"], dtype, q.device) + z_chunk, d)
+    k, v, eta, alpha = generating_step_reads(a, maps_g, valid, b_eta.to(dtype), b_alpha.to(dtype), cfg)
+    writes = memory_writes(maps_w, maps_g, k.unsqueeze(-2), v.unsqueeze(-2), eta.unsqueeze(-1), objective,
+                           cfg["value_target"])
     dgd_coef = eta if dgd else torch.zeros_like(eta)
-    z_new, s_new = delta_rule_step(z, s, write, k, dgd_coef, alpha, None if log_beta is None else log_beta.exp(), valid,
-                                   anchor)
-    rows = adaptive_row_mask(adaptive, d, q.device)[:, None]
-    z_new = torch.where(rows, z_new, z)
-    if s_new is not None:
-        s_new = torch.where(rows, s_new, s)
-    o = residual * q + (z_new[..., :d, :] @ q.unsqueeze(-1)).squeeze(-1)  # the read after the token's update
-    z_chunk = move_chunk_starts(z_chunk, z_new, position + 1, d, cfg)
+    z_new, s_new = delta_rule_step(z, s, torch.cat(writes, dim=-1).squeeze(-2), k, dgd_coef, alpha,
+                                   None if log_beta is None else log_beta.exp(), None if mask is None else valid, anchor)
+    rows = adaptive_row_mask(adaptive, d, q.device)
+    if not bool(rows.all()):  # rows outside `adaptive` keep their initial value
+        z_new = torch.where(rows[:, None], z_new, z)
+        if s_new is not None:
+            s_new = torch.where(rows[:, None], s_new, s)
+    w_new = _blocks(z_new, d)[0]
+    o = cfg["residual"] * q + (w_new @ q.unsqueeze(-1)).squeeze(-1)  # the read after the token's update
+    w_end, g_end = chunk_ends(position + 1, cfg)
+    if g_end:
+        z_chunk = z_new
+    elif w_end:
+        z_chunk = torch.cat([_blocks(z_new, d)[0], _blocks(z_chunk, d)[1]], dim=-2)
     return o.to(out_dtype), TitansState(z_chunk, z_new, s_new, position + 1)
