@@ -913,7 +913,8 @@ def main(argv: Optional[list] = None) -> int:
         plan = dataclasses.replace(plan, budget_s=args.budget_s)
     on_gpu = device.type == "cuda"
     train_b = args.train_backends or ({"titans": "triton", "cms": "torch"} if on_gpu else {"titans": "torch", "cms": "torch"})
-    # The CMS has no Triton kernel until issue #13 part 3: its reference runs on the GPU too.
+    # The CMS kernel has not run on a GPU yet (hope_kernels.cms.GPU_VERIFIED): the model section keeps its reference
+    # (--train-backends cms=triton to try it); the kernels section times the kernel itself.
     decode_b = args.decode_backends or ({"titans": "triton", "cms": "torch"} if on_gpu else {"titans": "torch", "cms": "torch"})
     sections = [s for s in args.sections.split(",") if s]
     unknown = set(sections) - set(SECTIONS)

@@ -55,9 +55,9 @@ FAMILIES = {
                               "titans_memory_step_reference", "_segment",
                               "hope_kernels.titans.chunk:titans_memory_triton",
                               "hope_kernels.titans.step:titans_memory_step_triton"),
-    # No Triton kernel (hope_kernels.cms.HAS_TRITON is False): the v1 kernels went with the v1 step (SPEC §3 v2).
     "cms_level": OpFamily("hope_kernels.cms.reference", "cms_level_reference", "cms_level_step_reference",
-                          "_chunk_piece", None, None),
+                          "_chunk_piece", "hope_kernels.cms.chunk:cms_level_triton",
+                          "hope_kernels.cms.step:cms_level_step_triton"),
     "titans_deep_memory": OpFamily("hope_kernels.deep_titans.reference", "titans_deep_memory_reference",
                                    "titans_deep_memory_step_reference", "_deep_segment",
                                    "hope_kernels.deep_titans.chunk:titans_deep_memory_triton",

@@ -1,9 +1,9 @@
 """Continuum Memory System level op (SPEC §3): one SwiGLU level whose weights learn in context per chunk.
 
-`cms_level` / `cms_level_step` pick a backend with `hope_kernels._dispatch.resolve_backend`. The op has only its
-PyTorch reference (`reference.py`) for now: the v1 Triton kernels implemented the step that SPEC §3 v2 replaces
-and were removed; the v2 kernel (issue #13, part 3) is to be written against this reference. So "auto" runs
-the reference everywhere and kernel_backend="triton" raises for the CMS.
+`cms_level` / `cms_level_step` pick a backend with `hope_kernels._dispatch.resolve_backend`: the PyTorch
+reference (`reference.py`) or the Triton kernels (`chunk.py`, `step.py`), which are checked against it in
+Triton's interpreter and compiled offline for sm_90a. Until they have been verified and timed on a GPU
+(GPU_VERIFIED), "auto" keeps the reference on CUDA too; kernel_backend="triton" runs them.
 """
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from hope_kernels.cms.reference import (
     cms_level_step_reference,
 )
 
-HAS_TRITON = False
+HAS_TRITON = True
 GPU_VERIFIED = False
 
 __all__ = [
+    "GPU_VERIFIED",
     "HAS_TRITON",
     "STEPS",
     "CMSState",
@@ -54,12 +55,15 @@ def cms_level(
 ) -> tuple[Tensor, CMSState | None]:
     """One CMS level over z (B, T, D); see `cms_level_reference` for the arguments and shapes.
 
-    backend: "auto" or "torch" (the PyTorch reference); "triton" raises until the CMS has a kernel.
+    backend: "auto" (Triton on CUDA once GPU_VERIFIED, the PyTorch reference otherwise), "torch" or "triton".
     """
-    resolve_backend(backend, z.device, op="cms", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED)
-    return cms_level_reference(z, w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size=chunk_size, eta_max=eta_max,
-                               objective=objective, decay=decay, step=step, mask=mask, state=state,
-                               output_final_state=output_final_state)
+    kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, objective=objective, decay=decay, step=step, mask=mask,
+                  state=state, output_final_state=output_final_state)
+    if resolve_backend(backend, z.device, op="cms", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED) == "triton":
+        from hope_kernels.cms.chunk import cms_level_triton
+
+        return cms_level_triton(z, w_gate, w_up, w_down, p_v, w_eta, b_eta, **kwargs)
+    return cms_level_reference(z, w_gate, w_up, w_down, p_v, w_eta, b_eta, **kwargs)
 
 
 def cms_level_step(
@@ -80,8 +84,12 @@ def cms_level_step(
     state: CMSState | None,
     backend: str = "auto",
 ) -> tuple[Tensor, CMSState]:
-    """One decode token z_t (B, D); see `cms_level_step_reference` for the arguments and shapes."""
-    resolve_backend(backend, z_t.device, op="cms", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED)
-    return cms_level_step_reference(z_t, w_gate, w_up, w_down, p_v, w_eta, b_eta, chunk_size=chunk_size,
-                                    eta_max=eta_max, objective=objective, decay=decay, step=step, mask=mask,
-                                    state=state)
+    """One decode token z_t (B, D); see `cms_level_step_reference` for the arguments and shapes. The Triton step
+    has no backward (decode)."""
+    kwargs = dict(chunk_size=chunk_size, eta_max=eta_max, objective=objective, decay=decay, step=step, mask=mask,
+                  state=state)
+    if resolve_backend(backend, z_t.device, op="cms", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED) == "triton":
+        from hope_kernels.cms.step import cms_level_step_triton
+
+        return cms_level_step_triton(z_t, w_gate, w_up, w_down, p_v, w_eta, b_eta, **kwargs)
+    return cms_level_step_reference(z_t, w_gate, w_up, w_down, p_v, w_eta, b_eta, **kwargs)

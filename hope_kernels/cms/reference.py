@@ -204,31 +204,55 @@ def _no_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _curvature(z: Tensor, a: Tensor, b: Tensor, s: Tensor, ds: Tensor, h: Tensor, w_down: Tensor) -> Tensor:
+def _curvature(zz: Tensor, a: Tensor, b: Tensor, s: Tensor, ds: Tensor, h: Tensor, w_down: Tensor) -> Tensor:
     """κ_t = ‖z_t‖² + ‖h_t‖² + ‖z_t‖² Σ_f r_tf² ‖W_down[:, f]‖² (B, L), the per-token term of N_c (module docstring).
 
-    z: (B, L, D); a, b, s = silu(a), ds = silu'(a), h: (B, L, F); w_down: (D, F) shared or (B, D, F).
+    zz = ‖z_t‖²: (B, L); a, b, s = silu(a), ds = silu'(a), h: (B, L, F); w_down: (D, F) shared or (B, D, F).
     """
-    zz = z.pow(2).sum(-1)
     column = w_down.pow(2).sum(-2)  # (F,) or (B, F): ‖W_down[:, f]‖²
     r2 = s * s + (b * ds).pow(2)
-    through_down = r2 @ column if column.dim() == 1 else (r2 * column[:, None, :]).sum(-1)
+    through_down = r2 @ column if column.dim() == 1 else (r2 @ column.unsqueeze(-1)).squeeze(-1)
     return zz + h.pow(2).sum(-1) + zz * through_down
+
+
+class TokenTerms(NamedTuple):
+    """What a token contributes that does not depend on θ, computed for the whole sequence before the chunk loop
+    (one matmul each instead of one per chunk). eta: (B, T) eta_t, zero on masked tokens (SPEC §5); target:
+    (B, T, D) z_t P_v; zz: (B, T) ‖z_t‖²."""
+
+    eta: Tensor
+    target: Tensor
+    zz: Tensor
+
+
+def _token_terms(z: Tensor, mask: Tensor | None, p_v: Tensor, w_eta: Tensor, b_eta: Tensor, eta_max: float) -> TokenTerms:
+    """TokenTerms of z (B, T, D); mask (B, T) in the compute dtype or None."""
+    # eta_t = eta_max sigmoid(z_t·w_eta + b_eta) (SPEC §3), zero on masked tokens so they change no state (§5).
+    eta = eta_max * torch.sigmoid(z @ w_eta + b_eta)
+    if mask is not None:
+        eta = eta * mask
+    return TokenTerms(eta, z @ p_v, z.pow(2).sum(-1))
+
+
+def _piece_lengths(position: int, T: int, chunk_size: int) -> list[int]:
+    """Lengths of the pieces of T tokens starting at absolute `position` that each lie in one chunk."""
+    lengths, t = [], 0
+    while t < T:
+        lengths.append(min(chunk_size - (position + t) % chunk_size, T - t))
+        t += lengths[-1]
+    return lengths
 
 
 def _chunk_piece(
     z: Tensor,
     mask: Tensor | None,
+    terms: TokenTerms | None,
     theta: tuple[Tensor, Tensor, Tensor],
     grads: tuple[Tensor, Tensor, Tensor] | None,
     curvature: Tensor | None,
     seen: Tensor,
     theta0: tuple[Tensor, Tensor, Tensor],
-    p_v: Tensor,
-    w_eta: Tensor,
-    b_eta: Tensor,
     *,
-    eta_max: float,
     objective: str,
     decay: float,
     learn: bool,
@@ -236,7 +260,8 @@ def _chunk_piece(
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor] | None, Tensor | None, Tensor]:
     """Process L consecutive tokens that all lie in one chunk c.
 
-    z: (B, L, D); mask: (B, L) in the compute dtype or None.
+    z: (B, L, D); mask: (B, L) in the compute dtype or None; terms: the piece's TokenTerms ((B, L), (B, L, D),
+           (B, L)), None if not `learn`.
     theta: θ_c, either shared (F, D), (F, D), (D, F) (θ_0 before any update, read with one plain matmul
            over the batch) or per sequence (B, F, D), (B, F, D), (B, D, F).
     grads: the chunk's running Σ eta_t ∇ℓ_t(θ_c) so far, (B, F, D), (B, F, D), (B, D, F), or None for zeros.
@@ -259,49 +284,49 @@ def _chunk_piece(
     if not learn:
         return y, theta, grads, curvature, seen
 
-    # eta_t = eta_max sigmoid(z_t·w_eta + b_eta) (SPEC §3), zero on masked tokens so they change no state (§5).
-    eta = eta_max * torch.sigmoid(z @ w_eta + b_eta)  # (B, L)
-    if mask is not None:
-        eta = eta * mask
     sig = torch.sigmoid(a)
     ds = sig + s * (1 - sig)  # silu'(a) = σ(a) (1 + a (1 - σ(a))) = σ(a) + silu(a) (1 - σ(a))
-    target = z @ p_v  # (B, L, D)  z_t P_v
-    # e_t = dℓ_t/dy_t: y_t - target_t for l2, -target_t for dot. Every gradient below is linear in e_t,
-    # so eta_t is folded in once here instead of weighting three per-token outer products.
-    e = (y - target) if objective == "l2" else -target
-    e = e * eta.unsqueeze(-1)
-    # Backprop through SwiGLU by hand, summed over the chunk's tokens as matmuls (never per-token weight
-    # gradients). These are ordinary differentiable ops, so the outer gradient flows through them exactly,
-    # second order included (SPEC §3 "Gradient").
-    g_down = e.mT @ h  # (B, D, F)  Σ_t eta_t e_t h_tᵀ
-    dh = e @ w_down  # (B, L, F)
-    da = dh * b * ds
-    db = dh * s
-    g_gate = da.mT @ z  # (B, F, D)  Σ_t eta_t da_t z_tᵀ
-    g_up = db.mT @ z  # (B, F, D)
-    piece = (g_gate, g_up, g_down)
-    grads = piece if grads is None else tuple(g + p for g, p in zip(grads, piece))
     # N_c (SPEC §3 v2) sums κ_t over the valid tokens only: a masked token adds nothing to the normalisation.
-    kappa = _curvature(z, a, b, s, ds, h, w_down)
+    kappa = _curvature(terms.zz, a, b, s, ds, h, w_down)
     if mask is not None:
         kappa = kappa * mask
     curvature = kappa.sum(1) if curvature is None else curvature + kappa.sum(1)
     seen = torch.ones_like(seen) if mask is None else seen | (mask > 0).any(dim=1)
-
+    # e_t = dℓ_t/dy_t: y_t - target_t for l2, -target_t for dot. Every gradient below is linear in e_t, so
+    # eta_t, and 1 / N_c when the piece closes its chunk, are folded in here, on (L, D) errors, instead of
+    # scaling three (F, D) weight gradients.
+    e = (y - terms.target) if objective == "l2" else -terms.target
+    e = e * terms.eta.unsqueeze(-1)
     if closes_chunk:
-        # θ_{c+1} = θ_c - decay_c (θ_c - θ_0) - Σ_{t in c} eta_t ∇ℓ_t(θ_c) / N_c   (Eq. 31, SPEC §3 v2)
-        # decay_c = decay only if chunk c held a valid token: a chunk of padding changes no state (SPEC §5).
         # A chunk without a valid token has Σ eta ∇ℓ = 0 and N_c = 0: it divides by 1 (a clamp would leave the
         # backward a 0 / 0).
-        n_c = torch.where(curvature > 0, curvature, torch.ones_like(curvature))[:, None, None]
-        if decay:
-            lam = decay * seen.to(z.dtype)[:, None, None]  # (B, 1, 1)
-            theta = tuple(w - lam * (w - w0) for w, w0 in zip(theta, theta0))
-        theta = tuple(w - g / n_c for w, g in zip(theta, grads))
-        grads = None
-        curvature = None
-        seen = torch.zeros_like(seen)
-    return y, theta, grads, curvature, seen
+        inv_n = 1 / torch.where(curvature > 0, curvature, torch.ones_like(curvature))[:, None, None]  # (B, 1, 1)
+        e = e * inv_n
+    # Backprop through SwiGLU by hand, summed over the chunk's tokens as matmuls (never per-token weight
+    # gradients). These are ordinary differentiable ops, so the outer gradient flows through them exactly,
+    # second order included (SPEC §3 "Gradient"). Each weight gradient is left.mT @ right:
+    # gate Σ_t da_t z_tᵀ, up Σ_t db_t z_tᵀ, down Σ_t e_t h_tᵀ.
+    dh = e @ w_down  # (B, L, F)
+    dhb = dh * ds
+    factors = ((dhb * b, z), (dh * s, z), (e, h))
+
+    if not closes_chunk:
+        if grads is None:
+            grads = tuple(left.mT @ right for left, right in factors)
+        else:
+            grads = tuple(torch.baddbmm(g, left.mT, right) for g, (left, right) in zip(grads, factors))
+        return y, theta, grads, curvature, seen
+
+    # θ_{c+1} = θ_c - decay_c (θ_c - θ_0) - Σ_{t in c} eta_t ∇ℓ_t(θ_c) / N_c   (Eq. 31, SPEC §3 v2)
+    # decay_c = decay only if chunk c held a valid token: a chunk of padding changes no state (SPEC §5).
+    lam = decay if mask is None else decay * seen.to(z.dtype)[:, None, None]
+    new_theta = []
+    for i, (left, right) in enumerate(factors):
+        base = torch.lerp(theta[i], theta0[i], lam) if decay else theta[i]
+        if grads is not None:  # the chunk's tokens from earlier calls (prefill, then decode)
+            base = base - grads[i] * inv_n
+        new_theta.append(torch.baddbmm(base, left.mT, right, alpha=-1))
+    return y, tuple(new_theta), None, None, torch.zeros_like(seen)
 
 
 def _final_state(
@@ -397,20 +422,24 @@ def cms_level_reference(
         theta0 = (w_gate, w_up, w_down)
         start, theta, grads, curvature, seen = _initial(theta0, state, B)
 
+        lengths = _piece_lengths(start, T, chunk_size)
+        # What the last piece learns is only read through the returned state: without one, skip its inner
+        # gradients. With no state and C >= T this makes the level a plain FFN at the cost of one.
+        learns = [output_final_state or i + 1 < len(lengths) for i in range(len(lengths))]
+        # split(), not slicing: each slice's backward would fill a zero tensor of the whole sequence.
+        nothing = [None] * len(lengths)
+        masks = nothing if mask is None else mask.split(lengths, 1)
+        terms = nothing
+        if any(learns):
+            terms = [TokenTerms(*x) for x in zip(*(x.split(lengths, 1) for x in
+                                                  _token_terms(z, mask, p_v, w_eta, b_eta, eta_max)))]
         ys = []
         t = 0
-        while t < T:
-            phase = (start + t) % chunk_size
-            length = min(chunk_size - phase, T - t)
-            # What the last piece learns is only read through the returned state: without one, skip its inner
-            # gradients. With no state and C >= T this makes the level a plain FFN at the cost of one.
-            learn = output_final_state or t + length < T
+        for length, learn, z_n, mask_n, terms_n in zip(lengths, learns, z.split(lengths, 1), masks, terms):
             y, theta, grads, curvature, seen = _chunk_piece(
-                z[:, t : t + length],
-                None if mask is None else mask[:, t : t + length],
-                theta, grads, curvature, seen, theta0, p_v, w_eta, b_eta,
-                eta_max=eta_max, objective=objective, decay=decay,
-                learn=learn, closes_chunk=phase + length == chunk_size,
+                z_n, mask_n, terms_n, theta, grads, curvature, seen, theta0,
+                objective=objective, decay=decay, learn=learn,
+                closes_chunk=(start + t + length) % chunk_size == 0,
             )
             ys.append(y)
             t += length
@@ -469,9 +498,8 @@ def cms_level_step_reference(
         theta0 = (w_gate, w_up, w_down)
         position, theta, grads, curvature, seen = _initial(theta0, state, B)
         y, theta, grads, curvature, seen = _chunk_piece(
-            z, mask, theta, grads, curvature, seen, theta0, p_v, w_eta, b_eta,
-            eta_max=eta_max, objective=objective, decay=decay,
-            learn=True, closes_chunk=(position + 1) % chunk_size == 0,
+            z, mask, _token_terms(z, mask, p_v, w_eta, b_eta, eta_max), theta, grads, curvature, seen, theta0,
+            objective=objective, decay=decay, learn=True, closes_chunk=(position + 1) % chunk_size == 0,
         )
         final = _final_state(theta, grads, curvature, seen, B, position + 1)
     return y.squeeze(1).to(out_dtype), final

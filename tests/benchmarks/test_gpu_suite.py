@@ -193,8 +193,10 @@ def check_goals_and_markdown(dry_run: tuple) -> None:
 
 def test_failing_case_is_recorded_and_the_run_continues(tmp_path, monkeypatch) -> None:
     """A kernel that raises is recorded as an error and the run goes on; an op without a kernel is recorded as
-    skipped with the reason. titans_memory_step's kernel is made to fail (its availability patched too, so the test
-    does not depend on which ops ship a kernel); cms_level_step has none until issue #13 part 3."""
+    skipped with the reason. The test pretends titans_memory_step has a kernel that fails, and that cms_level_step
+    has none (hope_kernels.cms.HAS_TRITON patched), so it does not depend on which ops ship a kernel."""
+    import hope_kernels.cms
+
     real_function, real_reason = W.op_function, W.backend_unavailable_reason
 
     def op_function(op, backend, compile_backend="inductor"):
@@ -209,6 +211,7 @@ def test_failing_case_is_recorded_and_the_run_continues(tmp_path, monkeypatch) -
 
     monkeypatch.setattr(W, "op_function", op_function)
     monkeypatch.setattr(W, "backend_unavailable_reason", reason)
+    monkeypatch.setattr(hope_kernels.cms, "HAS_TRITON", False)
     argv = ["--dry-run", "--out-dir", str(tmp_path), "--sections", "kernels", "--ops",
             "titans_memory_step,cms_level_step", "--methods", "eager,triton"]
     assert S.main(argv) == 0

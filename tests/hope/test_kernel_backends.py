@@ -22,6 +22,8 @@ CASES = {
     # memory's curvature guard), with plain-FFN CMS levels so that only their kernels are in play.
     "hope": (dict(cms_chunk_sizes=[None]), ["titans"]),
     "hope_deep": (dict(cms_chunk_sizes=[None], memory_depth=2, memory_hidden=12), ["deep_titans"]),  # h != d = 8
+    # The whole Hope layer at the model's defaults: the Titans memory and learning CMS levels, both kernels at once.
+    "hope_full": (dict(), ["titans", "cms"]),
 }
 KERNELS = {"titans": titans_kernels, "deep_titans": deep_titans_kernels, "cms": cms_kernels}
 
@@ -78,7 +80,7 @@ def test_triton_equals_torch_logits_loss_gradients(name, dispatched):
 def test_triton_decode_equals_torch(name, dispatched):
     reference, kernel = _models(name)
     ids = random_ids(2, 9).to(DEV)
-    logits = []
+    logits, generated = [], []
     with torch.no_grad():
         for model in (reference, kernel):
             dispatched.clear()
@@ -88,7 +90,10 @@ def test_triton_decode_equals_torch(name, dispatched):
                 out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
                 steps.append(out.logits)
             logits.append(torch.cat(steps, dim=1))
+            generated.append(model.generate(ids[:, :6], attention_mask=torch.ones_like(ids[:, :6]), max_new_tokens=3,
+                                            do_sample=False, pad_token_id=0, eos_token_id=None))
     assert _rel(logits[1], logits[0]) < 1e-4
+    assert torch.equal(generated[1], generated[0])  # greedy decoding picks the same tokens
     assert set(dispatched) == {(op, "triton") for op in CASES[name][1]}
 
 

@@ -18,13 +18,12 @@ from hope.remote_code import AUTO_MAP, PACKAGES, flat_name, remote_code_files
 from tests.hope.utils_hope import random_ids, tiny_config, tiny_model
 
 # One subprocess (each load costs seconds): the deep memory reaches the most bundled files (both Titans ops and the
-# CMS); every layer file is imported by modeling_hope anyway. The lazily imported Triton kernels are run on a
-# checkpoint whose every op has one: the deep Titans memory (its kernels import the linear op's) with plain-FFN
-# CMS levels, since the CMS has no v2 kernel yet (issue #13 part 3).
+# CMS); every layer file is imported by modeling_hope anyway. The lazily imported Triton kernels are run on the
+# checkpoint whose every op has one and that reaches every kernel: the deep Titans memory (its kernels import the
+# linear op's) with learning CMS levels.
 CONFIGS = {"deep_titans": dict(memory_depth=2, momentum=False, cms_variant="independent", tie_word_embeddings=False),
-           "hope_attention": dict(mixer="attention"),
-           "deep_titans_ffn": dict(memory_depth=2, cms_chunk_sizes=[None])}
-TRITON_CONFIGS = ["deep_titans_ffn"]
+           "hope_attention": dict(mixer="attention")}
+TRITON_CONFIGS = ["deep_titans"]
 
 # Runs in the subprocess: any import of hope or hope_kernels fails, so the checkpoint's own files must do it all.
 CLIENT = textwrap.dedent('''
@@ -60,7 +59,7 @@ CLIENT = textwrap.dedent('''
             if path in triton_paths:
                 kernels = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32,
                                                                kernel_backend="triton").eval()
-                results[path]["triton"] = kernels(ids[:, :5]).logits.tolist()
+                results[path]["triton"] = kernels(ids[:, :6]).logits.tolist()
     results["imported"] = sorted({name.split(".")[0] for name in sys.modules} & {"hope", "hope_kernels"})
     print("RESULT " + json.dumps(results))
 ''')
@@ -75,7 +74,7 @@ def test_checkpoint_loads_in_a_process_without_the_package(tmp_path):
         config = json.loads((tmp_path / name / "config.json").read_text())
         assert config["auto_map"] == AUTO_MAP
         with torch.no_grad():
-            expected[name] = (model(ids).logits, model.float()(ids[:, :5]).logits)
+            expected[name] = (model(ids).logits, model.float()(ids[:, :6]).logits)
         expected[name] += (model.double().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
                                                    do_sample=False, pad_token_id=0, eos_token_id=None),)
     client = tmp_path / "client.py"
@@ -97,7 +96,8 @@ def test_checkpoint_loads_in_a_process_without_the_package(tmp_path):
         assert torch.equal(torch.tensor(result["logits"], dtype=torch.float64), logits)
         assert torch.equal(torch.tensor(result["resaved"], dtype=torch.float64), logits)
         assert torch.equal(torch.tensor(result["generated"]), generated)
-        # The Triton kernels (imported lazily by the bundled op) run in the interpreter, and agree with the reference.
+        # The Triton kernels (imported lazily by the bundled op) run in the interpreter, and agree with the reference
+        # (6 tokens: the CMS level of chunk size 5 updates once, so the chunk kernels run, not just the plain FFN).
         if name in TRITON_CONFIGS:
             assert (torch.tensor(result["triton"]) - fp32_logits).abs().max() < 1e-3
 
@@ -107,7 +107,8 @@ def test_the_bundle_is_the_current_source_with_flat_imports():
     rewritten (so a change to the package is in the next checkpoint); nothing in it imports them any more."""
     files = remote_code_files()
     assert {"modeling_hope.py", "configuration_hope.py", "cache_hope.py", "layers_titans_mixer.py",
-            "hope_kernels_cms_reference.py", "hope_kernels_deep_titans_reference.py", "hope_kernels_titans_chunk.py",
+            "hope_kernels_cms_reference.py", "hope_kernels_deep_titans_reference.py", "hope_kernels_cms_chunk.py",
+            "hope_kernels_cms_step.py", "hope_kernels_cms__common.py", "hope_kernels_titans_chunk.py",
             "hope_kernels_deep_titans_chunk.py", "hope_kernels_deep_titans_step.py"} <= set(files)
     for name, source in files.items():
         header, body = source.split("\n", 1)

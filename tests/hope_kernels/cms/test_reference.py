@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hope_kernels.cms import (
+    GPU_VERIFIED,
     HAS_TRITON,
     CMSState,
     cms_level,
@@ -525,22 +526,34 @@ def test_bad_state_raises():
         cms_level_step_reference(z, *params.values(), chunk_size=4, eta_max=ETA_MAX, state=good)
 
 
-def test_backend_dispatch():
+def test_backend_dispatch(monkeypatch):
     z, params = make_inputs(81, requires_grad=False)
     kw = dict(chunk_size=4, eta_max=ETA_MAX, output_final_state=True)
     y_ref, s_ref = cms_level_reference(z, *params.values(), **kw)
-    for backend in ("torch", "auto"):  # auto on CPU tensors is the reference
+    for backend in ("torch", "auto"):  # auto on CPU tensors (and on a GPU until GPU_VERIFIED) is the reference
         y, s = cms_level(z, *params.values(), backend=backend, **kw)
         close(y, y_ref, rtol=0, atol=0, msg=f"backend={backend}")
         assert_states_close(s, s_ref, rtol=0, atol=0)
     y_t, _ = cms_level_step(z[:, 0], *params.values(), chunk_size=4, eta_max=ETA_MAX, state=None, backend="torch")
     close(y_t, y_ref[:, 0], msg="cms_level_step")
-    # The v1 Triton kernels were removed with the v1 step (SPEC §3 v2): "triton" names the missing kernel.
-    assert not HAS_TRITON
-    with pytest.raises(RuntimeError, match="kernel_backend='triton': the cms op has no Triton kernel yet"):
-        cms_level(z.float(), *(p.float() for p in params.values()), backend="triton", **kw)
-    with pytest.raises(RuntimeError, match="the cms op has no Triton kernel yet"):
-        cms_level_step(z[:, 0].float(), *(p.float() for p in params.values()), chunk_size=4, eta_max=ETA_MAX,
-                       state=None, backend="triton")
+    assert HAS_TRITON and not GPU_VERIFIED
     with pytest.raises(ValueError, match="kernel_backend='cuda' is not one of"):
         cms_level(z, *params.values(), backend="cuda", **kw)
+    pytest.importorskip("triton", reason="kernel_backend='triton' needs the triton package")
+    # "triton" runs the kernels (tests/hope_kernels/cms/test_chunk.py, test_step.py check them), never the
+    # reference: float64 has no kernel and raises, on CPU tensors only Triton's interpreter can run them.
+    p32 = [p.float() for p in params.values()]
+    with pytest.raises(ValueError, match="float64"):
+        cms_level(z, *params.values(), backend="triton", **kw)
+    if not torch.cuda.is_available():
+        y, s = cms_level(z.float(), *p32, backend="triton", **kw)
+        close(y, y_ref.float(), rtol=1e-4, atol=1e-6, msg="backend=triton")
+        with torch.no_grad():
+            y_t, _ = cms_level_step(z[:, 0].float(), *p32, chunk_size=4, eta_max=ETA_MAX, state=None,
+                                    backend="triton")
+        close(y_t, y_ref[:, 0].float(), rtol=1e-4, atol=1e-6, msg="cms_level_step backend=triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="kernel_backend='triton' needs CUDA tensors"):
+            cms_level(z.float(), *p32, backend="triton", **kw)
+        with pytest.raises(RuntimeError, match="kernel_backend='triton' needs CUDA tensors"):
+            cms_level_step(z[:, 0].float(), *p32, chunk_size=4, eta_max=ETA_MAX, state=None, backend="triton")
