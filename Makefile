@@ -9,7 +9,7 @@ TRITON_CPU ?= triton==3.7.1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast bench clean
+.PHONY: install test test-fast bench sm90-check clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,11 @@ test-fast: install
 bench: install
 	$(PY) -m pytest benchmarks -q -rs --benchmark-json=benchmarks/results/cpu_latest.json \
 		--benchmark-columns=median,mean,min,rounds --benchmark-sort=fullname
+
+# Compile every Titans Triton kernel offline for sm_90a (no GPU needed): registers, spills, shared memory, wgmma and
+# grid per kernel at the presets' shapes, into benchmarks/results/sm90_check.md and .json.
+sm90-check: install
+	$(PY) -m benchmarks.sm90_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -295,88 +295,103 @@ def op_case(op: str, backend: str, shape: dict, mode: str, dtype: torch.dtype, d
 # must stream it, the recurrent state), at `elt` bytes per activation element; states and sums are fp32.
 
 
-def titans_flops(B: int, T: int, H: int, d: int, C: int, backward: bool = False, momentum: bool = True) -> float:
-    """Chunked closed form per segment of C tokens with state rows R = 3d+2: reads of k, v, eta, alpha from Z_c,
-    the C x C decay products, the reads o and the (R, d) state update; the backward recomputes the forward."""
+# The linear Titans memory as the v2 kernels compute it (hope_kernels/titans/chunk.py), per segment of C tokens and
+# per (b, h), head dim d, G = 2d+2 generating rows; matmul FLOPs of every tl.dot, 2 per multiply-add:
+#   K1 (generating scan): k, v = a (E + W_k,c)ᵀ, a (E + W_v,c)ᵀ 4 C d^2; K Kᵀ 2 C^2 d; T = (I + A)^-1, merges of the
+#     16-blocks (C/16 dots of C^3) C^4/8; T Kd 2 C^2 d; per generating row: the write, T Wr, (T Kd) X_0ᵀ and the
+#     state update 6 C d + 2 C^2
+#   K1b: w' = T (Kd - P), u' = T V0 4 C^2 d;  K2: v_new = u' - w' W_0ᵀ, W's update 4 C d^2;
+#   K3: Q Kᵀ, Q W_0ᵀ, (Gamma ⊙ Q Kᵀ) v_new 4 C^2 d + 2 C d^2
+#   forward: 10 C d^2 + 12 C^2 d + C^4/8 + G (6 C d + 2 C^2).
+# The backward (B1 dv from the reads, B2 W's state, B3 the parallel chunk part incl. the T-chain of w', u', B4 the
+# generating scan, which recomputes the reads and T Kd and re-forms N per generating row):
+#   24 C d^2 + 34 C^2 d + 4 C^3 + G (16 C d + 6 C^2).
+# Retention toward the initial memories (memory_retention="init", the default) adds the anchor's terms: forward
+# T Ka (K1) 2 C^2 d, (T Ka) X_Aᵀ per generating row 2 C d, Ka W_Aᵀ (K1b) and Q W_Aᵀ (K3) 4 C d^2; backward B3's
+# dO W_A and dW_A 4 C d^2, B3''s dY W_A and dYᵀ Ka 4 C d^2, B4's T Ka 2 C^2 d and per generating row 6 C d:
+#   forward + 4 C d^2 + 2 C^2 d + 2 G C d,   backward + 8 C d^2 + 2 C^2 d + 6 G C d.
+
+
+def titans_flops(B: int, T: int, H: int, d: int, C: int, backward: bool = False, anchored: bool = True) -> float:
+    """The v2 kernels' matmul FLOPs (the count above), per segment of C tokens; `anchored`: retention toward the
+    initial memories (the model's default)."""
     nseg = math.ceil(T / C)
-    fwd = 14 * C * d * d + 6 * C * C * d + 2 * C**3 + 12 * d**3
-    if not momentum:
-        fwd -= 4 * C * d * d + 6 * d**3
-    per = fwd + (108 * C * d * d + 20 * C * C * d + 6 * C**3 if backward else 0)
+    G = 2 * d + 2
+    per = 10 * C * d * d + 12 * C * C * d + C**4 / 8 + G * (6 * C * d + 2 * C * C)
+    if anchored:
+        per += 4 * C * d * d + 2 * C * C * d + 2 * G * C * d
+    if backward:
+        per += 24 * C * d * d + 34 * C * C * d + 4 * C**3 + G * (16 * C * d + 6 * C * C)
+        if anchored:
+            per += 8 * C * d * d + 2 * C * C * d + 6 * G * C * d
     return float(B * H * nseg * per)
 
 
 def _memory_bytes(B: int, T: int, H: int, d: int, C: int, state: int, elt: int, backward: bool) -> float:
-    """Bytes of a chunked Titans-style memory with `state` fp32 elements per (b, h) in each of its state tensors
-    (linear: (3d+2) d; deep: (2d+2) d + 2 d h): q, a in and o out, plus the state stream per segment (read the
-    chunk-start, start and start-momentum states; write the end state and momentum); the backward adds q, a, do
-    in, dq, da out, the saved states and the gradient carry."""
+    """Bytes of a chunked Titans-style memory with `state` fp32 elements per (b, h) (linear: (3d+2) d; deep:
+    (2d+2) d + 2 d h): q, a in and o out, plus one fp32 checkpoint of the state per segment (written once; the
+    segment's writes read its chunk start back). The backward adds q, a, do in, dq, da out, the checkpoints read
+    back and the state gradient carried once per segment."""
     nseg = math.ceil(T / C)
     act = 3 * B * T * H * d * elt
-    stream = B * H * nseg * 5 * state * 4
+    stream = B * H * nseg * 2 * state * 4
     if backward:
-        act += 4 * B * T * H * d * elt
-        stream += B * H * nseg * 7 * state * 4
+        act += 5 * B * T * H * d * elt
+        stream += B * H * nseg * 3 * state * 4
     return float(act + stream)
 
 
 def titans_bytes(B: int, T: int, H: int, d: int, C: int, elt: int = 2, backward: bool = False) -> float:
-    """q, a in and o out, plus the fp32 state stream per segment (read Z_c, Z_s, S_s; write Z, S); the backward
-    adds q, a, do in, dq, da out, the saved states and the gradient carry (`_memory_bytes`)."""
+    """q, a in and o out, plus the fp32 (3d+2, d) checkpoint stream per segment (`_memory_bytes`)."""
     return _memory_bytes(B, T, H, d, C, (3 * d + 2) * d, elt, backward)
 
 
 def titans_step_flops(B: int, H: int, d: int, C: int) -> float:
-    """One token per (b, h): Z_c a (k, v, eta, alpha), the gradient X_c u kᵀ and the DGD term X_c k kᵀ over all
-    R = 3d+2 rows (a mat-vec and an outer product each), and the read M q."""
+    """One token per (b, h): Z_c a (k, v, eta, alpha), the write (E + X_c) u kᵀ and the DGD term (X_{t-1} k) kᵀ over
+    all R = 3d+2 rows (a mat-vec and an outer product each), and the read W q."""
     R = 3 * d + 2
     return float(B * H * (10 * R * d + 2 * d * d))
 
 
 def _memory_step_bytes(B: int, H: int, d: int, state: int, elt: int) -> float:
     """One decode token of a Titans-style memory with `state` fp32 elements per (b, h) in each state tensor: read
-    the chunk-start, current and momentum states, write the current state and momentum; q, a in, o out."""
-    return float(B * H * (5 * state * 4 + 3 * d * elt))
+    the chunk-start and current states, write both (the chunk start moves at a chunk's end); q, a in, o out."""
+    return float(B * H * (4 * state * 4 + 3 * d * elt))
 
 
 def titans_step_bytes(B: int, H: int, d: int, C: int, elt: int = 2) -> float:
-    """Read Z_c, Z_t, S_t and write Z_t, S_t (fp32, (R, d) each per (b, h)); q, a in, o out."""
+    """Read Z_c, Z_t and write Z_t, Z_c (fp32, (R, d) each per (b, h)); q, a in, o out."""
     return _memory_step_bytes(B, H, d, (3 * d + 2) * d, elt)
 
 
-# The deep Titans memory (memory_depth=2, hope_kernels/deep_titans/reference.py `_deep_segment`), per segment of C
-# tokens and per (b, h), with head dim d, hidden width h and the 2d+2 adaptive rows A = [M_k ; M_v ; m_eta ; m_alpha]
-# (matmul FLOPs, 2 per multiply-add, as above):
-#   adaptive rows, the linear rule (as `titans_flops`): k, v = a A_cᵀ                     4 C d^2
-#     decay matrix c = mom @ decay                                                        2 C^3
-#     end state and momentum: Σ_i w_i u_i k_iᵀ (2 C d^2), then A_c @ it (2 (2d+2) d^2)    4 C d^2
-#                                                                                          + 4 (2d+2) d^2
-#   main memory at the chunk start: p = K W2_cᵀ; the self target v + silu(V W2_cᵀ) W1_cᵀ (2 matmuls);
-#     e = K + silu(P) W1_cᵀ - target; g = silu'(P) ⊙ E W1_c                              5 x 2 C d h
-#   reads (TTT-MLP dual form): scores K Qᵀ                                                2 C^2 d
-#     first layer gamma Q W2_sᵀ + sigma Q S2_sᵀ - Wdᵀ P - Wgᵀ G                           2 x 2 C d h + 2 x 2 C^2 h
-#     scores silu(P) Hᵀ; second layer gamma H W1_sᵀ + sigma H S1_sᵀ - W1gᵀ E              2 C^2 h + 2 x 2 C d h
-#                                                                                          + 2 C^2 d
-#   end state: W1 and S1 (Eᵀ silu(P) each), W2 and S2 (G, P against K: the reference's two rank-one sums
-#     of W2 fold into one matmul, (e_g G + e_d P)ᵀ K, as the kernel does)                 4 x 2 C d h
-#   forward per segment: 8 C d^2 + 4 (2d+2) d^2 + 2 C^3 + 26 C d h + 4 C^2 d + 6 C^2 h.
-# The backward (the kernel's, hope_kernels/deep_titans/chunk.py `_deep_bwd_kernel`: a recomputation of the
-# segment from its saved start state, then the gradients; its tl.dots counted one by one, with momentum, DGD and
-# the self target):
-#   main memory: 35 matmuls of C x d x h (recomputation 7, the reads' gradients 10, the end state's 8, the
-#     chunk-start pieces 10), 5 of C x C x d, 9 of C x C x h           70 C d h + 10 C^2 d + 18 C^2 h
-#   adaptive rows and decays: k, v three times (12 C d^2), the state gradients of M_k and M_v (8 matmuls,
-#     16 C d^2 each), the input gradients (4 C d^2), the chunk-start gradients (5 matmuls, 10 C d^2 each), c and
-#     its two gradients (2 C^3 each)                                     68 C d^2 + 6 C^3
-# At d = h = C = 64 the deep op costs 1.59x the linear one forward and 1.35x forward+backward in these counts.
+# The deep Titans memory (memory_depth=2, hope_kernels/deep_titans/chunk.py), per segment of C tokens and (b, h),
+# head dim d, hidden width h: the generating scan as the linear op's (K1: 4 C d^2 + 4 C^2 d + C^4/8 + G (6 C d +
+# 2 C^2); its backward B4: 12 C d^2 + 8 C^2 d + 2 C^3 + G (16 C d + 6 C^2)), then the serial W1 / W2 pass:
+#   forward: p, the self target (2), e, e W1_c, (T Kd) W2_0ᵀ, Q W2_0ᵀ, hid W1_0ᵀ and the two state updates
+#     (10 of C x d x h), T Kd, Q Kᵀ and (Gamma ⊙ hid sᵀ) E1 (3 of C^2 d), T(-eta g), (Gamma ⊙ Q Kᵀ) N2, hid sᵀ
+#     (3 of C^2 h)                                                       20 C d h + 6 C^2 d + 6 C^2 h
+#   backward: the recomputation (16 C d h + 6 C^2 d + 6 C^2 h), then 20 C x d x h, 7 C^2 d, 6 C^2 h and Tᵀ M
+#                                                                        56 C d h + 20 C^2 d + 18 C^2 h + 2 C^3
+# Retention toward the initial memories (the default) adds, besides the generating scan's anchor terms (as the
+# linear op's: K1 2 C^2 d + 2 G C d, B4 2 C^2 d + 6 G C d), T Ka, (T Ka) W2_Aᵀ, Q W2_Aᵀ and hid W1_Aᵀ forward
+# (2 C^2 d + 6 C d h) and backward their recomputation and eight C x d x h products (2 C^2 d + 16 C d h).
+# The curvature guard is elementwise work only.
 
 
-def deep_titans_flops(B: int, T: int, H: int, d: int, h: int, C: int, backward: bool = False) -> float:
-    """Chunked TTT-MLP dual form of the deep memory with momentum and DGD (the count above), per segment of C."""
+def deep_titans_flops(B: int, T: int, H: int, d: int, h: int, C: int, backward: bool = False,
+                      anchored: bool = True) -> float:
+    """The v2 deep kernels' matmul FLOPs (the count above), per segment of C tokens; `anchored` as `titans_flops`."""
     nseg = math.ceil(T / C)
-    per = 8 * C * d * d + 4 * (2 * d + 2) * d * d + 2 * C**3 + 26 * C * d * h + 4 * C * C * d + 6 * C * C * h
+    G = 2 * d + 2
+    per = 4 * C * d * d + 4 * C * C * d + C**4 / 8 + G * (6 * C * d + 2 * C * C)
+    per += 20 * C * d * h + 6 * C * C * d + 6 * C * C * h
+    if anchored:
+        per += 2 * C * C * d + 2 * G * C * d + 2 * C * C * d + 6 * C * d * h
     if backward:
-        per += 70 * C * d * h + 10 * C * C * d + 18 * C * C * h + 68 * C * d * d + 6 * C**3
+        per += 12 * C * d * d + 8 * C * C * d + 2 * C**3 + G * (16 * C * d + 6 * C * C)
+        per += 56 * C * d * h + 20 * C * C * d + 18 * C * C * h + 2 * C**3
+        if anchored:
+            per += 2 * C * C * d + 6 * G * C * d + 2 * C * C * d + 16 * C * d * h
     return float(B * H * nseg * per)
 
 
@@ -386,9 +401,9 @@ def deep_titans_bytes(B: int, T: int, H: int, d: int, h: int, C: int, elt: int =
 
 
 def deep_titans_step_flops(B: int, H: int, d: int, h: int, C: int) -> float:
-    """One token per (b, h): the adaptive rows as `titans_step_flops` over their R = 2d+2 rows (10 R d); the main
-    memory's p = W2_c k, the self target (2 mat-vecs), e, g = W1_cᵀ e, the outer products G1 = e silu(p)ᵀ,
-    G2 = g kᵀ and the DGD term p kᵀ, and the read W1 silu(W2 q) (10 x 2 d h)."""
+    """One token per (b, h): the generating rows as `titans_step_flops` over their R = 2d+2 rows (10 R d); the main
+    memory's p = W2_c k, the self target (2 mat-vecs), e, g = W1_cᵀ e, the outer products e silu(p)ᵀ, g kᵀ and
+    the DGD term (W2 k) kᵀ, and the read W1 silu(W2 q) (10 x 2 d h)."""
     return float(B * H * (10 * (2 * d + 2) * d + 20 * d * h))
 
 

@@ -1,7 +1,9 @@
 """Self-modifying Titans memory with a deep main memory M(z) = z + W1 silu(W2 z) (SPEC §2 v2, Eq. 91,
 `memory_depth=2`): one op, dispatched to the PyTorch reference or Triton.
 
-`kernel_backend="triton"` raises until the v2 Triton kernels exist (HAS_TRITON); "auto" picks the reference.
+The Triton kernels (`chunk.py`, `step.py`) cover every flag except momentum: `kernel_backend="triton"` with
+momentum=True raises, and "auto" then picks the reference. "auto" picks Triton only on CUDA once the kernels have
+been verified on a GPU (GPU_VERIFIED); no GPU has run them yet.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from hope_kernels.deep_titans.reference import (
 )
 from hope_kernels.titans.reference import ADAPTIVE_NAMES
 
-HAS_TRITON = False
+HAS_TRITON = True
 GPU_VERIFIED = False
 
 __all__ = [
@@ -29,6 +31,15 @@ __all__ = [
     "titans_deep_memory_reference",
     "titans_deep_memory_step_reference",
 ]
+
+
+def _backend(backend: str, device, momentum: bool) -> str:
+    """"torch" or "triton": the kernels have no momentum, so "auto" picks the reference for it and "triton" raises."""
+    if momentum and backend == "triton":
+        raise ValueError("kernel_backend='triton' does not support momentum=True (the deep Titans Triton kernels have "
+                         "no momentum); use kernel_backend='torch', or 'auto', which runs the PyTorch reference for it")
+    return resolve_backend(backend, device, op="deep_titans", has_triton=HAS_TRITON and not momentum,
+                           gpu_verified=GPU_VERIFIED)
 
 
 def titans_deep_memory(
@@ -64,7 +75,10 @@ def titans_deep_memory(
                   memory_value_norm=memory_value_norm, memory_retention=memory_retention,
                   memory_curvature_guard=memory_curvature_guard, adaptive=adaptive,
                   mask=mask, state=state, output_final_state=output_final_state)
-    resolve_backend(backend, q.device, op="deep_titans", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED)
+    if _backend(backend, q.device, momentum) == "triton":
+        from hope_kernels.deep_titans.chunk import titans_deep_memory_triton
+
+        return titans_deep_memory_triton(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit, **kwargs)
     return titans_deep_memory_reference(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit, **kwargs)
 
 
@@ -100,5 +114,8 @@ def titans_deep_memory_step(
                   memory_value_norm=memory_value_norm, memory_retention=memory_retention,
                   memory_curvature_guard=memory_curvature_guard, adaptive=adaptive,
                   mask=mask, state=state)
-    resolve_backend(backend, q.device, op="deep_titans", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED)
+    if _backend(backend, q.device, momentum) == "triton":
+        from hope_kernels.deep_titans.step import titans_deep_memory_step_triton
+
+        return titans_deep_memory_step_triton(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit, **kwargs)
     return titans_deep_memory_step_reference(q, a, w1_0, w2_0, z0, b_eta, b_alpha, momentum_logit, **kwargs)

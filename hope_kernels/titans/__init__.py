@@ -1,6 +1,8 @@
 """Self-modifying Titans memory (SPEC §2 v2): one op, dispatched to the PyTorch reference or Triton.
 
-`kernel_backend="triton"` raises until the v2 Triton kernels exist (HAS_TRITON); "auto" picks the reference.
+The Triton kernels (`chunk.py`, `step.py`) cover every flag except momentum: `kernel_backend="triton"` with
+momentum=True raises, and "auto" then picks the reference. "auto" picks Triton only on CUDA once the kernels have
+been verified on a GPU (GPU_VERIFIED); no GPU has run them yet.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from hope_kernels.titans.reference import (
     titans_memory_step_reference,
 )
 
-HAS_TRITON = False
+HAS_TRITON = True
 GPU_VERIFIED = False
 
 __all__ = [
@@ -31,6 +33,15 @@ __all__ = [
     "titans_memory_reference",
     "titans_memory_step_reference",
 ]
+
+
+def _backend(backend: str, device, momentum: bool) -> str:
+    """"torch" or "triton": the kernels have no momentum, so "auto" picks the reference for it and "triton" raises."""
+    if momentum and backend == "triton":
+        raise ValueError("kernel_backend='triton' does not support momentum=True (the Titans Triton kernels have no "
+                         "momentum); use kernel_backend='torch', or 'auto', which runs the PyTorch reference for it")
+    return resolve_backend(backend, device, op="titans", has_triton=HAS_TRITON and not momentum,
+                           gpu_verified=GPU_VERIFIED)
 
 
 def titans_memory(
@@ -62,7 +73,10 @@ def titans_memory(
                   dgd=dgd, objective=objective, memory_target=memory_target, memory_residual=memory_residual,
                   memory_value_norm=memory_value_norm, memory_retention=memory_retention, adaptive=adaptive,
                   mask=mask, state=state, output_final_state=output_final_state)
-    resolve_backend(backend, q.device, op="titans", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED)
+    if _backend(backend, q.device, momentum) == "triton":
+        from hope_kernels.titans.chunk import titans_memory_triton
+
+        return titans_memory_triton(q, a, z0, b_eta, b_alpha, momentum_logit, **kwargs)
     return titans_memory_reference(q, a, z0, b_eta, b_alpha, momentum_logit, **kwargs)
 
 
@@ -94,5 +108,8 @@ def titans_memory_step(
                   dgd=dgd, objective=objective, memory_target=memory_target, memory_residual=memory_residual,
                   memory_value_norm=memory_value_norm, memory_retention=memory_retention, adaptive=adaptive,
                   mask=mask, state=state)
-    resolve_backend(backend, q.device, op="titans", has_triton=HAS_TRITON, gpu_verified=GPU_VERIFIED)
+    if _backend(backend, q.device, momentum) == "triton":
+        from hope_kernels.titans.step import titans_memory_step_triton
+
+        return titans_memory_step_triton(q, a, z0, b_eta, b_alpha, momentum_logit, **kwargs)
     return titans_memory_step_reference(q, a, z0, b_eta, b_alpha, momentum_logit, **kwargs)

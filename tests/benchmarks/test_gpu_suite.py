@@ -159,8 +159,8 @@ def check_model_level(dry_run: tuple) -> None:
 def check_goals_and_markdown(dry_run: tuple) -> None:
     results, markdown, _ = dry_run
     goals = {g["id"]: g for g in results["goals"]}
-    assert set(goals) == {"train_ref", "train_long", "titans_vs_fla", "cms_matmul", "decode_flat", "decode_speed",
-                          "deep_vs_linear"}
+    assert set(goals) == {"train_ref", "train_long", "titans_vs_fla", "titans_vs_eager", "titans_bf16", "cms_matmul",
+                          "decode_flat", "decode_speed", "deep_vs_linear"}
     assert all(g["status"] in S.STATUSES for g in goals.values())
     # The deep goal pairs the two Triton fwd+bwd timings (the interpreter's in the dry run, when it is on).
     timed = {e["op"]: e["ms"] for e in results["kernels"]
@@ -180,6 +180,7 @@ def check_goals_and_markdown(dry_run: tuple) -> None:
     assert goals["train_ref"]["status"] == ("hit" if ratio >= 0.7 else "miss")
     if importlib.util.find_spec("fla") is None:
         assert goals["titans_vs_fla"]["status"] == "not measured"
+    assert goals["titans_bf16"]["status"] == "not measured"  # the dry run is fp32
     assert markdown.startswith("# Hope benchmark suite")
     assert "Dry run on CPU" in markdown
     for heading in ("## Ceilings", "## Goals", "## Kernels and peers", "## Model level"):
@@ -233,16 +234,19 @@ def test_failing_case_is_recorded_and_the_run_continues(tmp_path, monkeypatch) -
 
 def _figures(train: dict, titans: tuple, cms_frac: float, decode: dict, deep: Optional[dict] = None) -> dict:
     """A results dict of the full plan with the given figures: train {(model, T): tokens/s}, titans (our fwd+bwd
-    ms, FLA's), the CMS fraction of matmul, decode {(model, prompt, batch): ms}, and the deep op's Triton fwd+bwd
-    entry fields (e.g. {"ms": 50.0} or {"error": ...}) at the full plan's deep shape, or None for no deep entry."""
+    ms, FLA's, the eager reference's, our bf16 relative error against it), the CMS fraction of matmul, decode
+    {(model, prompt, batch): ms}, and the deep op's Triton fwd+bwd entry fields (e.g. {"ms": 50.0} or
+    {"error": ...}) at the full plan's deep shape, or None for no deep entry."""
     shape = S.FULL.titans_shapes[0]
     kernels = [] if deep is None else [
         {"op": "titans_deep_memory", "method": "triton", "mode": "fwd+bwd", "shape": S.FULL.deep_titans_shapes[0],
          **deep}]
     kernels += [
-        {"op": "titans_memory", "method": "triton", "mode": "fwd+bwd", "shape": shape, "ms": titans[0]},
+        {"op": "titans_memory", "method": "triton", "mode": "fwd+bwd", "shape": shape, "ms": titans[0],
+         "dtype": "bfloat16", "rel_err_vs_eager": titans[3]},
         {"op": "titans_memory", "method": "fla_chunk_gated_delta_rule", "mode": "fwd+bwd", "shape": shape,
          "ms": titans[1]},
+        {"op": "titans_memory", "method": "eager", "mode": "fwd+bwd", "shape": shape, "ms": titans[2]},
         {"op": "cms_level", "method": "triton", "mode": "fwd", "shape": S.FULL.cms_shapes[0], "ms": 1.0,
          "frac_of_matmul": cms_frac},
     ]
@@ -261,7 +265,7 @@ def test_goal_rules_on_known_figures() -> None:
     results = _figures(
         train={("hope", 4096): 70.0, ("transformer++", 4096): 100.0, ("hope", 16384): 101.0,
                ("transformer++", 16384): 100.0},
-        titans=(20.0, 10.0),
+        titans=(20.0, 8.0, 400.0, 1e-2),
         cms_frac=0.5,
         decode={("hope", 1024, 1): 10.0, ("hope", 32768, 1): 11.0, ("transformer++", 32768, 1): 23.0,
                 ("hope", 1024, 64): 10.0, ("hope", 32768, 64): 10.5},
@@ -274,7 +278,9 @@ def test_goal_rules_on_known_figures() -> None:
     assert goals["deep_vs_linear"]["measured"] == f"{label}: 2.50x"
     assert goals["train_ref"]["status"] == "hit"  # 0.70 exactly
     assert goals["train_long"]["status"] == "hit"  # 1.01 > 1
-    assert goals["titans_vs_fla"]["status"] == "hit"  # 2.0x exactly
+    assert goals["titans_vs_fla"]["status"] == "hit"  # 2.5x exactly
+    assert goals["titans_vs_eager"]["status"] == "hit"  # 20x exactly
+    assert goals["titans_bf16"]["status"] == "hit"  # 1e-2 exactly
     assert goals["cms_matmul"]["status"] == "hit"
     assert goals["decode_flat"]["status"] == "hit"  # 1.10 and 1.05
     # Transformer++ at batch 64 was not measured, so only batch 1 counts: 23 ms against 11 ms per token.
@@ -287,14 +293,14 @@ def test_goal_rules_miss_and_not_measured() -> None:
     results = _figures(
         train={("hope", 4096): 69.0, ("transformer++", 4096): 100.0, ("hope", 16384): 100.0,
                ("transformer++", 16384): 100.0},
-        titans=(20.1, 10.0),
+        titans=(20.1, 8.0, 400.0, 1.1e-2),
         cms_frac=0.49,
         decode={("hope", 1024, 1): 10.0, ("hope", 32768, 1): 11.2, ("transformer++", 32768, 1): 15.0},
         deep={"ms": 50.3},  # 2.515x the linear op's 20 ms
     )
     goals = {g["id"]: g for g in S.evaluate_goals(results)}
-    assert [goals[k]["status"] for k in ("train_ref", "train_long", "titans_vs_fla", "cms_matmul", "decode_flat",
-                                         "decode_speed", "deep_vs_linear")] == ["miss"] * 7
+    assert [goals[k]["status"] for k in ("train_ref", "train_long", "titans_vs_fla", "titans_vs_eager", "titans_bf16",
+                                         "cms_matmul", "decode_flat", "decode_speed", "deep_vs_linear")] == ["miss"] * 9
     assert close(goals["decode_speed"]["values"]["ratios"]["1"], (1 / 11.2) / (1 / 15.0))
     empty = {"plan": dataclasses.asdict(S.FULL), "kernels": [], "model": {"train": [], "decode": []}}
     assert {g["status"] for g in S.evaluate_goals(empty)} == {"not measured"}
@@ -303,7 +309,7 @@ def test_goal_rules_miss_and_not_measured() -> None:
 def test_deep_goal_not_measured_says_why() -> None:
     """The deep goal is "not measured" whenever either side lacks a timing, and says which side and why: the deep
     kernel may not fit shared memory on the GPU (benchmarks/NOTES.md), and that must show in the goal row."""
-    figures = dict(train={}, titans=(20.0, 10.0), cms_frac=0.5, decode={})
+    figures = dict(train={}, titans=(20.0, 10.0, 400.0, 1e-2), cms_frac=0.5, decode={})
     label = S.shape_label(S.FULL.deep_titans_shapes[0])
 
     def deep_goal(results: dict) -> dict:

@@ -18,6 +18,12 @@ CASES = {
     # name: (variant overrides, ops it needs)
     "cms_sequential": (dict(mixer="attention", cms_variant="sequential"), ["cms"]),
     "cms_independent": (dict(mixer="attention", cms_variant="independent"), ["cms"]),
+    # The Titans memories at the model's defaults (unit values, retention toward the initial memories, the deep
+    # memory's curvature guard), with plain-FFN CMS levels so that only their kernels are in play.
+    "hope": (dict(cms_chunk_sizes=[None]), ["titans"]),
+    "hope_deep": (dict(cms_chunk_sizes=[None], memory_depth=2, memory_hidden=12), ["deep_titans"]),  # h != d = 8
+    # The whole Hope layer at the model's defaults: the Titans memory and learning CMS levels, both kernels at once.
+    "hope_full": (dict(), ["titans", "cms"]),
 }
 KERNELS = {"titans": titans_kernels, "deep_titans": deep_titans_kernels, "cms": cms_kernels}
 

@@ -19,11 +19,11 @@ from tests.hope.utils_hope import random_ids, tiny_config, tiny_model
 
 # One subprocess (each load costs seconds): the deep memory reaches the most bundled files (both Titans ops and the
 # CMS); every layer file is imported by modeling_hope anyway. The lazily imported Triton kernels are run on the
-# checkpoints whose every op has one: Hope-Attention, whose only in-context op is the CMS (the Titans ops until
-# their v2 kernels land, issue #11).
+# checkpoint whose every op has one and that reaches every kernel: the deep Titans memory (its kernels import the
+# linear op's) with learning CMS levels.
 CONFIGS = {"deep_titans": dict(memory_depth=2, momentum=False, cms_variant="independent", tie_word_embeddings=False),
            "hope_attention": dict(mixer="attention")}
-TRITON_CONFIGS = ["hope_attention"]
+TRITON_CONFIGS = ["deep_titans"]
 
 # Runs in the subprocess: any import of hope or hope_kernels fails, so the checkpoint's own files must do it all.
 CLIENT = textwrap.dedent('''
@@ -108,7 +108,8 @@ def test_the_bundle_is_the_current_source_with_flat_imports():
     files = remote_code_files()
     assert {"modeling_hope.py", "configuration_hope.py", "cache_hope.py", "layers_titans_mixer.py",
             "hope_kernels_cms_reference.py", "hope_kernels_deep_titans_reference.py", "hope_kernels_cms_chunk.py",
-            "hope_kernels_cms_step.py", "hope_kernels_cms__common.py"} <= set(files)
+            "hope_kernels_cms_step.py", "hope_kernels_cms__common.py", "hope_kernels_titans_chunk.py",
+            "hope_kernels_deep_titans_chunk.py", "hope_kernels_deep_titans_step.py"} <= set(files)
     for name, source in files.items():
         header, body = source.split("\n", 1)
         module = header.split(" from ", 1)[1].split(":", 1)[0]

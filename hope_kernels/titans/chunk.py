@@ -1,0 +1,1213 @@
+"""Triton kernels of the chunked self-modifying Titans memory, SPEC §2 v2, linear memories: forward and backward.
+
+Same signature and semantics as `titans_memory_reference` (hope_kernels/titans/reference.py), without momentum.
+
+The split (derived here from the reference's unrolled gated delta rule, `delta_rule_corrections`)
+---------------------------------------------------------------------------------------------------
+Per (batch, head) the state is Z = [W ; G], G = [W_k ; W_v ; w_eta ; w_alpha] ((2d+2) x d). A call is cut into
+segments exactly as the reference does (chunk phase counts from position 0; segment n holds tokens
+[max(nC - p%C, 0), min((n+1)C - p%C, T)) for a call that starts at position p). In a segment of L tokens every row
+block X follows X_t = X_A + alpha_t (X_{t-1} - X_A) - eps eta_t X_{t-1} k_t k_tᵀ + w_t k_tᵀ with writes w_t known at
+the segment start; X_A is the retention anchor (the block of z0 under memory_retention="init", 0 under "zero").
+With lg_t = Σ_{s<=t} log alpha_s (within the segment), gamma_t = exp(lg_t) and n_j = w_j - eps eta_j X_{j-1} k_j:
+
+    X_t = X_A + gamma_t (X_0 - X_A) + Σ_{j<=t} (gamma_t/gamma_j) n_j k_jᵀ,
+    n_t = w_t - eps eta_t [gamma_{t-1} X_0 + (1 - gamma_{t-1}) X_A] k_t - Σ_{j<t} A[t,j] n_j,
+    A[t,j] = eps eta_t (gamma_{t-1}/gamma_j) k_j.k_t,
+
+so, rows t of the L x R matrices N, Wr (writes) and with T = (I + A)^-1 (one unit-lower-triangular inverse per
+segment, shared by every row of Z: same keys, same transition),
+
+    N = T Wr - (T Kd) X_0ᵀ - (T Ka) X_Aᵀ,   Kd = diag(eps eta_t gamma_{t-1}) K,   Ka = diag(eps eta_t) K - Kd,
+    X_end = gamma_L X_0 + (1 - gamma_L) X_A + Nᵀ (diag(gamma_L/gamma) K).
+
+The anchor only adds terms that are constant in the state (the checkpoints hold full states, not deviations), so
+the split below is unchanged; its gradient is summed per segment (B3, B3', B4) and over the batch.
+
+(a) The generating rows G evolve on their own: k, v, eta, alpha and G's writes -eta_t (E_G + G_c) u_t all come from
+    the adaptive-chunk-start G_c (v l2-normalised with `memory_value_norm`). So `_gen_fwd_kernel` is a serial scan over segments per (batch, head) (B x H
+    programs; self-modification makes the segments sequential): it emits k, v, eta, lg for every token and T for
+    every segment, and advances G (checkpointed at every segment start: the backward recomputes from there).
+(b) Given those, W's write w_t = V0_t + W_c p_t is affine in the chunk-start W_c: V0 = -eta r u, p = -eta u (self
+    target), V0 = -eta (r k - v), p = -eta k (value target, "l2"), V0 = eta v, p = 0 (value, "dot"); r = 1 with
+    `memory_residual`, else 0. For a segment that starts on a chunk boundary W_c = W_0, so in FLA's layout
+    (h = Wᵀ) N^W = u' - w' h_0 with
+        u' = T (V0 - Ka W_Aᵀ),   w' = T (Kd - P)                           (`_main_prep_kernel`, parallel)
+    and the first segment of a call (whose W_c is the cached chunk start, not W_0) has
+    u' = T (V0 + P W_cᵀ - Ka W_Aᵀ), w' = T Kd. Without DGD (eps = 0) A = 0 and T = I. Every row of W is independent, so `_main_state_fwd_kernel`
+    passes W's state over the segments with W's rows split into BV-wide tiles across programs (the state tile
+    stays in registers; checkpoints go to memory), storing N^W = v_new; `_main_out_fwd_kernel` forms
+        o_t = r q_t + W_A q_t + gamma_t (W_0 - W_A) q_t + Σ_{j<=t} (gamma_t/gamma_j) (k_j.q_t) n_j
+    in parallel over (segment, batch, head, tile). The reference evaluates the same closed form
+    (`delta_rule_read`), so both agree to rounding. The anchor's term of u', -T Ka W_Aᵀ, is added by
+    `_main_anchor_fwd_kernel` (parallel), which keeps `_main_prep_kernel` within its registers.
+(c) The backward mirrors it: `_main_dv_bwd_kernel` (dv_new from o, parallel), `_main_state_bwd_kernel` (dW over the
+    segments in reverse, BV tiles, dW checkpoints), `_main_chunk_bwd_kernel` (dq, the k / lg parts of the reads and
+    W's update, dw', parallel), `_main_wy_bwd_kernel` (through w', u' and T's A, parallel: dA = -Tᵀ Σ dX Xᵀ over
+    the products X = T Y), `_main_anchor_bwd_kernel` (B3a, parallel: every term of W's retention anchor, which
+    B3 and B3' leave out), `_gen_bwd_kernel` (the reverse serial scan of G:
+    T is read back from the forward, G recomputed from its checkpoints). Memory: O(T/C (3d+2) d) checkpoints plus
+    O(T d) per-token buffers and O(T C) for T, per (batch, head).
+
+Where T is needed the products involving it run in fp32 (tf32); the state products take 16-bit operands for 16-bit
+inputs (hope_kernels/titans/_common.py). Decays are exp of non-positive log sums only (no 1/gamma).
+
+Constraints (ValueError otherwise): momentum=False; 1 <= d <= 128; 1 <= chunk_size <= 128; q and a of one dtype
+among float32, float16, bfloat16; CUDA tensors (or CPU tensors under TRITON_INTERPRET=1). o and the input
+gradients come back in the input dtype, the states and their gradients in fp32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hope_kernels.titans._common import (
+    block_sizes,
+    block_v,
+    check_kernel_inputs,
+    check_no_momentum,
+    device_fn,
+    dot_precision,
+    launch,
+    launch_options,
+    log_sigmoid,
+    low_precision_dots,
+    mm,
+    num_segments,
+    sigmoid,
+    unit_lower_inverse,
+)
+from hope_kernels.titans.reference import (
+    ADAPTIVE_NAMES,
+    TitansState,
+    adaptive_row_mask,
+    check_memory_inputs,
+    check_state,
+    memory_rows,
+)
+from hope_kernels.titans.reference import _config as reference_config
+
+__all__ = ["titans_memory_triton"]
+
+
+# ------------------------------------------------------------------------------------- segment geometry
+
+
+@device_fn
+def _segment(n, C, shift, T):
+    """First token and length of segment n."""
+    start = tl.maximum(n * C - shift, 0)
+    return start, tl.minimum((n + 1) * C - shift, T) - start
+
+
+@device_fn
+def _gc_slot(n, C, CA, pos, shift, T):
+    """Which generating state segment n reads: -1 for the call's input chunk start, else the checkpoint slot of the
+    last adaptive-chunk boundary inside the call (boundaries are chunk boundaries, so they start segments)."""
+    start, _ = _segment(n, C, shift, T)
+    pb = ((pos + start) // CA) * CA
+    slot = (pb - (pos - shift)) // C
+    return tl.where(pb > pos, slot, -1)
+
+
+# ------------------------------------------------------------------------ (a) the generating memories
+
+
+@device_fn
+def _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d, md, PREC: tl.constexpr,
+               LOWP: tl.constexpr, VNORM: tl.constexpr):
+    """k, v, eta, log alpha of a segment's tokens from the chunk-start generating memories gc (Eq. 90, residual;
+    v l2-normalised with `memory_value_norm`). Also returns the unnormalised k, its norm, the sigmoid of eta's
+    logit, alpha's logit and the norm of the unnormalised v (for the backward)."""
+    boff = offs_d[:, None] * d + offs_d[None, :]
+    bm = md[:, None] & md[None, :]
+    eye = tl.where(bm & (offs_d[:, None] == offs_d[None, :]), resid, 0.0)
+    k_raw = mm(a, tl.trans(tl.load(gc + boff, mask=bm, other=0.0) + eye), PREC, LOWP)
+    v = mm(a, tl.trans(tl.load(gc + d * d + boff, mask=bm, other=0.0) + eye), PREC, LOWP)
+    nrm = tl.sqrt(tl.sum(k_raw * k_raw, 1))
+    k = k_raw / tl.maximum(nrm, 1e-12)[:, None]
+    vnrm = tl.sqrt(tl.sum(v * v, 1))
+    if VNORM:
+        v = v / tl.maximum(vnrm, 1e-12)[:, None]
+    w_eta = tl.load(gc + 2 * d * d + offs_d, mask=md, other=0.0)
+    w_alpha = tl.load(gc + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
+    sig_eta = sigmoid(tl.sum(a * w_eta[None, :], 1) + b_eta)
+    pre_alpha = tl.sum(a * w_alpha[None, :], 1) + b_alpha
+    return k, v, eta_max * sig_eta * valid, log_sigmoid(pre_alpha) * valid, k_raw, nrm, sig_eta, pre_alpha, vnrm
+
+
+@device_fn
+def _delta_coefficients(k, eta, la, eps, offs_c, PREC: tl.constexpr):
+    """A of the segment (strictly lower) and the decay vectors: lg (within-segment log gamma), Kd's scale
+    eps eta_t gamma_{t-1} and gamma_L / gamma_t."""
+    lg = tl.cumsum(la, 0)
+    lg_end = tl.sum(la, 0)
+    before = offs_c[None, :] < offs_c[:, None]  # [t, j]: j < t
+    kk = tl.dot(k, tl.trans(k), input_precision=PREC)
+    A = tl.where(before, eps * eta[:, None] * tl.exp(tl.where(before, (lg - la)[:, None] - lg[None, :], 0.0)) * kk,
+                 0.0)
+    return A, lg, lg_end, eps * eta * tl.exp(lg - la), tl.exp(lg_end - lg)
+
+
+@device_fn
+def _gen_tile_fwd(gc, g0, g1, anc, rloc, mr, learn, er, d, k, EU, Tm, kd_scale, ka_scale, kappa, gamma_end, offs_d,
+                  md, ANCHOR: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+    """One row tile of G through a segment: Y = Wr - diag(kd) K X_0ᵀ [- diag(ka) K X_Aᵀ] with the writes
+    Wr = -eta U (E + X_c)ᵀ = EU (E + X_c)ᵀ, N = T Y (= T Wr - (T Kd) X_0ᵀ - (T Ka) X_Aᵀ),
+    X_end = gamma_L X_0 [+ (1 - gamma_L) X_A] + (diag(kappa) N)ᵀ K (rows that do not learn keep X_0; the bracketed
+    terms are the retention anchor X_A of memory_retention="init"). Only k, EU, T and vectors are shared by the
+    tiles (the row scalings are applied per tile), which keeps the scan's live set small. gc, g0, g1, anc point at
+    the tile's block in the chunk-start, segment-start, segment-end and anchor states; rloc (BR,) are the rows
+    within the block, er the identity weight of the block (resid for square blocks, 0 for w_eta, w_alpha)."""
+    xoff = rloc[:, None] * d + offs_d[None, :]
+    m = mr[:, None] & md[None, :]
+    Xh = tl.load(gc + xoff, mask=m, other=0.0) + tl.where(m & (rloc[:, None] == offs_d[None, :]), er, 0.0)
+    X0 = tl.load(g0 + xoff, mask=m, other=0.0)
+    Y = mm(EU, tl.trans(Xh), PREC, LOWP) - kd_scale[:, None] * tl.dot(k, tl.trans(X0), input_precision=PREC)
+    Xe = gamma_end * X0
+    if ANCHOR:
+        XA = tl.load(anc + xoff, mask=m, other=0.0)
+        Y -= ka_scale[:, None] * tl.dot(k, tl.trans(XA), input_precision=PREC)
+        Xe += (1.0 - gamma_end) * XA
+    N = tl.dot(Tm, Y, input_precision=PREC)
+    Xe += mm(tl.trans(kappa[:, None] * N), k, PREC, LOWP)
+    tl.store(g1 + xoff, tl.where(learn[:, None], Xe, X0), mask=m)
+
+
+@triton.jit
+def _gen_fwd_kernel(
+    a_ptr, valid_ptr, gc_in_ptr, g_ptr, anc_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, b_eta_ptr, b_alpha_ptr,
+    T, H, d, C, CA, pos, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot, anc_h,
+    BC: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, OBJ_L2: tl.constexpr,
+    AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr,
+    HAS_MASK: tl.constexpr, VNORM: tl.constexpr, ANCHOR: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+):
+    """K1: serial scan of the generating memories over the segments of one (batch, head). Slot 0 of g holds the
+    call's start state; slot n+1 receives the state after segment n. anc: the heads' retention anchors G_0
+    (ANCHOR), anc_h apart."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    b_eta = tl.load(b_eta_ptr + h)
+    b_alpha = tl.load(b_alpha_ptr + h)
+    g_base = g_ptr + bh * g_bh
+    anc = anc_ptr + h * anc_h
+    r_sq = tl.arange(0, BR)
+    r_ea = tl.arange(0, 16)
+    for n in range(0, NSEG):
+        start, L = _segment(n, C, shift, T)
+        mt = offs_c < L
+        tok = start + offs_c
+        m2 = mt[:, None] & md[None, :]
+        a = tl.load(a_ptr + ((b * T + tok) * H + h)[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            valid = tl.load(valid_ptr + b * T + tok, mask=mt, other=0.0)
+        else:
+            valid = tl.where(mt, 1.0, 0.0)
+        slot = _gc_slot(n, C, CA, pos, shift, T)
+        if slot < 0:
+            gc = gc_in_ptr + bh * gc_bh
+        else:
+            gc = g_base + slot * g_slot
+        g0 = g_base + n * g_slot
+        g1 = g0 + g_slot
+
+        k, v, eta, la, _kr, _nrm, _se, _pa, _vn = _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d,
+                                                             md, PREC, LOWP, VNORM)
+        A, lg, lg_end, kd_scale, kt_scale = _delta_coefficients(k, eta, la, eps, offs_c, PREC)
+        row = (bh * T + tok)
+        tl.store(k_ptr + row[:, None] * d + offs_d[None, :], k, mask=m2)
+        tl.store(v_ptr + row[:, None] * d + offs_d[None, :], v, mask=m2)
+        tl.store(eta_ptr + row, eta, mask=mt)
+        tl.store(lg_ptr + row, lg, mask=mt)
+        Tm = unit_lower_inverse(A, tmat_ptr + (bh * NSEG + n) * BC * BC, offs_c, BC, PREC)
+        ka_scale = eps * eta - kd_scale  # Ka = diag(eps eta_t (1 - gamma_{t-1})) K: the anchor's part of the DGD term
+        gamma_end = tl.exp(lg_end)
+        if OBJ_L2:
+            EU = -eta[:, None] * (k - v)
+        else:
+            EU = eta[:, None] * v
+        for blk in tl.static_range(2):
+            if (blk == 0 and AD_K) or (blk == 1 and AD_V):
+                for rt in tl.static_range(D // BR):
+                    rloc = rt * BR + r_sq
+                    mr = rloc < d
+                    _gen_tile_fwd(gc + blk * d * d, g0 + blk * d * d, g1 + blk * d * d, anc + blk * d * d, rloc, mr,
+                                  mr, resid, d, k, EU, Tm, kd_scale, ka_scale, kt_scale, gamma_end, offs_d, md, ANCHOR,
+                                  PREC, LOWP)
+            else:
+                boff = offs_d[:, None] * d + offs_d[None, :]
+                bm = md[:, None] & md[None, :]
+                tl.store(g1 + blk * d * d + boff, tl.load(g0 + blk * d * d + boff, mask=bm, other=0.0), mask=bm)
+        learn = ((r_ea == 0) & AD_E) | ((r_ea == 1) & AD_A)
+        _gen_tile_fwd(gc + 2 * d * d, g0 + 2 * d * d, g1 + 2 * d * d, anc + 2 * d * d, r_ea, r_ea < 2, learn, 0.0,
+                      d, k, EU, Tm, kd_scale, ka_scale, kt_scale, gamma_end, offs_d, md, ANCHOR, PREC, LOWP)
+        tl.debug_barrier()  # the next segment reads the state (and maybe its chunk start) stored here
+
+
+# ------------------------------------------------------------------------------- (b) the main memory W
+
+
+@device_fn
+def _main_writes(k, v, eta, resid, OBJ_L2: tl.constexpr, VALUE: tl.constexpr):
+    """W's write w_t = V0_t + W_c p_t (SPEC §2; value target: M regresses on v_t)."""
+    if OBJ_L2:
+        U = k - v
+    else:
+        U = -v
+    if VALUE:
+        if OBJ_L2:
+            V0 = -eta[:, None] * (resid * k - v)
+            P = -eta[:, None] * k
+        else:
+            V0 = eta[:, None] * v
+            P = v * 0.0
+    else:
+        V0 = -eta[:, None] * resid * U
+        P = -eta[:, None] * U
+    return V0, P
+
+
+@device_fn
+def _load_tokens(ptr, bh, T, start, offs_c, mt, offs_d, md, d):
+    """A (BC, D) tile of a (BH, T, d) fp32 buffer."""
+    row = bh * T + start + offs_c
+    return tl.load(ptr + row[:, None] * d + offs_d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
+
+
+@device_fn
+def _lg_before(lg_ptr, bh, T, start, offs_c, mt):
+    """lg_{t-1} within the segment (0 at its first token)."""
+    row = bh * T + start + offs_c
+    return tl.load(lg_ptr + row - 1, mask=mt & (offs_c > 0), other=0.0)
+
+
+@triton.jit
+def _main_prep_kernel(
+    k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, wc_ptr, wp_ptr, up_ptr,
+    T, C, shift, NSEG, d, eps, resid, wc_bh,
+    BC: tl.constexpr, D: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr,
+):
+    """w', u' of one segment (parallel over segments): N^W = u' - w' h_0."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    start, L = _segment(n, C, shift, T)
+    mt = offs_c < L
+    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    v = _load_tokens(v_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    row = bh * T + start + offs_c
+    eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
+    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+    Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
+    V0, P = _main_writes(k, v, eta, resid, OBJ_L2, VALUE)
+    Kd = (eps * eta * tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt)))[:, None] * k
+    if n == 0:  # the call's own chunk-start W_c (a cached state may sit mid-chunk)
+        boff = offs_d[:, None] * d + offs_d[None, :]
+        Wc = tl.load(wc_ptr + bh * wc_bh + boff, mask=md[:, None] & md[None, :], other=0.0)
+        up = tl.dot(Tm, V0 + mm(P, tl.trans(Wc), PREC, LOWP), input_precision=PREC)
+        wp = tl.dot(Tm, Kd, input_precision=PREC)
+    else:
+        up = tl.dot(Tm, V0, input_precision=PREC)
+        wp = tl.dot(Tm, Kd - P, input_precision=PREC)
+    out = row[:, None] * d + offs_d[None, :]
+    m2 = mt[:, None] & md[None, :]
+    tl.store(up_ptr + out, up, mask=m2)
+    tl.store(wp_ptr + out, wp, mask=m2)
+
+
+@triton.jit
+def _main_anchor_fwd_kernel(
+    k_ptr, eta_ptr, lg_ptr, tmat_ptr, anc_ptr, up_ptr,
+    T, H, C, shift, NSEG, d, eps, anc_h,
+    BC: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+):
+    """The retention anchor's term of u' (memory_retention="init"), parallel over (segment, batch-head):
+    u' -= T Ka W_Aᵀ, Ka = diag(eps eta_t (1 - gamma_{t-1})) K, the anchor's part of the DGD term eps eta_t W_{t-1} k_t.
+    Kept out of `_main_prep_kernel`, whose registers it would overflow."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    start, L = _segment(n, C, shift, T)
+    mt = offs_c < L
+    m2 = mt[:, None] & md[None, :]
+    row = bh * T + start + offs_c
+    out = row[:, None] * d + offs_d[None, :]
+    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
+    ka = eps * eta * (1.0 - tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt)))
+    boff = offs_d[:, None] * d + offs_d[None, :]
+    Wa = tl.load(anc_ptr + (bh % H) * anc_h + boff, mask=md[:, None] & md[None, :], other=0.0)
+    KaW = mm(ka[:, None] * k, tl.trans(Wa), PREC, LOWP)
+    Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
+    up = tl.load(up_ptr + out, mask=m2, other=0.0) - tl.dot(Tm, KaW, input_precision=PREC)
+    tl.store(up_ptr + out, up, mask=m2)
+
+
+@triton.jit
+def _main_state_fwd_kernel(
+    k_ptr, lg_ptr, wp_ptr, up_ptr, z_ptr, anc_ptr, vn_ptr,
+    T, H, C, shift, NSEG, d, z_bh, z_slot, anc_h,
+    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, ANCHOR: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr,
+):
+    """K2: W's rows [iv BV, (iv+1) BV) over the segments (state in registers); v_new = u' - w' h_0 stored for the
+    output and the backward, the state after every segment stored in slot n+1 of z. The retention anchor W_A
+    (ANCHOR) adds (1 - gamma_L) W_A to every segment's end state."""
+    bh = tl.program_id(0).to(tl.int64)
+    iv = tl.program_id(1)
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    rows = iv * BV + tl.arange(0, BV)
+    mr = rows < d
+    woff = rows[:, None] * d + offs_d[None, :]
+    wm = mr[:, None] & md[None, :]
+    z_base = z_ptr + bh * z_bh
+    W = tl.load(z_base + woff, mask=wm, other=0.0)
+    if ANCHOR:
+        Wa = tl.load(anc_ptr + (bh % H) * anc_h + woff, mask=wm, other=0.0)
+    for n in range(0, NSEG):
+        start, L = _segment(n, C, shift, T)
+        mt = offs_c < L
+        row = bh * T + start + offs_c
+        k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+        wp = _load_tokens(wp_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+        vm = mt[:, None] & mr[None, :]
+        up = tl.load(up_ptr + row[:, None] * d + rows[None, :], mask=vm, other=0.0)
+        lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+        lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
+        vn = up - mm(wp, tl.trans(W), PREC, LOWP)
+        tl.store(vn_ptr + row[:, None] * d + rows[None, :], vn, mask=vm)
+        Kt = tl.where(mt, tl.exp(lg_end - lg), 0.0)[:, None] * k
+        if ANCHOR:
+            W = Wa + tl.exp(lg_end) * (W - Wa) + mm(tl.trans(vn), Kt, PREC, LOWP)
+        else:
+            W = tl.exp(lg_end) * W + mm(tl.trans(vn), Kt, PREC, LOWP)
+        tl.store(z_base + (n + 1) * z_slot + woff, W, mask=wm)
+
+
+@triton.jit
+def _main_out_fwd_kernel(
+    q_ptr, k_ptr, lg_ptr, vn_ptr, z_ptr, anc_ptr, o_ptr,
+    T, H, C, shift, d, z_bh, z_slot, anc_h, resid,
+    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, ANCHOR: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr,
+):
+    """K3: o_t = r q_t + gamma_t W_0 q_t + Σ_{j<=t} (gamma_t/gamma_j)(k_j.q_t) n_j, parallel over segments; with
+    the retention anchor W_A, gamma_t W_0 q_t becomes W_A q_t + gamma_t (W_0 - W_A) q_t."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    iv = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    rows = iv * BV + tl.arange(0, BV)
+    mr = rows < d
+    start, L = _segment(n, C, shift, T)
+    mt = offs_c < L
+    tok = (b * T + start + offs_c) * H + h
+    q = tl.load(q_ptr + tok[:, None] * d + offs_d[None, :], mask=mt[:, None] & md[None, :], other=0.0).to(tl.float32)
+    vm = mt[:, None] & mr[None, :]
+    q_tile = tl.load(q_ptr + tok[:, None] * d + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    row = bh * T + start + offs_c
+    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+    vn = tl.load(vn_ptr + row[:, None] * d + rows[None, :], mask=vm, other=0.0)
+    woff = rows[:, None] * d + offs_d[None, :]
+    wm = mr[:, None] & md[None, :]
+    W0 = tl.load(z_ptr + bh * z_bh + n * z_slot + woff, mask=wm, other=0.0)
+    causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]  # [t, j]: j <= t < L
+    qk = mm(q, tl.trans(k), PREC, LOWP)
+    decay = tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
+    o = resid * q_tile + mm(qk * decay, vn, PREC, LOWP)
+    if ANCHOR:
+        Wa = tl.load(anc_ptr + h * anc_h + woff, mask=wm, other=0.0)
+        o += mm(q, tl.trans(Wa), PREC, LOWP) + tl.exp(lg)[:, None] * mm(q, tl.trans(W0 - Wa), PREC, LOWP)
+    else:
+        o += tl.exp(lg)[:, None] * mm(q, tl.trans(W0), PREC, LOWP)
+    tl.store(o_ptr + tok[:, None] * d + rows[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
+
+
+
+# ------------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _main_dv_bwd_kernel(
+    q_ptr, k_ptr, lg_ptr, do_ptr, dv_ptr,
+    T, H, C, shift, d,
+    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+):
+    """B1: dv_new from the reads, (Gamma ⊙ Q Kᵀ)ᵀ dO, parallel over (segment, batch-head, tile)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    iv = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    rows = iv * BV + tl.arange(0, BV)
+    mr = rows < d
+    start, L = _segment(n, C, shift, T)
+    mt = offs_c < L
+    tok = (b * T + start + offs_c) * H + h
+    vm = mt[:, None] & mr[None, :]
+    q = tl.load(q_ptr + tok[:, None] * d + offs_d[None, :], mask=mt[:, None] & md[None, :], other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + tok[:, None] * d + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    row = bh * T + start + offs_c
+    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+    causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]  # [t, j]: j <= t < L
+    kq = mm(k, tl.trans(q), PREC, LOWP)  # [j, t]
+    decay = tl.exp(tl.where(tl.trans(causal), lg[None, :] - lg[:, None], float("-inf")))  # [j, t]
+    tl.store(dv_ptr + row[:, None] * d + rows[None, :], mm(kq * decay, do, PREC, LOWP), mask=vm)
+
+
+@triton.jit
+def _main_state_bwd_kernel(
+    q_ptr, k_ptr, lg_ptr, wp_ptr, do_ptr, dv_ptr, dw_init_ptr, dzc_w_ptr, dwbuf_ptr, dw_out_ptr,
+    T, H, C, shift, NSEG, d, W_SLOT,
+    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+):
+    """B2: gradient of W's state over the segments in reverse (rows tiled by BV). Stores dW_{n+1} (slot n of dwbuf)
+    for B3, turns dv from the reads into the total dv_new (in place), and returns dW_0. W_SLOT: the segment whose
+    start state is the final chunk start (it receives that state's cotangent dzc_w), or -1."""
+    bh = tl.program_id(0).to(tl.int64)
+    iv = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    rows = iv * BV + tl.arange(0, BV)
+    mr = rows < d
+    woff = rows[:, None] * d + offs_d[None, :]
+    wm = mr[:, None] & md[None, :]
+    dW = tl.load(dw_init_ptr + bh * d * d + woff, mask=wm, other=0.0)
+    for i in range(0, NSEG):
+        n = NSEG - 1 - i
+        start, L = _segment(n, C, shift, T)
+        mt = offs_c < L
+        row = bh * T + start + offs_c
+        tok = (b * T + start + offs_c) * H + h
+        vm = mt[:, None] & mr[None, :]
+        tl.store(dwbuf_ptr + (bh * NSEG + n) * d * d + woff, dW, mask=wm)
+        k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+        wp = _load_tokens(wp_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+        q = tl.load(q_ptr + tok[:, None] * d + offs_d[None, :], mask=mt[:, None] & md[None, :],
+                    other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + tok[:, None] * d + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+        lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+        lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
+        Kt = tl.where(mt, tl.exp(lg_end - lg), 0.0)[:, None] * k
+        dv = tl.load(dv_ptr + row[:, None] * d + rows[None, :], mask=vm, other=0.0) + mm(Kt, tl.trans(dW), PREC, LOWP)
+        tl.store(dv_ptr + row[:, None] * d + rows[None, :], dv, mask=vm)
+        gamma = tl.where(mt, tl.exp(lg), 0.0)
+        dW = tl.exp(lg_end) * dW - mm(tl.trans(dv), wp, PREC, LOWP) + mm(tl.trans(gamma[:, None] * do), q, PREC, LOWP)
+        if n == W_SLOT:
+            dW += tl.load(dzc_w_ptr + bh * d * d + woff, mask=wm, other=0.0)
+    tl.store(dw_out_ptr + bh * d * d + woff, dW, mask=wm)
+
+
+@device_fn
+def _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC: tl.constexpr):
+    """Gradients through A[t,j] = eps eta_t exp(lg_{t-1} - lg_j) k_j.k_t (j < t) given dA (already strictly lower):
+    returns dk, deta, dlg, dla. lg_{t-1} = lg_t - la_t routes the row terms to lg_t and (minus) la_t."""
+    lgb = lg - la
+    before = offs_c[None, :] < offs_c[:, None]
+    F_ = tl.where(before, eps * tl.exp(tl.where(before, lgb[:, None] - lg[None, :], 0.0)), 0.0)
+    kk = tl.dot(k, tl.trans(k), input_precision=PREC)
+    dKK = eta[:, None] * F_ * dA
+    dk = tl.dot(dKK, k, input_precision=PREC) + tl.dot(tl.trans(dKK), k, input_precision=PREC)
+    deta = tl.sum(dA * F_ * kk, 1)
+    GA = dKK * kk  # = dA ⊙ A
+    row = tl.sum(GA, 1)
+    return dk, deta, row - tl.sum(GA, 0), -row
+
+
+@triton.jit
+def _main_chunk_bwd_kernel(
+    q_ptr, k_ptr, lg_ptr, vn_ptr, dv_ptr, do_ptr, z_ptr, dwbuf_ptr, dq_ptr, dk_ptr, dlg_ptr, dwp_ptr,
+    T, H, C, shift, NSEG, d, z_bh, z_slot, resid,
+    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+):
+    """B3, parallel over (segment, batch-head), W's rows in BV tiles: dq, the gradients of k and lg through the reads
+    and W's state update, and dw' = -dv_new W_0 (for `_main_wy_bwd_kernel`)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    start, L = _segment(n, C, shift, T)
+    mt = offs_c < L
+    m2 = mt[:, None] & md[None, :]
+    row = bh * T + start + offs_c
+    tok = (b * T + start + offs_c) * H + h
+    q = tl.load(q_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+    lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
+    gamma = tl.where(mt, tl.exp(lg), 0.0)
+
+    dq_state = q * 0.0  # Σ_tiles dO W_n (before the gamma_t weight)
+    dS = tl.zeros([BC, BC], dtype=tl.float32)  # [t, j] = dO_t . v_new_j
+    dKt = q * 0.0
+    dwp = q * 0.0
+    dgamma_end = tl.sum(lg * 0.0, 0)
+    for iv in range(0, tl.cdiv(d, BV)):
+        rows = iv * BV + tl.arange(0, BV)
+        mr = rows < d
+        vm = mt[:, None] & mr[None, :]
+        wm = mr[:, None] & md[None, :]
+        woff = rows[:, None] * d + offs_d[None, :]
+        Wn = tl.load(z_ptr + bh * z_bh + n * z_slot + woff, mask=wm, other=0.0)
+        dWe = tl.load(dwbuf_ptr + (bh * NSEG + n) * d * d + woff, mask=wm, other=0.0)
+        vn = tl.load(vn_ptr + row[:, None] * d + rows[None, :], mask=vm, other=0.0)
+        dvt = tl.load(dv_ptr + row[:, None] * d + rows[None, :], mask=vm, other=0.0)
+        do = tl.load(do_ptr + tok[:, None] * d + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+        dq_state += mm(do, Wn, PREC, LOWP)
+        dS += mm(do, tl.trans(vn), PREC, LOWP)
+        dKt += mm(vn, dWe, PREC, LOWP)
+        dgamma_end += tl.sum(tl.sum(Wn * dWe, 1), 0)
+        dwp -= mm(dvt, Wn, PREC, LOWP)
+    out = row[:, None] * d + offs_d[None, :]
+    tl.store(dwp_ptr + out, dwp, mask=m2)
+    dlg = gamma * tl.sum(dq_state * q, 1)
+    dq_state = gamma[:, None] * dq_state + resid * tl.load(do_ptr + tok[:, None] * d + offs_d[None, :], mask=m2,
+                                                           other=0.0).to(tl.float32)
+    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]
+    decay = tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
+    dSd = dS * decay  # the gradient of (Q Kᵀ)[t, j]
+    dq = dq_state + mm(dSd, k, PREC, LOWP)
+    tl.store(dq_ptr + tok[:, None] * d + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=m2)
+    gd = dSd * mm(q, tl.trans(k), PREC, LOWP)
+    kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
+    c = kappa * tl.sum(k * dKt, 1)
+    dlg += tl.sum(gd, 1) - tl.sum(gd, 0) - c
+    dlg += tl.where(offs_c == L - 1, tl.sum(c, 0) + tl.exp(lg_end) * dgamma_end, 0.0)
+    tl.store(dlg_ptr + row, dlg, mask=mt)
+    tl.store(dk_ptr + out, mm(tl.trans(dSd), q, PREC, LOWP) + kappa[:, None] * dKt, mask=m2)
+
+
+@triton.jit
+def _main_wy_bwd_kernel(
+    k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, wp_ptr, up_ptr, dv_ptr, dwp_ptr, wc_ptr,
+    dk_ptr, dvx_ptr, deta_ptr, dlg_ptr, dla_ptr, dwc_ptr,
+    T, C, shift, NSEG, d, wc_bh, eps, resid,
+    BC: tl.constexpr, D: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr,
+):
+    """B3', parallel over (segment, batch-head): the main memory's gradient through w' = T (Kd - P) (first segment:
+    T Kd), u' = T (V0 [+ P W_cᵀ]) and T = (I + A)^-1, added to B3's dk, dlg; writes dv, deta, dla (and dW_c of the
+    first segment)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    start, L = _segment(n, C, shift, T)
+    mt = offs_c < L
+    m2 = mt[:, None] & md[None, :]
+    row = bh * T + start + offs_c
+    out = row[:, None] * d + offs_d[None, :]
+    Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
+    dwp = _load_tokens(dwp_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    dup = _load_tokens(dv_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    M = tl.dot(dwp, tl.trans(_load_tokens(wp_ptr, bh, T, start, offs_c, mt, offs_d, md, d)), input_precision=PREC)
+    M += tl.dot(dup, tl.trans(_load_tokens(up_ptr, bh, T, start, offs_c, mt, offs_d, md, d)), input_precision=PREC)
+    dYw = tl.dot(tl.trans(Tm), dwp, input_precision=PREC)
+    dYu = tl.dot(tl.trans(Tm), dup, input_precision=PREC)
+    before = offs_c[None, :] < offs_c[:, None]
+    dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
+    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
+    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+    lgb = _lg_before(lg_ptr, bh, T, start, offs_c, mt)
+    dk_a, deta, dlg, dla = _tri_chain(dA, k, eta, lg, lg - lgb, eps, offs_c, PREC)
+    # Kd = diag(eps eta_t gamma_{t-1}) K
+    kd_scale = eps * eta * tl.exp(lgb)
+    dk = tl.load(dk_ptr + out, mask=m2, other=0.0) + dk_a + kd_scale[:, None] * dYw
+    dks = tl.sum(dYw * k, 1)
+    deta += eps * tl.exp(lgb) * dks
+    dlg += dks * kd_scale + tl.load(dlg_ptr + row, mask=mt, other=0.0)
+    dla -= dks * kd_scale
+    v = _load_tokens(v_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    V0, P = _main_writes(k, v, eta, resid, OBJ_L2, VALUE)
+    if n == 0:
+        boff = offs_d[:, None] * d + offs_d[None, :]
+        bm = md[:, None] & md[None, :]
+        Wc = tl.load(wc_ptr + bh * wc_bh + boff, mask=bm, other=0.0)
+        dP = mm(dYu, Wc, PREC, LOWP)
+        tl.store(dwc_ptr + bh * d * d + boff, mm(tl.trans(dYu), P, PREC, LOWP), mask=bm)
+    else:
+        dP = -dYw
+    dV0 = dYu
+    dv = v * 0.0
+    if VALUE:
+        if OBJ_L2:  # V0 = -eta (r k - v), P = -eta k
+            dk -= eta[:, None] * (resid * dV0 + dP)
+            dv += eta[:, None] * dV0
+            deta -= tl.sum(dV0 * (resid * k - v), 1) + tl.sum(dP * k, 1)
+        else:  # V0 = eta v
+            dv += eta[:, None] * dV0
+            deta += tl.sum(dV0 * v, 1)
+    else:  # V0 = -eta r U, P = -eta U
+        if OBJ_L2:
+            U = k - v
+        else:
+            U = -v
+        dUs = resid * dV0 + dP
+        deta -= tl.sum(dUs * U, 1)
+        dU = -eta[:, None] * dUs
+        if OBJ_L2:
+            dk += dU
+        dv -= dU
+    tl.store(dk_ptr + out, dk, mask=m2)
+    tl.store(dvx_ptr + out, dv, mask=m2)
+    tl.store(deta_ptr + row, deta, mask=mt)
+    tl.store(dlg_ptr + row, dlg, mask=mt)
+    tl.store(dla_ptr + row, dla, mask=mt)
+
+
+@triton.jit
+def _main_anchor_bwd_kernel(
+    q_ptr, k_ptr, eta_ptr, lg_ptr, tmat_ptr, do_ptr, dv_ptr, anc_ptr, dq32_ptr,
+    dq_ptr, dk_ptr, deta_ptr, dlg_ptr, dla_ptr, dwbuf_ptr,
+    T, H, C, shift, NSEG, d, eps, anc_h,
+    BC: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+):
+    """B3a, parallel over (segment, batch-head): every gradient term of the main memory's retention anchor W_A
+    (memory_retention="init"), after B3 and B3', which run the anchor-free algebra on the full states. With
+    D_0 = W_0 - W_A the anchor adds to the reads W_A q_t - gamma_t W_A q_t, to W's end state (1 - gamma_L) W_A and
+    to u' the term -T Ka W_Aᵀ (`_main_anchor_fwd_kernel`). So: dq (B3's fp32 part in dq32) gets (1 - gamma) dO W_A,
+    dlg the decay terms of -gamma W_A q and of -gamma_L W_A in the end state, dk, deta, dlg, dla those of Ka, and
+    slot n of dwbuf (dW_end of the segment, read by B3) is replaced by the segment's part of dW_A."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    start, L = _segment(n, C, shift, T)
+    mt = offs_c < L
+    m2 = mt[:, None] & md[None, :]
+    row = bh * T + start + offs_c
+    out = row[:, None] * d + offs_d[None, :]
+    tok = ((b * T + start + offs_c) * H + h)[:, None] * d + offs_d[None, :]
+    boff = offs_d[:, None] * d + offs_d[None, :]
+    bm = md[:, None] & md[None, :]
+    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+    lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
+    gamma = tl.where(mt, tl.exp(lg), 0.0)
+    q = tl.load(q_ptr + tok, mask=m2, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + tok, mask=m2, other=0.0).to(tl.float32)
+    Wa = tl.load(anc_ptr + h * anc_h + boff, mask=bm, other=0.0)
+    slot = dwbuf_ptr + (bh * NSEG + n) * d * d + boff
+    dWe = tl.load(slot, mask=bm, other=0.0)
+    # the reads r q_t + W_A q_t + gamma_t (W_0 - W_A) q_t and the end state W_A + gamma_L (W_0 - W_A) + ...
+    doWa = mm(do, Wa, PREC, LOWP)
+    dq = tl.load(dq32_ptr + tok, mask=m2, other=0.0) + (1.0 - gamma)[:, None] * doWa
+    tl.store(dq_ptr + tok, dq.to(dq_ptr.dtype.element_ty), mask=m2)
+    dlg = -gamma * tl.sum(doWa * q, 1)
+    dlg -= tl.where(offs_c == L - 1, tl.exp(lg_end) * tl.sum(tl.sum(Wa * dWe, 1), 0), 0.0)
+    dWa = (1.0 - tl.exp(lg_end)) * dWe + mm(tl.trans((1.0 - gamma)[:, None] * do), q, PREC, LOWP)
+    # u' -= T Ka W_Aᵀ, Ka = diag(eps eta_t - kd_t) K, kd_t = eps eta_t gamma_{t-1}
+    Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
+    dYu = tl.dot(tl.trans(Tm), tl.load(dv_ptr + out, mask=m2, other=0.0), input_precision=PREC)
+    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
+    kd = eps * eta * tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt))
+    ka = eps * eta - kd
+    dKa = -mm(dYu, Wa, PREC, LOWP)
+    dkas = tl.sum(dKa * k, 1)
+    tl.store(dk_ptr + out, tl.load(dk_ptr + out, mask=m2, other=0.0) + ka[:, None] * dKa, mask=m2)
+    deta = eps * (1.0 - tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt))) * dkas
+    tl.store(deta_ptr + row, tl.load(deta_ptr + row, mask=mt, other=0.0) + deta, mask=mt)
+    tl.store(dlg_ptr + row, tl.load(dlg_ptr + row, mask=mt, other=0.0) + dlg - dkas * kd, mask=mt)
+    tl.store(dla_ptr + row, tl.load(dla_ptr + row, mask=mt, other=0.0) + dkas * kd, mask=mt)
+    dWa -= mm(tl.trans(dYu), ka[:, None] * k, PREC, LOWP)
+    tl.store(slot, dWa, mask=bm)
+
+
+@device_fn
+def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, mr, learn, er, d, k, U, eta, Tm, kd_scale, ka_scale, kappa,
+                  gamma_end, eps, offs_d, md, dk, dU, deta, dks, dkt, dgamma_end, M, ANCHOR: tl.constexpr,
+                  PREC: tl.constexpr, LOWP: tl.constexpr):
+    """Backward of `_gen_tile_fwd` for one row tile: dg holds dX_end on entry and dX_0 on return (in place); acc
+    (the chunk-start gradient) gets dX_c, danc (ANCHOR) the anchor's gradient. The tile's dKd and dK~ go straight
+    into dk (scaled), keeping only their row sums with k (dks, dkt: the decay and eta terms), so that no (BC, D)
+    accumulator but dk and dU stays live; the row scalings (kd, ka, kappa) are applied per tile, as in the forward.
+    With the anchor X_A the decay terms see the deviation D_0 = X_0 - X_A (X_end = X_A + gamma_L D_0 + ..., the
+    DGD term eps eta_t (X_A + D_{t-1}) k_t)."""
+    xoff = rloc[:, None] * d + offs_d[None, :]
+    m = mr[:, None] & md[None, :]
+    Xh = tl.load(gc + xoff, mask=m, other=0.0) + tl.where(m & (rloc[:, None] == offs_d[None, :]), er, 0.0)
+    UXt = mm(U, tl.trans(Xh), PREC, LOWP)
+    X0 = tl.load(g0 + xoff, mask=m, other=0.0)
+    Y = -eta[:, None] * UXt - kd_scale[:, None] * tl.dot(k, tl.trans(X0), input_precision=PREC)
+    if ANCHOR:
+        XA = tl.load(anc + xoff, mask=m, other=0.0)
+        Y -= ka_scale[:, None] * tl.dot(k, tl.trans(XA), input_precision=PREC)
+        D0 = X0 - XA
+    else:
+        D0 = X0
+    N = tl.dot(Tm, Y, input_precision=PREC)
+    dXe_all = tl.load(dg + xoff, mask=m, other=0.0)
+    dXe = tl.where(learn[:, None], dXe_all, 0.0)
+    dN = kappa[:, None] * mm(k, tl.trans(dXe), PREC, LOWP)
+    dKt = mm(N, dXe, PREC, LOWP)
+    dgamma_end += tl.sum(tl.sum(D0 * dXe, 1), 0)
+    dY = tl.dot(tl.trans(Tm), dN, input_precision=PREC)
+    M += tl.dot(dN, tl.trans(N), input_precision=PREC)
+    dKd = -tl.dot(dY, D0, input_precision=PREC)
+    dk += kd_scale[:, None] * dKd + kappa[:, None] * dKt
+    dks += tl.sum(dKd * k, 1)
+    dkt += tl.sum(dKt * k, 1)
+    if ANCHOR:  # Kd X_0 + Ka X_A = Kd D_0 + Ke X_A with Ke = diag(eps eta) K
+        dKe = -tl.dot(dY, XA, input_precision=PREC)
+        dk += (eps * eta)[:, None] * dKe
+        deta += eps * tl.sum(dKe * k, 1)
+        dXA = (1.0 - gamma_end) * dXe - tl.dot(tl.trans(ka_scale[:, None] * dY), k, input_precision=PREC)
+        tl.store(danc + xoff, tl.load(danc + xoff, mask=m, other=0.0) + dXA, mask=m)
+    dX0 = gamma_end * dXe - tl.dot(tl.trans(kd_scale[:, None] * dY), k, input_precision=PREC) + (dXe_all - dXe)
+    deta -= tl.sum(dY * UXt, 1)
+    edY = eta[:, None] * dY
+    dU -= mm(edY, Xh, PREC, LOWP)
+    tl.store(dg + xoff, dX0, mask=m)
+    tl.store(acc + xoff, tl.load(acc + xoff, mask=m, other=0.0) - mm(tl.trans(edY), U, PREC, LOWP), mask=m)
+    return dk, dU, deta, dks, dkt, dgamma_end, M
+
+
+@triton.jit
+def _gen_bwd_kernel(
+    a_ptr, valid_ptr, gc_in_ptr, g_ptr, anc_ptr, tmat_ptr, b_eta_ptr, b_alpha_ptr,
+    dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, dg_ptr, acc_ptr, danc_ptr, da_ptr, dbias_ptr,
+    T, H, d, C, CA, pos, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot, dg_bh, anc_h,
+    BC: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, OBJ_L2: tl.constexpr,
+    AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr,
+    HAS_MASK: tl.constexpr, VNORM: tl.constexpr, ANCHOR: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+):
+    """B4: the generating scan in reverse. dk..dla hold the main memory's gradients of every token's k, v, eta, lg
+    and la (from B3); dg holds dG_end on entry and dG_0 on return; acc holds the cotangent of the final chunk-start G
+    on entry and dG_c of the call's input chunk start on return; danc (ANCHOR, zeros on entry, dg_bh apart) gets the
+    gradient of the retention anchor G_0. Writes da and (db_eta, db_alpha) per program."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    boff = offs_d[:, None] * d + offs_d[None, :]
+    bm = md[:, None] & md[None, :]
+    eye = tl.where(bm & (offs_d[:, None] == offs_d[None, :]), resid, 0.0)
+    b_eta = tl.load(b_eta_ptr + h)
+    b_alpha = tl.load(b_alpha_ptr + h)
+    g_base = g_ptr + bh * g_bh
+    dg = dg_ptr + bh * dg_bh
+    acc = acc_ptr + bh * dg_bh
+    anc = anc_ptr + h * anc_h
+    danc = danc_ptr + bh * dg_bh
+    r_sq = tl.arange(0, BR)
+    r_ea = tl.arange(0, 16)
+    learn_ea = ((r_ea == 0) & AD_E) | ((r_ea == 1) & AD_A)
+    db_eta = tl.sum(offs_d * 0.0, 0)
+    db_alpha = db_eta
+    for i in range(0, NSEG):
+        n = NSEG - 1 - i
+        start, L = _segment(n, C, shift, T)
+        mt = offs_c < L
+        tok = start + offs_c
+        m2 = mt[:, None] & md[None, :]
+        a_off = ((b * T + tok) * H + h)[:, None] * d + offs_d[None, :]
+        if HAS_MASK:
+            valid = tl.load(valid_ptr + b * T + tok, mask=mt, other=0.0)
+        else:
+            valid = tl.where(mt, 1.0, 0.0)
+        slot = _gc_slot(n, C, CA, pos, shift, T)
+        if slot < 0:
+            gc = gc_in_ptr + bh * gc_bh
+        else:
+            gc = g_base + slot * g_slot
+        g0 = g_base + n * g_slot
+        k, v, eta, la, _k_raw, nrm, sig_eta, pre_alpha, vnrm = _gen_reads(
+            tl.load(a_ptr + a_off, mask=m2, other=0.0).to(tl.float32), valid, gc, b_eta, b_alpha, eta_max, resid, d,
+            offs_d, md, PREC, LOWP, VNORM)
+        lg = tl.cumsum(la, 0)
+        lg_end = tl.sum(la, 0)
+        kd_scale = eps * eta * tl.exp(lg - la)
+        ka_scale = eps * eta - kd_scale
+        kappa = tl.exp(lg_end - lg)
+        Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
+        gamma_end = tl.exp(lg_end)
+        if OBJ_L2:
+            U = k - v
+        else:
+            U = -v
+        row = bh * T + tok
+        out = row[:, None] * d + offs_d[None, :]
+        deta = tl.load(deta_ptr + row, mask=mt, other=0.0)
+        dk = k * 0.0
+        dU = k * 0.0
+        dks = eta * 0.0
+        dkt = eta * 0.0
+        dgamma_end = lg_end * 0.0
+        M = tl.zeros([BC, BC], dtype=tl.float32)
+        for blk in tl.static_range(2):
+            if (blk == 0 and AD_K) or (blk == 1 and AD_V):
+                for rt in tl.static_range(D // BR):
+                    rloc = rt * BR + r_sq
+                    mr = rloc < d
+                    dk, dU, deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
+                        gc + blk * d * d, g0 + blk * d * d, dg + blk * d * d, acc + blk * d * d, anc + blk * d * d,
+                        danc + blk * d * d, rloc, mr, mr, resid, d, k, U, eta, Tm, kd_scale, ka_scale, kappa,
+                        gamma_end, eps, offs_d, md, dk, dU, deta, dks, dkt, dgamma_end, M, ANCHOR, PREC, LOWP)
+        dk, dU, deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
+            gc + 2 * d * d, g0 + 2 * d * d, dg + 2 * d * d, acc + 2 * d * d, anc + 2 * d * d, danc + 2 * d * d, r_ea,
+            r_ea < 2, learn_ea, 0.0, d, k, U, eta, Tm, kd_scale, ka_scale, kappa, gamma_end, eps, offs_d, md, dk, dU,
+            deta, dks, dkt, dgamma_end, M, ANCHOR, PREC, LOWP)
+        # T = (I + A)^-1: dA = -Tᵀ (Σ dX Xᵀ) for every product X = T Y
+        before = offs_c[None, :] < offs_c[:, None]
+        dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
+        dk_a, deta_a, dlg_a, dla_a = _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC)
+        dk += dk_a + tl.load(dk_ptr + out, mask=m2, other=0.0)
+        deta += deta_a + eps * tl.exp(lg - la) * dks
+        c = kappa * dkt
+        dlg = tl.load(dlg_ptr + row, mask=mt, other=0.0) + dlg_a + dks * kd_scale - c
+        dla = tl.load(dla_ptr + row, mask=mt, other=0.0) + dla_a - dks * kd_scale
+        dlg += tl.where(offs_c == L - 1, tl.sum(c, 0) + gamma_end * dgamma_end, 0.0)
+        if OBJ_L2:
+            dk += dU
+        dv = tl.load(dv_ptr + out, mask=m2, other=0.0) - dU
+        if VNORM:  # v = v_raw / ||v_raw||: dv_raw = (dv - (v . dv) v) / ||v_raw||
+            vn = tl.maximum(vnrm, 1e-12)
+            dv = dv / vn[:, None] - tl.where(vnrm > 1e-12, tl.sum(v * dv, 1) / vn, 0.0)[:, None] * v
+        # la = logsigmoid(pre_alpha) valid: dla_s += Σ_{t >= s} dlg_t
+        dla += tl.sum(dlg, 0) - tl.cumsum(dlg, 0) + dlg
+        dpre_alpha = dla * valid * sigmoid(-pre_alpha)
+        dpre_eta = deta * valid * eta_max * sig_eta * (1.0 - sig_eta)
+        nn = tl.maximum(nrm, 1e-12)
+        dk_raw = dk / nn[:, None] - tl.where(nrm > 1e-12, tl.sum(k * dk, 1) / nn, 0.0)[:, None] * k
+        tl.debug_barrier()  # acc's tiles were written with another layout
+        a = tl.load(a_ptr + a_off, mask=m2, other=0.0).to(tl.float32)
+        w_eta = tl.load(gc + 2 * d * d + offs_d, mask=md, other=0.0)
+        w_alpha = tl.load(gc + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
+        da = dpre_eta[:, None] * w_eta[None, :] + dpre_alpha[:, None] * w_alpha[None, :]
+        da += mm(dk_raw, tl.load(gc + boff, mask=bm, other=0.0) + eye, PREC, LOWP)
+        da += mm(dv, tl.load(gc + d * d + boff, mask=bm, other=0.0) + eye, PREC, LOWP)
+        tl.store(da_ptr + a_off, da.to(da_ptr.dtype.element_ty), mask=m2)
+        tl.store(acc + boff, tl.load(acc + boff, mask=bm, other=0.0) + mm(tl.trans(dk_raw), a, PREC, LOWP), mask=bm)
+        tl.store(acc + d * d + boff, tl.load(acc + d * d + boff, mask=bm, other=0.0) + mm(tl.trans(dv), a, PREC, LOWP),
+                 mask=bm)
+        ea = acc + 2 * d * d + offs_d
+        tl.store(ea, tl.load(ea, mask=md, other=0.0) + tl.sum(dpre_eta[:, None] * a, 0), mask=md)
+        tl.store(ea + d, tl.load(ea + d, mask=md, other=0.0) + tl.sum(dpre_alpha[:, None] * a, 0), mask=md)
+        db_eta += tl.sum(dpre_eta, 0)
+        db_alpha += tl.sum(dpre_alpha, 0)
+        tl.debug_barrier()
+        if slot == n:  # this segment starts on an adaptive-chunk boundary: its start state was the chunk start
+            for blk in tl.static_range(2):
+                tl.store(dg + blk * d * d + boff, tl.load(dg + blk * d * d + boff, mask=bm, other=0.0)
+                         + tl.load(acc + blk * d * d + boff, mask=bm, other=0.0), mask=bm)
+                tl.store(acc + blk * d * d + boff, eye * 0.0, mask=bm)
+            eoff = 2 * d * d + r_ea[:, None] * d + offs_d[None, :]
+            em = (r_ea < 2)[:, None] & md[None, :]
+            tl.store(dg + eoff, tl.load(dg + eoff, mask=em, other=0.0) + tl.load(acc + eoff, mask=em, other=0.0),
+                     mask=em)
+            tl.store(acc + eoff, tl.zeros([16, D], dtype=tl.float32), mask=em)
+            tl.debug_barrier()
+    tl.store(dbias_ptr + bh * 2, db_eta)
+    tl.store(dbias_ptr + bh * 2 + 1, db_alpha)
+
+
+# ---------------------------------------------------------------------------------------------- python
+
+
+def _config(d: int, chunk_size: int, adaptive_chunk_size: Optional[int], position: int, eta_max: float, dgd: bool,
+            objective: str, memory_target: str, memory_residual: bool, memory_value_norm: bool,
+            memory_retention: str, adaptive: Sequence[str], memory_curvature_guard: bool = False) -> dict:
+    """The kernels' launch constants; the flag values are checked by the reference's own `_config`."""
+    ref = reference_config(chunk_size, adaptive_chunk_size, eta_max, dgd, objective, memory_target, memory_residual,
+                           memory_value_norm, memory_retention, memory_curvature_guard)
+    rows = adaptive_row_mask(adaptive, d)
+    D, BC = block_sizes(d, chunk_size)
+    return dict(C=chunk_size, CA=ref["adaptive_chunk_size"], pos=position, shift=position % chunk_size,
+                eta_max=float(eta_max), eps=1.0 if dgd else 0.0, resid=1.0 if memory_residual else 0.0,
+                OBJ_L2=objective == "l2", VALUE=memory_target == "value", VNORM=ref["value_norm"],
+                ANCHOR=ref["anchored"], GUARD=ref["curvature_guard"],
+                ad=(bool(rows[d]), bool(rows[2 * d]), bool(rows[3 * d]), bool(rows[3 * d + 1])),
+                D=D, BC=BC, BR=min(D, 64))
+
+
+def _anchor_arg(anchor: Optional[Tensor], fallback: Tensor) -> tuple[Tensor, int]:
+    """(pointer tensor, per-head stride) of an (H, rows, d) anchor view; a dummy pointer without an anchor."""
+    return (fallback, 0) if anchor is None else (anchor, anchor.stride(0))
+
+
+def generating_forward(a: Tensor, valid: Optional[Tensor], gc_in: Tensor, g: Tensor, anchor: Optional[Tensor],
+                       b_eta: Tensor, b_alpha: Tensor, cfg: dict, nseg: int,
+                       lowp: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Run K1. a: (B, T, H, d) contiguous; gc_in: (BH, *, d) view whose rows 0.. are the input chunk-start G;
+    g: (BH, nseg+1, *, d) view whose rows 0.. are G (slot 0 filled with the start state); anchor: (H, *, d) fp32
+    view whose rows 0.. are the retention anchor G_0, or None (retention toward 0). Returns k, v (BH, T, d), eta,
+    lg (BH, T) and T (BH, nseg, BC, BC), all fp32."""
+    B, T, H, d = a.shape
+    BC, dev, f32 = cfg["BC"], a.device, torch.float32
+    k = torch.empty(B * H, T, d, device=dev, dtype=f32)
+    v = torch.empty_like(k)
+    eta = torch.empty(B * H, T, device=dev, dtype=f32)
+    lg = torch.empty_like(eta)
+    tmat = torch.empty(B * H, nseg, BC, BC, device=dev, dtype=f32)
+    anc, anc_h = _anchor_arg(anchor, gc_in)
+    launch(_gen_fwd_kernel, (B * H,),
+           a, valid if valid is not None else a, gc_in, g, anc, k, v, eta, lg, tmat, b_eta, b_alpha,
+           T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg, cfg["eta_max"], cfg["eps"], cfg["resid"],
+           gc_in.stride(0), g.stride(0), g.stride(1), anc_h,
+           BC=BC, D=cfg["D"], BR=cfg["BR"], OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0], AD_V=cfg["ad"][1],
+           AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, VNORM=cfg["VNORM"],
+           ANCHOR=anchor is not None, PREC=dot_precision(), LOWP=lowp, **launch_options("serial", cfg["D"]))
+    return k, v, eta, lg, tmat
+
+
+def _chunk_start_slots(T: int, cfg: dict, nseg: int) -> tuple[Optional[int], Optional[int]]:
+    """Slots of the final chunk starts: (W's, G's); None = the call's input chunk start."""
+    C, CA, pos, shift = cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"]
+    end = pos + T
+
+    def slot(size: int) -> Optional[int]:
+        boundary = (end // size) * size
+        return None if boundary <= pos else (boundary - (pos - shift)) // C
+
+    return slot(C), slot(CA)
+
+
+def _forward(q, a, zc, z, anchor, b_eta, b_alpha, valid, cfg, save: bool):
+    B, T, H, d = q.shape
+    R = memory_rows(d)
+    C, BC, D = cfg["C"], cfg["BC"], cfg["D"]
+    nseg = num_segments(T, C, cfg["shift"])
+    dev, f32 = q.device, torch.float32
+    lowp = low_precision_dots(q.dtype)
+    BV = block_v(D, lowp)
+    prec = dot_precision()
+    zbuf = torch.empty(B * H, nseg + 1, R, d, device=dev, dtype=f32)
+    zbuf[:, 0] = z.reshape(B * H, R, d)
+    zc = zc.reshape(B * H, R, d).contiguous()
+    k, v, eta, lg, tmat = generating_forward(a, valid, zc[:, d:], zbuf[:, :, d:],
+                                             None if anchor is None else anchor[:, d:], b_eta, b_alpha, cfg, nseg,
+                                             lowp)
+    anc, anc_h = _anchor_arg(anchor, zc)
+    ANCHOR = anchor is not None
+    wp = torch.empty_like(k)
+    up = torch.empty_like(k)
+    launch(_main_prep_kernel, (nseg, B * H),
+           k, v, eta, lg, tmat, zc, wp, up, T, C, cfg["shift"], nseg, d, cfg["eps"], cfg["resid"], zc.stride(0),
+           BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=prec, LOWP=lowp, **launch_options("tile", D))
+    if ANCHOR:
+        launch(_main_anchor_fwd_kernel, (nseg, B * H), k, eta, lg, tmat, anc, up, T, H, C, cfg["shift"], nseg, d,
+               cfg["eps"], anc_h, BC=BC, D=D, PREC=prec, LOWP=lowp, **launch_options("tile", D))
+    vn = torch.empty_like(k)
+    nv = triton.cdiv(d, BV)
+    launch(_main_state_fwd_kernel, (B * H, nv),
+           k, lg, wp, up, zbuf, anc, vn, T, H, C, cfg["shift"], nseg, d, zbuf.stride(0), zbuf.stride(1), anc_h,
+           BC=BC, D=D, BV=BV, ANCHOR=ANCHOR, PREC=prec, LOWP=lowp, **launch_options("tile", D))
+    o = torch.empty_like(q)
+    launch(_main_out_fwd_kernel, (nseg, B * H, nv),
+           q, k, lg, vn, zbuf, anc, o, T, H, C, cfg["shift"], d, zbuf.stride(0), zbuf.stride(1), anc_h, cfg["resid"],
+           BC=BC, D=D, BV=BV, ANCHOR=ANCHOR, PREC=prec, LOWP=lowp, **launch_options("tile", D))
+    z_end = zbuf[:, nseg]
+    w_slot, g_slot = _chunk_start_slots(T, cfg, nseg)
+    zc_end = torch.cat([zc[:, :d] if w_slot is None else zbuf[:, w_slot, :d],
+                        zc[:, d:] if g_slot is None else zbuf[:, g_slot, d:]], dim=1)
+    saved = (k, v, eta, lg, tmat, wp, up, vn, zbuf, zc) if save else None
+    return o, zc_end.reshape(B, H, R, d), z_end.reshape(B, H, R, d).clone(), saved, nseg
+
+
+def _gen_bwd_rows(D: int, lowp: bool) -> int:
+    """Rows per generating-state tile in B4: 64 up to d = 64; at d = 128 32 (bf16 operands) or 16 (fp32), which
+    brings its shared memory under the H100/H200's 227 KB (sm90_check: 400 KB fp32 / 288 KB bf16 at 64 rows)."""
+    return min(D, 64) if D <= 64 else (32 if lowp else 16)
+
+
+def generating_backward(a, valid, gc_in, g, anchor, tmat, b_eta, b_alpha, dk, dv, deta, dlg, dla, dg, acc, cfg,
+                        nseg, lowp):
+    """Run B4. dk..dla: the main memory's gradients of k, v (BH, T, d), eta, lg, la (BH, T); dg (BH, 2d+2, d): dG_end
+    in, dG_0 out; acc (BH, 2d+2, d): the final chunk-start cotangent in, dG_c of the input chunk start out; anchor:
+    as `generating_forward`. Returns da (B, T, H, d) in a's dtype, (db_eta, db_alpha) (BH, 2) and the anchor's
+    gradient (BH, 2d+2, d) (None without an anchor)."""
+    B, T, H, d = a.shape
+    da = torch.empty_like(a)
+    dbias = torch.empty(B * H, 2, device=a.device, dtype=torch.float32)
+    danc = None if anchor is None else torch.zeros_like(dg)
+    anc, anc_h = _anchor_arg(anchor, gc_in)
+    launch(_gen_bwd_kernel, (B * H,),
+           a, valid if valid is not None else a, gc_in, g, anc, tmat, b_eta, b_alpha, dk, dv, deta, dlg, dla, dg, acc,
+           dg if danc is None else danc, da, dbias, T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg,
+           cfg["eta_max"], cfg["eps"], cfg["resid"], gc_in.stride(0), g.stride(0), g.stride(1), dg.stride(0), anc_h,
+           BC=cfg["BC"], D=cfg["D"], BR=_gen_bwd_rows(cfg["D"], lowp), OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0],
+           AD_V=cfg["ad"][1], AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, VNORM=cfg["VNORM"],
+           ANCHOR=anchor is not None, PREC=dot_precision(), LOWP=lowp, **launch_options("serial", cfg["D"]))
+    return da, dbias, danc
+
+
+def _backward(q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf, zc, do, dzc_end, dz_end,
+              cfg, nseg):
+    B, T, H, d = q.shape
+    R = memory_rows(d)
+    BC, D = cfg["BC"], cfg["D"]
+    dev, f32 = q.device, torch.float32
+    lowp = low_precision_dots(q.dtype)
+    BV = block_v(D, lowp)
+    prec = dot_precision()
+    do = do.contiguous()
+    dzc_end = (torch.zeros(B, H, R, d, device=dev, dtype=f32) if dzc_end is None else dzc_end.float()).reshape(B * H, R, d)
+    dz_end = (torch.zeros(B, H, R, d, device=dev, dtype=f32) if dz_end is None else dz_end.float()).reshape(B * H, R, d)
+    w_slot, g_slot = _chunk_start_slots(T, cfg, nseg)
+    nv = triton.cdiv(d, BV)
+    shift = cfg["shift"]
+    anc, anc_h = _anchor_arg(anchor, zc)
+    ANCHOR = anchor is not None
+    # main memory: dv_new from the reads, then W's state in reverse, then the per-segment gradients
+    dvn = torch.empty_like(k)
+    launch(_main_dv_bwd_kernel, (nseg, B * H, nv), q, k, lg, do, dvn, T, H, cfg["C"], shift, d,
+           BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, **launch_options("tile", D))
+    dw_init = dz_end[:, :d].contiguous()
+    if w_slot == nseg:
+        dw_init += dzc_end[:, :d]
+    dzc_w = dzc_end[:, :d].contiguous()
+    dwbuf = torch.empty(B * H, nseg, d, d, device=dev, dtype=f32)
+    dw0 = torch.empty(B * H, d, d, device=dev, dtype=f32)
+    launch(_main_state_bwd_kernel, (B * H, nv), q, k, lg, wp, do, dvn, dw_init, dzc_w, dwbuf, dw0,
+           T, H, cfg["C"], shift, nseg, d, w_slot if w_slot is not None and 1 <= w_slot < nseg else -1,
+           BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, **launch_options("tile", D))
+    dq = torch.empty_like(q)
+    dk, dv = torch.empty_like(k), torch.empty_like(k)
+    deta, dlg, dla = torch.empty_like(eta), torch.empty_like(eta), torch.empty_like(eta)
+    dwc = torch.empty(B * H, d, d, device=dev, dtype=f32)
+    dwp = torch.empty_like(k)
+    dq32 = torch.empty(q.shape, device=dev, dtype=f32) if ANCHOR else dq  # B3a finishes dq with the anchor's part
+    launch(_main_chunk_bwd_kernel, (nseg, B * H),
+           q, k, lg, vn, dvn, do, zbuf, dwbuf, dq32, dk, dlg, dwp, T, H, cfg["C"], shift, nseg, d, zbuf.stride(0),
+           zbuf.stride(1), cfg["resid"], BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, **launch_options("tile", D))
+    launch(_main_wy_bwd_kernel, (nseg, B * H),
+           k, v, eta, lg, tmat, wp, up, dvn, dwp, zc, dk, dv, deta, dlg, dla, dwc, T, cfg["C"], shift, nseg, d,
+           zc.stride(0), cfg["eps"], cfg["resid"], BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=prec,
+           LOWP=lowp, **launch_options("tile", D))
+    if ANCHOR:
+        launch(_main_anchor_bwd_kernel, (nseg, B * H),
+               q, k, eta, lg, tmat, do, dvn, anc, dq32, dq, dk, deta, dlg, dla, dwbuf, T, H, cfg["C"], shift, nseg, d,
+               cfg["eps"], anc_h, BC=BC, D=D, PREC=prec, LOWP=lowp, **launch_options("tile", D))
+    # the generating rows, in reverse
+    dg = dz_end[:, d:].contiguous()
+    if g_slot == nseg:
+        dg += dzc_end[:, d:]
+        acc = torch.zeros_like(dg)
+    else:
+        acc = dzc_end[:, d:].contiguous()
+    da, dbias, dganc = generating_backward(a, valid, zc[:, d:], zbuf[:, :, d:],
+                                           None if anchor is None else anchor[:, d:], tmat,
+                                           b_eta.detach().float().contiguous(), b_alpha.detach().float().contiguous(),
+                                           dk, dv, deta, dlg, dla, dg, acc, cfg, nseg, lowp)
+    if w_slot is None:
+        dwc += dzc_end[:, :d]
+    dzc = torch.cat([dwc, acc], dim=1).reshape(B, H, R, d)
+    dz = torch.cat([dw0, dg], dim=1).reshape(B, H, R, d)
+    dbias = dbias.reshape(B, H, 2).sum(0)
+    danchor = None
+    if anchor is not None:  # dwbuf's slots hold the segments' parts of dW_A (B3a); B4 gave G_0's
+        danchor = torch.cat([dwbuf.sum(1), dganc], dim=1).reshape(B, H, R, d).sum(0)
+    return dq, da, dzc, dz, danchor, dbias[:, 0], dbias[:, 1]
+
+
+class _TitansChunkFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, a, zc, z, anchor, b_eta, b_alpha, valid, cfg):
+        anchor32 = None if anchor is None else anchor.detach().float().contiguous()
+        o, zc_end, z_end, saved, nseg = _forward(q, a, zc.detach().float(), z.detach().float(), anchor32,
+                                                 b_eta.detach().float().contiguous(),
+                                                 b_alpha.detach().float().contiguous(), valid, cfg,
+                                                 save=any(ctx.needs_input_grad))
+        if saved is not None:
+            ctx.save_for_backward(q, a, valid, anchor32, b_eta, b_alpha, *saved)
+        ctx.cfg, ctx.nseg = cfg, nseg
+        ctx.dtypes = (q.dtype, a.dtype, zc.dtype, z.dtype, None if anchor is None else anchor.dtype, b_eta.dtype,
+                      b_alpha.dtype)
+        return o, zc_end, z_end
+
+    @staticmethod
+    def backward(ctx, do, dzc_end, dz_end):
+        q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf, zc = ctx.saved_tensors
+        cfg, nseg = ctx.cfg, ctx.nseg
+        grads = _backward(q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf, zc, do, dzc_end,
+                          dz_end, cfg, nseg)
+        out = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        return (*out, None, None)
+
+
+def titans_memory_triton(
+    q: Tensor,
+    a: Tensor,
+    z0: Tensor,
+    b_eta: Tensor,
+    b_alpha: Tensor,
+    momentum_logit: Optional[Tensor] = None,
+    *,
+    chunk_size: int,
+    eta_max: float,
+    adaptive_chunk_size: Optional[int] = None,
+    momentum: bool = False,
+    dgd: bool = True,
+    objective: str = "l2",
+    memory_target: str = "self",
+    memory_residual: bool = True,
+    memory_value_norm: bool = True,
+    memory_retention: str = "init",
+    adaptive: Sequence[str] = ADAPTIVE_NAMES,
+    mask: Optional[Tensor] = None,
+    state: Optional[TitansState] = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, Optional[TitansState]]:
+    """Chunked self-modifying Titans memory on Triton; shapes and semantics as `titans_memory_reference`
+    (momentum=False only). Differentiable in q, a, z0 (initial state and retention anchor), b_eta, b_alpha and the
+    tensors of `state`."""
+    check_memory_inputs(q, a, z0, b_eta, b_alpha, momentum_logit, chunk_size=chunk_size,
+                        adaptive_chunk_size=adaptive_chunk_size, eta_max=eta_max, momentum=momentum,
+                        objective=objective, memory_target=memory_target, adaptive=adaptive, mask=mask)
+    check_no_momentum(momentum, op="titans")
+    check_kernel_inputs(q, a, chunk_size, op="titans")
+    B, T, H, d = q.shape
+    R = memory_rows(d)
+    if state is None:
+        zc = z = z0.unsqueeze(0).expand(B, H, R, d)
+        position = 0
+    else:
+        check_state(state, dict(z_chunk=(B, H, R, d), z=(B, H, R, d), s=(B, H, R, d)), momentum)
+        zc, z, position = state.z_chunk, state.z, int(state.position)
+    cfg = _config(d, chunk_size, adaptive_chunk_size, position, eta_max, dgd, objective, memory_target,
+                  memory_residual, memory_value_norm, memory_retention, adaptive)
+    valid = None if mask is None else mask.detach().to(device=q.device, dtype=torch.float32).contiguous()
+    if T == 0:
+        o = q.new_zeros(q.shape)
+        final = TitansState(zc.float().clone(), z.float().clone(), None, position) if output_final_state else None
+        return o, final
+    anchor = z0 if cfg["ANCHOR"] else None
+    o, zc_end, z_end = _TitansChunkFn.apply(q.contiguous(), a.contiguous(), zc, z, anchor, b_eta, b_alpha, valid, cfg)
+    return o, (TitansState(zc_end, z_end, None, position + T) if output_final_state else None)
