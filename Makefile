@@ -33,10 +33,11 @@ bench: install
 	$(PY) -m pytest benchmarks -q -rs --benchmark-json=benchmarks/results/cpu_latest.json \
 		--benchmark-columns=median,mean,min,rounds --benchmark-sort=fullname
 
-# Compile every Titans Triton kernel offline for sm_90a (no GPU needed): registers, spills, shared memory, wgmma and
-# grid per kernel at the presets' shapes, into benchmarks/results/sm90_check.md and .json.
+# Compile every Triton kernel offline for sm_90a (no GPU needed): registers, spills, shared memory, wgmma and grid
+# per kernel at the presets' shapes, into benchmarks/results/sm90_check.md/.json (Titans) and cms_sm90_check.json.
 sm90-check: install
 	$(PY) -m benchmarks.sm90_check
+	$(PY) -m benchmarks.cms_sm90_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,8 +10,8 @@ registers and spills. Nothing runs on a GPU: these are the compiler's resource f
     python -m benchmarks.cms_sm90_check --presets hope-340m --chunks 16 --dtypes bf16 --kernels _cms_bwd_kernel
 
 Writes benchmarks/results/cms_sm90_check.json and prints a Markdown table (docs/cms/README.md §5 quotes it).
-Goal (issue #13): no spills, shared memory <= 227 KB, wgmma present. When `make sm90-check` (the Titans kernels'
-offline compile, branch titans-kernels) lands on main, this belongs in it.
+Goal (issue #13): no spills, shared memory <= 227 KB, wgmma present. `make sm90-check` runs it after the Titans
+kernels' check (`benchmarks/sm90_check.py`).
 """
 from __future__ import annotations
 
