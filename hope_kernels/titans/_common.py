@@ -10,39 +10,32 @@ Precision of `tl.dot` (SPEC §5: states and sums fp32 whatever the activations):
 """
 from __future__ import annotations
 
-import os
-
 import torch
-import triton
 import triton.language as tl
 
 from hope_kernels._dispatch import triton_interpreting
+from hope_kernels._triton import (  # noqa: F401  (the helpers every op shares, re-exported for the kernels)
+    SUPPORTED_DTYPES,
+    OutOfResources,
+    device_fn,
+    dot_precision_from,
+    log_sigmoid,
+    low_precision_dots,
+    mm,
+    next_pow2,
+    num_segments,
+    sigmoid,
+)
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 MAX_HEAD_DIM = 128
 MAX_CHUNK_SIZE = 128
 TRI_BLOCK = 16  # the triangular inverse solves 16 x 16 diagonal blocks by substitution, then merges them
-try:  # what a launch raises when a kernel needs more shared memory / registers than the GPU has
-    from triton.runtime.errors import OutOfResources
-except ImportError:  # pragma: no cover
-    OutOfResources = RuntimeError
 
 
 def dot_precision() -> str:
     """`input_precision` of the fp32 tl.dot calls: HOPE_TITANS_DOT_PRECISION if set, "ieee" in the interpreter,
     else "tf32"."""
-    env = os.environ.get("HOPE_TITANS_DOT_PRECISION")
-    if env:
-        if env not in DOT_PRECISIONS:
-            raise ValueError(f"HOPE_TITANS_DOT_PRECISION={env!r}; allowed: {list(DOT_PRECISIONS)}")
-        return env
-    return "ieee" if triton_interpreting() else "tf32"
-
-
-def low_precision_dots(dtype: torch.dtype) -> bool:
-    """True when the big products take 16-bit operands: 16-bit inputs, compiled (the interpreter upcasts)."""
-    return dtype in (torch.float16, torch.bfloat16) and not triton_interpreting()
+    return dot_precision_from("HOPE_TITANS_DOT_PRECISION")
 
 
 def launch_options(kind: str, D: int) -> dict:
@@ -67,19 +60,9 @@ def block_v(D: int, lowp: bool) -> int:
     return min(D, 16 if D > 64 and not lowp else 32)
 
 
-def next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 def block_sizes(d: int, chunk_size: int) -> tuple[int, int]:
     """(D, BC): the head dim and the chunk padded to powers of two >= 16 (tl.dot needs every dim >= 16)."""
     return max(16, next_pow2(d)), max(TRI_BLOCK, next_pow2(chunk_size))
-
-
-def num_segments(T: int, C: int, shift: int) -> int:
-    """Segments of a call: the chunk phase counts from position 0, so a call that starts `shift` tokens into a
-    chunk first finishes it (SPEC §5). Segment n holds tokens [max(nC - shift, 0), min((n+1)C - shift, T))."""
-    return (T + shift + C - 1) // C if T > 0 else 0
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
@@ -120,45 +103,6 @@ def check_no_momentum(momentum: bool, *, op: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- jit helpers
-
-
-def device_fn(fn):
-    """`triton.jit` for a device function called from the kernels. Under the interpreter every call of a nested
-    jit function re-patches triton.language (~3 ms, thousands of calls per launch); the kernel's own launch has
-    patched it already, so there the helper runs as the interpreter's rewritten Python function directly."""
-    jitted = triton.jit(fn)
-    if not triton_interpreting() or not hasattr(jitted, "rewrite"):  # an interpreter without the AST rewrite
-        return jitted
-    rewritten = []
-
-    def call(*args, **kwargs):
-        if not rewritten:
-            rewritten.append(jitted.rewrite())
-        return rewritten[0](*args, **kwargs)
-
-    call.__name__ = fn.__name__
-    call.__doc__ = fn.__doc__
-    return call
-
-
-@device_fn
-def mm(x, y, PREC: tl.constexpr, LOWP: tl.constexpr):
-    """x @ y with fp32 accumulation: 16-bit operands when LOWP (16-bit inputs, compiled), else fp32 at PREC."""
-    if LOWP:
-        return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
-    else:
-        return tl.dot(x, y, input_precision=PREC)
-
-
-@device_fn
-def log_sigmoid(x):
-    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
-
-
-@device_fn
-def sigmoid(x):
-    e = tl.exp(-tl.abs(x))  # exp of non-positive numbers only
-    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 @device_fn
