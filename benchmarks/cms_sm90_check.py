@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter's
@@ -32,10 +29,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
-RESULTS = Path(__file__).resolve().parent / "results"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+from benchmarks.sm90_check import DTYPES, RESULTS, SMEM_LIMIT, _ptxas_report, _signature  # noqa: E402
 
 
 def record(D: int, Fh: int, C: int, dtype: torch.dtype, B: int = 8, T: int = 4096) -> list:
@@ -79,45 +73,13 @@ def record(D: int, Fh: int, C: int, dtype: torch.dtype, B: int = 8, T: int = 409
     return launches
 
 
-def _signature(kernel, args, kwargs) -> tuple[dict, dict]:
-    names = [p.name for p in kernel.params if not p.is_constexpr]
-    if len(names) != len(args):
-        raise RuntimeError(f"{kernel.__name__}: {len(args)} positional arguments for {len(names)} parameters")
-    sig = {}
-    for name, value in zip(names, args):
-        if isinstance(value, torch.Tensor):
-            sig[name] = PTR[value.dtype]
-        elif isinstance(value, float):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i64" if abs(int(value)) >= 2**31 else "i32"
-    constexprs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-    for p in kernel.params:
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"
-    return sig, constexprs
-
-
-def _ptxas(ptx: str) -> tuple[int, int, int]:
-    """(registers, spill store bytes, spill load bytes) from the triton wheel's `ptxas -arch=sm_90a -v`."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        out = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
-    regs = int(re.search(r"Used (\d+) registers", out).group(1))
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
-    return regs, int(spill.group(1)), int(spill.group(2))
-
-
 def compile_launch(kernel, grid, args, kwargs) -> dict:
     sig, constexprs = _signature(kernel, args, kwargs)
     options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
     compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options=options)
     ptx = compiled.asm["ptx"]
-    regs, spill_st, spill_ld = _ptxas(ptx)
+    regs, spill_st, spill_ld = _ptxas_report(ptx)
     blocks = {k: v for k, v in constexprs.items() if k.startswith("B")}
     return dict(kernel=kernel.__name__, registers=regs, spill_store_bytes=spill_st, spill_load_bytes=spill_ld,
                 shared_bytes=int(compiled.metadata.shared), wgmma="wgmma.mma_async" in ptx,
