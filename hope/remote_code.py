@@ -31,6 +31,10 @@ AUTO_MAP = {
 }
 
 
+class BundleError(RuntimeError):
+    """A module of `hope` / `hope_kernels` imports ours in a form the flat bundle cannot rewrite faithfully."""
+
+
 def flat_name(module: str) -> str:
     """The bundle's file stem of a module: `hope.` dropped, the other dots made underscores."""
     return module.removeprefix("hope.").replace(".", "_")
@@ -67,7 +71,7 @@ def _rewrite(module: str, path: Path, is_package: bool, stamp: tuple[int, int]) 
     needed, edits = set(), []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import) and any(_is_ours(alias.name) for alias in node.names):
-            raise NotImplementedError(f"{module}: `import {node.names[0].name}` binds a package; write "
+            raise BundleError(f"{module}: `import {node.names[0].name}` binds a package; write "
                                       "`from module import name` so that the bundle can flatten it")
         if not isinstance(node, ast.ImportFrom):
             continue
@@ -77,8 +81,8 @@ def _rewrite(module: str, path: Path, is_package: bool, stamp: tuple[int, int]) 
         if importlib.util.find_spec(target).submodule_search_locations is not None:
             for alias in node.names:
                 if alias.name == "*" or importlib.util.find_spec(f"{target}.{alias.name}") is not None:
-                    raise NotImplementedError(f"{module}: `from {target} import {alias.name}` may import a submodule;"
-                                              " import names from the module that defines them")
+                    raise BundleError(f"{module}: `from {target} import {alias.name}` may import a submodule;"
+                                      " import names from the module that defines them")
         names = ", ".join(a.name if a.asname is None else f"{a.name} as {a.asname}" for a in node.names)
         needed.add(target)
         edits.append((node.lineno, node.end_lineno, node.col_offset, node.end_col_offset,

@@ -12,9 +12,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
-from hope.remote_code import AUTO_MAP, PACKAGES, flat_name, remote_code_files
+from hope.remote_code import AUTO_MAP, PACKAGES, BundleError, _rewrite, flat_name, remote_code_files
 from tests.hope.utils_hope import random_ids, tiny_config, tiny_model
 
 # One subprocess (each load costs seconds): the deep memory reaches the most bundled files (both Titans ops and the
@@ -141,3 +142,14 @@ def test_save_pretrained_with_push_to_hub_uploads_the_code_too(tmp_path, monkeyp
     model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="someone/hope-tiny", commit_message="hi")
     assert pushed == [("someone/hope-tiny", {"token": None, "commit_message": "hi"})]
     assert (tmp_path / "local" / "modeling_hope.py").is_file() and (tmp_path / "local" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("line", ["import hope.cache_hope", "from hope_kernels import titans"])
+def test_an_import_the_bundle_cannot_flatten_raises(tmp_path, line):
+    """`import pkg.mod` binds the package and `from pkg import submodule` imports a module by a name: neither has a
+    faithful flat relative form, so the bundle refuses them (naming the module and the import) instead of writing a
+    checkpoint whose code fails to load elsewhere."""
+    source = tmp_path / "bad.py"
+    source.write_text(line + "\n")
+    with pytest.raises(BundleError, match=re.escape(line.split()[-1])):
+        _rewrite("hope.bad", source, False, (0, 0))
