@@ -12,7 +12,7 @@ Design
   per-(sequence, chunk) retention pull λ_n. Their outer gradients come back from the kernels and autograd carries
   them to z, P_v, w_eta, b_eta.
 * Parallel over (sequence x tiles of F): grid (F / BF, B), 80 programs at the 340M shape (D = 1024, F = 640,
-  BF = 64, B = 8), 168 at 1.3B. Program (j, b) owns rows [jBF, (j+1)BF) of W_gate and W_up and the same columns
+  BF = 64, B = 8) and 168 at 1.3B in the forward, twice that in the backward (BF = 32, `block_sizes`). Program (j, b) owns rows [jBF, (j+1)BF) of W_gate and W_up and the same columns
   of W_down of sequence b: everything the chunk step does is local to that slice (A = Z W_gateᵀ and B = Z W_upᵀ
   reduce over D, which the program holds whole; G_gate = dAᵀ Z, G_up = dBᵀ Z and G_down = Eᵀ H are the slice's
   own blocks; the column norms c_f of W_down are the slice's own columns), except two reductions over F: the
@@ -91,20 +91,25 @@ from hope_kernels.cms.reference import CMSState, _no_autocast, _validate
 
 __all__ = ["cms_level_triton"]
 
-# (BT, BD, BF): token tile, D block, F tile (= the program's slice of θ). The interpreter's are smaller so that
-# tiny test shapes still have several F tiles (the cross-tile reduction) and several blocks along every axis.
-# The backward's token tile is 32 on a GPU: its elementwise adjoints keep ~12 (BT, BF) fp32 tensors live, which
-# spill at BT = 64 and 8 warps (offline sm_90a compile, benchmarks/cms_sm90_check.py, docs/cms/README.md §5).
-GPU_BLOCKS = (64, 64, 64)
-GPU_BWD_TOKEN_TILE = 32
-INTERPRETER_BLOCKS = (32, 32, 16)
+# (BT, BD, BF): token tile, D block, F tile (= the program's slice of θ), for the forward and the backward
+# separately (the backward reads only full-width saved factors, so its F tiling need not be the forward's).
+# Chosen with the offline sm_90a compile (benchmarks/cms_sm90_check.py, docs/cms/README.md §5.1): the forward at
+# (64, 64, 64) spilled 12-24 B at C = 128, and keeps its 64-token tile with D blocks of 32; the backward's
+# elementwise adjoints keep ~12 (BT, BF) fp32 tensors live, which spilled at BF = 64 (32-124 B, bf16 and C = 128),
+# so it takes (32, 64, 32), which also doubles its programs (160 at the 340M shape, B = 8). The interpreter's are
+# smaller so that tiny test shapes still have several F tiles (the cross-tile reduction) and several blocks along
+# every axis.
+GPU_FWD_BLOCKS = (64, 32, 64)
+GPU_BWD_BLOCKS = (32, 64, 32)
+INTERPRETER_FWD_BLOCKS = INTERPRETER_BWD_BLOCKS = (32, 32, 16)
 
 
 def block_sizes(C: int, D: int, Fh: int, backward: bool = False) -> tuple[int, int, int]:
     """(BT, BD, BF), powers of two >= 16 (tl.dot's minimum), capped by the dims."""
-    cap_t, cap_d, cap_f = INTERPRETER_BLOCKS if triton_interpreting() else GPU_BLOCKS
-    if backward and not triton_interpreting():
-        cap_t = GPU_BWD_TOKEN_TILE
+    if triton_interpreting():
+        cap_t, cap_d, cap_f = INTERPRETER_BWD_BLOCKS if backward else INTERPRETER_FWD_BLOCKS
+    else:
+        cap_t, cap_d, cap_f = GPU_BWD_BLOCKS if backward else GPU_FWD_BLOCKS
     return (max(16, min(next_pow2(C), cap_t)), max(16, min(next_pow2(D), cap_d)), max(16, min(next_pow2(Fh), cap_f)))
 
 
@@ -603,12 +608,13 @@ def _plan(B: int, T: int, D: int, Fh: int, cfg: dict, save: bool) -> dict:
     shift = pos % C
     nseg = num_segments(T, C, shift)
     BT, BD, BF = block_sizes(C, D, Fh)
-    BTB = block_sizes(C, D, Fh, backward=True)[0]
+    BTB, BDB, BFB = block_sizes(C, D, Fh, backward=True)
     kck = checkpoint_every(cfg["decay"], nseg) if save else nseg + 1  # nseg + 1: never store a checkpoint
     nck = (nseg - 1) // kck if save else 0
     # the last segment's update is applied only when someone reads it (the final state), as in the reference
     closes_last = (pos + T) % C == 0 and cfg["learn_last"]
-    return dict(C=C, shift=shift, nseg=nseg, BT=BT, BTB=BTB, BD=BD, BF=BF, nF=triton.cdiv(Fh, BF), kck=kck, nck=nck,
+    return dict(C=C, shift=shift, nseg=nseg, BT=BT, BD=BD, BF=BF, nF=triton.cdiv(Fh, BF), BTB=BTB, BDB=BDB, BFB=BFB,
+                nFB=triton.cdiv(Fh, BFB), kck=kck, nck=nck,
                 CP=triton.cdiv(min(C, T), BT) * BT, CPB=triton.cdiv(min(C, T), BTB) * BTB, closes_last=closes_last)
 
 
@@ -690,8 +696,8 @@ def _backward(z, tg, eta, zz, mk, lam, th0, ts, ts_bstride, gin, fwd: dict, gy, 
             fwd["y32"], fwd["fa"], fwd["fb"], fwd["fdh"], fwd["nb"], gy, gsb, dcv,
             th, thb, th0b, cb, eb, zb, gdot, nbar, ginb, x1, x2, x3, s1, s2, s3, s4, s5, s6)
     consts = dict(OBJ_L2=cfg["objective"] == "l2", HAS_GIN=has_gin, LOWP=lowp, PREC=dot_precision(),
-                  BT=plan["BTB"], BD=plan["BD"], BF=plan["BF"], **launch_options())
-    grid = (plan["nF"], B)
+                  BT=plan["BTB"], BD=plan["BDB"], BF=plan["BFB"], **launch_options())
+    grid = (plan["nFB"], B)
     for n in range(nseg - 1, -2, -1):
         launch(_cms_bwd_kernel, grid, *args, n, T, D, Fh, plan["C"], plan["shift"], nseg, CP, plan["nck"],
                plan["kck"], int(plan["closes_last"]), **consts)
