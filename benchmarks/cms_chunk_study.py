@@ -83,7 +83,7 @@ def pack(instances: List[Dict[str, list]], seq_len: int, rows: int) -> Dict[str,
     ids = torch.zeros(rows, seq_len, dtype=torch.long)
     labels = torch.full((rows, seq_len), -100, dtype=torch.long)
     tags = torch.full((rows, seq_len), -1, dtype=torch.long)
-    source = iter(instances)
+    source = iter(instances)  # task_rows draws enough: every row takes its whole instances and one cut one
     for row in range(rows):
         position = 0
         while position < seq_len:
@@ -116,7 +116,8 @@ def task_rows(task: str, rows: int, seq_len: int, seed: int) -> tuple[Dict[str, 
     from hope.evals.forgetting import ForgettingTask, generate_stream
 
     setting = ForgettingTask(num_segments=4, pairs_per_segment=2, num_keys=16, num_values=16, repeats=2)
-    streams = generate_stream(setting, rows * seq_len // (setting.seq_len + 1) + 2, seed)
+    # a row holds seq_len // (length + 1) whole streams and the cut start of one more
+    streams = generate_stream(setting, rows * (seq_len // (setting.seq_len + 1) + 1), seed)
     instances = [{"input_ids": s["input_ids"], "labels": s["labels"], "tag": s["age"]} for s in streams]
     return pack(instances, seq_len, rows), setting.vocab_size
 
