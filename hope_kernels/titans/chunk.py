@@ -154,15 +154,34 @@ def _delta_coefficients(k, eta, la, eps, offs_c, PREC: tl.constexpr):
 
 
 @device_fn
-def _gen_tile_fwd(gc, g0, g1, anc, rloc, mr, learn, er, d, k, EU, Tm, kd_scale, ka_scale, kappa, gamma_end, offs_d,
-                  md, ANCHOR: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+def _gen_tile_fwd(gc, g0, g1, anc, rloc, mr, learn, er, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm_ptr, bh, T, start, lg_end,
+                  eps, offs_c, mt, offs_d, md, opq, BC: tl.constexpr, OBJ_L2: tl.constexpr, ANCHOR: tl.constexpr,
+                  PREC: tl.constexpr, LOWP: tl.constexpr):
     """One row tile of G through a segment: Y = Wr - diag(kd) K X_0ᵀ [- diag(ka) K X_Aᵀ] with the writes
     Wr = -eta U (E + X_c)ᵀ = EU (E + X_c)ᵀ, N = T Y (= T Wr - (T Kd) X_0ᵀ - (T Ka) X_Aᵀ),
     X_end = gamma_L X_0 [+ (1 - gamma_L) X_A] + (diag(kappa) N)ᵀ K (rows that do not learn keep X_0; the bracketed
-    terms are the retention anchor X_A of memory_retention="init"). Only k, EU, T and vectors are shared by the
-    tiles (the row scalings are applied per tile), which keeps the scan's live set small. gc, g0, g1, anc point at
+    terms are the retention anchor X_A of memory_retention="init"). k, v, eta, lg and T are read back per tile from
+    the buffers the scan stored them in, and the row scalings applied per tile, so that nothing of the segment's
+    reads stays live across the tiles (see `_gen_fwd_kernel`). gc, g0, g1, anc point at
     the tile's block in the chunk-start, segment-start, segment-end and anchor states; rloc (BR,) are the rows
-    within the block, er the identity weight of the block (resid for square blocks, 0 for w_eta, w_alpha)."""
+    within the block, er the identity weight of the block (resid for square blocks, 0 for w_eta, w_alpha); opq is
+    0, but the compiler cannot know it (it keeps the tile's address tiles inside the tile loop)."""
+    row = bh * T + start + opq + offs_c
+    m2 = mt[:, None] & md[None, :]
+    k = tl.load(k_ptr + row[:, None] * d + offs_d[None, :], mask=m2, other=0.0)
+    v = tl.load(v_ptr + row[:, None] * d + offs_d[None, :], mask=m2, other=0.0)
+    eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
+    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+    lg_prev = _lg_before(lg_ptr, bh, T, start + opq, offs_c, mt)
+    if OBJ_L2:
+        EU = -eta[:, None] * (k - v)
+    else:
+        EU = eta[:, None] * v
+    kd_scale = eps * eta * tl.exp(lg_prev)
+    ka_scale = eps * eta - kd_scale  # Ka = diag(eps eta_t (1 - gamma_{t-1})) K: the anchor's part of the DGD term
+    kappa = tl.exp(lg_end - lg)
+    gamma_end = tl.exp(lg_end)
+    Tm = tl.load(tm_ptr + (offs_c[:, None] + opq) * BC + offs_c[None, :])
     xoff = rloc[:, None] * d + offs_d[None, :]
     m = mr[:, None] & md[None, :]
     Xh = tl.load(gc + xoff, mask=m, other=0.0) + tl.where(m & (rloc[:, None] == offs_d[None, :]), er, 0.0)
@@ -221,34 +240,35 @@ def _gen_fwd_kernel(
 
         k, v, eta, la, _kr, _nrm, _se, _pa, _vn = _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d,
                                                              md, PREC, LOWP, VNORM)
-        A, lg, lg_end, kd_scale, kt_scale = _delta_coefficients(k, eta, la, eps, offs_c, PREC)
+        A, lg, lg_end, _kd_scale, _kt_scale = _delta_coefficients(k, eta, la, eps, offs_c, PREC)
         row = (bh * T + tok)
         tl.store(k_ptr + row[:, None] * d + offs_d[None, :], k, mask=m2)
         tl.store(v_ptr + row[:, None] * d + offs_d[None, :], v, mask=m2)
         tl.store(eta_ptr + row, eta, mask=mt)
         tl.store(lg_ptr + row, lg, mask=mt)
-        Tm = unit_lower_inverse(A, tmat_ptr + (bh * NSEG + n) * BC * BC, offs_c, BC, PREC)
-        ka_scale = eps * eta - kd_scale  # Ka = diag(eps eta_t (1 - gamma_{t-1})) K: the anchor's part of the DGD term
-        gamma_end = tl.exp(lg_end)
-        if OBJ_L2:
-            EU = -eta[:, None] * (k - v)
-        else:
-            EU = eta[:, None] * v
-        for blk in tl.static_range(2):
-            if (blk == 0 and AD_K) or (blk == 1 and AD_V):
-                for rt in tl.static_range(D // BR):
-                    rloc = rt * BR + r_sq
-                    mr = rloc < d
-                    _gen_tile_fwd(gc + blk * d * d, g0 + blk * d * d, g1 + blk * d * d, anc + blk * d * d, rloc, mr,
-                                  mr, resid, d, k, EU, Tm, kd_scale, ka_scale, kt_scale, gamma_end, offs_d, md, ANCHOR,
-                                  PREC, LOWP)
-            else:
-                boff = offs_d[:, None] * d + offs_d[None, :]
-                bm = md[:, None] & md[None, :]
-                tl.store(g1 + blk * d * d + boff, tl.load(g0 + blk * d * d + boff, mask=bm, other=0.0), mask=bm)
+        tm = tmat_ptr + (bh * NSEG + n) * BC * BC
+        unit_lower_inverse(A, tm, offs_c, BC, PREC)
+        tl.debug_barrier()  # the row tiles read back k, v, eta, lg and T, stored above by other threads
+        # One runtime loop over the square row tiles of W_k and W_v (rows of a block that does not learn are
+        # stored unchanged), not an unrolled one, reading the segment's k, v, eta, lg and T back per tile, with
+        # addresses that depend on the tile through `opq` (always 0: the grid is 1-D): otherwise the compiler
+        # interleaves the tiles or hoists their loop-invariant (BC, D) tiles out of the loop. Offline sm_90a compile
+        # (benchmarks/sm90_check.py): spill stores 3.1 -> 1.1 KB per thread at d = 64 fp32, 3.8 -> 0.7 KB bf16,
+        # 11.2 -> 6.6 KB and 9.5 -> 3.7 KB at d = 128.
+        NRT: tl.constexpr = D // BR
+        for t in range(0, 2 * NRT):
+            blk = t // NRT
+            opq = t * tl.program_id(1)
+            rloc = (t % NRT) * BR + r_sq
+            mr = rloc < d
+            learns = ((blk == 0) & AD_K) | ((blk == 1) & AD_V)
+            _gen_tile_fwd(gc + blk * d * d, g0 + blk * d * d, g1 + blk * d * d, anc + blk * d * d, rloc, mr,
+                          mr & learns, resid, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm, bh, T, start, lg_end, eps,
+                          offs_c, mt, offs_d, md, opq, BC, OBJ_L2, ANCHOR, PREC, LOWP)
         learn = ((r_ea == 0) & AD_E) | ((r_ea == 1) & AD_A)
         _gen_tile_fwd(gc + 2 * d * d, g0 + 2 * d * d, g1 + 2 * d * d, anc + 2 * d * d, r_ea, r_ea < 2, learn, 0.0,
-                      d, k, EU, Tm, kd_scale, ka_scale, kt_scale, gamma_end, offs_d, md, ANCHOR, PREC, LOWP)
+                      d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm, bh, T, start, lg_end, eps, offs_c, mt, offs_d, md,
+                      2 * NRT * tl.program_id(1), BC, OBJ_L2, ANCHOR, PREC, LOWP)
         tl.debug_barrier()  # the next segment reads the state (and maybe its chunk start) stored here
 
 
