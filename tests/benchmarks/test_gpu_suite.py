@@ -160,7 +160,7 @@ def check_goals_and_markdown(dry_run: tuple) -> None:
     results, markdown, _ = dry_run
     goals = {g["id"]: g for g in results["goals"]}
     assert set(goals) == {"train_ref", "train_long", "titans_vs_fla", "titans_vs_eager", "titans_bf16", "cms_matmul",
-                          "decode_flat", "decode_speed", "deep_vs_linear"}
+                          "cms_bandwidth", "decode_flat", "decode_speed", "deep_vs_linear"}
     assert all(g["status"] in S.STATUSES for g in goals.values())
     # The deep goal pairs the two Triton fwd+bwd timings (the interpreter's in the dry run, when it is on).
     timed = {e["op"]: e["ms"] for e in results["kernels"]
@@ -232,9 +232,11 @@ def test_failing_case_is_recorded_and_the_run_continues(tmp_path, monkeypatch) -
         assert "ERROR RuntimeError: titans Triton kernel does not fit" in f.read()
 
 
-def _figures(train: dict, titans: tuple, cms_frac: float, decode: dict, deep: Optional[dict] = None) -> dict:
+def _figures(train: dict, titans: tuple, cms_frac: float, decode: dict, deep: Optional[dict] = None,
+             cms_floor: float = 0.7) -> dict:
     """A results dict of the full plan with the given figures: train {(model, T): tokens/s}, titans (our fwd+bwd
-    ms, FLA's, the eager reference's, our bf16 relative error against it), the CMS fraction of matmul, decode
+    ms, FLA's, the eager reference's, our bf16 relative error against it), the CMS fraction of matmul at C = 512
+    and its fraction of the memory floor at C = 16 (cms_floor; the C = 128 entry counts for neither goal), decode
     {(model, prompt, batch): ms}, and the deep op's Triton fwd+bwd entry fields (e.g. {"ms": 50.0} or
     {"error": ...}) at the full plan's deep shape, or None for no deep entry."""
     shape = S.FULL.titans_shapes[0]
@@ -247,8 +249,12 @@ def _figures(train: dict, titans: tuple, cms_frac: float, decode: dict, deep: Op
         {"op": "titans_memory", "method": "fla_chunk_gated_delta_rule", "mode": "fwd+bwd", "shape": shape,
          "ms": titans[1]},
         {"op": "titans_memory", "method": "eager", "mode": "fwd+bwd", "shape": shape, "ms": titans[2]},
+        {"op": "cms_level", "method": "triton", "mode": "fwd", "shape": S.FULL.cms_shapes[2], "ms": 1.0,
+         "frac_of_matmul": cms_frac, "frac_of_floor": 0.9},
         {"op": "cms_level", "method": "triton", "mode": "fwd", "shape": S.FULL.cms_shapes[0], "ms": 1.0,
-         "frac_of_matmul": cms_frac},
+         "frac_of_matmul": 0.01, "frac_of_floor": cms_floor},
+        {"op": "cms_level", "method": "triton", "mode": "fwd", "shape": S.FULL.cms_shapes[1], "ms": 1.0,
+         "frac_of_matmul": 0.01, "frac_of_floor": 0.01},
     ]
     return {
         "plan": dataclasses.asdict(S.FULL),
@@ -281,7 +287,10 @@ def test_goal_rules_on_known_figures() -> None:
     assert goals["titans_vs_fla"]["status"] == "hit"  # 2.5x exactly
     assert goals["titans_vs_eager"]["status"] == "hit"  # 20x exactly
     assert goals["titans_bf16"]["status"] == "hit"  # 1e-2 exactly
-    assert goals["cms_matmul"]["status"] == "hit"
+    assert goals["cms_matmul"]["status"] == "hit"  # 0.50 exactly, at C = 512 only
+    assert set(goals["cms_matmul"]["values"]["fractions"]) == {f"fwd {S.shape_label(S.FULL.cms_shapes[2])}"}
+    assert goals["cms_bandwidth"]["status"] == "hit"  # 0.70 exactly, at C = 16 only
+    assert set(goals["cms_bandwidth"]["values"]["fractions"]) == {f"fwd {S.shape_label(S.FULL.cms_shapes[0])}"}
     assert goals["decode_flat"]["status"] == "hit"  # 1.10 and 1.05
     # Transformer++ at batch 64 was not measured, so only batch 1 counts: 23 ms against 11 ms per token.
     assert goals["decode_speed"]["status"] == "hit"
@@ -297,10 +306,12 @@ def test_goal_rules_miss_and_not_measured() -> None:
         cms_frac=0.49,
         decode={("hope", 1024, 1): 10.0, ("hope", 32768, 1): 11.2, ("transformer++", 32768, 1): 15.0},
         deep={"ms": 50.3},  # 2.515x the linear op's 20 ms
+        cms_floor=0.69,
     )
     goals = {g["id"]: g for g in S.evaluate_goals(results)}
     assert [goals[k]["status"] for k in ("train_ref", "train_long", "titans_vs_fla", "titans_vs_eager", "titans_bf16",
-                                         "cms_matmul", "decode_flat", "decode_speed", "deep_vs_linear")] == ["miss"] * 9
+                                         "cms_matmul", "cms_bandwidth", "decode_flat", "decode_speed",
+                                         "deep_vs_linear")] == ["miss"] * 10
     assert close(goals["decode_speed"]["values"]["ratios"]["1"], (1 / 11.2) / (1 / 15.0))
     empty = {"plan": dataclasses.asdict(S.FULL), "kernels": [], "model": {"train": [], "decode": []}}
     assert {g["status"] for g in S.evaluate_goals(empty)} == {"not measured"}
@@ -346,8 +357,10 @@ def test_full_plan_matches_the_340m_model() -> None:
         assert shape["H"] == hope.num_heads and shape["C"] == hope.chunk_size and shape["d"] in (hope.head_dim, 128)
     learning = [(size, width) for size, width in zip(hope.cms_chunk_sizes, hope.cms_hidden_size) if size]
     for shape in S.FULL.cms_shapes + S.FULL.cms_step_shapes:
-        assert shape["D"] == hope.hidden_size and (shape["C"], shape["F"]) in learning
-    assert {s["C"] for s in S.FULL.cms_shapes} == {size for size, _ in learning}
+        assert shape["D"] == hope.hidden_size and shape["F"] in {width for _, width in learning}
+    # every learning level of the preset, and issue #13's compute-bound chunk sizes (its >= 50% matmul goal)
+    sizes = {s["C"] for s in S.FULL.cms_shapes}
+    assert {size for size, _ in learning} <= sizes and {512, 2048} <= sizes
     # Issue #7's shape: the 340M model with memory_depth=2 (h defaults to the head dim), paired with a linear shape.
     deep = W.model_config("hope", S.FULL.model_size, memory_depth=2)
     assert S.FULL.deep_titans_shapes == [dict(B=8, T=4096, H=16, d=64, h=64, C=64)]
