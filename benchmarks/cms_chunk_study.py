@@ -67,6 +67,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.level_sets = parse_level_sets(args.level_sets)
     args.tasks = args.tasks.split(",")
+    if args.seq_len < 32:  # task_rows' MQAR draw (~20 tokens an instance, 12 counted) needs rows this long
+        parser.error(f"--seq_len {args.seq_len} is below 32")
     for levels in args.level_sets:
         largest = max((c for c in levels if c), default=0)
         if args.seq_len < 4 * largest:
@@ -83,7 +85,7 @@ def pack(instances: List[Dict[str, list]], seq_len: int, rows: int) -> Dict[str,
     ids = torch.zeros(rows, seq_len, dtype=torch.long)
     labels = torch.full((rows, seq_len), -100, dtype=torch.long)
     tags = torch.full((rows, seq_len), -1, dtype=torch.long)
-    source = iter(instances)  # task_rows draws enough: every row takes its whole instances and one cut one
+    source = iter(instances)  # task_rows draws enough (each row takes its whole instances and one cut one)
     for row in range(rows):
         position = 0
         while position < seq_len:

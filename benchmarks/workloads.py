@@ -412,19 +412,30 @@ def deep_titans_step_bytes(B: int, H: int, d: int, h: int, C: int, elt: int = 2)
     return _memory_step_bytes(B, H, d, (2 * d + 2) * d + 2 * d * h, elt)
 
 
+def cms_learning(T: int, C: int) -> tuple[int, int]:
+    """(tokens whose inner step runs, chunk updates) of one call of T tokens from position 0 without a final
+    state, as the suite times it (`cms_kwargs`): nobody reads the last segment's update, so it is skipped (the
+    kernels' and the reference's `learn_last`), and its tokens are only read."""
+    updates = (T - 1) // C
+    return updates * C, updates
+
+
 def cms_flops(B: int, T: int, D: int, F: int, C: int, backward: bool = False) -> float:
-    """One level that learns on every token: read 6DF, inner gradients 8DF, target 2D^2 per token; the kernel's
-    backward recomputes the forward and adds 32DF + 4D^2."""
-    per_tok = 14 * D * F + 2 * D * D
+    """One level: every token's read 6DF and target 2D^2, and the inner gradients 8DF of the tokens that learn
+    (`cms_learning`). The backward adds, per token, the read's 12DF and the target's 4D^2, and for a token that
+    learns 26DF more (the inner gradients' backward and the kernel's recompute of the update's operands)."""
+    learning, _ = cms_learning(T, C)
+    flops = T * (6 * D * F + 2 * D * D) + learning * 8 * D * F
     if backward:
-        per_tok += 38 * D * F + 4 * D * D
-    return float(B * T * per_tok)
+        flops += T * (12 * D * F + 4 * D * D) + learning * 26 * D * F
+    return float(B * flops)
 
 
 def cms_bytes(B: int, T: int, D: int, F: int, C: int, elt: int = 2, backward: bool = False) -> float:
-    """z in, y out, the parameters (3FD + D^2) in; the fp32 θ of each closed chunk out (and back in for the next
-    chunk's read) per sequence. The backward adds dy in, dz out, the parameter gradients and a re-read of θ."""
-    n_updates = T // C
+    """z in, y out, the parameters (3FD + D^2) in; the fp32 θ of each chunk update out (and back in for the next
+    chunk's read) per sequence: the cost model's 2 x 3FD fp32 per update, the floor of any implementation. The
+    backward adds dy in, dz out, the parameter gradients and a re-read of θ."""
+    _, n_updates = cms_learning(T, C)
     act = 2 * B * T * D * elt
     params = (3 * F * D + D * D) * elt
     theta = B * n_updates * 2 * 3 * F * D * 4

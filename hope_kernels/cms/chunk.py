@@ -39,8 +39,9 @@ Design
   q_t = Σ_f R²_tf c_f (B, T); per chunk N_c (B, NSEG); and θ every K chunks (`checkpoint_every`: K = 256 at
   λ = 0, 37 at the default λ = 0.05, 1 for λ >= 0.9). The backward rebuilds θ_n from θ_{n+1} by inverting the
   update with Δ_n recomputed from the factors (dA = dH ⊙ B ⊙ silu'(A), dB = dH ⊙ silu(A), E, H): the same code
-  and operands as the forward's update, so Δ_n is bit-identical and the rebuilt θ_n differs from the forward's
-  by rounding only (at most K (1 - λ)^-K roundings since the last checkpoint). Bytes at the 340M shape:
+  and operands as the forward's update, so Δ_n equals the forward's up to the order of its token sums (the
+  backward's token tile is smaller) and the rebuilt θ_n differs from the forward's by rounding only (at most
+  K (1 - λ)^-K roundings since the last checkpoint). Bytes at the 340M shape:
   docs/cms/README.md §5.
 * Backward of segment n (derived in docs/cms/README.md §5; checked against float64 autograd of the reference):
   with Ḡ = -θ̄_{n+1} / N_c the adjoint of the chunk's gradient sum (or the final state's running-sum cotangent),
@@ -152,7 +153,8 @@ def _ybar_tile(gy_s, eb_s, eta_s, t0, d0, L, D, OBJ_L2: tl.constexpr, BT: tl.con
 @device_fn
 def _operands(fa_s, fb_s, fdh_s, s1, s2, s3, L, Fh, f0, BT: tl.constexpr, BF: tl.constexpr):
     """dA = dH ⊙ B ⊙ silu'(A), dB = dH ⊙ silu(A), H = silu(A) ⊙ B from the saved factors -> the dot-operand scratch.
-    Forward and backward both form them here, from the same stored values, so Δ_n is the same in both."""
+    Forward and backward both form them here, from the same stored values, so Δ_n is the same in both up to the
+    order of the token sums (their token tiles differ)."""
     for tt in range(0, tl.cdiv(L, BT)):
         t0 = tt * BT
         a = ld(fa_s, t0, f0, L, Fh, Fh, BT, BF)

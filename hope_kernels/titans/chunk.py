@@ -142,15 +142,15 @@ def _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d, md, PREC
 
 @device_fn
 def _delta_coefficients(k, eta, la, eps, offs_c, PREC: tl.constexpr):
-    """A of the segment (strictly lower) and the decay vectors: lg (within-segment log gamma), Kd's scale
-    eps eta_t gamma_{t-1} and gamma_L / gamma_t."""
+    """A of the segment (strictly lower), lg (within-segment log gamma) and lg_end; the row scalings that use them
+    (Kd's eps eta_t gamma_{t-1}, gamma_L / gamma_t) are formed per row tile (`_gen_tile_fwd`)."""
     lg = tl.cumsum(la, 0)
     lg_end = tl.sum(la, 0)
     before = offs_c[None, :] < offs_c[:, None]  # [t, j]: j < t
     kk = tl.dot(k, tl.trans(k), input_precision=PREC)
     A = tl.where(before, eps * eta[:, None] * tl.exp(tl.where(before, (lg - la)[:, None] - lg[None, :], 0.0)) * kk,
                  0.0)
-    return A, lg, lg_end, eps * eta * tl.exp(lg - la), tl.exp(lg_end - lg)
+    return A, lg, lg_end
 
 
 @device_fn
@@ -240,7 +240,7 @@ def _gen_fwd_kernel(
 
         k, v, eta, la, _kr, _nrm, _se, _pa, _vn = _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d,
                                                              md, PREC, LOWP, VNORM)
-        A, lg, lg_end, _kd_scale, _kt_scale = _delta_coefficients(k, eta, la, eps, offs_c, PREC)
+        A, lg, lg_end = _delta_coefficients(k, eta, la, eps, offs_c, PREC)
         row = (bh * T + tok)
         tl.store(k_ptr + row[:, None] * d + offs_d[None, :], k, mask=m2)
         tl.store(v_ptr + row[:, None] * d + offs_d[None, :], v, mask=m2)

@@ -232,11 +232,15 @@ def test_failing_case_is_recorded_and_the_run_continues(tmp_path, monkeypatch) -
         assert "ERROR RuntimeError: titans Triton kernel does not fit" in f.read()
 
 
+def _cms_shape(C: int) -> dict:
+    return next(s for s in S.FULL.cms_shapes if s["C"] == C)
+
+
 def _figures(train: dict, titans: tuple, cms_frac: float, decode: dict, deep: Optional[dict] = None,
              cms_floor: float = 0.7) -> dict:
     """A results dict of the full plan with the given figures: train {(model, T): tokens/s}, titans (our fwd+bwd
     ms, FLA's, the eager reference's, our bf16 relative error against it), the CMS fraction of matmul at C = 512
-    and its fraction of the memory floor at C = 16 (cms_floor; the C = 128 entry counts for neither goal), decode
+    and its fraction of the copy rate at C = 16 (cms_floor; the C = 128 entry counts for neither goal), decode
     {(model, prompt, batch): ms}, and the deep op's Triton fwd+bwd entry fields (e.g. {"ms": 50.0} or
     {"error": ...}) at the full plan's deep shape, or None for no deep entry."""
     shape = S.FULL.titans_shapes[0]
@@ -249,12 +253,12 @@ def _figures(train: dict, titans: tuple, cms_frac: float, decode: dict, deep: Op
         {"op": "titans_memory", "method": "fla_chunk_gated_delta_rule", "mode": "fwd+bwd", "shape": shape,
          "ms": titans[1]},
         {"op": "titans_memory", "method": "eager", "mode": "fwd+bwd", "shape": shape, "ms": titans[2]},
-        {"op": "cms_level", "method": "triton", "mode": "fwd", "shape": S.FULL.cms_shapes[2], "ms": 1.0,
-         "frac_of_matmul": cms_frac, "frac_of_floor": 0.9},
-        {"op": "cms_level", "method": "triton", "mode": "fwd", "shape": S.FULL.cms_shapes[0], "ms": 1.0,
-         "frac_of_matmul": 0.01, "frac_of_floor": cms_floor},
-        {"op": "cms_level", "method": "triton", "mode": "fwd", "shape": S.FULL.cms_shapes[1], "ms": 1.0,
-         "frac_of_matmul": 0.01, "frac_of_floor": 0.01},
+        {"op": "cms_level", "method": "triton", "mode": "fwd", "shape": _cms_shape(512), "ms": 1.0,
+         "frac_of_matmul": cms_frac, "frac_of_copy": 0.9},
+        {"op": "cms_level", "method": "triton", "mode": "fwd", "shape": _cms_shape(16), "ms": 1.0,
+         "frac_of_matmul": 0.01, "frac_of_copy": cms_floor},
+        {"op": "cms_level", "method": "triton", "mode": "fwd", "shape": _cms_shape(128), "ms": 1.0,
+         "frac_of_matmul": 0.01, "frac_of_copy": 0.01},
     ]
     return {
         "plan": dataclasses.asdict(S.FULL),
@@ -288,9 +292,9 @@ def test_goal_rules_on_known_figures() -> None:
     assert goals["titans_vs_eager"]["status"] == "hit"  # 20x exactly
     assert goals["titans_bf16"]["status"] == "hit"  # 1e-2 exactly
     assert goals["cms_matmul"]["status"] == "hit"  # 0.50 exactly, at C = 512 only
-    assert set(goals["cms_matmul"]["values"]["fractions"]) == {f"fwd {S.shape_label(S.FULL.cms_shapes[2])}"}
+    assert set(goals["cms_matmul"]["values"]["fractions"]) == {f"fwd {S.shape_label(_cms_shape(512))}"}
     assert goals["cms_bandwidth"]["status"] == "hit"  # 0.70 exactly, at C = 16 only
-    assert set(goals["cms_bandwidth"]["values"]["fractions"]) == {f"fwd {S.shape_label(S.FULL.cms_shapes[0])}"}
+    assert set(goals["cms_bandwidth"]["values"]["fractions"]) == {f"fwd {S.shape_label(_cms_shape(16))}"}
     assert goals["decode_flat"]["status"] == "hit"  # 1.10 and 1.05
     # Transformer++ at batch 64 was not measured, so only batch 1 counts: 23 ms against 11 ms per token.
     assert goals["decode_speed"]["status"] == "hit"
@@ -358,9 +362,10 @@ def test_full_plan_matches_the_340m_model() -> None:
     learning = [(size, width) for size, width in zip(hope.cms_chunk_sizes, hope.cms_hidden_size) if size]
     for shape in S.FULL.cms_shapes + S.FULL.cms_step_shapes:
         assert shape["D"] == hope.hidden_size and shape["F"] in {width for _, width in learning}
-    # every learning level of the preset, and issue #13's compute-bound chunk sizes (its >= 50% matmul goal)
-    sizes = {s["C"] for s in S.FULL.cms_shapes}
-    assert {size for size, _ in learning} <= sizes and {512, 2048} <= sizes
+    # every learning level of the preset at its own width, and issue #13's compute-bound chunk sizes (its >= 50%
+    # matmul goal)
+    pairs = {(s["C"], s["F"]) for s in S.FULL.cms_shapes}
+    assert set(learning) <= pairs and {512, 2048} <= {C for C, _ in pairs}
     # Issue #7's shape: the 340M model with memory_depth=2 (h defaults to the head dim), paired with a linear shape.
     deep = W.model_config("hope", S.FULL.model_size, memory_depth=2)
     assert S.FULL.deep_titans_shapes == [dict(B=8, T=4096, H=16, d=64, h=64, C=64)]
@@ -374,3 +379,16 @@ def test_full_plan_matches_the_340m_model() -> None:
     budget = count_parameters(W.model_config("transformer++", S.FULL.model_size))
     for name in ("hope", "hope-attention"):
         assert abs(count_parameters(W.model_config(name, S.FULL.model_size)) - budget) <= 0.02 * budget
+
+
+def test_cms_counts_skip_the_unread_last_update() -> None:
+    """Timed without a final state, a CMS level skips the last segment's inner step (nobody reads it): the FLOP
+    and byte counts must not credit the kernel with it (at C = 2048, T = 4096 that is half the inner work)."""
+    assert W.cms_learning(4096, 2048) == (2048, 1)
+    assert W.cms_learning(4096, 16) == (4080, 255)
+    assert W.cms_learning(10, 4) == (8, 2)  # segments 4, 4, 2: the last one only reads
+    D, F = 8, 4
+    read_only = W.cms_flops(1, 4, D, F, 4)  # one segment: nothing learns
+    assert read_only == 4 * (6 * D * F + 2 * D * D)
+    assert W.cms_flops(1, 8, D, F, 4) == 2 * read_only + 4 * 8 * D * F
+    assert W.cms_bytes(1, 4, D, F, 4, elt=2) == 2 * 4 * D * 2 + (3 * F * D + D * D) * 2  # no θ traffic

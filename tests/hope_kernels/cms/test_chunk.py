@@ -183,20 +183,23 @@ def test_theta_kept_per_chunk_when_the_pull_is_strong():
 
 
 def test_gpu_tiles(monkeypatch):
-    """The GPU's tiles at D = F = C = 64 (forward: 64 tokens, 32 of D, 64 of F; backward: 32, 64, 32): several
-    token tiles per segment, one forward program and two backward programs per sequence along F, a segment split
-    by a mid-chunk state."""
+    """The GPU's tiles at D = F = C = 64 (forward: 64 tokens, 32 of D, 64 of F; backward: 32, 64, 32): one forward
+    and two backward token tiles per segment, two D blocks forward, one forward and two backward programs per
+    sequence along F, a segment split by a mid-chunk state."""
     monkeypatch.setattr(chunk, "INTERPRETER_FWD_BLOCKS", chunk.GPU_FWD_BLOCKS)
     monkeypatch.setattr(chunk, "INTERPRETER_BWD_BLOCKS", chunk.GPU_BWD_BLOCKS)
     check_case(1, 100, 64, 64, 64, "l2", 0.05, "random", 30)
 
 
 def test_backward_tiles_differ_from_the_forward(monkeypatch):
-    """The backward reads only full-width saved factors, so its tiles need not be the forward's: F = 40 split in
-    3 forward tiles and 2 backward ones (and other token and D blocks), over 3 segments and a mid-chunk state."""
-    monkeypatch.setattr(chunk, "INTERPRETER_FWD_BLOCKS", (16, 16, 16))
-    monkeypatch.setattr(chunk, "INTERPRETER_BWD_BLOCKS", (32, 32, 32))
-    check_case(3, 14, 40, 40, 6, "l2", 0.1, "random", 4)
+    """The backward reads only full-width saved factors, so its tiles need not be the forward's: at C = 40 the
+    forward pads a segment to 64 tokens (tiles of 32) and the backward to 48 (tiles of 16); F = 40 in 3 forward
+    and 2 backward tiles, D = 40 in 3 and 2 blocks; 3 sequences, a mid-chunk state."""
+    monkeypatch.setattr(chunk, "INTERPRETER_FWD_BLOCKS", (32, 16, 16))
+    monkeypatch.setattr(chunk, "INTERPRETER_BWD_BLOCKS", (16, 32, 32))
+    assert chunk._plan(3, 90, 40, 40, dict(chunk_size=40, position=25, decay=0.1, learn_last=True), True)["CP"] == 64
+    assert chunk._plan(3, 90, 40, 40, dict(chunk_size=40, position=25, decay=0.1, learn_last=True), True)["CPB"] == 48
+    check_case(3, 90, 40, 40, 40, "l2", 0.1, "random", 25)
 
 
 def test_plain_ffn_when_nothing_learns():
