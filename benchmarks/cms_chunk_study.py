@@ -274,13 +274,16 @@ def plot(results: List[Dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = [t for t in TASKS if any(r["task"] == t for r in results)]
+    sets = sorted({label(r["cms_chunk_sizes"]) for r in results})
+    colour = {s: plt.get_cmap("tab10")(i) for i, s in enumerate(sets)}  # one colour a level set, a style a seed
     figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
     for axis, task in zip(axes[0], tasks):
-        for r in (r for r in results if r["task"] == task):
+        for r in sorted((r for r in results if r["task"] == task), key=lambda r: (label(r["cms_chunk_sizes"]),
+                                                                                  r["seed"])):
             buckets = r["eval"]["by_position"]
             key = "bits_per_token" if task == "lm" else "accuracy"
-            axis.plot(range(len(buckets)), [v[key] for v in buckets.values()], "o-",
-                      label=f"{label(r['cms_chunk_sizes'])} seed {r['seed']}")
+            axis.plot(range(len(buckets)), [v[key] for v in buckets.values()], "o" + "-:--"[r["seed"] % 3],
+                      color=colour[label(r["cms_chunk_sizes"])], label=f"{label(r['cms_chunk_sizes'])} seed {r['seed']}")
             axis.set_xticks(range(len(buckets)), list(buckets), rotation=20, fontsize=8)
         axis.set_xlabel("position in the row (tokens)")
         axis.set_ylabel("validation bits per byte" if task == "lm" else "accuracy")

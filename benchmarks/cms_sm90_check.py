@@ -6,7 +6,7 @@ every kernel is compiled with the arguments, constexprs, warps and grid the runt
 `GPUTarget("cuda", 90, 32)` (H100 / H200) with this machine's triton; the wheel's ptxas (`-arch=sm_90a -v`) gives
 registers and spills. Nothing runs on a GPU: these are the compiler's resource figures, not timings.
 
-    python -m benchmarks.cms_sm90_check                  # 340M and 1.3B, the presets' chunk sizes, fp32 and bf16
+    python -m benchmarks.cms_sm90_check                  # 340M and 1.3B, C = 16, 128, 512, 2048, fp32 and bf16
     python -m benchmarks.cms_sm90_check --presets hope-340m --chunks 16 --dtypes bf16 --kernels _cms_bwd_kernel
 
 Writes benchmarks/results/cms_sm90_check.json and prints a Markdown table (docs/cms/README.md §5 quotes it).
@@ -92,7 +92,9 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=["hope-340m", "hope-1.3b"])
-    parser.add_argument("--chunks", type=int, nargs="*", help="chunk sizes (default: the preset's learning levels)")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[16, 128, 512, 2048],
+                        help="chunk sizes (default: every learning level of the presets, CPU and GPU sizes: "
+                             "hope.presets.HOPE_CMS_CHUNK_SIZES)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--kernels", nargs="*", help="only these kernel names (default: every kernel)")
     parser.add_argument("--out", type=Path, default=RESULTS / "cms_sm90_check.json")
@@ -103,11 +105,11 @@ def main(argv=None) -> int:
     for preset in args.presets:
         config = get_preset(preset)
         D = config.hidden_size
-        levels = [(C, Fh) for C, Fh in zip(config.cms_chunk_sizes, config.cms_hidden_size) if C]
-        for C, Fh in levels if not args.chunks else [(C, levels[0][1]) for C in args.chunks]:
+        Fh = next(F for C, F in zip(config.cms_chunk_sizes, config.cms_hidden_size) if C)  # one width per preset
+        for C in args.chunks:
             for dt in args.dtypes:
                 for kernel, grid, a, kw in record(D, Fh, C, DTYPES[dt]):
-                    if kernel.__name__.startswith("_step") and C != levels[0][0]:
+                    if kernel.__name__.startswith("_step") and C != args.chunks[0]:
                         continue  # the step kernels do not depend on the chunk size
                     if args.kernels and kernel.__name__ not in args.kernels:
                         continue

@@ -519,7 +519,7 @@ def model_config(name: str, size: str, **overrides):
     """HopeConfig of `name` in MODEL_NAMES at preset `size` ("tiny", "small", "340m", ...), all three at the
     Transformer++ parameter budget: Hope = `hope-<size>`, Transformer++ = `transformer-<size>`, and
     Hope-Attention = Hope's CMS levels with the attention mixer, its CMS width solved for the same budget."""
-    from hope.presets import SHAPES, get_preset, matched_hope_config
+    from hope.presets import HOPE_CMS_CHUNK_SIZES, SHAPES, get_preset, matched_hope_config
 
     if name == "hope":
         return get_preset(f"hope-{size}", **overrides)
@@ -527,7 +527,8 @@ def model_config(name: str, size: str, **overrides):
         return get_preset(f"transformer-{size}", **overrides)
     if name == "hope-attention":
         hidden, layers, heads, vocab = SHAPES[size]
-        shape = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_heads=heads, **overrides)
+        shape = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_heads=heads,
+                     cms_chunk_sizes=list(HOPE_CMS_CHUNK_SIZES[size]), **overrides)
         return matched_hope_config(multiple=64 if hidden >= 1024 else 16, mixer="attention", **shape)
     raise ValueError(f"model {name!r} is not one of {MODEL_NAMES}")
 

@@ -2,7 +2,8 @@
 
 `get_preset("hope-340m")` returns a HopeConfig; `transformer-340m` is the twin with the same width, depth and
 heads. The paper's scales (340M, 760M, 1.3B) use a 32k vocabulary with tied embeddings; Hope's CMS levels
-[16, 128, None] share the FFN budget of its twin, their width solved so the totals match.
+(`HOPE_CMS_CHUNK_SIZES`: [512, 2048, None] at those scales, [16, 128, None] for the CPU sizes) share the FFN
+budget of its twin, their width solved so the totals match.
 
 `training_defaults("hope-340m")` is the from-scratch training recipe of a preset (TrainingArguments fields),
 which `hope-train` applies unless a flag overrides it.
@@ -23,7 +24,20 @@ SHAPES = {
     "760m": (1536, 24, 16, 32000),
     "1.3b": (2048, 24, 16, 32000),
 }
-HOPE_CMS_CHUNK_SIZES = [16, 128, None]
+# CMS levels by size, set from the chunk-size study (benchmarks/cms_chunk_study.py, docs/cms/README.md §4) and the
+# cost model (SPEC §3, README). The paper's scales train on 4K-token rows: on 8192-token rows at CPU scale a
+# fastest level of 16 trained far slower (validation bits per byte, 2 seeds) than [512, 2048, None], which
+# matched the plain FFN, and on an H200 a level of 16 is memory-bound by 8x where 512 and 2048 are compute-bound.
+# The CPU sizes keep [16, 128, None]: the demo and the CPU comparisons train on rows of <= 512 tokens, where a
+# level of chunk >= 512 would never update (the study's rule: rows of >= 4x the largest chunk), and at those
+# lengths the measured CMS gains (README) come from these levels.
+HOPE_CMS_CHUNK_SIZES = {
+    "tiny": [16, 128, None],
+    "small": [16, 128, None],
+    "340m": [512, 2048, None],
+    "760m": [512, 2048, None],
+    "1.3b": [512, 2048, None],
+}
 
 # From-scratch training recipes (TrainingArguments fields) by preset size; the Hope model and its twin share one.
 # tiny, small: the demo's recipe (hope.demo; "tiny" is the demo's size, D=128 and 2 layers). 100-200-step sweeps
@@ -63,12 +77,11 @@ def transformer_config(**shape: Any) -> HopeConfig:
 
 
 def matched_hope_config(multiple: int = 64, **shape: Any) -> HopeConfig:
-    """Hope (Titans mixer, CMS levels [16, 128, None]) whose per-level width, a multiple of `multiple`, brings
-    its parameter count closest to its Transformer++ twin's."""
+    """Hope (Titans mixer; CMS levels `shape["cms_chunk_sizes"]`, by default HopeConfig's [16, 128, None]) whose
+    per-level width, a multiple of `multiple`, brings its parameter count closest to its Transformer++ twin's."""
 
     def hope(width: int) -> HopeConfig:
-        return HopeConfig(**{"mixer": "titans", "cms_chunk_sizes": list(HOPE_CMS_CHUNK_SIZES), **shape,
-                             "cms_hidden_size": width})
+        return HopeConfig(**{"mixer": "titans", **shape, "cms_hidden_size": width})
 
     twin = {key: value for key, value in shape.items() if key not in ("mixer", "cms_chunk_sizes", "chunk_size")}
     budget = count_parameters(transformer_config(**twin))
@@ -104,7 +117,8 @@ def get_preset(name: str, **overrides: Any) -> HopeConfig:
     shape = {**dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_heads=heads), **overrides}
     if family == "transformer":
         return transformer_config(**shape)
+    shape = {"cms_chunk_sizes": list(HOPE_CMS_CHUNK_SIZES[size]), **shape}
     if "cms_hidden_size" in overrides:  # an explicit width wins over the budget match
-        return HopeConfig(**{"mixer": "titans", "cms_chunk_sizes": list(HOPE_CMS_CHUNK_SIZES), **shape})
+        return HopeConfig(**{"mixer": "titans", **shape})
     # Small models need a finer width step to land near their twin's budget.
     return matched_hope_config(multiple=64 if shape["hidden_size"] >= 1024 else 16, **shape)

@@ -21,7 +21,8 @@ def test_parameter_count_within_10_percent_of_the_name(family, size):
 def test_hope_matches_its_transformer_twin(size):
     hope_config = hope.get_preset(f"hope-{size}")
     twin = hope.get_preset(f"transformer-{size}")
-    assert hope_config.mixer == "titans" and hope_config.cms_chunk_sizes == [16, 128, None]
+    levels = [16, 128, None] if size in ("tiny", "small") else [512, 2048, None]  # docs/cms/README.md §4
+    assert hope_config.mixer == "titans" and hope_config.cms_chunk_sizes == levels
     assert twin.mixer == "attention" and twin.cms_chunk_sizes == [None]
     for field in ("hidden_size", "num_hidden_layers", "num_heads", "vocab_size"):
         assert getattr(hope_config, field) == getattr(twin, field)
