@@ -25,9 +25,10 @@ SHAPES = {
     "1.3b": (2048, 24, 16, 32000),
 }
 # CMS levels by size, set from the chunk-size study (benchmarks/cms_chunk_study.py, docs/cms/README.md §4) and the
-# cost model (SPEC §3, README). The paper's scales train on 4K-token rows: on 8192-token rows at CPU scale a
-# fastest level of 16 trained far slower (validation bits per byte, 2 seeds) than [512, 2048, None], which
-# matched the plain FFN, and on an H200 a level of 16 is memory-bound by 8x where 512 and 2048 are compute-bound.
+# cost model (SPEC §3, README). The paper's scales train on 4K-token rows: on 8192-token rows at CPU scale and the
+# default cms_eta_max a fastest level of 16 trained far slower (validation bits per byte, 2 seeds) than
+# [512, 2048, None], which matched the plain FFN (a 4x smaller step closed the gap), and on an H200 a level of 16
+# is memory-bound by 8x where 512 and 2048 are compute-bound.
 # The CPU sizes keep [16, 128, None]: the demo and the CPU comparisons train on rows of <= 512 tokens, where a
 # level of chunk >= 512 would never update (the study's rule: rows of >= 4x the largest chunk), and at those
 # lengths the measured CMS gains (README) come from these levels.
