@@ -283,7 +283,8 @@ def plot(results: List[Dict[str, Any]], path: Path) -> None:
             buckets = r["eval"]["by_position"]
             key = "bits_per_token" if task == "lm" else "accuracy"
             axis.plot(range(len(buckets)), [v[key] for v in buckets.values()], "o" + "-:--"[r["seed"] % 3],
-                      color=colour[label(r["cms_chunk_sizes"])], label=f"{label(r['cms_chunk_sizes'])} seed {r['seed']}")
+                      color=colour[label(r["cms_chunk_sizes"])],
+                      label=f"{label(r['cms_chunk_sizes'])} seed {r['seed']}")
             axis.set_xticks(range(len(buckets)), list(buckets), rotation=20, fontsize=8)
         axis.set_xlabel("position in the row (tokens)")
         axis.set_ylabel("validation bits per byte" if task == "lm" else "accuracy")

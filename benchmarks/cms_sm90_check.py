@@ -88,13 +88,14 @@ def compile_launch(kernel, grid, args, kwargs) -> dict:
 
 
 def main(argv=None) -> int:
-    from hope.presets import get_preset
+    from hope.presets import HOPE_CMS_CHUNK_SIZES, get_preset
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=["hope-340m", "hope-1.3b"])
-    parser.add_argument("--chunks", type=int, nargs="+", default=[16, 128, 512, 2048],
+    parser.add_argument("--chunks", type=int, nargs="+", default=sorted({C for levels in HOPE_CMS_CHUNK_SIZES.values()
+                                                                         for C in levels if C}),
                         help="chunk sizes (default: every learning level of the presets, CPU and GPU sizes: "
-                             "hope.presets.HOPE_CMS_CHUNK_SIZES)")
+                             "hope.presets.HOPE_CMS_CHUNK_SIZES, today 16, 128, 512, 2048)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--kernels", nargs="*", help="only these kernel names (default: every kernel)")
     parser.add_argument("--out", type=Path, default=RESULTS / "cms_sm90_check.json")

@@ -12,7 +12,8 @@ Design
   per-(sequence, chunk) retention pull λ_n. Their outer gradients come back from the kernels and autograd carries
   them to z, P_v, w_eta, b_eta.
 * Parallel over (sequence x tiles of F): grid (F / BF, B), 80 programs at the 340M shape (D = 1024, F = 640,
-  BF = 64, B = 8) and 168 at 1.3B in the forward, twice that in the backward (BF = 32, `block_sizes`). Program (j, b) owns rows [jBF, (j+1)BF) of W_gate and W_up and the same columns
+  BF = 64, B = 8) and 168 at 1.3B in the forward, twice that in the backward (BF = 32, `block_sizes`).
+  Program (j, b) owns rows [jBF, (j+1)BF) of W_gate and W_up and the same columns
   of W_down of sequence b: everything the chunk step does is local to that slice (A = Z W_gateᵀ and B = Z W_upᵀ
   reduce over D, which the program holds whole; G_gate = dAᵀ Z, G_up = dBᵀ Z and G_down = Eᵀ H are the slice's
   own blocks; the column norms c_f of W_down are the slice's own columns), except two reductions over F: the
