@@ -527,7 +527,7 @@ def _backward(q, a, valid, anchors, b_eta, b_alpha, k, v, eta, lg, tmat, gbuf, z
         acc = torch.zeros_like(dg)
     else:
         acc = dzc.contiguous()
-    da, dbias, dganc = generating_backward(a, valid, zc, gbuf, g_anchor, tmat, b_eta.detach().float().contiguous(),
+    da, dbias, dganc = generating_backward(a, valid, zc, gbuf, g_anchor, k, v, eta, lg, tmat, b_eta.detach().float().contiguous(),
                                            b_alpha.detach().float().contiguous(), dk, dv, deta, dlg, dla, dg, acc, cfg,
                                            nseg, lowp)
     dbias = dbias.reshape(B, H, 2).sum(0)

@@ -769,15 +769,31 @@ def _main_anchor_bwd_kernel(
 
 
 @device_fn
-def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, mr, learn, er, d, k, U, eta, Tm, kd_scale, ka_scale, kappa,
-                  gamma_end, eps, offs_d, md, dk, dU, deta, dks, dkt, dgamma_end, M, ANCHOR: tl.constexpr,
-                  PREC: tl.constexpr, LOWP: tl.constexpr):
+def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, mr, learn, er, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm_ptr, dk_ptr,
+                  dv_ptr, bh, T, start, lg_end, eps, offs_c, mt, offs_d, md, opq, deta, dks, dkt, dgamma_end, M,
+                  BC: tl.constexpr, OBJ_L2: tl.constexpr, ANCHOR: tl.constexpr, PREC: tl.constexpr,
+                  LOWP: tl.constexpr):
     """Backward of `_gen_tile_fwd` for one row tile: dg holds dX_end on entry and dX_0 on return (in place); acc
-    (the chunk-start gradient) gets dX_c, danc (ANCHOR) the anchor's gradient. The tile's dKd and dK~ go straight
-    into dk (scaled), keeping only their row sums with k (dks, dkt: the decay and eta terms), so that no (BC, D)
-    accumulator but dk and dU stays live; the row scalings (kd, ka, kappa) are applied per tile, as in the forward.
-    With the anchor X_A the decay terms see the deviation D_0 = X_0 - X_A (X_end = X_A + gamma_L D_0 + ..., the
-    DGD term eps eta_t (X_A + D_{t-1}) k_t)."""
+    (the chunk-start gradient) gets dX_c, danc (ANCHOR) the anchor's gradient. The tile's parts of dk and dv (dKd
+    and dK~, scaled, and the writes' dU) are added to the segment's rows of dk_ptr and dv_ptr, keeping only their
+    row sums with k (dks, dkt: the decay and eta terms), so that no (BC, D) accumulator stays live across the tiles;
+    k, v, eta, lg and T are read back per tile from K1's buffers and the row scalings (kd, ka, kappa) formed per
+    tile, as in the forward (opq: see `_gen_tile_fwd`). With the anchor X_A the decay terms see the deviation
+    D_0 = X_0 - X_A (X_end = X_A + gamma_L D_0 + ..., the DGD term eps eta_t (X_A + D_{t-1}) k_t)."""
+    row = bh * T + start + opq + offs_c
+    m2 = mt[:, None] & md[None, :]
+    out = row[:, None] * d + offs_d[None, :]
+    k = tl.load(k_ptr + out, mask=m2, other=0.0)
+    if OBJ_L2:
+        U = k - tl.load(v_ptr + out, mask=m2, other=0.0)
+    else:
+        U = -tl.load(v_ptr + out, mask=m2, other=0.0)
+    eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
+    kd_scale = eps * eta * tl.exp(_lg_before(lg_ptr, bh, T, start + opq, offs_c, mt))
+    ka_scale = eps * eta - kd_scale
+    kappa = tl.exp(lg_end - tl.load(lg_ptr + row, mask=mt, other=0.0))
+    gamma_end = tl.exp(lg_end)
+    Tm = tl.load(tm_ptr + (offs_c[:, None] + opq) * BC + offs_c[None, :])
     xoff = rloc[:, None] * d + offs_d[None, :]
     m = mr[:, None] & md[None, :]
     Xh = tl.load(gc + xoff, mask=m, other=0.0) + tl.where(m & (rloc[:, None] == offs_d[None, :]), er, 0.0)
@@ -799,9 +815,9 @@ def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, mr, learn, er, d, k, U, eta,
     dY = tl.dot(tl.trans(Tm), dN, input_precision=PREC)
     M += tl.dot(dN, tl.trans(N), input_precision=PREC)
     dKd = -tl.dot(dY, D0, input_precision=PREC)
-    dk += kd_scale[:, None] * dKd + kappa[:, None] * dKt
     dks += tl.sum(dKd * k, 1)
     dkt += tl.sum(dKt * k, 1)
+    dk = kd_scale[:, None] * dKd + kappa[:, None] * dKt
     if ANCHOR:  # Kd X_0 + Ka X_A = Kd D_0 + Ke X_A with Ke = diag(eps eta) K
         dKe = -tl.dot(dY, XA, input_precision=PREC)
         dk += (eps * eta)[:, None] * dKe
@@ -811,15 +827,19 @@ def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, mr, learn, er, d, k, U, eta,
     dX0 = gamma_end * dXe - tl.dot(tl.trans(kd_scale[:, None] * dY), k, input_precision=PREC) + (dXe_all - dXe)
     deta -= tl.sum(dY * UXt, 1)
     edY = eta[:, None] * dY
-    dU -= mm(edY, Xh, PREC, LOWP)
+    dU = -mm(edY, Xh, PREC, LOWP)
+    if OBJ_L2:  # U = k - v
+        dk += dU
+    tl.store(dk_ptr + out, tl.load(dk_ptr + out, mask=m2, other=0.0) + dk, mask=m2)
+    tl.store(dv_ptr + out, tl.load(dv_ptr + out, mask=m2, other=0.0) - dU, mask=m2)
     tl.store(dg + xoff, dX0, mask=m)
     tl.store(acc + xoff, tl.load(acc + xoff, mask=m, other=0.0) - mm(tl.trans(edY), U, PREC, LOWP), mask=m)
-    return dk, dU, deta, dks, dkt, dgamma_end, M
+    return deta, dks, dkt, dgamma_end, M
 
 
 @triton.jit
 def _gen_bwd_kernel(
-    a_ptr, valid_ptr, gc_in_ptr, g_ptr, anc_ptr, tmat_ptr, b_eta_ptr, b_alpha_ptr,
+    a_ptr, valid_ptr, gc_in_ptr, g_ptr, anc_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, b_eta_ptr, b_alpha_ptr,
     dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, dg_ptr, acc_ptr, danc_ptr, da_ptr, dbias_ptr,
     T, H, d, C, CA, pos, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot, dg_bh, anc_h,
     BC: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, OBJ_L2: tl.constexpr,
@@ -868,73 +888,86 @@ def _gen_bwd_kernel(
         else:
             gc = g_base + slot * g_slot
         g0 = g_base + n * g_slot
-        k, v, eta, la, _k_raw, nrm, sig_eta, pre_alpha, vnrm = _gen_reads(
-            tl.load(a_ptr + a_off, mask=m2, other=0.0).to(tl.float32), valid, gc, b_eta, b_alpha, eta_max, resid, d,
-            offs_d, md, PREC, LOWP, VNORM)
-        lg = tl.cumsum(la, 0)
-        lg_end = tl.sum(la, 0)
-        kd_scale = eps * eta * tl.exp(lg - la)
-        ka_scale = eps * eta - kd_scale
-        kappa = tl.exp(lg_end - lg)
-        Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
-        gamma_end = tl.exp(lg_end)
-        if OBJ_L2:
-            U = k - v
-        else:
-            U = -v
+        lg_end = tl.load(lg_ptr + bh * T + start + L - 1)
         row = bh * T + tok
         out = row[:, None] * d + offs_d[None, :]
+        tm = tmat_ptr + (bh * NSEG + n) * BC * BC
         deta = tl.load(deta_ptr + row, mask=mt, other=0.0)
-        dk = k * 0.0
-        dU = k * 0.0
-        dks = eta * 0.0
-        dkt = eta * 0.0
+        dks = tl.zeros([BC], dtype=tl.float32)
+        dkt = tl.zeros([BC], dtype=tl.float32)
         dgamma_end = lg_end * 0.0
         M = tl.zeros([BC, BC], dtype=tl.float32)
-        for blk in tl.static_range(2):
-            if (blk == 0 and AD_K) or (blk == 1 and AD_V):
-                for rt in tl.static_range(D // BR):
-                    rloc = rt * BR + r_sq
-                    mr = rloc < d
-                    dk, dU, deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
-                        gc + blk * d * d, g0 + blk * d * d, dg + blk * d * d, acc + blk * d * d, anc + blk * d * d,
-                        danc + blk * d * d, rloc, mr, mr, resid, d, k, U, eta, Tm, kd_scale, ka_scale, kappa,
-                        gamma_end, eps, offs_d, md, dk, dU, deta, dks, dkt, dgamma_end, M, ANCHOR, PREC, LOWP)
-        dk, dU, deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
+        # The row tiles in one runtime loop, reading the segment's k, v, eta, lg and T from K1's buffers per tile and
+        # adding their parts of dk and dv to dk_ptr and dv_ptr (this program's rows), as `_gen_fwd_kernel` does and
+        # for the same reason; only M and row vectors are carried across the tiles. The chain into a below runs in
+        # stages through the same buffers. Offline sm_90a compile (benchmarks/sm90_check.py), spill stores per
+        # thread: 9.3 -> ? KB at d = 64 fp32.
+        NRT: tl.constexpr = D // BR
+        for t in range(0, 2 * NRT):
+            blk = t // NRT
+            rloc = (t % NRT) * BR + r_sq
+            mr = rloc < d
+            learn = mr & (((blk == 0) & AD_K) | ((blk == 1) & AD_V))
+            deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
+                gc + blk * d * d, g0 + blk * d * d, dg + blk * d * d, acc + blk * d * d, anc + blk * d * d,
+                danc + blk * d * d, rloc, mr, learn, resid, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm, dk_ptr, dv_ptr, bh,
+                T, start, lg_end, eps, offs_c, mt, offs_d, md, t * tl.program_id(1), deta, dks, dkt, dgamma_end, M,
+                BC, OBJ_L2, ANCHOR, PREC, LOWP)
+            tl.debug_barrier()  # the next tile adds to the dk and dv rows stored here, with another layout
+        deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
             gc + 2 * d * d, g0 + 2 * d * d, dg + 2 * d * d, acc + 2 * d * d, anc + 2 * d * d, danc + 2 * d * d, r_ea,
-            r_ea < 2, learn_ea, 0.0, d, k, U, eta, Tm, kd_scale, ka_scale, kappa, gamma_end, eps, offs_d, md, dk, dU,
-            deta, dks, dkt, dgamma_end, M, ANCHOR, PREC, LOWP)
-        # T = (I + A)^-1: dA = -Tᵀ (Σ dX Xᵀ) for every product X = T Y
+            r_ea < 2, learn_ea, 0.0, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm, dk_ptr, dv_ptr, bh, T, start, lg_end, eps,
+            offs_c, mt, offs_d, md, 2 * NRT * tl.program_id(1), deta, dks, dkt, dgamma_end, M, BC, OBJ_L2, ANCHOR,
+            PREC, LOWP)
+        tl.debug_barrier()
+        # the decays and eta from a (cheap: row sums), then the chain through T = (I + A)^-1:
+        # dA = -Tᵀ (Σ dX Xᵀ) for every product X = T Y
+        a = tl.load(a_ptr + a_off, mask=m2, other=0.0).to(tl.float32)
+        w_eta = tl.load(gc + 2 * d * d + offs_d, mask=md, other=0.0)
+        w_alpha = tl.load(gc + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
+        sig_eta = sigmoid(tl.sum(a * w_eta[None, :], 1) + b_eta)
+        pre_alpha = tl.sum(a * w_alpha[None, :], 1) + b_alpha
+        eta = eta_max * sig_eta * valid
+        la = log_sigmoid(pre_alpha) * valid
+        lg = tl.cumsum(la, 0)
+        kd_scale = eps * eta * tl.exp(lg - la)
+        kappa = tl.exp(lg_end - lg)
+        gamma_end = tl.exp(lg_end)
+        k = tl.load(k_ptr + out, mask=m2, other=0.0)
+        Tm = tl.load(tm + offs_c[:, None] * BC + offs_c[None, :])
         before = offs_c[None, :] < offs_c[:, None]
         dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
         dk_a, deta_a, dlg_a, dla_a = _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC)
-        dk += dk_a + tl.load(dk_ptr + out, mask=m2, other=0.0)
+        dk = dk_a + tl.load(dk_ptr + out, mask=m2, other=0.0)
         deta += deta_a + eps * tl.exp(lg - la) * dks
         c = kappa * dkt
         dlg = tl.load(dlg_ptr + row, mask=mt, other=0.0) + dlg_a + dks * kd_scale - c
         dla = tl.load(dla_ptr + row, mask=mt, other=0.0) + dla_a - dks * kd_scale
         dlg += tl.where(offs_c == L - 1, tl.sum(c, 0) + gamma_end * dgamma_end, 0.0)
-        if OBJ_L2:
-            dk += dU
-        dv = tl.load(dv_ptr + out, mask=m2, other=0.0) - dU
-        if VNORM:  # v = v_raw / ||v_raw||: dv_raw = (dv - (v . dv) v) / ||v_raw||
-            vn = tl.maximum(vnrm, 1e-12)
-            dv = dv / vn[:, None] - tl.where(vnrm > 1e-12, tl.sum(v * dv, 1) / vn, 0.0)[:, None] * v
         # la = logsigmoid(pre_alpha) valid: dla_s += Σ_{t >= s} dlg_t
         dla += tl.sum(dlg, 0) - tl.cumsum(dlg, 0) + dlg
         dpre_alpha = dla * valid * sigmoid(-pre_alpha)
         dpre_eta = deta * valid * eta_max * sig_eta * (1.0 - sig_eta)
+        da = dpre_eta[:, None] * w_eta[None, :] + dpre_alpha[:, None] * w_alpha[None, :]
+        # k = k_raw / ||k_raw||, k_raw = a (I + W_k)ᵀ: dk_raw = (dk - (k . dk) k) / ||k_raw||, one block at a time
+        Wk = tl.load(gc + boff, mask=bm, other=0.0) + eye
+        k_raw = mm(a, tl.trans(Wk), PREC, LOWP)
+        nrm = tl.sqrt(tl.sum(k_raw * k_raw, 1))
         nn = tl.maximum(nrm, 1e-12)
         dk_raw = dk / nn[:, None] - tl.where(nrm > 1e-12, tl.sum(k * dk, 1) / nn, 0.0)[:, None] * k
+        da += mm(dk_raw, Wk, PREC, LOWP)
         tl.debug_barrier()  # acc's tiles were written with another layout
-        a = tl.load(a_ptr + a_off, mask=m2, other=0.0).to(tl.float32)
-        w_eta = tl.load(gc + 2 * d * d + offs_d, mask=md, other=0.0)
-        w_alpha = tl.load(gc + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
-        da = dpre_eta[:, None] * w_eta[None, :] + dpre_alpha[:, None] * w_alpha[None, :]
-        da += mm(dk_raw, tl.load(gc + boff, mask=bm, other=0.0) + eye, PREC, LOWP)
-        da += mm(dv, tl.load(gc + d * d + boff, mask=bm, other=0.0) + eye, PREC, LOWP)
-        tl.store(da_ptr + a_off, da.to(da_ptr.dtype.element_ty), mask=m2)
         tl.store(acc + boff, tl.load(acc + boff, mask=bm, other=0.0) + mm(tl.trans(dk_raw), a, PREC, LOWP), mask=bm)
+        Wv = tl.load(gc + d * d + boff, mask=bm, other=0.0) + eye
+        dv = tl.load(dv_ptr + out, mask=m2, other=0.0)
+        if VNORM:  # v = v_raw / ||v_raw||: dv_raw = (dv - (v . dv) v) / ||v_raw||
+            v = tl.load(v_ptr + out, mask=m2, other=0.0)
+            v_raw = mm(a, tl.trans(Wv), PREC, LOWP)
+            vnrm = tl.sqrt(tl.sum(v_raw * v_raw, 1))
+            vn = tl.maximum(vnrm, 1e-12)
+            dv = dv / vn[:, None] - tl.where(vnrm > 1e-12, tl.sum(v * dv, 1) / vn, 0.0)[:, None] * v
+        da += mm(dv, Wv, PREC, LOWP)
+        tl.store(da_ptr + a_off, da.to(da_ptr.dtype.element_ty), mask=m2)
         tl.store(acc + d * d + boff, tl.load(acc + d * d + boff, mask=bm, other=0.0) + mm(tl.trans(dv), a, PREC, LOWP),
                  mask=bm)
         ea = acc + 2 * d * d + offs_d
@@ -1067,9 +1100,10 @@ def _gen_bwd_rows(D: int, lowp: bool) -> int:
     return min(D, 64) if D <= 64 else (32 if lowp else 16)
 
 
-def generating_backward(a, valid, gc_in, g, anchor, tmat, b_eta, b_alpha, dk, dv, deta, dlg, dla, dg, acc, cfg,
-                        nseg, lowp):
-    """Run B4. dk..dla: the main memory's gradients of k, v (BH, T, d), eta, lg, la (BH, T); dg (BH, 2d+2, d): dG_end
+def generating_backward(a, valid, gc_in, g, anchor, k, v, eta, lg, tmat, b_eta, b_alpha, dk, dv, deta, dlg, dla, dg,
+                        acc, cfg, nseg, lowp):
+    """Run B4. k, v, eta, lg, tmat: K1's outputs (`generating_forward`); dk..dla: the main memory's gradients of k, v
+    (BH, T, d), eta, lg, la (BH, T); dg (BH, 2d+2, d): dG_end
     in, dG_0 out; acc (BH, 2d+2, d): the final chunk-start cotangent in, dG_c of the input chunk start out; anchor:
     as `generating_forward`. Returns da (B, T, H, d) in a's dtype, (db_eta, db_alpha) (BH, 2) and the anchor's
     gradient (BH, 2d+2, d) (None without an anchor)."""
@@ -1079,8 +1113,8 @@ def generating_backward(a, valid, gc_in, g, anchor, tmat, b_eta, b_alpha, dk, dv
     danc = None if anchor is None else torch.zeros_like(dg)
     anc, anc_h = _anchor_arg(anchor, gc_in)
     launch(_gen_bwd_kernel, (B * H,),
-           a, valid if valid is not None else a, gc_in, g, anc, tmat, b_eta, b_alpha, dk, dv, deta, dlg, dla, dg, acc,
-           dg if danc is None else danc, da, dbias, T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg,
+           a, valid if valid is not None else a, gc_in, g, anc, k, v, eta, lg, tmat, b_eta, b_alpha, dk, dv, deta, dlg,
+           dla, dg, acc, dg if danc is None else danc, da, dbias, T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg,
            cfg["eta_max"], cfg["eps"], cfg["resid"], gc_in.stride(0), g.stride(0), g.stride(1), dg.stride(0), anc_h,
            BC=cfg["BC"], D=cfg["D"], BR=_gen_bwd_rows(cfg["D"], lowp), OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0],
            AD_V=cfg["ad"][1], AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, VNORM=cfg["VNORM"],
@@ -1143,7 +1177,7 @@ def _backward(q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, 
     else:
         acc = dzc_end[:, d:].contiguous()
     da, dbias, dganc = generating_backward(a, valid, zc[:, d:], zbuf[:, :, d:],
-                                           None if anchor is None else anchor[:, d:], tmat,
+                                           None if anchor is None else anchor[:, d:], k, v, eta, lg, tmat,
                                            b_eta.detach().float().contiguous(), b_alpha.detach().float().contiguous(),
                                            dk, dv, deta, dlg, dla, dg, acc, cfg, nseg, lowp)
     if w_slot is None:
