@@ -459,7 +459,7 @@ def _forward(q, a, w1c, w1, w2c, w2, zc, z, anchors, b_eta, b_alpha, valid, cfg,
     gbuf[:, 0] = z.reshape(B * H, G, d)
     zc = zc.reshape(B * H, G, d).contiguous()
     g_anchor, a1, a2 = anchors if anchors is not None else (None, zc, zc)
-    k, v, eta, lg, tmat = generating_forward(a, valid, zc, gbuf, g_anchor, b_eta, b_alpha, cfg, nseg, lowp)
+    k, v, eta, lg, tmat, norms = generating_forward(a, valid, zc, gbuf, g_anchor, b_eta, b_alpha, cfg, nseg, lowp)
     w1buf = torch.empty(B * H, nseg + 1, d, hd, device=dev, dtype=f32)
     w2buf = torch.empty(B * H, nseg + 1, hd, d, device=dev, dtype=f32)
     w1buf[:, 0] = w1.reshape(B * H, d, hd)
@@ -481,12 +481,12 @@ def _forward(q, a, w1c, w1, w2c, w2, zc, z, anchors, b_eta, b_alpha, valid, cfg,
     ]
     shapes = [(B, H, G, d)] * 2 + [(B, H, d, hd)] * 2 + [(B, H, hd, d)] * 2
     finals = [x.reshape(shape).clone() for x, shape in zip(finals, shapes)]
-    saved = (k, v, eta, lg, tmat, gbuf, zc, w1buf, w2buf, w1c, w2c) if save else None
+    saved = (k, v, eta, lg, tmat, norms, gbuf, zc, w1buf, w2buf, w1c, w2c) if save else None
     return o, finals, saved, nseg
 
 
-def _backward(q, a, valid, anchors, b_eta, b_alpha, k, v, eta, lg, tmat, gbuf, zc, w1buf, w2buf, w1c, w2c, do,
-              grads, cfg, nseg):
+def _backward(q, a, valid, anchors, b_eta, b_alpha, k, v, eta, lg, tmat, norms, gbuf, zc, w1buf, w2buf, w1c, w2c,
+              do, grads, cfg, nseg):
     B, T, H, d = q.shape
     hd = w1buf.shape[-1]
     G = adaptive_rows(d)
@@ -527,9 +527,9 @@ def _backward(q, a, valid, anchors, b_eta, b_alpha, k, v, eta, lg, tmat, gbuf, z
         acc = torch.zeros_like(dg)
     else:
         acc = dzc.contiguous()
-    da, dbias, dganc = generating_backward(a, valid, zc, gbuf, g_anchor, k, v, eta, lg, tmat, b_eta.detach().float().contiguous(),
-                                           b_alpha.detach().float().contiguous(), dk, dv, deta, dlg, dla, dg, acc, cfg,
-                                           nseg, lowp)
+    da, dbias, dganc = generating_backward(a, valid, zc, gbuf, g_anchor, k, v, eta, lg, tmat, norms,
+                                           b_eta.detach().float().contiguous(), b_alpha.detach().float().contiguous(),
+                                           dk, dv, deta, dlg, dla, dg, acc, cfg, nseg, lowp)
     dbias = dbias.reshape(B, H, 2).sum(0)
     out = [acc.reshape(B, H, G, d), dg.reshape(B, H, G, d), dw1c.reshape(B, H, d, hd), dw1.reshape(B, H, d, hd),
            dw2c.reshape(B, H, hd, d), dw2.reshape(B, H, hd, d)]

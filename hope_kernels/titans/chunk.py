@@ -45,9 +45,10 @@ the split below is unchanged; its gradient is summed per segment (B3, B3', B4) a
     segments in reverse, BV tiles, dW checkpoints), `_main_chunk_bwd_kernel` (dq, the k / lg parts of the reads and
     W's update, dw', parallel), `_main_wy_bwd_kernel` (through w', u' and T's A, parallel: dA = -Tᵀ Σ dX Xᵀ over
     the products X = T Y), `_main_anchor_bwd_kernel` (B3a, parallel: every term of W's retention anchor, which
-    B3 and B3' leave out), `_gen_bwd_kernel` (the reverse serial scan of G:
-    T is read back from the forward, G recomputed from its checkpoints). Memory: O(T/C (3d+2) d) checkpoints plus
-    O(T d) per-token buffers and O(T C) for T, per (batch, head).
+    B3 and B3' leave out), `_gen_bwd_kernel` (B4, the reverse serial scan of G: k, v, eta, lg, T and the norms of
+    k_raw, v_raw are read back from K1, G from its checkpoints) and `_gen_da_kernel` (B5, parallel: da from the
+    gradients of k_raw, v_raw and the logits that B4 leaves in its work buffers). Memory: O(T/C (3d+2) d)
+    checkpoints plus O(T d) per-token buffers and O(T C) for T, per (batch, head).
 
 Where T is needed the products involving it run in fp32 (tf32); the state products take 16-bit operands for 16-bit
 inputs (hope_kernels/titans/_common.py). Decays are exp of non-positive log sums only (no 1/gamma).
@@ -121,8 +122,7 @@ def _gc_slot(n, C, CA, pos, shift, T):
 def _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d, md, PREC: tl.constexpr,
                LOWP: tl.constexpr, VNORM: tl.constexpr):
     """k, v, eta, log alpha of a segment's tokens from the chunk-start generating memories gc (Eq. 90, residual;
-    v l2-normalised with `memory_value_norm`). Also returns the unnormalised k, its norm, the sigmoid of eta's
-    logit, alpha's logit and the norm of the unnormalised v (for the backward)."""
+    v l2-normalised with `memory_value_norm`), and the norms of the unnormalised k and v (for the backward)."""
     boff = offs_d[:, None] * d + offs_d[None, :]
     bm = md[:, None] & md[None, :]
     eye = tl.where(bm & (offs_d[:, None] == offs_d[None, :]), resid, 0.0)
@@ -137,7 +137,7 @@ def _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d, md, PREC
     w_alpha = tl.load(gc + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
     sig_eta = sigmoid(tl.sum(a * w_eta[None, :], 1) + b_eta)
     pre_alpha = tl.sum(a * w_alpha[None, :], 1) + b_alpha
-    return k, v, eta_max * sig_eta * valid, log_sigmoid(pre_alpha) * valid, k_raw, nrm, sig_eta, pre_alpha, vnrm
+    return k, v, eta_max * sig_eta * valid, log_sigmoid(pre_alpha) * valid, nrm, vnrm
 
 
 @device_fn
@@ -199,7 +199,8 @@ def _gen_tile_fwd(gc, g0, g1, anc, rloc, mr, learn, er, d, k_ptr, v_ptr, eta_ptr
 
 @triton.jit
 def _gen_fwd_kernel(
-    a_ptr, valid_ptr, gc_in_ptr, g_ptr, anc_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, b_eta_ptr, b_alpha_ptr,
+    a_ptr, valid_ptr, gc_in_ptr, g_ptr, anc_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, nrm_ptr, tmat_ptr, b_eta_ptr,
+    b_alpha_ptr,
     T, H, d, C, CA, pos, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot, anc_h,
     BC: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, OBJ_L2: tl.constexpr,
     AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr,
@@ -238,14 +239,16 @@ def _gen_fwd_kernel(
         g0 = g_base + n * g_slot
         g1 = g0 + g_slot
 
-        k, v, eta, la, _kr, _nrm, _se, _pa, _vn = _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d,
-                                                             md, PREC, LOWP, VNORM)
+        k, v, eta, la, knrm, vnrm = _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d, md, PREC, LOWP,
+                                               VNORM)
         A, lg, lg_end = _delta_coefficients(k, eta, la, eps, offs_c, PREC)
         row = (bh * T + tok)
         tl.store(k_ptr + row[:, None] * d + offs_d[None, :], k, mask=m2)
         tl.store(v_ptr + row[:, None] * d + offs_d[None, :], v, mask=m2)
         tl.store(eta_ptr + row, eta, mask=mt)
         tl.store(lg_ptr + row, lg, mask=mt)
+        tl.store(nrm_ptr + 2 * row, knrm, mask=mt)
+        tl.store(nrm_ptr + 2 * row + 1, vnrm, mask=mt)
         tm = tmat_ptr + (bh * NSEG + n) * BC * BC
         unit_lower_inverse(A, tm, offs_c, BC, PREC)
         tl.debug_barrier()  # the row tiles read back k, v, eta, lg and T, stored above by other threads
@@ -839,8 +842,8 @@ def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, mr, learn, er, d, k_ptr, v_p
 
 @triton.jit
 def _gen_bwd_kernel(
-    a_ptr, valid_ptr, gc_in_ptr, g_ptr, anc_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, b_eta_ptr, b_alpha_ptr,
-    dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, dg_ptr, acc_ptr, danc_ptr, da_ptr, dbias_ptr,
+    a_ptr, valid_ptr, gc_in_ptr, g_ptr, anc_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, nrm_ptr, tmat_ptr, b_eta_ptr,
+    b_alpha_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, dg_ptr, acc_ptr, danc_ptr,
     T, H, d, C, CA, pos, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot, dg_bh, anc_h,
     BC: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, OBJ_L2: tl.constexpr,
     AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr,
@@ -849,16 +852,22 @@ def _gen_bwd_kernel(
     """B4: the generating scan in reverse. dk..dla hold the main memory's gradients of every token's k, v, eta, lg
     and la (from B3); dg holds dG_end on entry and dG_0 on return; acc holds the cotangent of the final chunk-start G
     on entry and dG_c of the call's input chunk start on return; danc (ANCHOR, zeros on entry, dg_bh apart) gets the
-    gradient of the retention anchor G_0. Writes da and (db_eta, db_alpha) per program."""
+    gradient of the retention anchor G_0. On return dk and dv hold the gradients of the unnormalised k_raw and
+    v_raw, deta and dla those of eta's and alpha's logits: what `_gen_da_kernel` turns into da in parallel.
+
+    Per segment, three stages that pass their results through those buffers (this program's rows), so that each
+    keeps a small live set: (1) the row tiles of the state update, one runtime loop, reading the segment's k, v,
+    eta, lg and T back from K1's buffers per tile (as `_gen_fwd_kernel` does, and why); (2) the chain through
+    T = (I + A)^-1, the decays and the normalisations, per token; (3) the reads' outer products into acc
+    (dW_k += dk_rawᵀ a, ...), by row tiles. Stage 3 is in the scan because with adaptive_chunk_size = chunk_size
+    (the default) every segment reads its own start state, so its gradient joins dG_0 before the previous
+    segment."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_c = tl.arange(0, BC)
     offs_d = tl.arange(0, D)
     md = offs_d < d
-    boff = offs_d[:, None] * d + offs_d[None, :]
-    bm = md[:, None] & md[None, :]
-    eye = tl.where(bm & (offs_d[:, None] == offs_d[None, :]), resid, 0.0)
     b_eta = tl.load(b_eta_ptr + h)
     b_alpha = tl.load(b_alpha_ptr + h)
     g_base = g_ptr + bh * g_bh
@@ -869,8 +878,7 @@ def _gen_bwd_kernel(
     r_sq = tl.arange(0, BR)
     r_ea = tl.arange(0, 16)
     learn_ea = ((r_ea == 0) & AD_E) | ((r_ea == 1) & AD_A)
-    db_eta = tl.sum(offs_d * 0.0, 0)
-    db_alpha = db_eta
+    NRT: tl.constexpr = D // BR
     for i in range(0, NSEG):
         n = NSEG - 1 - i
         start, L = _segment(n, C, shift, T)
@@ -892,17 +900,12 @@ def _gen_bwd_kernel(
         row = bh * T + tok
         out = row[:, None] * d + offs_d[None, :]
         tm = tmat_ptr + (bh * NSEG + n) * BC * BC
+        # (1) the state update's row tiles; only M = Σ dN Nᵀ and row vectors are carried across them
         deta = tl.load(deta_ptr + row, mask=mt, other=0.0)
         dks = tl.zeros([BC], dtype=tl.float32)
         dkt = tl.zeros([BC], dtype=tl.float32)
         dgamma_end = lg_end * 0.0
         M = tl.zeros([BC, BC], dtype=tl.float32)
-        # The row tiles in one runtime loop, reading the segment's k, v, eta, lg and T from K1's buffers per tile and
-        # adding their parts of dk and dv to dk_ptr and dv_ptr (this program's rows), as `_gen_fwd_kernel` does and
-        # for the same reason; only M and row vectors are carried across the tiles. The chain into a below runs in
-        # stages through the same buffers. Offline sm_90a compile (benchmarks/sm90_check.py), spill stores per
-        # thread: 9.3 -> ? KB at d = 64 fp32.
-        NRT: tl.constexpr = D // BR
         for t in range(0, 2 * NRT):
             blk = t // NRT
             rloc = (t % NRT) * BR + r_sq
@@ -920,7 +923,7 @@ def _gen_bwd_kernel(
             offs_c, mt, offs_d, md, 2 * NRT * tl.program_id(1), deta, dks, dkt, dgamma_end, M, BC, OBJ_L2, ANCHOR,
             PREC, LOWP)
         tl.debug_barrier()
-        # the decays and eta from a (cheap: row sums), then the chain through T = (I + A)^-1:
+        # (2) eta and the decays from their logits (row sums with a), then the chain through T = (I + A)^-1:
         # dA = -Tᵀ (Σ dX Xᵀ) for every product X = T Y
         a = tl.load(a_ptr + a_off, mask=m2, other=0.0).to(tl.float32)
         w_eta = tl.load(gc + 2 * d * d + offs_d, mask=md, other=0.0)
@@ -932,7 +935,6 @@ def _gen_bwd_kernel(
         lg = tl.cumsum(la, 0)
         kd_scale = eps * eta * tl.exp(lg - la)
         kappa = tl.exp(lg_end - lg)
-        gamma_end = tl.exp(lg_end)
         k = tl.load(k_ptr + out, mask=m2, other=0.0)
         Tm = tl.load(tm + offs_c[:, None] * BC + offs_c[None, :])
         before = offs_c[None, :] < offs_c[:, None]
@@ -943,52 +945,103 @@ def _gen_bwd_kernel(
         c = kappa * dkt
         dlg = tl.load(dlg_ptr + row, mask=mt, other=0.0) + dlg_a + dks * kd_scale - c
         dla = tl.load(dla_ptr + row, mask=mt, other=0.0) + dla_a - dks * kd_scale
-        dlg += tl.where(offs_c == L - 1, tl.sum(c, 0) + gamma_end * dgamma_end, 0.0)
+        dlg += tl.where(offs_c == L - 1, tl.sum(c, 0) + tl.exp(lg_end) * dgamma_end, 0.0)
         # la = logsigmoid(pre_alpha) valid: dla_s += Σ_{t >= s} dlg_t
         dla += tl.sum(dlg, 0) - tl.cumsum(dlg, 0) + dlg
         dpre_alpha = dla * valid * sigmoid(-pre_alpha)
         dpre_eta = deta * valid * eta_max * sig_eta * (1.0 - sig_eta)
-        da = dpre_eta[:, None] * w_eta[None, :] + dpre_alpha[:, None] * w_alpha[None, :]
-        # k = k_raw / ||k_raw||, k_raw = a (I + W_k)ᵀ: dk_raw = (dk - (k . dk) k) / ||k_raw||, one block at a time
-        Wk = tl.load(gc + boff, mask=bm, other=0.0) + eye
-        k_raw = mm(a, tl.trans(Wk), PREC, LOWP)
-        nrm = tl.sqrt(tl.sum(k_raw * k_raw, 1))
-        nn = tl.maximum(nrm, 1e-12)
-        dk_raw = dk / nn[:, None] - tl.where(nrm > 1e-12, tl.sum(k * dk, 1) / nn, 0.0)[:, None] * k
-        da += mm(dk_raw, Wk, PREC, LOWP)
-        tl.debug_barrier()  # acc's tiles were written with another layout
-        tl.store(acc + boff, tl.load(acc + boff, mask=bm, other=0.0) + mm(tl.trans(dk_raw), a, PREC, LOWP), mask=bm)
-        Wv = tl.load(gc + d * d + boff, mask=bm, other=0.0) + eye
+        # k = k_raw / ||k_raw||: dk_raw = (dk - (k . dk) k) / ||k_raw|| (the norms from K1); likewise v
+        knrm = tl.load(nrm_ptr + 2 * row, mask=mt, other=1.0)
+        nn = tl.maximum(knrm, 1e-12)
+        dk_raw = dk / nn[:, None] - tl.where(knrm > 1e-12, tl.sum(k * dk, 1) / nn, 0.0)[:, None] * k
         dv = tl.load(dv_ptr + out, mask=m2, other=0.0)
-        if VNORM:  # v = v_raw / ||v_raw||: dv_raw = (dv - (v . dv) v) / ||v_raw||
+        if VNORM:
             v = tl.load(v_ptr + out, mask=m2, other=0.0)
-            v_raw = mm(a, tl.trans(Wv), PREC, LOWP)
-            vnrm = tl.sqrt(tl.sum(v_raw * v_raw, 1))
+            vnrm = tl.load(nrm_ptr + 2 * row + 1, mask=mt, other=1.0)
             vn = tl.maximum(vnrm, 1e-12)
             dv = dv / vn[:, None] - tl.where(vnrm > 1e-12, tl.sum(v * dv, 1) / vn, 0.0)[:, None] * v
-        da += mm(dv, Wv, PREC, LOWP)
-        tl.store(da_ptr + a_off, da.to(da_ptr.dtype.element_ty), mask=m2)
-        tl.store(acc + d * d + boff, tl.load(acc + d * d + boff, mask=bm, other=0.0) + mm(tl.trans(dv), a, PREC, LOWP),
-                 mask=bm)
-        ea = acc + 2 * d * d + offs_d
-        tl.store(ea, tl.load(ea, mask=md, other=0.0) + tl.sum(dpre_eta[:, None] * a, 0), mask=md)
-        tl.store(ea + d, tl.load(ea + d, mask=md, other=0.0) + tl.sum(dpre_alpha[:, None] * a, 0), mask=md)
-        db_eta += tl.sum(dpre_eta, 0)
-        db_alpha += tl.sum(dpre_alpha, 0)
+        tl.debug_barrier()  # dk, dv: read above in another layout; acc: written by the tiles
+        tl.store(dk_ptr + out, dk_raw, mask=m2)
+        tl.store(dv_ptr + out, dv, mask=m2)
+        tl.store(deta_ptr + row, dpre_eta, mask=mt)
+        tl.store(dla_ptr + row, dpre_alpha, mask=mt)
+        flush = slot == n
+        e_eta = tl.load(acc + 2 * d * d + offs_d, mask=md, other=0.0) + tl.sum(dpre_eta[:, None] * a, 0)
+        e_alpha = tl.load(acc + (2 * d + 1) * d + offs_d, mask=md, other=0.0) + tl.sum(dpre_alpha[:, None] * a, 0)
+        if flush:
+            de = dg + 2 * d * d + offs_d
+            tl.store(de, tl.load(de, mask=md, other=0.0) + e_eta, mask=md)
+            tl.store(de + d, tl.load(de + d, mask=md, other=0.0) + e_alpha, mask=md)
+            e_eta = e_eta * 0.0
+            e_alpha = e_alpha * 0.0
+        tl.store(acc + 2 * d * d + offs_d, e_eta, mask=md)
+        tl.store(acc + (2 * d + 1) * d + offs_d, e_alpha, mask=md)
         tl.debug_barrier()
-        if slot == n:  # this segment starts on an adaptive-chunk boundary: its start state was the chunk start
-            for blk in tl.static_range(2):
-                tl.store(dg + blk * d * d + boff, tl.load(dg + blk * d * d + boff, mask=bm, other=0.0)
-                         + tl.load(acc + blk * d * d + boff, mask=bm, other=0.0), mask=bm)
-                tl.store(acc + blk * d * d + boff, eye * 0.0, mask=bm)
-            eoff = 2 * d * d + r_ea[:, None] * d + offs_d[None, :]
-            em = (r_ea < 2)[:, None] & md[None, :]
-            tl.store(dg + eoff, tl.load(dg + eoff, mask=em, other=0.0) + tl.load(acc + eoff, mask=em, other=0.0),
-                     mask=em)
-            tl.store(acc + eoff, tl.zeros([16, D], dtype=tl.float32), mask=em)
-            tl.debug_barrier()
-    tl.store(dbias_ptr + bh * 2, db_eta)
-    tl.store(dbias_ptr + bh * 2 + 1, db_alpha)
+        # (3) k_raw = a (I + W_k)ᵀ, v_raw = a (I + W_v)ᵀ: dW_k += dk_rawᵀ a, dW_v += dv_rawᵀ a, by row tiles; a
+        # segment that starts on an adaptive-chunk boundary read its own start state, so there acc joins dg
+        for blk in tl.static_range(2):
+            if blk == 0:
+                src = dk_ptr
+            else:
+                src = dv_ptr
+            for rt in range(0, NRT):
+                opq = (blk * NRT + rt) * tl.program_id(1)
+                rloc = rt * BR + r_sq
+                mr = rloc < d
+                dX = tl.load(src + (row + opq)[:, None] * d + rloc[None, :], mask=mt[:, None] & mr[None, :],
+                             other=0.0)
+                a = tl.load(a_ptr + a_off + opq, mask=m2, other=0.0).to(tl.float32)
+                xoff = opq + blk * d * d + rloc[:, None] * d + offs_d[None, :]
+                xm = mr[:, None] & md[None, :]
+                dW = tl.load(acc + xoff, mask=xm, other=0.0) + mm(tl.trans(dX), a, PREC, LOWP)
+                if flush:
+                    tl.store(dg + xoff, tl.load(dg + xoff, mask=xm, other=0.0) + dW, mask=xm)
+                    dW = dW * 0.0
+                tl.store(acc + xoff, dW, mask=xm)
+        tl.debug_barrier()  # the next segment's tiles read dg and acc
+
+
+@triton.jit
+def _gen_da_kernel(
+    gc_in_ptr, g_ptr, dk_ptr, dv_ptr, deta_ptr, dla_ptr, da_ptr,
+    T, H, d, C, CA, pos, shift, NSEG, resid, gc_bh, g_bh, g_slot,
+    BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+):
+    """B5, parallel over (segment, batch-head, BV-wide column tiles of a): da = dk_raw (I + W_k) + dv_raw (I + W_v)
+    + dpre_eta w_etaᵀ + dpre_alpha w_alphaᵀ, from the gradients B4 left in dk, dv, deta and dla and the generating
+    memories the segment read."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
+    cols = tl.program_id(2) * BV + tl.arange(0, BV)
+    mcol = cols < d
+    start, L = _segment(n, C, shift, T)
+    mt = offs_c < L
+    slot = _gc_slot(n, C, CA, pos, shift, T)
+    if slot < 0:
+        gc = gc_in_ptr + bh * gc_bh
+    else:
+        gc = g_ptr + bh * g_bh + slot * g_slot
+    row = bh * T + start + offs_c
+    m2 = mt[:, None] & md[None, :]
+    woff = offs_d[:, None] * d + cols[None, :]
+    wm = md[:, None] & mcol[None, :]
+    eye = tl.where(wm & (offs_d[:, None] == cols[None, :]), resid, 0.0)
+    dk_raw = tl.load(dk_ptr + row[:, None] * d + offs_d[None, :], mask=m2, other=0.0)
+    da = mm(dk_raw, tl.load(gc + woff, mask=wm, other=0.0) + eye, PREC, LOWP)
+    dv_raw = tl.load(dv_ptr + row[:, None] * d + offs_d[None, :], mask=m2, other=0.0)
+    da += mm(dv_raw, tl.load(gc + d * d + woff, mask=wm, other=0.0) + eye, PREC, LOWP)
+    dpre_eta = tl.load(deta_ptr + row, mask=mt, other=0.0)
+    dpre_alpha = tl.load(dla_ptr + row, mask=mt, other=0.0)
+    da += dpre_eta[:, None] * tl.load(gc + 2 * d * d + cols, mask=mcol, other=0.0)[None, :]
+    da += dpre_alpha[:, None] * tl.load(gc + (2 * d + 1) * d + cols, mask=mcol, other=0.0)[None, :]
+    tok = start + offs_c
+    a_off = ((b * T + tok) * H + h)[:, None] * d + cols[None, :]
+    tl.store(da_ptr + a_off, da.to(da_ptr.dtype.element_ty), mask=mt[:, None] & mcol[None, :])
 
 
 # ---------------------------------------------------------------------------------------------- python
@@ -1017,27 +1070,28 @@ def _anchor_arg(anchor: Optional[Tensor], fallback: Tensor) -> tuple[Tensor, int
 
 def generating_forward(a: Tensor, valid: Optional[Tensor], gc_in: Tensor, g: Tensor, anchor: Optional[Tensor],
                        b_eta: Tensor, b_alpha: Tensor, cfg: dict, nseg: int,
-                       lowp: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       lowp: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Run K1. a: (B, T, H, d) contiguous; gc_in: (BH, *, d) view whose rows 0.. are the input chunk-start G;
     g: (BH, nseg+1, *, d) view whose rows 0.. are G (slot 0 filled with the start state); anchor: (H, *, d) fp32
     view whose rows 0.. are the retention anchor G_0, or None (retention toward 0). Returns k, v (BH, T, d), eta,
-    lg (BH, T) and T (BH, nseg, BC, BC), all fp32."""
+    lg (BH, T), T (BH, nseg, BC, BC) and the norms of the unnormalised k and v (BH, T, 2), all fp32."""
     B, T, H, d = a.shape
     BC, dev, f32 = cfg["BC"], a.device, torch.float32
     k = torch.empty(B * H, T, d, device=dev, dtype=f32)
     v = torch.empty_like(k)
     eta = torch.empty(B * H, T, device=dev, dtype=f32)
     lg = torch.empty_like(eta)
+    norms = torch.empty(B * H, T, 2, device=dev, dtype=f32)
     tmat = torch.empty(B * H, nseg, BC, BC, device=dev, dtype=f32)
     anc, anc_h = _anchor_arg(anchor, gc_in)
     launch(_gen_fwd_kernel, (B * H,),
-           a, valid if valid is not None else a, gc_in, g, anc, k, v, eta, lg, tmat, b_eta, b_alpha,
+           a, valid if valid is not None else a, gc_in, g, anc, k, v, eta, lg, norms, tmat, b_eta, b_alpha,
            T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg, cfg["eta_max"], cfg["eps"], cfg["resid"],
            gc_in.stride(0), g.stride(0), g.stride(1), anc_h,
            BC=BC, D=cfg["D"], BR=cfg["BR"], OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0], AD_V=cfg["ad"][1],
            AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, VNORM=cfg["VNORM"],
            ANCHOR=anchor is not None, PREC=dot_precision(), LOWP=lowp, **launch_options("serial", cfg["D"]))
-    return k, v, eta, lg, tmat
+    return k, v, eta, lg, tmat, norms
 
 
 def _chunk_start_slots(T: int, cfg: dict, nseg: int) -> tuple[Optional[int], Optional[int]]:
@@ -1064,7 +1118,7 @@ def _forward(q, a, zc, z, anchor, b_eta, b_alpha, valid, cfg, save: bool):
     zbuf = torch.empty(B * H, nseg + 1, R, d, device=dev, dtype=f32)
     zbuf[:, 0] = z.reshape(B * H, R, d)
     zc = zc.reshape(B * H, R, d).contiguous()
-    k, v, eta, lg, tmat = generating_forward(a, valid, zc[:, d:], zbuf[:, :, d:],
+    k, v, eta, lg, tmat, norms = generating_forward(a, valid, zc[:, d:], zbuf[:, :, d:],
                                              None if anchor is None else anchor[:, d:], b_eta, b_alpha, cfg, nseg,
                                              lowp)
     anc, anc_h = _anchor_arg(anchor, zc)
@@ -1090,7 +1144,7 @@ def _forward(q, a, zc, z, anchor, b_eta, b_alpha, valid, cfg, save: bool):
     w_slot, g_slot = _chunk_start_slots(T, cfg, nseg)
     zc_end = torch.cat([zc[:, :d] if w_slot is None else zbuf[:, w_slot, :d],
                         zc[:, d:] if g_slot is None else zbuf[:, g_slot, d:]], dim=1)
-    saved = (k, v, eta, lg, tmat, wp, up, vn, zbuf, zc) if save else None
+    saved = (k, v, eta, lg, tmat, norms, wp, up, vn, zbuf, zc) if save else None
     return o, zc_end.reshape(B, H, R, d), z_end.reshape(B, H, R, d).clone(), saved, nseg
 
 
@@ -1100,29 +1154,36 @@ def _gen_bwd_rows(D: int, lowp: bool) -> int:
     return min(D, 64) if D <= 64 else (32 if lowp else 16)
 
 
-def generating_backward(a, valid, gc_in, g, anchor, k, v, eta, lg, tmat, b_eta, b_alpha, dk, dv, deta, dlg, dla, dg,
-                        acc, cfg, nseg, lowp):
-    """Run B4. k, v, eta, lg, tmat: K1's outputs (`generating_forward`); dk..dla: the main memory's gradients of k, v
-    (BH, T, d), eta, lg, la (BH, T); dg (BH, 2d+2, d): dG_end
+def generating_backward(a, valid, gc_in, g, anchor, k, v, eta, lg, tmat, norms, b_eta, b_alpha, dk, dv, deta, dlg,
+                        dla, dg, acc, cfg, nseg, lowp):
+    """Run B4, then B5. k, v, eta, lg, tmat, norms: K1's outputs (`generating_forward`); dk..dla: the main memory's
+    gradients of k, v (BH, T, d), eta, lg, la (BH, T), used as B4's work space (overwritten); dg (BH, 2d+2, d): dG_end
     in, dG_0 out; acc (BH, 2d+2, d): the final chunk-start cotangent in, dG_c of the input chunk start out; anchor:
     as `generating_forward`. Returns da (B, T, H, d) in a's dtype, (db_eta, db_alpha) (BH, 2) and the anchor's
     gradient (BH, 2d+2, d) (None without an anchor)."""
     B, T, H, d = a.shape
-    da = torch.empty_like(a)
-    dbias = torch.empty(B * H, 2, device=a.device, dtype=torch.float32)
+    D = cfg["D"]
     danc = None if anchor is None else torch.zeros_like(dg)
     anc, anc_h = _anchor_arg(anchor, gc_in)
+    common = (T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg)
     launch(_gen_bwd_kernel, (B * H,),
-           a, valid if valid is not None else a, gc_in, g, anc, k, v, eta, lg, tmat, b_eta, b_alpha, dk, dv, deta, dlg,
-           dla, dg, acc, dg if danc is None else danc, da, dbias, T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg,
-           cfg["eta_max"], cfg["eps"], cfg["resid"], gc_in.stride(0), g.stride(0), g.stride(1), dg.stride(0), anc_h,
-           BC=cfg["BC"], D=cfg["D"], BR=_gen_bwd_rows(cfg["D"], lowp), OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0],
+           a, valid if valid is not None else a, gc_in, g, anc, k, v, eta, lg, norms, tmat, b_eta, b_alpha, dk, dv,
+           deta, dlg, dla, dg, acc, dg if danc is None else danc, *common, cfg["eta_max"], cfg["eps"], cfg["resid"],
+           gc_in.stride(0), g.stride(0), g.stride(1), dg.stride(0), anc_h,
+           BC=cfg["BC"], D=D, BR=_gen_bwd_rows(D, lowp), OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0],
            AD_V=cfg["ad"][1], AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, VNORM=cfg["VNORM"],
-           ANCHOR=anchor is not None, PREC=dot_precision(), LOWP=lowp, **launch_options("serial", cfg["D"]))
-    return da, dbias, danc
+           ANCHOR=anchor is not None, PREC=dot_precision(), LOWP=lowp, **launch_options("serial", D))
+    # B4 left the gradients of k_raw, v_raw and of eta's and alpha's logits in dk, dv, deta and dla
+    da = torch.empty_like(a)
+    BV = block_v(D, lowp)
+    launch(_gen_da_kernel, (nseg, B * H, triton.cdiv(d, BV)),
+           gc_in, g, dk, dv, deta, dla, da, *common, cfg["resid"], gc_in.stride(0), g.stride(0), g.stride(1),
+           BC=cfg["BC"], D=D, BV=BV, PREC=dot_precision(), LOWP=lowp, **launch_options("tile", D))
+    return da, torch.stack([deta.sum(1), dla.sum(1)], dim=1), danc
 
 
-def _backward(q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf, zc, do, dzc_end, dz_end,
+def _backward(q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, norms, wp, up, vn, zbuf, zc, do, dzc_end,
+              dz_end,
               cfg, nseg):
     B, T, H, d = q.shape
     R = memory_rows(d)
@@ -1177,7 +1238,7 @@ def _backward(q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, 
     else:
         acc = dzc_end[:, d:].contiguous()
     da, dbias, dganc = generating_backward(a, valid, zc[:, d:], zbuf[:, :, d:],
-                                           None if anchor is None else anchor[:, d:], k, v, eta, lg, tmat,
+                                           None if anchor is None else anchor[:, d:], k, v, eta, lg, tmat, norms,
                                            b_eta.detach().float().contiguous(), b_alpha.detach().float().contiguous(),
                                            dk, dv, deta, dlg, dla, dg, acc, cfg, nseg, lowp)
     if w_slot is None:
@@ -1208,10 +1269,10 @@ class _TitansChunkFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dzc_end, dz_end):
-        q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf, zc = ctx.saved_tensors
+        q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, norms, wp, up, vn, zbuf, zc = ctx.saved_tensors
         cfg, nseg = ctx.cfg, ctx.nseg
-        grads = _backward(q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, wp, up, vn, zbuf, zc, do, dzc_end,
-                          dz_end, cfg, nseg)
+        grads = _backward(q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, norms, wp, up, vn, zbuf, zc, do,
+                          dzc_end, dz_end, cfg, nseg)
         out = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         return (*out, None, None)
 
