@@ -304,8 +304,9 @@ def op_case(op: str, backend: str, shape: dict, mode: str, dtype: torch.dtype, d
 #   K3: Q Kᵀ, Q W_0ᵀ, (Gamma ⊙ Q Kᵀ) v_new 4 C^2 d + 2 C d^2
 #   forward: 10 C d^2 + 12 C^2 d + C^4/8 + G (6 C d + 2 C^2).
 # The backward (B1 dv from the reads, B2 W's state, B3 the parallel chunk part incl. the T-chain of w', u', B4 the
-# generating scan, which recomputes the reads and T Kd and re-forms N per generating row):
-#   24 C d^2 + 34 C^2 d + 4 C^3 + G (16 C d + 6 C^2).
+# generating scan, which re-forms N per generating row and reads k, v and the norms of k_raw, v_raw back from K1,
+# B5 da):
+#   20 C d^2 + 34 C^2 d + 4 C^3 + G (16 C d + 6 C^2).
 # Retention toward the initial memories (memory_retention="init", the default) adds the anchor's terms: forward
 # T Ka (K1) 2 C^2 d, (T Ka) X_Aᵀ per generating row 2 C d, Ka W_Aᵀ (K1b) and Q W_Aᵀ (K3) 4 C d^2; backward B3's
 # dO W_A and dW_A 4 C d^2, B3''s dY W_A and dYᵀ Ka 4 C d^2, B4's T Ka 2 C^2 d and per generating row 6 C d:
@@ -321,7 +322,7 @@ def titans_flops(B: int, T: int, H: int, d: int, C: int, backward: bool = False,
     if anchored:
         per += 4 * C * d * d + 2 * C * C * d + 2 * G * C * d
     if backward:
-        per += 24 * C * d * d + 34 * C * C * d + 4 * C**3 + G * (16 * C * d + 6 * C * C)
+        per += 20 * C * d * d + 34 * C * C * d + 4 * C**3 + G * (16 * C * d + 6 * C * C)
         if anchored:
             per += 8 * C * d * d + 2 * C * C * d + 6 * G * C * d
     return float(B * H * nseg * per)
@@ -366,7 +367,7 @@ def titans_step_bytes(B: int, H: int, d: int, C: int, elt: int = 2) -> float:
 
 # The deep Titans memory (memory_depth=2, hope_kernels/deep_titans/chunk.py), per segment of C tokens and (b, h),
 # head dim d, hidden width h: the generating scan as the linear op's (K1: 4 C d^2 + 4 C^2 d + C^4/8 + G (6 C d +
-# 2 C^2); its backward B4: 12 C d^2 + 8 C^2 d + 2 C^3 + G (16 C d + 6 C^2)), then the serial W1 / W2 pass:
+# 2 C^2); its backward B4 + B5: 8 C d^2 + 8 C^2 d + 2 C^3 + G (16 C d + 6 C^2)), then the serial W1 / W2 pass:
 #   forward: p, the self target (2), e, e W1_c, (T Kd) W2_0ᵀ, Q W2_0ᵀ, hid W1_0ᵀ and the two state updates
 #     (10 of C x d x h), T Kd, Q Kᵀ and (Gamma ⊙ hid sᵀ) E1 (3 of C^2 d), T(-eta g), (Gamma ⊙ Q Kᵀ) N2, hid sᵀ
 #     (3 of C^2 h)                                                       20 C d h + 6 C^2 d + 6 C^2 h
@@ -388,7 +389,7 @@ def deep_titans_flops(B: int, T: int, H: int, d: int, h: int, C: int, backward: 
     if anchored:
         per += 2 * C * C * d + 2 * G * C * d + 2 * C * C * d + 6 * C * d * h
     if backward:
-        per += 12 * C * d * d + 8 * C * C * d + 2 * C**3 + G * (16 * C * d + 6 * C * C)
+        per += 8 * C * d * d + 8 * C * C * d + 2 * C**3 + G * (16 * C * d + 6 * C * C)
         per += 56 * C * d * h + 20 * C * C * d + 18 * C * C * h + 2 * C**3
         if anchored:
             per += 2 * C * C * d + 6 * G * C * d + 2 * C * C * d + 16 * C * d * h
