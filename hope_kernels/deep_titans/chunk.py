@@ -199,7 +199,7 @@ def _deep_fwd_kernel(
 def _deep_bwd_kernel(
     q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, w1c_ptr, w2c_ptr, w1_ptr, w2_ptr, a1_ptr, a2_ptr, do_ptr,
     dw1_ptr, dw2_ptr, dzc1_ptr, dzc2_ptr, dw1c_ptr, dw2c_ptr, da1_ptr, da2_ptr,
-    dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, sn_ptr, sdn_ptr, sds_ptr,
+    dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, sn_ptr, sdn_ptr, sds_ptr, shp_ptr, shid_ptr,
     T, H, C, shift, NSEG, d, hd, eps, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh, W_SLOT,
     BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr,
     ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
@@ -304,7 +304,6 @@ def _deep_bwd_kernel(
         dlg_end = tl.sum(c, 0) + tl.sum(c2, 0) + gamma_end * (tl.sum(tl.sum(D1 * dW1e, 1), 0)
                                                               + tl.sum(tl.sum(D2 * dW2e, 1), 0))
         # ---- o = q + diag(gamma) hid D1_0ᵀ [+ hid W1_Aᵀ] + (Gamma ⊙ hid sᵀ) E1
-        hs = mm(hid, tl.trans(s), PREC, LOWP)
         dOW1 = mm(do, D1, PREC, LOWP)
         dhid = gamma[:, None] * dOW1
         if ANCHOR:  # W1_A's gradient from the end state and the reads, added to memory at once (short live range)
@@ -314,38 +313,63 @@ def _deep_bwd_kernel(
                      mask=w1m)
         dlg += gamma * tl.sum(dOW1 * hid, 1)
         dW1n += mm(tl.trans(gamma[:, None] * do), hid, PREC, LOWP)
+        # the Gamma term behind a barrier, with do, E1, s and hid read back (their first copies die here)
+        tl.store(shid_ptr + hoff, hid, mask=hm)
+        tl.debug_barrier()
+        hid = tl.load(shid_ptr + hoff, mask=hm, other=0.0)
+        s = tl.load(sds_ptr + hoff, mask=hm, other=0.0)
+        do = tl.load(do_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        hs = mm(hid, tl.trans(s), PREC, LOWP)
         G1 = mm(do, tl.trans(E1), PREC, LOWP) * decay
         dE1 += mm(tl.trans(hs * decay), do, PREC, LOWP)
         dhid += mm(G1, s, PREC, LOWP)
         ds += mm(tl.trans(G1), hid, PREC, LOWP)
         gd = G1 * hs
         dlg += tl.sum(gd, 1) - tl.sum(gd, 0)
+        # ---- phase A3, behind a barrier as A2: the parts of dk, dv, dN2, ds, dlg so far and dHp go to memory, so
+        # that the o part's tiles (and their shared-memory copies) are not live in the hid part (sm90_check, d = h =
+        # 64 fp32, with the split of the o part below: 304 -> 192 KB of shared memory)
+        tl.store(dk_ptr + out, dk, mask=m2)
+        tl.store(dv_ptr + out, dE1, mask=m2)
+        tl.store(sdn_ptr + hoff, dN2, mask=hm)
+        tl.store(sds_ptr + hoff, ds, mask=hm)
+        tl.store(shp_ptr + hoff, dhid * silu_grad(Hp), mask=hm)
+        tl.store(dlg_ptr + row, dlg, mask=mt)
+        tl.debug_barrier()
         # ---- hid = silu(Hp), Hp = diag(gamma) Q D2_0ᵀ [+ Q W2_Aᵀ] + (Gamma ⊙ Q Kᵀ) N2
-        dHp = dhid * silu_grad(Hp)
+        dHp = tl.load(shp_ptr + hoff, mask=hm, other=0.0)
+        q = tl.load(q_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + out, mask=m2, other=0.0)
+        N2 = tl.load(sn_ptr + hoff, mask=hm, other=0.0)
+        D2 = tl.load(w2_ptr + bh * w2_bh + n * w2_slot + w2off, mask=w2m, other=0.0)
+        if ANCHOR:
+            A2 = tl.load(a2_ptr + h * d * hd + w2off, mask=w2m, other=0.0)
+            D2 -= A2
+        qk = mm(q, tl.trans(k), PREC, LOWP)
         dHW2 = mm(dHp, D2, PREC, LOWP)
-        dq = do + gamma[:, None] * dHW2
+        dq = tl.load(do_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        dq += gamma[:, None] * dHW2
         if ANCHOR:
             dq += mm(dHp, A2, PREC, LOWP)
             dA2 = (1.0 - gamma_end) * dW2e + mm(tl.trans((1.0 - gamma)[:, None] * dHp), q, PREC, LOWP)
             tl.store(da2_ptr + bh * d * hd + w2off, tl.load(da2_ptr + bh * d * hd + w2off, mask=w2m, other=0.0) + dA2,
                      mask=w2m)
-        dlg += gamma * tl.sum(dHW2 * q, 1)
+        dlg = tl.load(dlg_ptr + row, mask=mt, other=0.0) + gamma * tl.sum(dHW2 * q, 1)
         dW2n += mm(tl.trans(gamma[:, None] * dHp), q, PREC, LOWP)
-        dN2 += mm(tl.trans(qk * decay), dHp, PREC, LOWP)
+        dN2 = tl.load(sdn_ptr + hoff, mask=hm, other=0.0) + mm(tl.trans(qk * decay), dHp, PREC, LOWP)
         G2 = mm(dHp, tl.trans(N2), PREC, LOWP) * decay
         dq += mm(G2, k, PREC, LOWP)
         tl.store(dq_ptr + tok[:, None] * d + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=m2)
-        dk += mm(tl.trans(G2), q, PREC, LOWP)
+        dk = tl.load(dk_ptr + out, mask=m2, other=0.0) + mm(tl.trans(G2), q, PREC, LOWP)
         gd = G2 * qk
         dlg += tl.sum(gd, 1) - tl.sum(gd, 0)
         # ---- phase B: the chunk-start pieces. Its operands are stored here and re-loaded behind a barrier, so that
-        # the compiler keeps phase A's tiles (and their shared-memory copies) out of it.
+        # the compiler keeps phase A's tiles (and their shared-memory copies) out of it (dv, sn and sds already
+        # hold dE1, N2 and ds).
+        tl.debug_barrier()  # dk, dlg and dN2 were read above in another layout
         tl.store(dk_ptr + out, dk, mask=m2)
-        tl.store(dv_ptr + out, dE1, mask=m2)
         tl.store(dlg_ptr + row, dlg, mask=mt)
-        tl.store(sn_ptr + hoff, N2, mask=hm)
         tl.store(sdn_ptr + hoff, dN2, mask=hm)
-        tl.store(sds_ptr + hoff, ds, mask=hm)
         tl.debug_barrier()
         k = tl.load(k_ptr + out, mask=m2, other=0.0)
         v = tl.load(v_ptr + out, mask=m2, other=0.0)
@@ -509,7 +533,7 @@ def _backward(q, a, valid, anchors, b_eta, b_alpha, k, v, eta, lg, tmat, norms, 
     dq = torch.empty_like(q)
     dk, dv = torch.empty_like(k), torch.empty_like(k)
     deta, dlg, dla = torch.empty_like(eta), torch.empty_like(eta), torch.empty_like(eta)
-    scratch = [torch.empty(B * H, T, hd, device=dev, dtype=f32) for _ in range(3)]
+    scratch = [torch.empty(B * H, T, hd, device=dev, dtype=f32) for _ in range(5)]
     launch(_deep_bwd_kernel, (B * H,),
            q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, a1, a2, do.contiguous(), dw1, dw2,
            dw1c_end.contiguous(), dw2c_end.contiguous(), dw1c, dw2c, da1, da2, dq, dk, dv, deta, dlg, dla, *scratch,

@@ -70,8 +70,17 @@ def _deep_step_kernel(
         step_rows(zc, z_ptr + bh * G * d, zc_out_ptr + bh * G * d, z_out_ptr + bh * G * d, ga_ptr + h * G * d, o_ptr,
                   r0, d, d, k, v, u, q, eta, alpha, eps, resid, move_w, move_g, offs_d, md, BR, OBJ_L2, False, AD_K,
                   AD_V, AD_E, AD_A, ANCHOR)
-    w1off = bh * d * hd + offs_d[:, None] * hd + offs_h[None, :]
-    w2off = bh * d * hd + offs_h[:, None] * d + offs_d[None, :]
+    # 32-bit tile offsets from per-(b, h) base pointers: 64-bit (D, HD) offsets took the registers that spilled
+    w1c_ptr += bh * d * hd
+    w1_ptr += bh * d * hd
+    w2c_ptr += bh * d * hd
+    w2_ptr += bh * d * hd
+    w1c_out_ptr += bh * d * hd
+    w1_out_ptr += bh * d * hd
+    w2c_out_ptr += bh * d * hd
+    w2_out_ptr += bh * d * hd
+    w1off = offs_d[:, None] * hd + offs_h[None, :]
+    w2off = offs_h[:, None] * d + offs_d[None, :]
     w1m = md[:, None] & mh[None, :]
     w2m = mh[:, None] & md[None, :]
     W1c = tl.load(w1c_ptr + w1off, mask=w1m, other=0.0)
