@@ -319,13 +319,24 @@ def _chunk_piece(
 
     # θ_{c+1} = θ_c - decay_c (θ_c - θ_0) - Σ_{t in c} eta_t ∇ℓ_t(θ_c) / N_c   (Eq. 31, SPEC §3 v2)
     # decay_c = decay only if chunk c held a valid token: a chunk of padding changes no state (SPEC §5).
+    # Written as (1 - decay_c) θ_c + decay_c θ_0 - Σ left.mT right, with the θ_0 term added in place: on CPU the
+    # cost of this reference is state-sized (B, F, D) passes and fresh state-sized buffers, and a lerp makes one
+    # buffer more forward and a state-sized product more backward. Without a mask decay_c is a plain number and
+    # (1 - decay_c) rides on baddbmm's beta; with one it is per sequence, (B, 1, 1), and scales θ_c first.
+    # In place is exact for autograd: baddbmm does not keep its output for its backward.
     lam = decay if mask is None else decay * seen.to(z.dtype)[:, None, None]
+    keep = 1 - lam
     new_theta = []
     for i, (left, right) in enumerate(factors):
-        base = torch.lerp(theta[i], theta0[i], lam) if decay else theta[i]
+        if isinstance(keep, Tensor):
+            new = torch.baddbmm(theta[i] * keep, left.mT, right, alpha=-1)
+        else:
+            new = torch.baddbmm(theta[i], left.mT, right, beta=keep, alpha=-1)
+        if decay:
+            new.add_(lam * theta0[i])
         if grads is not None:  # the chunk's tokens from earlier calls (prefill, then decode)
-            base = base - grads[i] * inv_n
-        new_theta.append(torch.baddbmm(base, left.mT, right, alpha=-1))
+            new.sub_(grads[i] * inv_n)
+        new_theta.append(new)
     return y, tuple(new_theta), None, None, torch.zeros_like(seen)
 
 
