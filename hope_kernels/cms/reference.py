@@ -234,6 +234,17 @@ def _token_terms(z: Tensor, mask: Tensor | None, p_v: Tensor, w_eta: Tensor, b_e
     return TokenTerms(eta, z @ p_v, z.pow(2).sum(-1))
 
 
+def _read(x: Tensor, w: Tensor) -> Tensor:
+    """x @ wᵀ (B, L, out) for x (B, L, in) and a weight w, shared (out, in) or per sequence (B, out, in).
+
+    A per-sequence weight is read as (w @ xᵀ)ᵀ, not x @ wᵀ: the same product, but its backward then makes w's
+    gradient in w's own (B, out, in) layout, where x @ wᵀ makes a transposed view. That gradient is summed with
+    the state's other gradients chunk after chunk (and over the batch into θ_0's), and on CPU mixing layouts there
+    costs several times a contiguous pass. A shared weight takes one matmul over all B L rows.
+    """
+    return x @ w.mT if w.dim() == 2 else (w @ x.mT).mT
+
+
 def _piece_lengths(position: int, T: int, chunk_size: int) -> list[int]:
     """Lengths of the pieces of T tokens starting at absolute `position` that each lie in one chunk."""
     lengths, t = [], 0
@@ -276,11 +287,11 @@ def _chunk_piece(
     """
     w_gate, w_up, w_down = theta
     # Read: every token of the chunk uses θ_c (Eq. 31), which makes the chunk one batch of matmuls.
-    a = z @ w_gate.mT  # (B, L, F)
-    b = z @ w_up.mT  # (B, L, F)
+    a = _read(z, w_gate)  # (B, L, F)
+    b = _read(z, w_up)  # (B, L, F)
     s = F.silu(a)
     h = s * b
-    y = h @ w_down.mT  # (B, L, D)
+    y = _read(h, w_down)  # (B, L, D)
     if not learn:
         return y, theta, grads, curvature, seen
 
