@@ -262,7 +262,7 @@ def _chunk_piece(
     grads: tuple[Tensor, Tensor, Tensor] | None,
     curvature: Tensor | None,
     seen: Tensor,
-    theta0: tuple[Tensor, Tensor, Tensor],
+    pull: tuple[Tensor, Tensor, Tensor] | None,
     *,
     objective: str,
     decay: float,
@@ -278,6 +278,8 @@ def _chunk_piece(
     grads: the chunk's running Σ eta_t ∇ℓ_t(θ_c) so far, (B, F, D), (B, F, D), (B, D, F), or None for zeros.
     curvature: the chunk's running N_c = Σ mask_t κ_t so far, (B,), or None for zero.
     seen: (B,) bool, whether chunk c has had a valid token before this piece (CMSState.chunk_has_valid).
+    pull: decay θ_0 ((F, D), (F, D), (D, F)), the fixed part of Eq. 31's retention pull (`_pull`), or None when
+           decay is 0.
     learn: compute this piece's inner gradients, and apply Eq. 31's update if the piece closes its chunk;
            False when nobody will read the result, so the piece is only read.
     closes_chunk: the piece ends on a chunk boundary.
@@ -330,21 +332,21 @@ def _chunk_piece(
 
     # θ_{c+1} = θ_c - decay_c (θ_c - θ_0) - Σ_{t in c} eta_t ∇ℓ_t(θ_c) / N_c   (Eq. 31, SPEC §3 v2)
     # decay_c = decay only if chunk c held a valid token: a chunk of padding changes no state (SPEC §5).
-    # Written as (1 - decay_c) θ_c + decay_c θ_0 - Σ left.mT right, with the θ_0 term added in place: on CPU the
-    # cost of this reference is state-sized (B, F, D) passes and fresh state-sized buffers, and a lerp makes one
-    # buffer more forward and a state-sized product more backward. Without a mask decay_c is a plain number and
-    # (1 - decay_c) rides on baddbmm's beta; with one it is per sequence, (B, 1, 1), and scales θ_c first.
-    # In place is exact for autograd: baddbmm does not keep its output for its backward.
-    lam = decay if mask is None else decay * seen.to(z.dtype)[:, None, None]
-    keep = 1 - lam
+    # Written as (1 - decay_c) θ_c + decay_c θ_0 - Σ left.mT right, with decay θ_0 (`pull`, formed once per call)
+    # added in place: on CPU the cost of this reference is state-sized (B, F, D) passes and fresh state-sized
+    # buffers, and a lerp makes one buffer more forward and a state-sized product more backward. Without a mask
+    # decay_c is a plain number and (1 - decay_c) rides on baddbmm's beta; with one it is per sequence, (B, 1, 1),
+    # and scales θ_c first. In place is exact for autograd: baddbmm does not keep its output for its backward.
+    held = None if mask is None else seen.to(z.dtype)[:, None, None]  # 1 where chunk c held a valid token
+    keep = 1 - decay if held is None else 1 - decay * held
     new_theta = []
     for i, (left, right) in enumerate(factors):
-        if isinstance(keep, Tensor):
-            new = torch.baddbmm(theta[i] * keep, left.mT, right, alpha=-1)
-        else:
+        if held is None:
             new = torch.baddbmm(theta[i], left.mT, right, beta=keep, alpha=-1)
-        if decay:
-            new.add_(lam * theta0[i])
+        else:
+            new = torch.baddbmm(theta[i] * keep, left.mT, right, alpha=-1)
+        if pull is not None:
+            new.add_(pull[i] if held is None else held * pull[i])
         if grads is not None:  # the chunk's tokens from earlier calls (prefill, then decode)
             new.sub_(grads[i] * inv_n)
         new_theta.append(new)
@@ -376,6 +378,12 @@ def _cast_inputs(
     if state is not None:
         state = state._replace(**{name: getattr(state, name).to(dt) for name in STATE_TENSORS})
     return z.to(dt), params, b_eta, mask, state
+
+
+def _pull(theta0: tuple[Tensor, Tensor, Tensor], decay: float) -> tuple[Tensor, Tensor, Tensor] | None:
+    """decay θ_0, formed once per call rather than once per chunk (its gradient then sums over the chunks as
+    (F, D) tensors and is scaled once); None when decay is 0."""
+    return tuple(decay * w for w in theta0) if decay else None
 
 
 def _initial(
@@ -443,6 +451,7 @@ def cms_level_reference(
         )
         theta0 = (w_gate, w_up, w_down)
         start, theta, grads, curvature, seen = _initial(theta0, state, B)
+        pull = _pull(theta0, decay)
 
         lengths = _piece_lengths(start, T, chunk_size)
         # What the last piece learns is only read through the returned state: without one, skip its inner
@@ -459,7 +468,7 @@ def cms_level_reference(
         t = 0
         for length, learn, z_n, mask_n, terms_n in zip(lengths, learns, z.split(lengths, 1), masks, terms):
             y, theta, grads, curvature, seen = _chunk_piece(
-                z_n, mask_n, terms_n, theta, grads, curvature, seen, theta0,
+                z_n, mask_n, terms_n, theta, grads, curvature, seen, pull,
                 objective=objective, decay=decay, learn=learn,
                 closes_chunk=(start + t + length) % chunk_size == 0,
             )
@@ -520,7 +529,8 @@ def cms_level_step_reference(
         theta0 = (w_gate, w_up, w_down)
         position, theta, grads, curvature, seen = _initial(theta0, state, B)
         y, theta, grads, curvature, seen = _chunk_piece(
-            z, mask, _token_terms(z, mask, p_v, w_eta, b_eta, eta_max), theta, grads, curvature, seen, theta0,
+            z, mask, _token_terms(z, mask, p_v, w_eta, b_eta, eta_max), theta, grads, curvature, seen,
+            _pull(theta0, decay),
             objective=objective, decay=decay, learn=True, closes_chunk=(position + 1) % chunk_size == 0,
         )
         final = _final_state(theta, grads, curvature, seen, B, position + 1)
