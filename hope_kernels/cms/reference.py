@@ -211,7 +211,7 @@ def _curvature(zz: Tensor, a: Tensor, b: Tensor, s: Tensor, ds: Tensor, h: Tenso
     """
     column = w_down.pow(2).sum(-2)  # (F,) or (B, F): ‖W_down[:, f]‖²
     r2 = s * s + (b * ds).pow(2)
-    through_down = r2 @ column if column.dim() == 1 else (r2 @ column.unsqueeze(-1)).squeeze(-1)
+    through_down = r2 @ column if column.dim() == 1 else torch.bmm(r2, column.unsqueeze(-1)).squeeze(-1)
     return zz + h.pow(2).sum(-1) + zz * through_down
 
 
@@ -241,8 +241,10 @@ def _read(x: Tensor, w: Tensor) -> Tensor:
     gradient in w's own (B, out, in) layout, where x @ wᵀ makes a transposed view. That gradient is summed with
     the state's other gradients chunk after chunk (and over the batch into θ_0's), and on CPU mixing layouts there
     costs several times a contiguous pass. A shared weight takes one matmul over all B L rows.
+    torch.bmm, not @, for the per-sequence products here and in `_chunk_piece`: @ on 3-d tensors wraps the bmm
+    in expand and reshape views, several autograd nodes more per product, per chunk.
     """
-    return x @ w.mT if w.dim() == 2 else (w @ x.mT).mT
+    return x @ w.mT if w.dim() == 2 else torch.bmm(w, x.mT).mT
 
 
 def _piece_lengths(position: int, T: int, chunk_size: int) -> list[int]:
@@ -319,13 +321,13 @@ def _chunk_piece(
     # gradients). These are ordinary differentiable ops, so the outer gradient flows through them exactly,
     # second order included (SPEC §3 "Gradient"). Each weight gradient is left.mT @ right:
     # gate Σ_t da_t z_tᵀ, up Σ_t db_t z_tᵀ, down Σ_t e_t h_tᵀ.
-    dh = e @ w_down  # (B, L, F)
+    dh = e @ w_down if w_down.dim() == 2 else torch.bmm(e, w_down)  # (B, L, F)
     dhb = dh * ds
     factors = ((dhb * b, z), (dh * s, z), (e, h))
 
     if not closes_chunk:
         if grads is None:
-            grads = tuple(left.mT @ right for left, right in factors)
+            grads = tuple(torch.bmm(left.mT, right) for left, right in factors)
         else:
             grads = tuple(torch.baddbmm(g, left.mT, right) for g, (left, right) in zip(grads, factors))
         return y, theta, grads, curvature, seen
