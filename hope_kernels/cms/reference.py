@@ -204,15 +204,15 @@ def _no_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _curvature(zz: Tensor, a: Tensor, b: Tensor, s: Tensor, ds: Tensor, h: Tensor, w_down: Tensor) -> Tensor:
+def _curvature(zz: Tensor, s: Tensor, bds: Tensor, h: Tensor, w_down: Tensor) -> Tensor:
     """κ_t = ‖z_t‖² + ‖h_t‖² + ‖z_t‖² Σ_f r_tf² ‖W_down[:, f]‖² (B, L), the per-token term of N_c (module docstring).
 
-    zz = ‖z_t‖²: (B, L); a, b, s = silu(a), ds = silu'(a), h: (B, L, F); w_down: (D, F) shared or (B, D, F).
+    zz = ‖z_t‖²: (B, L); s = silu(a), bds = b silu'(a), h: (B, L, F); w_down: (D, F) shared or (B, D, F).
     """
     column = w_down.pow(2).sum(-2)  # (F,) or (B, F): ‖W_down[:, f]‖²
-    r2 = s * s + (b * ds).pow(2)
+    r2 = torch.addcmul(s * s, bds, bds)  # r_tf² = silu(a)² + (b silu'(a))²
     through_down = r2 @ column if column.dim() == 1 else torch.bmm(r2, column.unsqueeze(-1)).squeeze(-1)
-    return zz + h.pow(2).sum(-1) + zz * through_down
+    return torch.addcmul(zz + (h * h).sum(-1), zz, through_down)
 
 
 class TokenTerms(NamedTuple):
@@ -300,9 +300,10 @@ def _chunk_piece(
         return y, theta, grads, curvature, seen
 
     sig = torch.sigmoid(a)
-    ds = sig + s * (1 - sig)  # silu'(a) = σ(a) (1 + a (1 - σ(a))) = σ(a) + silu(a) (1 - σ(a))
+    # silu'(a) = σ(a) (1 + a (1 - σ(a))) = σ(a) + silu(a) (1 - σ(a)); b silu'(a) serves N_c and W_gate's factor.
+    bds = b * torch.addcmul(sig, s, 1 - sig)
     # N_c (SPEC §3 v2) sums κ_t over the valid tokens only: a masked token adds nothing to the normalisation.
-    kappa = _curvature(terms.zz, a, b, s, ds, h, w_down)
+    kappa = _curvature(terms.zz, s, bds, h, w_down)
     if mask is not None:
         kappa = kappa * mask
     curvature = kappa.sum(1) if curvature is None else curvature + kappa.sum(1)
@@ -311,19 +312,19 @@ def _chunk_piece(
     # eta_t, and 1 / N_c when the piece closes its chunk, are folded in here, on (L, D) errors, instead of
     # scaling three (F, D) weight gradients.
     e = (y - terms.target) if objective == "l2" else -terms.target
-    e = e * terms.eta.unsqueeze(-1)
+    weight = terms.eta  # (B, L)
     if closes_chunk:
         # A chunk without a valid token has Σ eta ∇ℓ = 0 and N_c = 0: it divides by 1 (a clamp would leave the
         # backward a 0 / 0).
         inv_n = 1 / torch.where(curvature > 0, curvature, torch.ones_like(curvature))[:, None, None]  # (B, 1, 1)
-        e = e * inv_n
+        weight = weight * inv_n[:, :, 0]
+    e = e * weight.unsqueeze(-1)
     # Backprop through SwiGLU by hand, summed over the chunk's tokens as matmuls (never per-token weight
     # gradients). These are ordinary differentiable ops, so the outer gradient flows through them exactly,
     # second order included (SPEC §3 "Gradient"). Each weight gradient is left.mT @ right:
     # gate Σ_t da_t z_tᵀ, up Σ_t db_t z_tᵀ, down Σ_t e_t h_tᵀ.
     dh = e @ w_down if w_down.dim() == 2 else torch.bmm(e, w_down)  # (B, L, F)
-    dhb = dh * ds
-    factors = ((dhb * b, z), (dh * s, z), (e, h))
+    factors = ((dh * bds, z), (dh * s, z), (e, h))
 
     if not closes_chunk:
         if grads is None:
