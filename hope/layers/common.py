@@ -23,6 +23,14 @@ class RMSNorm(nn.Module):
         return (x32 * self.weight.float()).to(x.dtype)
 
 
+def _depthwise(window: Tensor, weight: Tensor) -> Tensor:
+    """(B, T + K - 1, D) -> (B, T, D): the depthwise convolution, on contiguous (B, D, T) input and (B, T, D) output.
+    On CPU conv1d takes about twice as long, forward and backward, on the transposed view, and a transposed
+    output makes every element-wise op after it (silu, the l2 norm of q) mix layouts: q's conv and its norm went
+    from 16.4 to 9.5 ms forward+backward at B = 4, T = 512, D = 256 (one thread)."""
+    return F.conv1d(window.mT.contiguous(), weight, groups=window.shape[-1]).mT.contiguous()
+
+
 class ShortConv(nn.Module):
     """Depthwise causal convolution over time (SPEC §2, `conv_size`); its cache is the last K-1 inputs."""
 
@@ -47,8 +55,7 @@ class ShortConv(nn.Module):
         window = torch.cat([tail.to(x.dtype), x], dim=1)
         weight = self.weight.to(x.dtype)
         if valid is None:
-            y = F.conv1d(window.transpose(1, 2), weight, groups=D).transpose(1, 2)
-            return y, window[:, window.shape[1] - K1 :]
+            return _depthwise(window, weight), window[:, window.shape[1] - K1 :]
         # Pack every row's valid inputs to the front (the tail counts as valid), convolve, and read each token's
         # output back at its packed index; masked inputs land in one dump slot that is dropped.
         keep = torch.cat([valid.new_ones(B, K1, dtype=torch.bool), valid.bool()], dim=1)
@@ -57,7 +64,7 @@ class ShortConv(nn.Module):
         dest = torch.where(keep, rank, torch.full_like(rank, length))
         packed = window.new_zeros(B, length + 1, D).scatter(1, dest.unsqueeze(-1).expand(-1, -1, D), window)
         packed = packed[:, :length]
-        y_packed = F.conv1d(packed.transpose(1, 2), weight, groups=D).transpose(1, 2)  # (B, T, D)
+        y_packed = _depthwise(packed, weight)  # (B, T, D)
         y = y_packed.gather(1, (rank[:, K1:] - K1).clamp_min(0).unsqueeze(-1).expand(-1, -1, D))
         last = keep.sum(1, keepdim=True) - K1 + torch.arange(K1, device=x.device)  # the K-1 last valid inputs
         return y, packed.gather(1, last.unsqueeze(-1).expand(-1, -1, D))
