@@ -46,6 +46,7 @@ split across calls (prefill, then decode) decides the same way.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from typing import NamedTuple
 
@@ -281,7 +282,7 @@ def _chunk_piece(
     curvature: the chunk's running N_c = Σ mask_t κ_t so far, (B,), or None for zero.
     seen: (B,) bool, whether chunk c has had a valid token before this piece (CMSState.chunk_has_valid).
     pull: decay θ_0 ((F, D), (F, D), (D, F)), the fixed part of Eq. 31's retention pull (`_pull`), or None when
-           decay is 0.
+           decay is 0 or the piece does not close its chunk (decode: formed on a chunk's last token only).
     learn: compute this piece's inner gradients, and apply Eq. 31's update if the piece closes its chunk;
            False when nobody will read the result, so the piece is only read.
     closes_chunk: the piece ends on a chunk boundary.
@@ -454,12 +455,14 @@ def cms_level_reference(
         )
         theta0 = (w_gate, w_up, w_down)
         start, theta, grads, curvature, seen = _initial(theta0, state, B)
-        pull = _pull(theta0, decay)
 
         lengths = _piece_lengths(start, T, chunk_size)
         # What the last piece learns is only read through the returned state: without one, skip its inner
         # gradients. With no state and C >= T this makes the level a plain FFN at the cost of one.
         learns = [output_final_state or i + 1 < len(lengths) for i in range(len(lengths))]
+        ends = list(itertools.accumulate(lengths, initial=start))[1:]
+        closes = [learn and end % chunk_size == 0 for learn, end in zip(learns, ends)]
+        pull = _pull(theta0, decay) if any(closes) else None
         # split(), not slicing: each slice's backward would fill a zero tensor of the whole sequence.
         nothing = [None] * len(lengths)
         masks = nothing if mask is None else mask.split(lengths, 1)
@@ -468,15 +471,12 @@ def cms_level_reference(
             terms = [TokenTerms(*x) for x in zip(*(x.split(lengths, 1) for x in
                                                   _token_terms(z, mask, p_v, w_eta, b_eta, eta_max)))]
         ys = []
-        t = 0
-        for length, learn, z_n, mask_n, terms_n in zip(lengths, learns, z.split(lengths, 1), masks, terms):
+        for learn, closes_chunk, z_n, mask_n, terms_n in zip(learns, closes, z.split(lengths, 1), masks, terms):
             y, theta, grads, curvature, seen = _chunk_piece(
                 z_n, mask_n, terms_n, theta, grads, curvature, seen, pull,
-                objective=objective, decay=decay, learn=learn,
-                closes_chunk=(start + t + length) % chunk_size == 0,
+                objective=objective, decay=decay, learn=learn, closes_chunk=closes_chunk,
             )
             ys.append(y)
-            t += length
 
         y = torch.cat(ys, dim=1) if ys else z.new_zeros(B, 0, D)
         final = _final_state(theta, grads, curvature, seen, B, start + T) if output_final_state else None
@@ -531,10 +531,11 @@ def cms_level_step_reference(
         )
         theta0 = (w_gate, w_up, w_down)
         position, theta, grads, curvature, seen = _initial(theta0, state, B)
+        closes_chunk = (position + 1) % chunk_size == 0
         y, theta, grads, curvature, seen = _chunk_piece(
             z, mask, _token_terms(z, mask, p_v, w_eta, b_eta, eta_max), theta, grads, curvature, seen,
-            _pull(theta0, decay),
-            objective=objective, decay=decay, learn=True, closes_chunk=(position + 1) % chunk_size == 0,
+            _pull(theta0, decay) if closes_chunk else None,
+            objective=objective, decay=decay, learn=True, closes_chunk=closes_chunk,
         )
         final = _final_state(theta, grads, curvature, seen, B, position + 1)
     return y.squeeze(1).to(out_dtype), final
