@@ -32,7 +32,8 @@ the split below is unchanged; its gradient is summed per segment (B3, B3', B4) a
     target), V0 = -eta (r k - v), p = -eta k (value target, "l2"), V0 = eta v, p = 0 (value, "dot"); r = 1 with
     `memory_residual`, else 0. For a segment that starts on a chunk boundary W_c = W_0, so in FLA's layout
     (h = Wᵀ) N^W = u' - w' h_0 with
-        u' = T (V0 - Ka W_Aᵀ),   w' = T (Kd - P)                           (`_main_prep_kernel`, parallel)
+        u' = T (V0 - Ka W_Aᵀ),   w' = T (Kd - P)     (`_main_prep_kernel`, parallel over segments and BW-wide
+                                                                     column tiles: 64 wide, two tiles at d = 128)
     and the first segment of a call (whose W_c is the cached chunk start, not W_0) has
     u' = T (V0 + P W_cᵀ - Ka W_Aᵀ), w' = T Kd. Without DGD (eps = 0) A = 0 and T = I. Every row of W is independent, so `_main_state_fwd_kernel`
     passes W's state over the segments with W's rows split into BV-wide tiles across programs (the state tile
@@ -40,7 +41,8 @@ the split below is unchanged; its gradient is summed per segment (B3, B3', B4) a
         o_t = r q_t + W_A q_t + gamma_t (W_0 - W_A) q_t + Σ_{j<=t} (gamma_t/gamma_j) (k_j.q_t) n_j
     in parallel over (segment, batch, head, tile). The reference evaluates the same closed form
     (`delta_rule_read`), so both agree to rounding. The anchor's term of u', -T Ka W_Aᵀ, is added by
-    `_main_anchor_fwd_kernel` (parallel), which keeps `_main_prep_kernel` within its registers.
+    `_main_anchor_fwd_kernel` (parallel, the same column tiles), which keeps `_main_prep_kernel` within its
+    registers.
 (c) The backward mirrors it: `_main_dv_bwd_kernel` (dv_new from o, parallel), `_main_state_bwd_kernel` (dW over the
     segments in reverse, BV tiles, dW checkpoints), `_main_chunk_bwd_kernel` (dq, the k / lg parts of the reads and
     W's update, dw', parallel), `_main_wy_bwd_kernel` (through w', u' and T's A, parallel: dA = -Tᵀ Σ dX Xᵀ over
@@ -316,35 +318,44 @@ def _lg_before(lg_ptr, bh, T, start, offs_c, mt):
 def _main_prep_kernel(
     k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, wc_ptr, wp_ptr, up_ptr,
     T, C, shift, NSEG, d, eps, resid, wc_bh,
-    BC: tl.constexpr, D: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, PREC: tl.constexpr,
-    LOWP: tl.constexpr,
+    BC: tl.constexpr, D: tl.constexpr, BW: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr,
+    PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
-    """w', u' of one segment (parallel over segments): N^W = u' - w' h_0."""
+    """w', u' of one segment, columns [iw BW, (iw+1) BW) (parallel over segments and column tiles): N^W = u' - w' h_0.
+    Every term but the call's first segment's P W_cᵀ is column-wise, so at d = 128 two 64-wide tiles keep a C x d
+    product and its operands out of each program's registers."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(2) * BW + tl.arange(0, BW)
+    mc = cols < d
     offs_c = tl.arange(0, BC)
-    offs_d = tl.arange(0, D)
-    md = offs_d < d
     start, L = _segment(n, C, shift, T)
     mt = offs_c < L
-    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
-    v = _load_tokens(v_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, cols, mc, d)
+    v = _load_tokens(v_ptr, bh, T, start, offs_c, mt, cols, mc, d)
     row = bh * T + start + offs_c
     eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
-    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
     Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
     V0, P = _main_writes(k, v, eta, resid, OBJ_L2, VALUE)
     Kd = (eps * eta * tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt)))[:, None] * k
-    if n == 0:  # the call's own chunk-start W_c (a cached state may sit mid-chunk)
-        boff = offs_d[:, None] * d + offs_d[None, :]
-        Wc = tl.load(wc_ptr + bh * wc_bh + boff, mask=md[:, None] & md[None, :], other=0.0)
-        up = tl.dot(Tm, V0 + mm(P, tl.trans(Wc), PREC, LOWP), input_precision=PREC)
+    if n == 0:  # the call's own chunk-start W_c (a cached state may sit mid-chunk): W_c's rows `cols`, all of P
+        offs_d = tl.arange(0, D)
+        md = offs_d < d
+        if BW == D:
+            P_all = P
+        else:
+            k_all = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+            v_all = _load_tokens(v_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+            _v0, P_all = _main_writes(k_all, v_all, eta, resid, OBJ_L2, VALUE)
+        Wc = tl.load(wc_ptr + bh * wc_bh + cols[:, None] * d + offs_d[None, :], mask=mc[:, None] & md[None, :],
+                     other=0.0)
+        up = tl.dot(Tm, V0 + mm(P_all, tl.trans(Wc), PREC, LOWP), input_precision=PREC)
         wp = tl.dot(Tm, Kd, input_precision=PREC)
     else:
         up = tl.dot(Tm, V0, input_precision=PREC)
         wp = tl.dot(Tm, Kd - P, input_precision=PREC)
-    out = row[:, None] * d + offs_d[None, :]
-    m2 = mt[:, None] & md[None, :]
+    out = row[:, None] * d + cols[None, :]
+    m2 = mt[:, None] & mc[None, :]
     tl.store(up_ptr + out, up, mask=m2)
     tl.store(wp_ptr + out, wp, mask=m2)
 
@@ -353,28 +364,30 @@ def _main_prep_kernel(
 def _main_anchor_fwd_kernel(
     k_ptr, eta_ptr, lg_ptr, tmat_ptr, anc_ptr, up_ptr,
     T, H, C, shift, NSEG, d, eps, anc_h,
-    BC: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    BC: tl.constexpr, D: tl.constexpr, BW: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
-    """The retention anchor's term of u' (memory_retention="init"), parallel over (segment, batch-head):
-    u' -= T Ka W_Aᵀ, Ka = diag(eps eta_t (1 - gamma_{t-1})) K, the anchor's part of the DGD term eps eta_t W_{t-1} k_t.
-    Kept out of `_main_prep_kernel`, whose registers it would overflow."""
+    """The retention anchor's term of u' (memory_retention="init"), columns [iw BW, (iw+1) BW), parallel over
+    (segment, batch-head, column tile): u' -= T Ka W_Aᵀ, Ka = diag(eps eta_t (1 - gamma_{t-1})) K, the anchor's part
+    of the DGD term eps eta_t W_{t-1} k_t. Kept out of `_main_prep_kernel`, whose registers it would overflow."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(2) * BW + tl.arange(0, BW)
+    mc = cols < d
     offs_c = tl.arange(0, BC)
     offs_d = tl.arange(0, D)
     md = offs_d < d
     start, L = _segment(n, C, shift, T)
     mt = offs_c < L
-    m2 = mt[:, None] & md[None, :]
     row = bh * T + start + offs_c
-    out = row[:, None] * d + offs_d[None, :]
     k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
     eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
     ka = eps * eta * (1.0 - tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt)))
-    boff = offs_d[:, None] * d + offs_d[None, :]
-    Wa = tl.load(anc_ptr + (bh % H) * anc_h + boff, mask=md[:, None] & md[None, :], other=0.0)
+    Wa = tl.load(anc_ptr + (bh % H) * anc_h + cols[:, None] * d + offs_d[None, :], mask=mc[:, None] & md[None, :],
+                 other=0.0)
     KaW = mm(ka[:, None] * k, tl.trans(Wa), PREC, LOWP)
     Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
+    out = row[:, None] * d + cols[None, :]
+    m2 = mt[:, None] & mc[None, :]
     up = tl.load(up_ptr + out, mask=m2, other=0.0) - tl.dot(Tm, KaW, input_precision=PREC)
     tl.store(up_ptr + out, up, mask=m2)
 
@@ -1060,7 +1073,7 @@ def _config(d: int, chunk_size: int, adaptive_chunk_size: Optional[int], positio
                 OBJ_L2=objective == "l2", VALUE=memory_target == "value", VNORM=ref["value_norm"],
                 ANCHOR=ref["anchored"], GUARD=ref["curvature_guard"],
                 ad=(bool(rows[d]), bool(rows[2 * d]), bool(rows[3 * d]), bool(rows[3 * d + 1])),
-                D=D, BC=BC, BR=min(D, 64))
+                D=D, BC=BC, BR=min(D, 64), BW=min(D, 64))
 
 
 def _anchor_arg(anchor: Optional[Tensor], fallback: Tensor) -> tuple[Tensor, int]:
@@ -1125,12 +1138,15 @@ def _forward(q, a, zc, z, anchor, b_eta, b_alpha, valid, cfg, save: bool):
     ANCHOR = anchor is not None
     wp = torch.empty_like(k)
     up = torch.empty_like(k)
-    launch(_main_prep_kernel, (nseg, B * H),
+    BW = cfg["BW"]
+    nw = triton.cdiv(d, BW)
+    launch(_main_prep_kernel, (nseg, B * H, nw),
            k, v, eta, lg, tmat, zc, wp, up, T, C, cfg["shift"], nseg, d, cfg["eps"], cfg["resid"], zc.stride(0),
-           BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=prec, LOWP=lowp, **launch_options("tile", D))
+           BC=BC, D=D, BW=BW, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=prec, LOWP=lowp,
+           **launch_options("tile", D))
     if ANCHOR:
-        launch(_main_anchor_fwd_kernel, (nseg, B * H), k, eta, lg, tmat, anc, up, T, H, C, cfg["shift"], nseg, d,
-               cfg["eps"], anc_h, BC=BC, D=D, PREC=prec, LOWP=lowp, **launch_options("tile", D))
+        launch(_main_anchor_fwd_kernel, (nseg, B * H, nw), k, eta, lg, tmat, anc, up, T, H, C, cfg["shift"], nseg,
+               d, cfg["eps"], anc_h, BC=BC, D=D, BW=BW, PREC=prec, LOWP=lowp, **launch_options("tile", D))
     vn = torch.empty_like(k)
     nv = triton.cdiv(d, BV)
     launch(_main_state_fwd_kernel, (B * H, nv),
