@@ -54,10 +54,11 @@ def launch_options(kind: str, D: int) -> dict:
     return dict(num_warps=warps, num_stages=1)
 
 
-def block_v(D: int, lowp: bool) -> int:
-    """BV, the width of W's row tiles in the state-passing kernels: 32, or 16 at d = 128 in fp32 (a 32 x 128 fp32
-    tile plus the chunk's fp32 operands spill at 8 warps)."""
-    return min(D, 16 if D > 64 and not lowp else 32)
+def block_v(D: int) -> int:
+    """BV, the width of W's row tiles in the state-passing kernels: 32, or 16 at d = 128 (a 32 x 128 fp32 state tile
+    plus the chunk's operands spill at 8 warps: 32 B at 16 wide in fp32, 28 -> 0 B in K2 and 132 -> 36 B in B2 with
+    16-bit inputs)."""
+    return min(D, 16 if D > 64 else 32)
 
 
 def block_sizes(d: int, chunk_size: int) -> tuple[int, int]:
