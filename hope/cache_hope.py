@@ -46,6 +46,18 @@ def _map_tensors(obj: Any, fn) -> Any:
     return obj
 
 
+def _first_tensor(obj: Any) -> Optional[Tensor]:
+    """The first tensor of a cache entry (NamedTuples, lists, dicts), or None."""
+    if isinstance(obj, Tensor):
+        return obj
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+    for value in values:
+        found = _first_tensor(value)
+        if found is not None:
+            return found
+    return None
+
+
 class HopeCache:
     """Per-layer recurrent state of a Hope model, plus the number of tokens consumed.
 
@@ -66,6 +78,14 @@ class HopeCache:
     def is_linear(self) -> list[bool]:
         """Tells generate() not to slice inputs by a KV length: HopeForCausalLM feeds the unseen tokens itself."""
         return [True] * len(self.layers)
+
+    def batch_size(self) -> Optional[int]:
+        """Rows of the cached states, or None before any state exists."""
+        for layer in self.layers:
+            tensor = _first_tensor(layer.__dict__)
+            if tensor is not None:
+                return tensor.shape[0]
+        return None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens consumed so far (the position of the next token)."""

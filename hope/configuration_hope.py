@@ -1,6 +1,7 @@
 """HopeConfig: every field of SPEC §7, validated with errors that name the field and what is allowed."""
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional, Sequence, Union
 
@@ -35,6 +36,13 @@ def _per_level(name: str, value, levels: int, default) -> list:
             raise ValueError(f"{name} has {len(value)} entries but cms_chunk_sizes has {levels} levels")
         return list(value)
     return [value] * levels
+
+
+def _name_list(name: str, value, what: str) -> list:
+    """A list field given as a list or tuple; a string or a scalar would be read by list() as something else."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name}={value!r} is not allowed: it must be a list of {what}")
+    return list(value)
 
 
 class HopeConfig(PretrainedConfig):
@@ -132,7 +140,7 @@ class HopeConfig(PretrainedConfig):
         self.memory_value_norm = memory_value_norm
         self.memory_retention = memory_retention
         self.memory_curvature_guard = memory_curvature_guard
-        self.adaptive = list(adaptive)
+        self.adaptive = _name_list("adaptive", adaptive, f"names from {list(ADAPTIVE)} (e.g. ['k', 'v'])")
         self.eta_max = eta_max
         self.memory_depth = memory_depth
         # The deep memory's hidden width defaults to the head dim d (W1, W2 square): as many fast weights as two
@@ -140,7 +148,8 @@ class HopeConfig(PretrainedConfig):
         if memory_hidden is None and isinstance(hidden_size, int) and isinstance(num_heads, int) and num_heads > 0:
             memory_hidden = hidden_size // num_heads
         self.memory_hidden = memory_hidden
-        self.cms_chunk_sizes = list(cms_chunk_sizes)
+        self.cms_chunk_sizes = _name_list("cms_chunk_sizes", cms_chunk_sizes,
+                                          "chunk sizes, one per level (None = a level that never learns in context)")
         levels = len(self.cms_chunk_sizes)
         # SwiGLU keeps the FFN's parameter count at 8/3 D per level, rounded for matmul-friendly shapes.
         default_hidden = 64 * math.ceil(8 * hidden_size / 3 / 64)
@@ -160,6 +169,8 @@ class HopeConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        if not isinstance(tie_word_embeddings, bool):
+            raise ValueError(f"tie_word_embeddings={tie_word_embeddings!r} is not allowed: it must be True or False")
         self._validate()
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
@@ -168,6 +179,16 @@ class HopeConfig(PretrainedConfig):
             eos_token_id=eos_token_id,
             **kwargs,
         )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """PretrainedConfig.from_dict, with overrides of HopeConfig's own fields (`from_pretrained(path,
+        cms_eta_max=0.25)`, `hope-train --config_overrides`) passed to __init__ like the saved values, so that they
+        are validated and broadcast per level; PretrainedConfig would set them as attributes after __init__."""
+        fields = inspect.signature(cls.__init__).parameters
+        own = {key: kwargs.pop(key) for key in list(kwargs)
+               if key in fields and fields[key].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD}
+        return super().from_dict({**config_dict, **own}, **kwargs)
 
     @property
     def head_dim(self) -> int:
@@ -191,6 +212,11 @@ class HopeConfig(PretrainedConfig):
                 "hidden_size must be divisible by num_heads"
             )
         choice("mixer", self.mixer, MIXERS)
+        if self.mixer == "attention" and self.head_dim % 2:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} / num_heads={self.num_heads} gives head dim {self.head_dim}: the "
+                "attention mixer needs an even head dim (RoPE rotates pairs of dimensions)"
+            )
         positive_int("num_key_value_heads", self.num_key_value_heads)
         if self.num_heads % self.num_key_value_heads:
             raise ValueError(
@@ -212,7 +238,8 @@ class HopeConfig(PretrainedConfig):
         choice("cms_objective", self.cms_objective, OBJECTIVES)
         choice("cms_step", self.cms_step, CMS_STEPS)
         choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
-        if isinstance(self.memory_depth, bool) or self.memory_depth not in MEMORY_DEPTHS:
+        if not isinstance(self.memory_depth, int) or isinstance(self.memory_depth, bool) or (
+                self.memory_depth not in MEMORY_DEPTHS):
             raise ValueError(
                 f"memory_depth={self.memory_depth!r} is not allowed: choose 1 (linear main memory) or 2 (the deep "
                 "memory M(z) = z + W1 silu(W2 z) of SPEC §2 / Eq. 91)"
@@ -230,11 +257,21 @@ class HopeConfig(PretrainedConfig):
         for name in ("momentum", "dgd", "memory_residual", "memory_value_norm", "memory_curvature_guard"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: it must be True or False")
+        for name in ("adaptive", "cms_chunk_sizes", "cms_hidden_size", "cms_eta_max", "cms_decay"):
+            # set as attributes after __init__ (config.cms_eta_max = 0.25) they skip __init__'s conversions
+            if not isinstance(getattr(self, name), list):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed here: it must be a list (HopeConfig("
+                                 f"{name}=...) broadcasts one value to every level)")
+        for name in ("cms_hidden_size", "cms_eta_max", "cms_decay"):
+            if len(getattr(self, name)) != len(self.cms_chunk_sizes):
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries but cms_chunk_sizes has "
+                                 f"{len(self.cms_chunk_sizes)} levels")
         bad = [entry for entry in self.adaptive if entry not in ADAPTIVE]
         if bad or len(set(self.adaptive)) != len(self.adaptive):
             raise ValueError(f"adaptive={self.adaptive!r} is not allowed: entries must be distinct, from {list(ADAPTIVE)}")
-        if isinstance(self.eta_max, bool) or not (isinstance(self.eta_max, (int, float)) and self.eta_max > 0):
-            raise ValueError(f"eta_max={self.eta_max!r} is not allowed: it must be a number > 0")
+        if isinstance(self.eta_max, bool) or not (
+                isinstance(self.eta_max, (int, float)) and self.eta_max > 0 and math.isfinite(self.eta_max)):
+            raise ValueError(f"eta_max={self.eta_max!r} is not allowed: it must be a finite number > 0")
         if not self.cms_chunk_sizes:
             raise ValueError("cms_chunk_sizes=[] is not allowed: give at least one level (None = a plain FFN)")
         for level, size in enumerate(self.cms_chunk_sizes):
@@ -247,5 +284,5 @@ class HopeConfig(PretrainedConfig):
                 raise ValueError(f"cms_eta_max[{level}]={eta!r} is not allowed: it must be a finite number > 0 "
                                  "(a fraction of the Gauss-Newton step bound; the default 1, < 2 is stable)")
         for level, decay in enumerate(self.cms_decay):
-            if not (isinstance(decay, (int, float)) and 0 <= decay <= 1):
+            if isinstance(decay, bool) or not (isinstance(decay, (int, float)) and 0 <= decay <= 1):
                 raise ValueError(f"cms_decay[{level}]={decay!r} is not allowed: it must be in [0, 1]")

@@ -141,6 +141,7 @@ class HopeModel(HopePreTrainedModel):
     """Embeddings, blocks and the final norm; returns the last hidden states (B, T, D)."""
 
     def __init__(self, config: HopeConfig):
+        config._validate()  # again: a field set as an attribute after HopeConfig() was not checked there
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(HopeBlock(config) for _ in range(config.num_hidden_layers))
@@ -202,6 +203,13 @@ class HopeModel(HopePreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if cache is not None and not isinstance(cache, HopeCache):
             raise TypeError(f"cache must be a HopeCache, got {type(cache).__name__}")
+        if cache is not None and len(cache) != self.config.num_hidden_layers:
+            raise ValueError(f"the cache holds {len(cache)} layers but the model has num_hidden_layers="
+                             f"{self.config.num_hidden_layers}: create it as HopeCache({self.config.num_hidden_layers})")
+        cached_batch = None if cache is None else cache.batch_size()
+        if cached_batch is not None and cached_batch != B:
+            raise ValueError(f"the cache holds {cached_batch} sequences but the input has batch {B}: a cache continues "
+                             "the same sequences (reorder_cache / batch_repeat_interleave change its rows)")
         # A cache the caller passes in is always continued; use_cache only decides whether to create one.
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if use_cache and cache is None and not checkpointing:

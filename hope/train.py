@@ -142,8 +142,15 @@ def load_model(args: HopeTrainArguments, tokenizer):
     from hope import HopeConfig, HopeForCausalLM
 
     overrides = parse_overrides(args.config_overrides)
+    # PretrainedConfig keeps an unknown keyword as an attribute: a misspelt field would change nothing, silently.
+    unknown = sorted(set(overrides) - set(HopeConfig().to_dict()))
+    if unknown:
+        raise UsageError(f"--config_overrides: {', '.join(unknown)} is not a HopeConfig field (README, Configuration)")
     if is_checkpoint(args.model):
-        config = HopeConfig.from_pretrained(args.model, **overrides)
+        try:
+            config = HopeConfig.from_pretrained(args.model, **overrides)
+        except ValueError as error:
+            raise UsageError(f"--config_overrides for checkpoint {args.model}: {error}") from None
         source = f"checkpoint {args.model}"
     elif Path(args.model).exists():
         raise UsageError(f"--model {args.model!r} is a path without a config.json: not a checkpoint")

@@ -10,7 +10,7 @@ from torch import Tensor
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim, computed in fp32."""
+    """RMSNorm over the last dim, computed in fp32 (fp64 for fp64 inputs, as every op's compute dtype)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -18,9 +18,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xc = x.to(dtype)
+        xc = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xc * self.weight.to(dtype)).to(x.dtype)
 
 
 def _depthwise(window: Tensor, weight: Tensor) -> Tensor:

@@ -197,3 +197,52 @@ def test_attention_and_cms_switch_fields():
 
 def test_a_malformed_cms_chunk_size_is_named_not_a_type_error():
     _raises(["cms_chunk_sizes[1]", "'slow'", "positive"], cms_chunk_sizes=[16, "slow", None])
+
+
+@pytest.mark.parametrize("field,bad,words", [
+    ("eta_max", math.inf, ["eta_max=inf", "finite"]),
+    ("memory_depth", 2.0, ["memory_depth=2.0", "choose 1"]),
+    ("cms_decay", True, ["cms_decay[0]=True", "[0, 1]"]),
+    ("tie_word_embeddings", "no", ["tie_word_embeddings='no'", "True or False"]),
+    ("adaptive", "kv", ["adaptive='kv'", "list of names"]),
+    ("adaptive", None, ["adaptive=None", "list of names"]),
+    ("cms_chunk_sizes", 16, ["cms_chunk_sizes=16", "list of chunk sizes"]),
+    ("cms_chunk_sizes", None, ["cms_chunk_sizes=None", "list of chunk sizes"]),
+])
+def test_values_of_the_wrong_kind_are_named(field, bad, words):
+    """A string where a list is due (list() would split it into letters), a bool or float where an int or a number
+    is due (True == 1, 2.0 == 2), an infinite eta_max: each a ValueError naming the field, not a TypeError later."""
+    _raises(words, **{field: bad})
+
+
+def test_the_attention_mixer_needs_an_even_head_dim():
+    """RoPE rotates pairs of dimensions; the Titans mixer takes any head dim."""
+    _raises(["head dim 9", "even"], hidden_size=36, num_heads=4, mixer="attention")
+    assert HopeConfig(hidden_size=36, num_heads=4).head_dim == 9
+
+
+def test_from_pretrained_overrides_are_validated_and_broadcast(tmp_path):
+    """Overrides of saved fields go through __init__ like the saved values (PretrainedConfig would set them as
+    attributes after it): a scalar per-level setting is broadcast, a bad value names its field, and a keyword that
+    is no field is still returned as unused."""
+    HopeConfig(hidden_size=32, num_heads=2, cms_chunk_sizes=[4, None]).save_pretrained(tmp_path)
+    config = HopeConfig.from_pretrained(tmp_path, cms_eta_max=0.25, cms_decay=0.0, chunk_size=8)
+    assert (config.cms_eta_max, config.cms_decay, config.chunk_size) == ([0.25, 0.25], [0.0, 0.0], 8)
+    for bad, words in ((dict(memory_depth=7), ["memory_depth=7"]), (dict(chunk_size=0), ["chunk_size=0"]),
+                       (dict(kernel_backend="bogus"), ["kernel_backend='bogus'"])):
+        with pytest.raises(ValueError, match=".*".join(map(re.escape, words))):
+            HopeConfig.from_pretrained(tmp_path, **bad)
+    config, unused = AutoConfig.from_pretrained(tmp_path, return_unused_kwargs=True, chunk_sz=8)
+    assert unused == {"chunk_sz": 8} and config.chunk_size == 64
+
+
+def test_a_field_set_after_construction_is_checked_when_the_model_is_built():
+    from hope import HopeForCausalLM
+
+    config = HopeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_heads=2, cms_chunk_sizes=[4, None])
+    config.cms_eta_max = 0.25  # not broadcast: __init__ did that
+    with pytest.raises(ValueError, match=r"cms_eta_max=0\.25.*must be a list"):
+        HopeForCausalLM(config)
+    config.cms_eta_max, config.chunk_size = [0.25, 0.25], 0
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        HopeForCausalLM(config)

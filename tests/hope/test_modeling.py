@@ -422,3 +422,31 @@ def test_a_passed_cache_is_continued_even_with_use_cache_false():
         rest = model(ids[:, 6:], cache=cache, use_cache=False).logits
     assert cache.seen_tokens == 11
     assert max_diff(rest, reference[:, 6:]) < 1e-10
+
+
+def test_a_cache_of_another_model_or_batch_is_named():
+    """A cache continues the same layers and the same sequences: a mismatch is a ValueError saying which."""
+    model = tiny_model(tiny_config())
+    ids = random_ids(2, 5)
+    with pytest.raises(ValueError, match=rf"holds 1 layers but the model has num_hidden_layers="
+                                         rf"{model.config.num_hidden_layers}"):
+        model(ids, cache=HopeCache(1))
+    cache = cache_of(model(ids))
+    with pytest.raises(ValueError, match="holds 2 sequences but the input has batch 3"):
+        model(random_ids(3, 1), cache=cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rms_norm_computes_in_at_least_fp32(dtype):
+    """fp64 stays fp64 (so that fp64 checks of the whole model are exact), 16-bit inputs are normalised in fp32."""
+    from hope.layers.common import RMSNorm
+
+    norm = RMSNorm(8).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 8))
+    x = torch.randn(3, 8, dtype=torch.float64).to(dtype)
+    exact = x.double() / x.double().pow(2).mean(-1, keepdim=True).add(norm.eps).sqrt() * norm.weight.double()
+    out = norm(x)
+    assert out.dtype == dtype
+    tol = {torch.float64: 1e-15, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    assert (out.double() - exact).abs().max() <= tol * exact.abs().max()

@@ -131,7 +131,7 @@ def test_interrupted_run_resumes_without_losing_steps(tmp_path, corpus):
 
 @pytest.mark.parametrize("case", ["missing", "empty", "blank", "blank_document", "binary", "no_blocks", "zero_length",
                                   "threads",
-                                  "column", "vocab", "seq_len", "preset", "streaming", "resume"])
+                                  "column", "vocab", "seq_len", "override_name", "preset", "streaming", "resume"])
 def test_clear_errors(tmp_path, corpus, capsys, case):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "blank.txt").write_text("  \n\n\t \n")
@@ -149,6 +149,7 @@ def test_clear_errors(tmp_path, corpus, capsys, case):
         "column": (corpus, ("--text_column", "body"), "no column 'body'"),
         "vocab": (corpus, ("--config_overrides", TINY + ",vocab_size=100"), "tokenizer has 384 tokens"),
         "seq_len": (corpus, ("--config_overrides", TINY + ",max_position_embeddings=16"), "max_position_embeddings 16"),
+        "override_name": (corpus, ("--config_overrides", TINY + ",chunk_sz=8"), "chunk_sz is not a HopeConfig field"),
         "preset": (corpus, ("--model", "hope-9b"), "unknown preset"),
         "streaming": (corpus, ("--streaming", "--max_steps", "-1"), "--streaming needs --max_steps"),
         "resume": (corpus, ("--resume_from_checkpoint", "last"), "no checkpoint-N folder"),
