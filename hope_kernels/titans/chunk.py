@@ -562,15 +562,21 @@ def _main_state_bwd_kernel(
 
 
 @device_fn
-def _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC: tl.constexpr):
+def _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC: tl.constexpr, ONE_DOT: tl.constexpr = False):
     """Gradients through A[t,j] = eps eta_t exp(lg_{t-1} - lg_j) k_j.k_t (j < t) given dA (already strictly lower):
-    returns dk, deta, dlg, dla. lg_{t-1} = lg_t - la_t routes the row terms to lg_t and (minus) la_t."""
+    returns dk, deta, dlg, dla. lg_{t-1} = lg_t - la_t routes the row terms to lg_t and (minus) la_t. dk = dKK k +
+    dKKᵀ k is one product of dKK + dKKᵀ with ONE_DOT (B3': as a pair the first product's result feeds the second,
+    which gives it the chained dots' wider layout and spilled there), else two (B4 and the deep backward compile
+    better with the pair)."""
     lgb = lg - la
     before = offs_c[None, :] < offs_c[:, None]
     F_ = tl.where(before, eps * tl.exp(tl.where(before, lgb[:, None] - lg[None, :], 0.0)), 0.0)
     kk = tl.dot(k, tl.trans(k), input_precision=PREC)
     dKK = eta[:, None] * F_ * dA
-    dk = tl.dot(dKK, k, input_precision=PREC) + tl.dot(tl.trans(dKK), k, input_precision=PREC)
+    if ONE_DOT:
+        dk = tl.dot(dKK + tl.trans(dKK), k, input_precision=PREC)
+    else:
+        dk = tl.dot(dKK, k, input_precision=PREC) + tl.dot(tl.trans(dKK), k, input_precision=PREC)
     deta = tl.sum(dA * F_ * kk, 1)
     GA = dKK * kk  # = dA ⊙ A
     row = tl.sum(GA, 1)
@@ -596,51 +602,57 @@ def _main_chunk_bwd_kernel(
     mt = offs_c < L
     m2 = mt[:, None] & md[None, :]
     row = bh * T + start + offs_c
-    tok = (b * T + start + offs_c) * H + h
-    q = tl.load(q_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
-    lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
-    gamma = tl.where(mt, tl.exp(lg), 0.0)
+    # 64-bit bases of the segment's tiles, 32-bit offsets within them: (BH, T, d) buffers, (B, T, H, d) q and dO
+    base = (bh * T + start) * d
+    qbase = ((b * T + start) * H + h) * d
+    z_n = z_ptr + bh * z_bh + n * z_slot
+    dwe_n = dwbuf_ptr + (bh * NSEG + n) * d * d
 
-    dq_state = q * 0.0  # Σ_tiles dO W_n (before the gamma_t weight)
+    dq_state = tl.zeros([BC, D], dtype=tl.float32)  # Σ_tiles dO W_n (before the gamma_t weight)
     dS = tl.zeros([BC, BC], dtype=tl.float32)  # [t, j] = dO_t . v_new_j
-    dKt = q * 0.0
-    dwp = q * 0.0
-    dgamma_end = tl.sum(lg * 0.0, 0)
+    dKt = tl.zeros([BC, D], dtype=tl.float32)
+    dwp = tl.zeros([BC, D], dtype=tl.float32)
+    dgamma_end = 0.0
     for iv in range(0, tl.cdiv(d, BV)):
         rows = iv * BV + tl.arange(0, BV)
         mr = rows < d
         vm = mt[:, None] & mr[None, :]
         wm = mr[:, None] & md[None, :]
         woff = rows[:, None] * d + offs_d[None, :]
-        Wn = tl.load(z_ptr + bh * z_bh + n * z_slot + woff, mask=wm, other=0.0)
-        dWe = tl.load(dwbuf_ptr + (bh * NSEG + n) * d * d + woff, mask=wm, other=0.0)
-        vn = tl.load(vn_ptr + row[:, None] * d + rows[None, :], mask=vm, other=0.0)
-        dvt = tl.load(dv_ptr + row[:, None] * d + rows[None, :], mask=vm, other=0.0)
-        do = tl.load(do_ptr + tok[:, None] * d + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+        Wn = tl.load(z_n + woff, mask=wm, other=0.0)
+        dWe = tl.load(dwe_n + woff, mask=wm, other=0.0)
+        vn = tl.load(vn_ptr + base + (offs_c[:, None] * d + rows[None, :]), mask=vm, other=0.0)
+        dvt = tl.load(dv_ptr + base + (offs_c[:, None] * d + rows[None, :]), mask=vm, other=0.0)
+        do = tl.load(do_ptr + qbase + (offs_c[:, None] * (H * d) + rows[None, :]), mask=vm, other=0.0).to(tl.float32)
         dq_state += mm(do, Wn, PREC, LOWP)
         dS += mm(do, tl.trans(vn), PREC, LOWP)
         dKt += mm(vn, dWe, PREC, LOWP)
         dgamma_end += tl.sum(tl.sum(Wn * dWe, 1), 0)
         dwp -= mm(dvt, Wn, PREC, LOWP)
-    out = row[:, None] * d + offs_d[None, :]
-    tl.store(dwp_ptr + out, dwp, mask=m2)
-    dlg = gamma * tl.sum(dq_state * q, 1)
-    dq_state = gamma[:, None] * dq_state + resid * tl.load(do_ptr + tok[:, None] * d + offs_d[None, :], mask=m2,
-                                                           other=0.0).to(tl.float32)
-    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    out = offs_c[:, None] * d + offs_d[None, :]
+    qout = offs_c[:, None] * (H * d) + offs_d[None, :]
+    tl.store(dwp_ptr + base + out, dwp, mask=m2)
+    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
+    lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
+    k = tl.load(k_ptr + base + out, mask=m2, other=0.0)
+    # W's update, Σ_j (gamma_L / gamma_j) n_j k_jᵀ: its k part kappa dKt and lg part c, formed first so that dKt dies
+    kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
+    c = kappa * tl.sum(k * dKt, 1)
+    dk = kappa[:, None] * dKt
     causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]
     decay = tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
     dSd = dS * decay  # the gradient of (Q Kᵀ)[t, j]
+    q = tl.load(q_ptr + qbase + qout, mask=m2, other=0.0).to(tl.float32)
+    gamma = tl.where(mt, tl.exp(lg), 0.0)
+    dlg = gamma * tl.sum(dq_state * q, 1)
+    dq_state = gamma[:, None] * dq_state + resid * tl.load(do_ptr + qbase + qout, mask=m2, other=0.0).to(tl.float32)
     dq = dq_state + mm(dSd, k, PREC, LOWP)
-    tl.store(dq_ptr + tok[:, None] * d + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=m2)
+    tl.store(dq_ptr + qbase + qout, dq.to(dq_ptr.dtype.element_ty), mask=m2)
     gd = dSd * mm(q, tl.trans(k), PREC, LOWP)
-    kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
-    c = kappa * tl.sum(k * dKt, 1)
     dlg += tl.sum(gd, 1) - tl.sum(gd, 0) - c
     dlg += tl.where(offs_c == L - 1, tl.sum(c, 0) + tl.exp(lg_end) * dgamma_end, 0.0)
     tl.store(dlg_ptr + row, dlg, mask=mt)
-    tl.store(dk_ptr + out, mm(tl.trans(dSd), q, PREC, LOWP) + kappa[:, None] * dKt, mask=m2)
+    tl.store(dk_ptr + base + out, mm(tl.trans(dSd), q, PREC, LOWP) + dk, mask=m2)
 
 
 @triton.jit
@@ -663,36 +675,38 @@ def _main_wy_bwd_kernel(
     mt = offs_c < L
     m2 = mt[:, None] & md[None, :]
     row = bh * T + start + offs_c
-    out = row[:, None] * d + offs_d[None, :]
-    Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
-    dwp = _load_tokens(dwp_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
-    dup = _load_tokens(dv_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
-    M = tl.dot(dwp, tl.trans(_load_tokens(wp_ptr, bh, T, start, offs_c, mt, offs_d, md, d)), input_precision=PREC)
-    M += tl.dot(dup, tl.trans(_load_tokens(up_ptr, bh, T, start, offs_c, mt, offs_d, md, d)), input_precision=PREC)
-    dYw = tl.dot(tl.trans(Tm), dwp, input_precision=PREC)
-    dYu = tl.dot(tl.trans(Tm), dup, input_precision=PREC)
+    # the segment's (BC, D) tiles of the (BH, T, d) buffers: a 64-bit base, 32-bit offsets within the tile
+    base = (bh * T + start) * d
+    out = offs_c[:, None] * d + offs_d[None, :]
+    # first through T = (I + A)^-1, while no other tile is live: dA = -Tᵀ Σ dX Xᵀ over the products X = T Y
+    # (w', u'); the operands stay in shared memory for dY = Tᵀ dX below
+    Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + (offs_c[:, None] * BC + offs_c[None, :]))
+    dwp = tl.load(dwp_ptr + base + out, mask=m2, other=0.0)
+    dup = tl.load(dv_ptr + base + out, mask=m2, other=0.0)
+    M = tl.dot(dwp, tl.trans(tl.load(wp_ptr + base + out, mask=m2, other=0.0)), input_precision=PREC)
+    M += tl.dot(dup, tl.trans(tl.load(up_ptr + base + out, mask=m2, other=0.0)), input_precision=PREC)
     before = offs_c[None, :] < offs_c[:, None]
     dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
-    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    k = tl.load(k_ptr + base + out, mask=m2, other=0.0)
     eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
     lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
     lgb = _lg_before(lg_ptr, bh, T, start, offs_c, mt)
-    dk_a, deta, dlg, dla = _tri_chain(dA, k, eta, lg, lg - lgb, eps, offs_c, PREC)
+    dk_a, deta, dlg, dla = _tri_chain(dA, k, eta, lg, lg - lgb, eps, offs_c, PREC, True)
+    dYw = tl.dot(tl.trans(Tm), dwp, input_precision=PREC)
     # Kd = diag(eps eta_t gamma_{t-1}) K
     kd_scale = eps * eta * tl.exp(lgb)
-    dk = tl.load(dk_ptr + out, mask=m2, other=0.0) + dk_a + kd_scale[:, None] * dYw
+    dk = tl.load(dk_ptr + base + out, mask=m2, other=0.0) + dk_a + kd_scale[:, None] * dYw
     dks = tl.sum(dYw * k, 1)
     deta += eps * tl.exp(lgb) * dks
     dlg += dks * kd_scale + tl.load(dlg_ptr + row, mask=mt, other=0.0)
     dla -= dks * kd_scale
-    v = _load_tokens(v_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
-    V0, P = _main_writes(k, v, eta, resid, OBJ_L2, VALUE)
+    dYu = tl.dot(tl.trans(Tm), dup, input_precision=PREC)
+    v = tl.load(v_ptr + base + out, mask=m2, other=0.0)
     if n == 0:
         boff = offs_d[:, None] * d + offs_d[None, :]
         bm = md[:, None] & md[None, :]
         Wc = tl.load(wc_ptr + bh * wc_bh + boff, mask=bm, other=0.0)
         dP = mm(dYu, Wc, PREC, LOWP)
-        tl.store(dwc_ptr + bh * d * d + boff, mm(tl.trans(dYu), P, PREC, LOWP), mask=bm)
     else:
         dP = -dYw
     dV0 = dYu
@@ -716,11 +730,15 @@ def _main_wy_bwd_kernel(
         if OBJ_L2:
             dk += dU
         dv -= dU
-    tl.store(dk_ptr + out, dk, mask=m2)
-    tl.store(dvx_ptr + out, dv, mask=m2)
+    tl.store(dk_ptr + base + out, dk, mask=m2)
+    tl.store(dvx_ptr + base + out, dv, mask=m2)
     tl.store(deta_ptr + row, deta, mask=mt)
     tl.store(dlg_ptr + row, dlg, mask=mt)
     tl.store(dla_ptr + row, dla, mask=mt)
+    if n == 0:  # dW_c = dY_uᵀ P once the other tiles are stored (P's eta read again, not kept live)
+        _, P = _main_writes(k, v, tl.load(eta_ptr + row, mask=mt, other=0.0), resid, OBJ_L2, VALUE)
+        boff = offs_d[:, None] * d + offs_d[None, :]
+        tl.store(dwc_ptr + bh * d * d + boff, mm(tl.trans(dYu), P, PREC, LOWP), mask=md[:, None] & md[None, :])
 
 
 @triton.jit
@@ -747,35 +765,38 @@ def _main_anchor_bwd_kernel(
     mt = offs_c < L
     m2 = mt[:, None] & md[None, :]
     row = bh * T + start + offs_c
-    out = row[:, None] * d + offs_d[None, :]
-    tok = ((b * T + start + offs_c) * H + h)[:, None] * d + offs_d[None, :]
+    # 64-bit bases of the segment's tiles, 32-bit offsets within them: (BH, T, d) buffers, (B, T, H, d) q, dO, dq
+    base = (bh * T + start) * d
+    out = offs_c[:, None] * d + offs_d[None, :]
+    qbase = ((b * T + start) * H + h) * d
+    tok = offs_c[:, None] * (H * d) + offs_d[None, :]
     boff = offs_d[:, None] * d + offs_d[None, :]
     bm = md[:, None] & md[None, :]
     lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
     lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
     gamma = tl.where(mt, tl.exp(lg), 0.0)
-    q = tl.load(q_ptr + tok, mask=m2, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + tok, mask=m2, other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + qbase + tok, mask=m2, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + qbase + tok, mask=m2, other=0.0).to(tl.float32)
     Wa = tl.load(anc_ptr + h * anc_h + boff, mask=bm, other=0.0)
     slot = dwbuf_ptr + (bh * NSEG + n) * d * d + boff
     dWe = tl.load(slot, mask=bm, other=0.0)
     # the reads r q_t + W_A q_t + gamma_t (W_0 - W_A) q_t and the end state W_A + gamma_L (W_0 - W_A) + ...
     doWa = mm(do, Wa, PREC, LOWP)
-    dq = tl.load(dq32_ptr + tok, mask=m2, other=0.0) + (1.0 - gamma)[:, None] * doWa
-    tl.store(dq_ptr + tok, dq.to(dq_ptr.dtype.element_ty), mask=m2)
+    dq = tl.load(dq32_ptr + qbase + tok, mask=m2, other=0.0) + (1.0 - gamma)[:, None] * doWa
+    tl.store(dq_ptr + qbase + tok, dq.to(dq_ptr.dtype.element_ty), mask=m2)
     dlg = -gamma * tl.sum(doWa * q, 1)
     dlg -= tl.where(offs_c == L - 1, tl.exp(lg_end) * tl.sum(tl.sum(Wa * dWe, 1), 0), 0.0)
     dWa = (1.0 - tl.exp(lg_end)) * dWe + mm(tl.trans((1.0 - gamma)[:, None] * do), q, PREC, LOWP)
     # u' -= T Ka W_Aᵀ, Ka = diag(eps eta_t - kd_t) K, kd_t = eps eta_t gamma_{t-1}
-    Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
-    dYu = tl.dot(tl.trans(Tm), tl.load(dv_ptr + out, mask=m2, other=0.0), input_precision=PREC)
-    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
+    Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + (offs_c[:, None] * BC + offs_c[None, :]))
+    dYu = tl.dot(tl.trans(Tm), tl.load(dv_ptr + base + out, mask=m2, other=0.0), input_precision=PREC)
+    k = tl.load(k_ptr + base + out, mask=m2, other=0.0)
     eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
     kd = eps * eta * tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt))
     ka = eps * eta - kd
     dKa = -mm(dYu, Wa, PREC, LOWP)
     dkas = tl.sum(dKa * k, 1)
-    tl.store(dk_ptr + out, tl.load(dk_ptr + out, mask=m2, other=0.0) + ka[:, None] * dKa, mask=m2)
+    tl.store(dk_ptr + base + out, tl.load(dk_ptr + base + out, mask=m2, other=0.0) + ka[:, None] * dKa, mask=m2)
     deta = eps * (1.0 - tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt))) * dkas
     tl.store(deta_ptr + row, tl.load(deta_ptr + row, mask=mt, other=0.0) + deta, mask=mt)
     tl.store(dlg_ptr + row, tl.load(dlg_ptr + row, mask=mt, other=0.0) + dlg - dkas * kd, mask=mt)
