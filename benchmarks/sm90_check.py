@@ -9,6 +9,7 @@ goes to benchmarks/results/sm90_check.md and .json.
 
     python -m benchmarks.sm90_check                       # every kernel, d = 64 and 128, fp32 and bf16
     python -m benchmarks.sm90_check --d 16 --dtype fp32 --kernels _main_state_fwd_kernel --out /tmp/x   # one
+    python -m benchmarks.sm90_check --kernels _gen_fwd_kernel --update   # recompile these rows of the committed table
 
 Goal (issue #11): no spills and shared memory <= 227 KB (the H200's per-block limit) at d = 64 and 128.
 """
@@ -187,12 +188,27 @@ def write_table(rows: list, out: Path) -> None:
     (out / "sm90_check.md").write_text("\n".join(lines) + "\n")
 
 
+def _merged(previous: list, rows: list) -> list:
+    """The rows of `previous` with those of `rows` in their place (same kernel, d, dtype), new ones at the end."""
+    def key(row: dict) -> tuple:
+        return row["kernel"], row["d"], row["dtype"]
+
+    fresh = {key(row): row for row in rows}
+    if len(fresh) != len(rows):
+        raise RuntimeError("two compiled rows share a kernel, d and dtype: --update cannot tell them apart")
+    kept = [fresh.pop(key(row), row) for row in previous]
+    return kept + list(fresh.values())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--d", type=int, nargs="+", default=[64, 128], help="head dims (default: 64 128)")
     parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--kernels", nargs="*", help="only these kernel names (default: every kernel)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of sm90_check.md / .json")
+    parser.add_argument("--update", action="store_true",
+                        help="recompile only the selected rows of the table already in --out and keep the others "
+                             "(rows are matched by kernel, d and dtype)")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
@@ -207,10 +223,11 @@ def main(argv=None) -> int:
                 if key not in seen:  # the deep op launches the generating scan again with the same constexprs
                     seen.add(key)
                     jobs.append((d, dtype, kernel, grid, a, kw))
+    previous = json.loads((args.out / "sm90_check.json").read_text())["rows"] if args.update else []
     rows = []
     for d, dtype, kernel, grid, a, kw in tqdm(jobs, desc="sm_90a compile", unit="kernel"):
         rows.append(dict(d=d, dtype=dtype, **compile_launch(kernel, grid, a, kw)))
-        write_table(rows, args.out)  # after every kernel: an interrupted run keeps what it compiled
+        write_table(_merged(previous, rows), args.out)  # after every kernel: an interrupted run keeps what it compiled
     print((args.out / "sm90_check.md").read_text())
     return 0
 

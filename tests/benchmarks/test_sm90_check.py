@@ -30,3 +30,29 @@ def test_one_kernel_compiles_for_sm90(tmp_path) -> None:
     assert row["registers"] > 0 and row["shared_bytes"] > 0 and row["wgmma"]
     assert row["grid"] == [8 * 16, 1] and row["programs"] == 128  # B x H programs, one BV tile at d = 16
     assert "| `_main_state_fwd_kernel` | linear | 16 | fp32 |" in (tmp_path / "sm90_check.md").read_text()
+
+
+def test_update_replaces_only_the_recompiled_rows(tmp_path) -> None:
+    """--update keeps the table's other rows and puts a recompiled row where it was."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    table = tmp_path / "sm90_check.json"
+
+    def run(kernel: str, *extra: str) -> list:
+        cmd = [sys.executable, "-m", "benchmarks.sm90_check", "--d", "16", "--dtype", "fp32", "--kernels", kernel,
+               "--out", str(tmp_path), *extra]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(table.read_text())["rows"]
+
+    run("_main_state_fwd_kernel")
+    rows = run("_main_out_fwd_kernel", "--update")
+    assert [r["kernel"] for r in rows] == ["_main_state_fwd_kernel", "_main_out_fwd_kernel"]
+    first = rows[0]
+    doctored = json.loads(table.read_text())
+    doctored["rows"][0]["registers"] = -1  # a stale figure that the update must replace
+    table.write_text(json.dumps(doctored))
+    rows = run("_main_state_fwd_kernel", "--update")
+    assert [r["kernel"] for r in rows] == ["_main_state_fwd_kernel", "_main_out_fwd_kernel"]
+    assert rows[0]["registers"] == first["registers"] > 0
+    assert "Met by" in (tmp_path / "sm90_check.md").read_text()
