@@ -111,9 +111,11 @@ def unit_lower_inverse(A, scratch, offs_c, BC: tl.constexpr, PREC: tl.constexpr)
     """T = (I + A)^-1 for A (BC, BC) strictly lower triangular, in fp32.
 
     The 16 x 16 diagonal blocks are inverted by forward substitution (all blocks at once, one row per step), then
-    merged: with D = (I + A_diag)^-1 and N = D A_off (strictly block-lower, N^(BC/16) = 0),
-    (I + A)^-1 = (I + N)^-1 D = D - N (D - N (D - ...)). `scratch` is a (BC, BC) fp32 buffer of this program; it
-    holds T on return. Every step is exact algebra (no Neumann series of A itself, whose terms grow binomially).
+    merged: with D = (I + A_diag)^-1 and M = A_off D (strictly block-lower, M^(BC/16) = 0), I + A = (I + M)(I + A_diag)
+    and (I + A)^-1 = D (I + M)^-1 = D - (D - (D - ...) M) M: every step multiplies by the same M (one shared-memory
+    operand for the compiler to address, not one per step) and adds D in the product's accumulator. `scratch` is a
+    (BC, BC) fp32 buffer of this program; it holds T on return. Every step is exact algebra (no Neumann series of A
+    itself, whose terms grow binomially).
     """
     NB: tl.constexpr = BC // 16
     full = offs_c[:, None] * BC + offs_c[None, :]
@@ -138,10 +140,10 @@ def unit_lower_inverse(A, scratch, offs_c, BC: tl.constexpr, PREC: tl.constexpr)
     else:
         same = (offs_c[:, None] // 16) == (offs_c[None, :] // 16)
         Dm = tl.load(scratch + full, mask=same, other=0.0)
-        Nm = tl.dot(Dm, tl.where(same, 0.0, A), input_precision=PREC)
+        Mm = tl.dot(tl.load(scratch + full, mask=~same, other=0.0), Dm, input_precision=PREC)  # A_off: left in scratch
         Tm = Dm
         for _ in tl.static_range(NB - 1):
-            Tm = Dm - tl.dot(Nm, Tm, input_precision=PREC)
+            Tm = tl.dot(-Tm, Mm, acc=Dm, input_precision=PREC)
         tl.debug_barrier()
         tl.store(scratch + full, Tm)
     return Tm

@@ -124,12 +124,15 @@ def _gc_slot(n, C, CA, pos, shift, T):
 def _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d, md, PREC: tl.constexpr,
                LOWP: tl.constexpr, VNORM: tl.constexpr):
     """k, v, eta, log alpha of a segment's tokens from the chunk-start generating memories gc (Eq. 90, residual;
-    v l2-normalised with `memory_value_norm`), and the norms of the unnormalised k and v (for the backward)."""
+    v l2-normalised with `memory_value_norm`), and the norms of the unnormalised k and v (for the backward). The
+    residual's identity is added after the product, a (W + r I)ᵀ = a Wᵀ + r a: no (D, D) identity tile, which the
+    compiler would keep live across the scan's segments."""
     boff = offs_d[:, None] * d + offs_d[None, :]
     bm = md[:, None] & md[None, :]
-    eye = tl.where(bm & (offs_d[:, None] == offs_d[None, :]), resid, 0.0)
-    k_raw = mm(a, tl.trans(tl.load(gc + boff, mask=bm, other=0.0) + eye), PREC, LOWP)
-    v = mm(a, tl.trans(tl.load(gc + d * d + boff, mask=bm, other=0.0) + eye), PREC, LOWP)
+    k_raw = mm(a, tl.trans(tl.load(gc + boff, mask=bm, other=0.0)), PREC, LOWP)
+    v = mm(a, tl.trans(tl.load(gc + d * d + boff, mask=bm, other=0.0)), PREC, LOWP)
+    k_raw += resid * a  # after both products: the two (BC, D) accumulators are not live together with the adds
+    v += resid * a
     nrm = tl.sqrt(tl.sum(k_raw * k_raw, 1))
     k = k_raw / tl.maximum(nrm, 1e-12)[:, None]
     vnrm = tl.sqrt(tl.sum(v * v, 1))
@@ -156,53 +159,52 @@ def _delta_coefficients(k, eta, la, eps, offs_c, PREC: tl.constexpr):
 
 
 @device_fn
-def _gen_tile_fwd(gc, g0, g1, anc, rloc, mr, learn, er, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm_ptr, bh, T, start, lg_end,
-                  eps, offs_c, mt, offs_d, md, opq, BC: tl.constexpr, OBJ_L2: tl.constexpr, ANCHOR: tl.constexpr,
+def _gen_tile_fwd(gc, g0, g1, anc, rloc, mr, learn, er, d, k_ptr, v_ptr, eta_ptr, lg_ptr, kt_ptr, bh, T, start, lg_end,
+                  eps, offs_c, mt, offs_d, md, opq, D: tl.constexpr, OBJ_L2: tl.constexpr, ANCHOR: tl.constexpr,
                   PREC: tl.constexpr, LOWP: tl.constexpr):
-    """One row tile of G through a segment: Y = Wr - diag(kd) K X_0ᵀ [- diag(ka) K X_Aᵀ] with the writes
-    Wr = -eta U (E + X_c)ᵀ = EU (E + X_c)ᵀ, N = T Y (= T Wr - (T Kd) X_0ᵀ - (T Ka) X_Aᵀ),
-    X_end = gamma_L X_0 [+ (1 - gamma_L) X_A] + (diag(kappa) N)ᵀ K (rows that do not learn keep X_0; the bracketed
-    terms are the retention anchor X_A of memory_retention="init"). k, v, eta, lg and T are read back per tile from
-    the buffers the scan stored them in, and the row scalings applied per tile, so that nothing of the segment's
-    reads stays live across the tiles (see `_gen_fwd_kernel`). gc, g0, g1, anc point at
-    the tile's block in the chunk-start, segment-start, segment-end and anchor states; rloc (BR,) are the rows
-    within the block, er the identity weight of the block (resid for square blocks, 0 for w_eta, w_alpha); opq is
-    0, but the compiler cannot know it (it keeps the tile's address tiles inside the tile loop)."""
+    """One row tile of G through a segment, with the writes Wr = -eta U (E + X_c)ᵀ = EU (E + X_c)ᵀ,
+    Y = Wr - diag(kd) K X_0ᵀ [- diag(ka) K X_Aᵀ] and N = T Y (= T Wr - (T Kd) X_0ᵀ - (T Ka) X_Aᵀ):
+    X_end = gamma_L X_0 [+ (1 - gamma_L) X_A] + (diag(kappa) N)ᵀ K = gamma_L X_0 [+ (1 - gamma_L) X_A] + Yᵀ K~ with
+    K~ = Tᵀ diag(kappa) K, formed once per segment (`_gen_fwd_kernel`). So the tile forms Yᵀ (rows of the tile x
+    tokens) and Yᵀ K~, two chained products as in attention, the row scalings folded into the keys and the sum into
+    the accumulator (rows that do not learn keep X_0; the bracketed terms are the retention anchor X_A of
+    memory_retention="init"). k, v, eta, lg and K~ are read back per tile from the buffers the scan stored them in,
+    so that nothing of the segment's reads stays live across the tiles (see `_gen_fwd_kernel`). gc, g0, g1, anc
+    point at the tile's block in the chunk-start, segment-start, segment-end and anchor states; rloc (BR,) are the
+    rows within the block, er the identity weight of the block (resid for square blocks, 0 for w_eta, w_alpha); opq
+    is 0, but the compiler cannot know it (it keeps the tile's address tiles inside the tile loop)."""
     row = bh * T + start + opq + offs_c
     m2 = mt[:, None] & md[None, :]
+    Kt = tl.load(kt_ptr + (offs_c[:, None] + opq) * D + offs_d[None, :])
     k = tl.load(k_ptr + row[:, None] * d + offs_d[None, :], mask=m2, other=0.0)
     v = tl.load(v_ptr + row[:, None] * d + offs_d[None, :], mask=m2, other=0.0)
     eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
-    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
     lg_prev = _lg_before(lg_ptr, bh, T, start + opq, offs_c, mt)
     if OBJ_L2:
         EU = -eta[:, None] * (k - v)
     else:
         EU = eta[:, None] * v
     kd_scale = eps * eta * tl.exp(lg_prev)
-    ka_scale = eps * eta - kd_scale  # Ka = diag(eps eta_t (1 - gamma_{t-1})) K: the anchor's part of the DGD term
-    kappa = tl.exp(lg_end - lg)
     gamma_end = tl.exp(lg_end)
-    Tm = tl.load(tm_ptr + (offs_c[:, None] + opq) * BC + offs_c[None, :])
     xoff = rloc[:, None] * d + offs_d[None, :]
     m = mr[:, None] & md[None, :]
     Xh = tl.load(gc + xoff, mask=m, other=0.0) + tl.where(m & (rloc[:, None] == offs_d[None, :]), er, 0.0)
     X0 = tl.load(g0 + xoff, mask=m, other=0.0)
-    Y = mm(EU, tl.trans(Xh), PREC, LOWP) - kd_scale[:, None] * tl.dot(k, tl.trans(X0), input_precision=PREC)
+    Yt = tl.dot(X0, tl.trans(-kd_scale[:, None] * k), acc=mm(Xh, tl.trans(EU), PREC, LOWP), input_precision=PREC)
     Xe = gamma_end * X0
     if ANCHOR:
+        # Ka = diag(eps eta_t (1 - gamma_{t-1})) K: the anchor's part of the DGD term
         XA = tl.load(anc + xoff, mask=m, other=0.0)
-        Y -= ka_scale[:, None] * tl.dot(k, tl.trans(XA), input_precision=PREC)
+        Yt = tl.dot(XA, tl.trans((kd_scale - eps * eta)[:, None] * k), acc=Yt, input_precision=PREC)
         Xe += (1.0 - gamma_end) * XA
-    N = tl.dot(Tm, Y, input_precision=PREC)
-    Xe += mm(tl.trans(kappa[:, None] * N), k, PREC, LOWP)
+    Xe = tl.dot(Yt, Kt, acc=Xe, input_precision=PREC)  # K~ holds T: fp32 (tf32), as every product with T
     tl.store(g1 + xoff, tl.where(learn[:, None], Xe, X0), mask=m)
 
 
 @triton.jit
 def _gen_fwd_kernel(
-    a_ptr, valid_ptr, gc_in_ptr, g_ptr, anc_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, nrm_ptr, tmat_ptr, b_eta_ptr,
-    b_alpha_ptr,
+    a_ptr, valid_ptr, gc_in_ptr, g_ptr, anc_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, nrm_ptr, tmat_ptr, kt_ptr,
+    b_eta_ptr, b_alpha_ptr,
     T, H, d, C, CA, pos, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot, anc_h,
     BC: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, OBJ_L2: tl.constexpr,
     AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr,
@@ -210,7 +212,8 @@ def _gen_fwd_kernel(
 ):
     """K1: serial scan of the generating memories over the segments of one (batch, head). Slot 0 of g holds the
     call's start state; slot n+1 receives the state after segment n. anc: the heads' retention anchors G_0
-    (ANCHOR), anc_h apart."""
+    (ANCHOR), anc_h apart. kt: this program's (BC, D) buffer of the segment's K~ = Tᵀ diag(kappa) K, read back by
+    the row tiles."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -222,7 +225,7 @@ def _gen_fwd_kernel(
     g_base = g_ptr + bh * g_bh
     anc = anc_ptr + h * anc_h
     r_sq = tl.arange(0, BR)
-    r_ea = tl.arange(0, 16)
+    kt = kt_ptr + bh * BC * D
     for n in range(0, NSEG):
         start, L = _segment(n, C, shift, T)
         mt = offs_c < L
@@ -243,37 +246,42 @@ def _gen_fwd_kernel(
 
         k, v, eta, la, knrm, vnrm = _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d, md, PREC, LOWP,
                                                VNORM)
-        A, lg, lg_end = _delta_coefficients(k, eta, la, eps, offs_c, PREC)
         row = (bh * T + tok)
         tl.store(k_ptr + row[:, None] * d + offs_d[None, :], k, mask=m2)
-        tl.store(v_ptr + row[:, None] * d + offs_d[None, :], v, mask=m2)
+        tl.store(v_ptr + row[:, None] * d + offs_d[None, :], v, mask=m2)  # v is not needed again in the scan
+        A, lg, lg_end = _delta_coefficients(k, eta, la, eps, offs_c, PREC)
         tl.store(eta_ptr + row, eta, mask=mt)
         tl.store(lg_ptr + row, lg, mask=mt)
         tl.store(nrm_ptr + 2 * row, knrm, mask=mt)
         tl.store(nrm_ptr + 2 * row + 1, vnrm, mask=mt)
         tm = tmat_ptr + (bh * NSEG + n) * BC * BC
-        unit_lower_inverse(A, tm, offs_c, BC, PREC)
-        tl.debug_barrier()  # the row tiles read back k, v, eta, lg and T, stored above by other threads
-        # One runtime loop over the square row tiles of W_k and W_v (rows of a block that does not learn are
-        # stored unchanged), not an unrolled one, reading the segment's k, v, eta, lg and T back per tile, with
-        # addresses that depend on the tile through `opq` (always 0: the grid is 1-D): otherwise the compiler
-        # interleaves the tiles or hoists their loop-invariant (BC, D) tiles out of the loop. Offline sm_90a compile
-        # (benchmarks/sm90_check.py): spill stores 3.1 -> 1.1 KB per thread at d = 64 fp32, 3.8 -> 0.7 KB bf16,
-        # 11.2 -> 6.6 KB and 9.5 -> 3.7 KB at d = 128.
+        Tm = unit_lower_inverse(A, tm, offs_c, BC, PREC)
+        # K~ = Tᵀ diag(kappa) K, kappa_t = gamma_L / gamma_t: the tiles' X_end = ... + Yᵀ K~ (`_gen_tile_fwd`)
+        Kt = tl.dot(tl.trans(Tm), tl.exp(lg_end - lg)[:, None] * k, input_precision=PREC)
+        tl.store(kt + offs_c[:, None] * D + offs_d[None, :], Kt)
+        tl.debug_barrier()  # the row tiles read back k, v, eta, lg and K~, stored above by other threads
+        # One runtime loop over the row tiles of W_k, W_v and, in a last tile of which two rows are used, w_eta and
+        # w_alpha (rows of a block that does not learn are stored unchanged), not an unrolled one, reading the
+        # segment's k, v, eta, lg and K~ back per tile, with addresses that depend on the tile through `opq` (always
+        # 0: the grid is 1-D): otherwise the compiler interleaves the tiles or hoists their loop-invariant (BC, D)
+        # tiles out of the loop. A single tile body also keeps one set of the tensor-core operand descriptors, which
+        # the compiler holds across the whole scan. Offline sm_90a compile (benchmarks/sm90_check.py), spill stores
+        # per thread: 3.1 -> 1.1 KB at d = 64 fp32 and 3.8 -> 0.7 KB bf16 (11.2 -> 6.6 KB and 9.5 -> 3.7 KB at
+        # d = 128) with this loop; then 1076 -> 40 B fp32 and 692 -> 84 B bf16 (6564 -> 2944 B and 3736 -> 3204 B)
+        # with K~, the w_eta / w_alpha rows in the loop, 32-row tiles, the identity-free reads stored before A is
+        # formed, and the inverse's fixed right operand (`unit_lower_inverse`).
         NRT: tl.constexpr = D // BR
-        for t in range(0, 2 * NRT):
+        for t in range(0, 2 * NRT + 1):
             blk = t // NRT
             opq = t * tl.program_id(1)
             rloc = (t % NRT) * BR + r_sq
-            mr = rloc < d
+            sq = blk < 2
+            mr = rloc < tl.where(sq, d, 2)
             learns = ((blk == 0) & AD_K) | ((blk == 1) & AD_V)
+            learn = mr & (learns | ((blk == 2) & (((rloc == 0) & AD_E) | ((rloc == 1) & AD_A))))
             _gen_tile_fwd(gc + blk * d * d, g0 + blk * d * d, g1 + blk * d * d, anc + blk * d * d, rloc, mr,
-                          mr & learns, resid, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm, bh, T, start, lg_end, eps,
-                          offs_c, mt, offs_d, md, opq, BC, OBJ_L2, ANCHOR, PREC, LOWP)
-        learn = ((r_ea == 0) & AD_E) | ((r_ea == 1) & AD_A)
-        _gen_tile_fwd(gc + 2 * d * d, g0 + 2 * d * d, g1 + 2 * d * d, anc + 2 * d * d, r_ea, r_ea < 2, learn, 0.0,
-                      d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm, bh, T, start, lg_end, eps, offs_c, mt, offs_d, md,
-                      2 * NRT * tl.program_id(1), BC, OBJ_L2, ANCHOR, PREC, LOWP)
+                          learn, tl.where(sq, resid, 0.0), d, k_ptr, v_ptr, eta_ptr, lg_ptr, kt, bh, T, start,
+                          lg_end, eps, offs_c, mt, offs_d, md, opq, D, OBJ_L2, ANCHOR, PREC, LOWP)
         tl.debug_barrier()  # the next segment reads the state (and maybe its chunk start) stored here
 
 
@@ -1094,7 +1102,8 @@ def _config(d: int, chunk_size: int, adaptive_chunk_size: Optional[int], positio
                 OBJ_L2=objective == "l2", VALUE=memory_target == "value", VNORM=ref["value_norm"],
                 ANCHOR=ref["anchored"], GUARD=ref["curvature_guard"],
                 ad=(bool(rows[d]), bool(rows[2 * d]), bool(rows[3 * d]), bool(rows[3 * d + 1])),
-                D=D, BC=BC, BR=min(D, 64), BW=min(D, 64))
+                # BR: K1's row tiles (`_gen_fwd_kernel`); BW: the column tiles of u' and w' (`_main_prep_kernel`)
+                D=D, BC=BC, BR=min(D, 32), BW=min(D, 64))
 
 
 def _anchor_arg(anchor: Optional[Tensor], fallback: Tensor) -> tuple[Tensor, int]:
@@ -1117,9 +1126,10 @@ def generating_forward(a: Tensor, valid: Optional[Tensor], gc_in: Tensor, g: Ten
     lg = torch.empty_like(eta)
     norms = torch.empty(B * H, T, 2, device=dev, dtype=f32)
     tmat = torch.empty(B * H, nseg, BC, BC, device=dev, dtype=f32)
+    kt = torch.empty(B * H, BC, cfg["D"], device=dev, dtype=f32)
     anc, anc_h = _anchor_arg(anchor, gc_in)
     launch(_gen_fwd_kernel, (B * H,),
-           a, valid if valid is not None else a, gc_in, g, anc, k, v, eta, lg, norms, tmat, b_eta, b_alpha,
+           a, valid if valid is not None else a, gc_in, g, anc, k, v, eta, lg, norms, tmat, kt, b_eta, b_alpha,
            T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg, cfg["eta_max"], cfg["eps"], cfg["resid"],
            gc_in.stride(0), g.stride(0), g.stride(1), anc_h,
            BC=BC, D=cfg["D"], BR=cfg["BR"], OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0], AD_V=cfg["ad"][1],
