@@ -93,9 +93,17 @@ def run(fn, inputs, mask, position, kw, dtype, grad, cots, device):
     return o, fin, grads
 
 
-def rel_err(x, y) -> float:
+# db_eta and db_alpha are per-head sums over every token of the call, and such a sum can cancel: at
+# HOPE_TEST_SEED=3722193816 the row-tile test's db_eta came to 7e-4 from per-token terms of about 0.1, where
+# fp32's absolute error of about 1e-6 is a relative error of 1e-3 whatever the kernel (the same on every kernel
+# version tried). Their errors are measured against at least this scale (an absolute 5e-6 at the 1e-4
+# tolerance); a wrong term in the sum moves it by far more. The deep memory's tests use the same.
+BIAS_SCALE = 0.05
+
+
+def rel_err(x, y, floor: float = 0.0) -> float:
     x, y = x.detach().to("cpu", F64), y.detach().to("cpu", F64)
-    return (x - y).norm().item() / max(y.norm().item(), 1e-30)
+    return (x - y).norm().item() / max(y.norm().item(), floor, 1e-30)
 
 
 def flags(chunk_size=8, **kw):
@@ -120,7 +128,7 @@ def check_case(seed, B, T, H, d, kw, *, position=None, mask=None, grad=True, tol
     if grad:
         for name, gr in g_ref.items():
             assert g[name].shape == gr.shape and g[name].dtype == F32, name
-            errs["d" + name] = rel_err(g[name], gr)
+            errs["d" + name] = rel_err(g[name], gr, floor=BIAS_SCALE if name in ("b_eta", "b_alpha") else 0.0)
     bad = {k: e for k, e in errs.items() if not e <= tol}
     assert not bad, f"{where}: relative errors above {tol:.0e}: {bad}"
     return errs
