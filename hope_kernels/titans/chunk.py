@@ -752,64 +752,73 @@ def _main_wy_bwd_kernel(
 @triton.jit
 def _main_anchor_bwd_kernel(
     q_ptr, k_ptr, eta_ptr, lg_ptr, tmat_ptr, do_ptr, dv_ptr, anc_ptr, dq32_ptr,
-    dq_ptr, dk_ptr, deta_ptr, dlg_ptr, dla_ptr, dwbuf_ptr,
-    T, H, C, shift, NSEG, d, eps, anc_h,
-    BC: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    dq_ptr, dk_ptr, rows_ptr, dwbuf_ptr,
+    T, H, C, shift, NSEG, d, eps, anc_h, rows_iw,
+    BC: tl.constexpr, D: tl.constexpr, BW: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
-    """B3a, parallel over (segment, batch-head): every gradient term of the main memory's retention anchor W_A
-    (memory_retention="init"), after B3 and B3', which run the anchor-free algebra on the full states. With
-    D_0 = W_0 - W_A the anchor adds to the reads W_A q_t - gamma_t W_A q_t, to W's end state (1 - gamma_L) W_A and
-    to u' the term -T Ka W_Aᵀ (`_main_anchor_fwd_kernel`). So: dq (B3's fp32 part in dq32) gets (1 - gamma) dO W_A,
-    dlg the decay terms of -gamma W_A q and of -gamma_L W_A in the end state, dk, deta, dlg, dla those of Ka, and
-    slot n of dwbuf (dW_end of the segment, read by B3) is replaced by the segment's part of dW_A."""
+    """B3a, parallel over (segment, batch-head, column tile): every gradient term of the main memory's retention
+    anchor W_A (memory_retention="init"), after B3 and B3', which run the anchor-free algebra on the full states.
+    With D_0 = W_0 - W_A the anchor adds to the reads W_A q_t - gamma_t W_A q_t, to W's end state (1 - gamma_L) W_A
+    and to u' the term -T Ka W_Aᵀ (`_main_anchor_fwd_kernel`). So: dq (B3's fp32 part in dq32) gets
+    (1 - gamma) dO W_A, dlg the decay terms of -gamma W_A q and of -gamma_L W_A in the end state, dk, deta, dlg, dla
+    those of Ka, and slot n of dwbuf (dW_end of the segment, read by B3) is replaced by the segment's part of dW_A.
+    W_A, dW_end, dW_A, dq and dk go by the column tile [iw BW, (iw+1) BW) of W_A (index j; at d = 128 the three
+    d x d tiles of one program spilled 3 KB): every term is column-wise but the row sums over j in deta, dlg, dla,
+    whose tile's part goes to slot iw of rows_ptr (iw, 3, BH, T), summed over the tiles by the caller."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    iw = tl.program_id(2)
     b = bh // H
     h = bh % H
     offs_c = tl.arange(0, BC)
     offs_d = tl.arange(0, D)
     md = offs_d < d
+    cols = iw * BW + tl.arange(0, BW)
+    mc = cols < d
     start, L = _segment(n, C, shift, T)
     mt = offs_c < L
     m2 = mt[:, None] & md[None, :]
+    mtc = mt[:, None] & mc[None, :]
+    bm = md[:, None] & mc[None, :]
     row = bh * T + start + offs_c
     # 64-bit bases of the segment's tiles, 32-bit offsets within them: (BH, T, d) buffers, (B, T, H, d) q, dO, dq
     base = (bh * T + start) * d
-    out = offs_c[:, None] * d + offs_d[None, :]
     qbase = ((b * T + start) * H + h) * d
-    tok = offs_c[:, None] * (H * d) + offs_d[None, :]
-    boff = offs_d[:, None] * d + offs_d[None, :]
-    bm = md[:, None] & md[None, :]
+    tok = offs_c[:, None] * (H * d) + cols[None, :]
+    tcol = offs_c[:, None] * d + cols[None, :]
+    boff = offs_d[:, None] * d + cols[None, :]
     lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
     lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
     gamma = tl.where(mt, tl.exp(lg), 0.0)
-    q = tl.load(q_ptr + qbase + tok, mask=m2, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + qbase + tok, mask=m2, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + qbase + (offs_c[:, None] * (H * d) + offs_d[None, :]), mask=m2, other=0.0).to(tl.float32)
     Wa = tl.load(anc_ptr + h * anc_h + boff, mask=bm, other=0.0)
     slot = dwbuf_ptr + (bh * NSEG + n) * d * d + boff
-    dWe = tl.load(slot, mask=bm, other=0.0)
     # the reads r q_t + W_A q_t + gamma_t (W_0 - W_A) q_t and the end state W_A + gamma_L (W_0 - W_A) + ...
     doWa = mm(do, Wa, PREC, LOWP)
-    dq = tl.load(dq32_ptr + qbase + tok, mask=m2, other=0.0) + (1.0 - gamma)[:, None] * doWa
-    tl.store(dq_ptr + qbase + tok, dq.to(dq_ptr.dtype.element_ty), mask=m2)
+    dq = tl.load(dq32_ptr + qbase + tok, mask=mtc, other=0.0) + (1.0 - gamma)[:, None] * doWa
+    tl.store(dq_ptr + qbase + tok, dq.to(dq_ptr.dtype.element_ty), mask=mtc)
+    q = tl.load(q_ptr + qbase + tok, mask=mtc, other=0.0).to(tl.float32)
     dlg = -gamma * tl.sum(doWa * q, 1)
+    dWe = tl.load(slot, mask=bm, other=0.0)
     dlg -= tl.where(offs_c == L - 1, tl.exp(lg_end) * tl.sum(tl.sum(Wa * dWe, 1), 0), 0.0)
     dWa = (1.0 - tl.exp(lg_end)) * dWe + mm(tl.trans((1.0 - gamma)[:, None] * do), q, PREC, LOWP)
-    # u' -= T Ka W_Aᵀ, Ka = diag(eps eta_t - kd_t) K, kd_t = eps eta_t gamma_{t-1}
-    Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + (offs_c[:, None] * BC + offs_c[None, :]))
-    dYu = tl.dot(tl.trans(Tm), tl.load(dv_ptr + base + out, mask=m2, other=0.0), input_precision=PREC)
-    k = tl.load(k_ptr + base + out, mask=m2, other=0.0)
+    # u' -= T Ka W_Aᵀ, Ka = diag(eps eta_t - kd_t) K, kd_t = eps eta_t gamma_{t-1}; with dY_u = Tᵀ dv the products
+    # dKa = -dY_u W_A and dY_uᵀ Ka are formed as -Tᵀ (dv W_A) and dvᵀ (T Ka): C x BW, not C x d, intermediates
+    tm = tmat_ptr + (bh * NSEG + n) * BC * BC + (offs_c[:, None] * BC + offs_c[None, :])
+    dv = dv_ptr + base + (offs_c[:, None] * d + offs_d[None, :])
+    dKa = -tl.dot(tl.trans(tl.load(tm)), mm(tl.load(dv, mask=m2, other=0.0), Wa, PREC, LOWP), input_precision=PREC)
+    k = tl.load(k_ptr + base + tcol, mask=mtc, other=0.0)
     eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
     kd = eps * eta * tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt))
     ka = eps * eta - kd
-    dKa = -mm(dYu, Wa, PREC, LOWP)
     dkas = tl.sum(dKa * k, 1)
-    tl.store(dk_ptr + base + out, tl.load(dk_ptr + base + out, mask=m2, other=0.0) + ka[:, None] * dKa, mask=m2)
-    deta = eps * (1.0 - tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt))) * dkas
-    tl.store(deta_ptr + row, tl.load(deta_ptr + row, mask=mt, other=0.0) + deta, mask=mt)
-    tl.store(dlg_ptr + row, tl.load(dlg_ptr + row, mask=mt, other=0.0) + dlg - dkas * kd, mask=mt)
-    tl.store(dla_ptr + row, tl.load(dla_ptr + row, mask=mt, other=0.0) + dkas * kd, mask=mt)
-    dWa -= mm(tl.trans(dYu), ka[:, None] * k, PREC, LOWP)
+    tl.store(dk_ptr + base + tcol, tl.load(dk_ptr + base + tcol, mask=mtc, other=0.0) + ka[:, None] * dKa, mask=mtc)
+    rows = rows_ptr + iw.to(tl.int64) * 3 * rows_iw + row
+    tl.store(rows, eps * (1.0 - tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt))) * dkas, mask=mt)  # deta
+    tl.store(rows + rows_iw, dlg - dkas * kd, mask=mt)  # dlg
+    tl.store(rows + 2 * rows_iw, dkas * kd, mask=mt)  # dla
+    dWa -= mm(tl.trans(tl.load(dv, mask=m2, other=0.0)), tl.dot(tl.load(tm), ka[:, None] * k, input_precision=PREC),
+              PREC, LOWP)
     tl.store(slot, dWa, mask=bm)
 
 
@@ -1124,8 +1133,9 @@ def _config(d: int, chunk_size: int, adaptive_chunk_size: Optional[int], positio
                 OBJ_L2=objective == "l2", VALUE=memory_target == "value", VNORM=ref["value_norm"],
                 ANCHOR=ref["anchored"], GUARD=ref["curvature_guard"],
                 ad=(bool(rows[d]), bool(rows[2 * d]), bool(rows[3 * d]), bool(rows[3 * d + 1])),
-                # BR: K1's row tiles (`_gen_fwd_kernel`); BW: the column tiles of u' and w' (`_main_prep_kernel`)
-                D=D, BC=BC, BR=min(D, 32), BW=min(D, 64))
+                # BR: K1's row tiles (`_gen_fwd_kernel`); BW: the column tiles of u' and w' (`_main_prep_kernel`);
+                # BWA: those of the anchor's backward (`_main_anchor_bwd_kernel`)
+                D=D, BC=BC, BR=min(D, 32), BW=min(D, 64), BWA=min(D, 32))
 
 
 def _anchor_arg(anchor: Optional[Tensor], fallback: Tensor) -> tuple[Tensor, int]:
@@ -1296,9 +1306,17 @@ def _backward(q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, norms, w
            zc.stride(0), cfg["eps"], cfg["resid"], BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=prec,
            LOWP=lowp, **launch_options("tile", D))
     if ANCHOR:
-        launch(_main_anchor_bwd_kernel, (nseg, B * H),
-               q, k, eta, lg, tmat, do, dvn, anc, dq32, dq, dk, deta, dlg, dla, dwbuf, T, H, cfg["C"], shift, nseg, d,
-               cfg["eps"], anc_h, BC=BC, D=D, PREC=prec, LOWP=lowp, **launch_options("tile", D))
+        # W_A's columns in BWA = 32 wide tiles (sm90_check at d = 128: 64 wide spilled 720 B fp32, 388 B bf16)
+        nw = triton.cdiv(d, cfg["BWA"])
+        rows = torch.empty(nw, 3, B * H, T, device=dev, dtype=f32)  # each column tile's part of deta, dlg, dla
+        launch(_main_anchor_bwd_kernel, (nseg, B * H, nw),
+               q, k, eta, lg, tmat, do, dvn, anc, dq32, dq, dk, rows, dwbuf, T, H, cfg["C"], shift, nseg, d,
+               cfg["eps"], anc_h, B * H * T, BC=BC, D=D, BW=cfg["BWA"], PREC=prec, LOWP=lowp,
+               **launch_options("tile", D))
+        rows = rows.sum(0)  # over the tiles, in a fixed order
+        deta += rows[0]
+        dlg += rows[1]
+        dla += rows[2]
     # the generating rows, in reverse
     dg = dz_end[:, d:].contiguous()
     if g_slot == nseg:
