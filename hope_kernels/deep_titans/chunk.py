@@ -16,8 +16,9 @@ momentum. Per (batch, head) and segment (the linear op's segments, hope_kernels/
       o_t = q_t + W1_A hid_t + gamma_t (W1_0 - W1_A) hid_t + Σ_{j<=t} (gamma_t/gamma_j)(s_j.hid_t)(-eta'_j e_j),
   hid = silu(W2_t q_t).
   The writes are nonlinear in (W1_c, W2_c) and couple every row, so `_deep_fwd_kernel` runs the segments serially
-  per (batch, head) with whole W1, W2 in registers (B x H programs), storing a checkpoint per segment;
-  `_deep_bwd_kernel` recomputes each segment from its checkpoint in reverse, carrying dW1, dW2 in registers.
+  per (batch, head) (B x H programs), storing a checkpoint per segment and reading each segment's start state
+  back from it; `_deep_bwd_kernel` recomputes each segment from its checkpoint in reverse, carrying dW1, dW2 in
+  registers.
 
 Constraints: as the linear op (momentum=False, d <= 128, chunk_size <= 128), and memory_hidden h <= 128.
 """
@@ -47,8 +48,6 @@ from hope_kernels.titans._common import (
 from hope_kernels.titans.chunk import (
     _chunk_start_slots,
     _config,
-    _lg_before,
-    _load_tokens,
     _segment,
     _tri_chain,
     generating_backward,
@@ -84,24 +83,6 @@ def _curvature(p, sg, W1c):
 
 
 @device_fn
-def _segment_inputs(q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, bh, b, h, n, T, H, C, shift, NSEG, d, offs_c,
-                    offs_d, md, BC: tl.constexpr):
-    start, L = _segment(n, C, shift, T)
-    mt = offs_c < L
-    m2 = mt[:, None] & md[None, :]
-    row = bh * T + start + offs_c
-    tok = (b * T + start + offs_c) * H + h
-    q = tl.load(q_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-    k = _load_tokens(k_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
-    v = _load_tokens(v_ptr, bh, T, start, offs_c, mt, offs_d, md, d)
-    eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
-    lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
-    lgb = _lg_before(lg_ptr, bh, T, start, offs_c, mt)
-    Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
-    return L, mt, m2, row, tok, q, k, v, eta, lg, lgb, Tm
-
-
-@device_fn
 def _errors(k, v, W1c, W2c, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
     """p = K W2_cᵀ and e = dℓ/dM at the chunk start (target M_c(v), or v with value targets), (BC, HD), (BC, D)."""
     p = mm(k, tl.trans(W2c), PREC, LOWP)
@@ -117,82 +98,125 @@ def _errors(k, v, W1c, W2c, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, PREC: tl.
     return p, pv, e
 
 
+@device_fn
+def _load_w(ptr, off, mask, EVEN: tl.constexpr):
+    """A (d, h) or (h, d) state tile; whole (no mask) when EVEN (d = D and h = HD)."""
+    if EVEN:
+        return tl.load(ptr + off)
+    else:
+        return tl.load(ptr + off, mask=mask, other=0.0)
+
+
+@device_fn
+def _store_w(ptr, off, x, mask, EVEN: tl.constexpr):
+    """The store of `_load_w`'s tiles."""
+    if EVEN:
+        tl.store(ptr + off, x)
+    else:
+        tl.store(ptr + off, x, mask=mask)
+
+
 @triton.jit
 def _deep_fwd_kernel(
     q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, w1c_ptr, w2c_ptr, w1_ptr, w2_ptr, a1_ptr, a2_ptr, o_ptr,
     T, H, C, shift, NSEG, d, hd, eps, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh,
-    BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr,
-    ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, EVEN: tl.constexpr, OBJ_L2: tl.constexpr,
+    VALUE: tl.constexpr, ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """W1, W2 over the segments of one (batch, head): the reads o and a checkpoint of both after every segment
     (slot n+1 of w1, w2; slot 0 holds the call's start state). a1, a2: the heads' retention anchors W1_0, W2_0
-    (ANCHOR, (H, d, h) and (H, h, d))."""
+    (ANCHOR, (H, d, h) and (H, h, d)). EVEN: d = D and h = HD.
+
+    Registers (offline sm_90a compile, benchmarks/NOTES.md): the compiler hoists every per-thread tile offset out
+    of the segment loop and keeps it live across it (16 64-bit byte offsets per (64, 64) tile and thread at a
+    runtime row stride). So the state tiles and the (BH, T, d) tiles take compile-time strides when EVEN (the
+    offsets fold into the instructions), 64-bit bases and 32-bit offsets within the tiles, and the start state is
+    read back from its checkpoint slot, each tile right before its use, rather than carried in registers."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
+    dd = D if EVEN else d
+    hh = HD if EVEN else hd
     offs_c = tl.arange(0, BC)
     offs_d = tl.arange(0, D)
     offs_h = tl.arange(0, HD)
     md = offs_d < d
     mh = offs_h < hd
-    w1off = offs_d[:, None] * hd + offs_h[None, :]
+    w1off = offs_d[:, None] * hh + offs_h[None, :]
     w1m = md[:, None] & mh[None, :]
-    w2off = offs_h[:, None] * d + offs_d[None, :]
+    w2off = offs_h[:, None] * dd + offs_d[None, :]
     w2m = mh[:, None] & md[None, :]
-    W1 = tl.load(w1_ptr + bh * w1_bh + w1off, mask=w1m, other=0.0)
-    W2 = tl.load(w2_ptr + bh * w2_bh + w2off, mask=w2m, other=0.0)
+    out = offs_c[:, None] * dd + offs_d[None, :]
+    qout = offs_c[:, None] * (H * dd) + offs_d[None, :]
     for n in range(0, NSEG):
-        L, mt, m2, row, tok, q, k, v, eta, lg, lgb, Tm = _segment_inputs(
-            q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, bh, b, h, n, T, H, C, shift, NSEG, d, offs_c, offs_d,
-            md, BC)
+        start, L = _segment(n, C, shift, T)
+        mt = offs_c < L
+        m2 = mt[:, None] if EVEN else mt[:, None] & md[None, :]
+        row = bh * T + start  # the segment's first row of the (BH, T[, d]) buffers
+        qbase = ((b * T + start) * H + h) * dd  # and of q and o
+        w1n = w1_ptr + bh * w1_bh + n * w1_slot
+        w2n = w2_ptr + bh * w2_bh + n * w2_slot
         if n == 0:  # the call's own chunk start (a cached state may sit mid-chunk)
-            W1c = tl.load(w1c_ptr + bh * wc_bh + w1off, mask=w1m, other=0.0)
-            W2c = tl.load(w2c_ptr + bh * wc_bh + w2off, mask=w2m, other=0.0)
+            w1c = w1c_ptr + bh * wc_bh
+            w2c = w2c_ptr + bh * wc_bh
         else:
-            W1c = W1
-            W2c = W2
+            w1c = w1n
+            w2c = w2n
+        k = tl.load(k_ptr + row * dd + out, mask=m2, other=0.0)
+        v = tl.load(v_ptr + row * dd + out, mask=m2, other=0.0)
+        W1c = _load_w(w1c, w1off, w1m, EVEN)
+        W2c = _load_w(w2c, w2off, w2m, EVEN)
         p, _pv, e = _errors(k, v, W1c, W2c, OBJ_L2, VALUE, PREC, LOWP)
         sg = silu_grad(p)
         g = sg * mm(e, W1c, PREC, LOWP)
+        eta = tl.load(eta_ptr + row + offs_c, mask=mt, other=0.0)
         if GUARD:  # the gradient writes take eta_t / max(1, N_t); the DGD transition keeps eta_t
             _curv, cg, _col = _curvature(p, sg, W1c)
             eta_m = eta * cg
         else:
             eta_m = eta
         # N2 = T (-eta_m g - diag(kd) K W2_0ᵀ [- diag(ka) K W2_Aᵀ]), the row scalings applied before T (no T Kd tile)
-        kd_scale = eps * eta * tl.exp(lgb)
-        Y2 = -eta_m[:, None] * g - kd_scale[:, None] * tl.dot(k, tl.trans(W2), input_precision=PREC)
+        kd_scale = eps * eta * tl.exp(tl.load(lg_ptr + row + offs_c - 1, mask=mt & (offs_c > 0), other=0.0))
+        Y2 = -eta_m[:, None] * g - kd_scale[:, None] * tl.dot(k, tl.trans(_load_w(w2n, w2off, w2m, EVEN)),
+                                                             input_precision=PREC)
         if ANCHOR:  # retention toward (W1_0, W2_0): the DGD term eps eta_t W2_{t-1} k_t sees the anchor too
-            A2 = tl.load(a2_ptr + h * d * hd + w2off, mask=w2m, other=0.0)
+            A2 = _load_w(a2_ptr + h * d * hd, w2off, w2m, EVEN)
             Y2 -= (eps * eta - kd_scale)[:, None] * tl.dot(k, tl.trans(A2), input_precision=PREC)
+        Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + (offs_c[:, None] * BC + offs_c[None, :]))
         N2 = tl.dot(Tm, Y2, input_precision=PREC)
+        lg = tl.load(lg_ptr + row + offs_c, mask=mt, other=0.0)
         lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
-        causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]
-        decay = tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
+        # [t, j] = gamma_t / gamma_j for j <= t < L, else 0 (one compare with a segment-dependent bound)
+        decay = tl.exp(tl.where(offs_c[None, :] <= tl.where(mt, offs_c, -1)[:, None], lg[:, None] - lg[None, :],
+                                float("-inf")))
         gamma = tl.where(mt, tl.exp(lg), 0.0)
         kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
         # W2's read and end state, so that N2 and W2_A die before W1's part
+        q = tl.load(q_ptr + qbase + qout, mask=m2, other=0.0).to(tl.float32)
         Hp = mm(mm(q, tl.trans(k), PREC, LOWP) * decay, N2, PREC, LOWP)
+        W2 = _load_w(w2n, w2off, w2m, EVEN)
         if ANCHOR:
             Hp += mm(q, tl.trans(A2), PREC, LOWP) + gamma[:, None] * mm(q, tl.trans(W2 - A2), PREC, LOWP)
             W2 = A2 + tl.exp(lg_end) * (W2 - A2) + mm(tl.trans(kappa[:, None] * N2), k, PREC, LOWP)
         else:
             Hp += gamma[:, None] * mm(q, tl.trans(W2), PREC, LOWP)
             W2 = tl.exp(lg_end) * W2 + mm(tl.trans(kappa[:, None] * N2), k, PREC, LOWP)
+        _store_w(w2n + w2_slot, w2off, W2, w2m, EVEN)
         hid = Hp * sigmoid(Hp)
         s = p * sigmoid(p)
         E1 = -eta_m[:, None] * e
         o = q + mm(mm(hid, tl.trans(s), PREC, LOWP) * decay, E1, PREC, LOWP)
+        W1 = _load_w(w1n, w1off, w1m, EVEN)
         if ANCHOR:
-            A1 = tl.load(a1_ptr + h * d * hd + w1off, mask=w1m, other=0.0)
+            A1 = _load_w(a1_ptr + h * d * hd, w1off, w1m, EVEN)
             o += mm(hid, tl.trans(A1), PREC, LOWP) + gamma[:, None] * mm(hid, tl.trans(W1 - A1), PREC, LOWP)
             W1 = A1 + tl.exp(lg_end) * (W1 - A1) + mm(tl.trans(kappa[:, None] * E1), s, PREC, LOWP)
         else:
             o += gamma[:, None] * mm(hid, tl.trans(W1), PREC, LOWP)
             W1 = tl.exp(lg_end) * W1 + mm(tl.trans(kappa[:, None] * E1), s, PREC, LOWP)
-        tl.store(o_ptr + tok[:, None] * d + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=m2)
-        tl.store(w1_ptr + bh * w1_bh + (n + 1) * w1_slot + w1off, W1, mask=w1m)
-        tl.store(w2_ptr + bh * w2_bh + (n + 1) * w2_slot + w2off, W2, mask=w2m)
+        tl.store(o_ptr + qbase + qout, o.to(o_ptr.dtype.element_ty), mask=m2)
+        _store_w(w1n + w1_slot, w1off, W1, w1m, EVEN)
+        tl.debug_barrier()  # slot n+1 is the next segment's start state
 
 
 @triton.jit
@@ -201,40 +225,57 @@ def _deep_bwd_kernel(
     dw1_ptr, dw2_ptr, dzc1_ptr, dzc2_ptr, dw1c_ptr, dw2c_ptr, da1_ptr, da2_ptr,
     dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, sn_ptr, sdn_ptr, sds_ptr, shp_ptr, shid_ptr,
     T, H, C, shift, NSEG, d, hd, eps, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh, W_SLOT,
-    BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr,
-    ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, EVEN: tl.constexpr, OBJ_L2: tl.constexpr,
+    VALUE: tl.constexpr, ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """The reverse of `_deep_fwd_kernel`: dW1, dW2 carried in registers (dw1, dw2: dW_end in, dW_0 out), dq, and the
     gradients of k, v, eta, lg, la for the generating scan's backward. dzc1, dzc2: the cotangent of the final chunk
     start, which is the start state of segment W_SLOT (or -1); dw1c, dw2c: the gradient of the input chunk start;
     da1, da2 (ANCHOR; zeros on entry): the gradients of the retention anchors W1_0, W2_0 of this (batch, head).
-    With the anchor the decays act on the deviations D = W - W_0 (W_end = W_0 + gamma_L D_start + ...)."""
+    With the anchor the decays act on the deviations D = W - W_0 (W_end = W_0 + gamma_L D_start + ...).
+    Tile addressing as the forward's (EVEN: compile-time strides; 64-bit bases, 32-bit offsets within the tiles)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_c = tl.arange(0, BC)
     offs_d = tl.arange(0, D)
     offs_h = tl.arange(0, HD)
+    dd = D if EVEN else d
+    hh = HD if EVEN else hd
     md = offs_d < d
     mh = offs_h < hd
-    w1off = offs_d[:, None] * hd + offs_h[None, :]
+    w1off = offs_d[:, None] * hh + offs_h[None, :]
     w1m = md[:, None] & mh[None, :]
-    w2off = offs_h[:, None] * d + offs_d[None, :]
+    w2off = offs_h[:, None] * dd + offs_d[None, :]
     w2m = mh[:, None] & md[None, :]
+    out = offs_c[:, None] * dd + offs_d[None, :]
+    hout = offs_c[:, None] * hh + offs_h[None, :]
+    qo = offs_c[:, None] * (H * dd) + offs_d[None, :]
     before = offs_c[None, :] < offs_c[:, None]
-    dW1e = tl.load(dw1_ptr + bh * d * hd + w1off, mask=w1m, other=0.0)
-    dW2e = tl.load(dw2_ptr + bh * d * hd + w2off, mask=w2m, other=0.0)
+    dW1e = _load_w(dw1_ptr + bh * d * hd, w1off, w1m, EVEN)
+    dW2e = _load_w(dw2_ptr + bh * d * hd, w2off, w2m, EVEN)
     for i in range(0, NSEG):
         n = NSEG - 1 - i
-        L, mt, m2, row, tok, q, k, v, eta, lg, lgb, Tm = _segment_inputs(
-            q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, bh, b, h, n, T, H, C, shift, NSEG, d, offs_c, offs_d,
-            md, BC)
-        W2n = tl.load(w2_ptr + bh * w2_bh + n * w2_slot + w2off, mask=w2m, other=0.0)
+        start, L = _segment(n, C, shift, T)
+        mt = offs_c < L
+        m2 = mt[:, None] if EVEN else mt[:, None] & md[None, :]
+        hm = mt[:, None] if EVEN else mt[:, None] & mh[None, :]
+        row = bh * T + start  # the segment's first row of the (BH, T[, d or h]) buffers
+        tb = row * dd
+        hb = row * hh
+        qb = ((b * T + start) * H + h) * dd  # and of q, dO and dq
+        k = tl.load(k_ptr + tb + out, mask=m2, other=0.0)
+        v = tl.load(v_ptr + tb + out, mask=m2, other=0.0)
+        eta = tl.load(eta_ptr + row + offs_c, mask=mt, other=0.0)
+        lg = tl.load(lg_ptr + row + offs_c, mask=mt, other=0.0)
+        lgb = tl.load(lg_ptr + row + offs_c - 1, mask=mt & (offs_c > 0), other=0.0)
+        Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + (offs_c[:, None] * BC + offs_c[None, :]))
+        W2n = _load_w(w2_ptr + bh * w2_bh + n * w2_slot, w2off, w2m, EVEN)
         if n == 0:
-            W1c = tl.load(w1c_ptr + bh * wc_bh + w1off, mask=w1m, other=0.0)
-            W2c = tl.load(w2c_ptr + bh * wc_bh + w2off, mask=w2m, other=0.0)
+            W1c = _load_w(w1c_ptr + bh * wc_bh, w1off, w1m, EVEN)
+            W2c = _load_w(w2c_ptr + bh * wc_bh, w2off, w2m, EVEN)
         else:
-            W1c = tl.load(w1_ptr + bh * w1_bh + n * w1_slot + w1off, mask=w1m, other=0.0)
+            W1c = _load_w(w1_ptr + bh * w1_bh + n * w1_slot, w1off, w1m, EVEN)
             W2c = W2n
         # ---- phase A1: recompute the segment's writes
         p, pv, e = _errors(k, v, W1c, W2c, OBJ_L2, VALUE, PREC, LOWP)
@@ -250,28 +291,25 @@ def _deep_bwd_kernel(
         kd_scale = eps * eta * tl.exp(lgb)
         Y2 = -eta_m[:, None] * g - kd_scale[:, None] * tl.dot(k, tl.trans(W2n), input_precision=PREC)
         if ANCHOR:
-            A2 = tl.load(a2_ptr + h * d * hd + w2off, mask=w2m, other=0.0)
+            A2 = _load_w(a2_ptr + h * d * hd, w2off, w2m, EVEN)
             Y2 -= (eps * eta - kd_scale)[:, None] * tl.dot(k, tl.trans(A2), input_precision=PREC)
         N2 = tl.dot(Tm, Y2, input_precision=PREC)
         # ---- phase A2, the reads and the state update, from stored N2, s, E1 behind a barrier (shorter live ranges)
-        out = row[:, None] * d + offs_d[None, :]
-        hoff = row[:, None] * hd + offs_h[None, :]
-        hm = mt[:, None] & mh[None, :]
-        tl.store(sn_ptr + hoff, N2, mask=hm)
-        tl.store(sds_ptr + hoff, s, mask=hm)
-        tl.store(dv_ptr + out, -eta_m[:, None] * e, mask=m2)
+        tl.store(sn_ptr + hb + hout, N2, mask=hm)
+        tl.store(sds_ptr + hb + hout, s, mask=hm)
+        tl.store(dv_ptr + tb + out, -eta_m[:, None] * e, mask=m2)
         tl.debug_barrier()
-        N2 = tl.load(sn_ptr + hoff, mask=hm, other=0.0)
-        s = tl.load(sds_ptr + hoff, mask=hm, other=0.0)
-        E1 = tl.load(dv_ptr + out, mask=m2, other=0.0)
-        q = tl.load(q_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + out, mask=m2, other=0.0)
-        do = tl.load(do_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-        W1n = tl.load(w1_ptr + bh * w1_bh + n * w1_slot + w1off, mask=w1m, other=0.0)
-        W2n = tl.load(w2_ptr + bh * w2_bh + n * w2_slot + w2off, mask=w2m, other=0.0)
+        N2 = tl.load(sn_ptr + hb + hout, mask=hm, other=0.0)
+        s = tl.load(sds_ptr + hb + hout, mask=hm, other=0.0)
+        E1 = tl.load(dv_ptr + tb + out, mask=m2, other=0.0)
+        q = tl.load(q_ptr + qb + qo, mask=m2, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + tb + out, mask=m2, other=0.0)
+        do = tl.load(do_ptr + qb + qo, mask=m2, other=0.0).to(tl.float32)
+        W1n = _load_w(w1_ptr + bh * w1_bh + n * w1_slot, w1off, w1m, EVEN)
+        W2n = _load_w(w2_ptr + bh * w2_bh + n * w2_slot, w2off, w2m, EVEN)
         if ANCHOR:  # the deviations from the anchors, which the decays act on
-            A1 = tl.load(a1_ptr + h * d * hd + w1off, mask=w1m, other=0.0)
-            A2 = tl.load(a2_ptr + h * d * hd + w2off, mask=w2m, other=0.0)
+            A1 = _load_w(a1_ptr + h * d * hd, w1off, w1m, EVEN)
+            A2 = _load_w(a2_ptr + h * d * hd, w2off, w2m, EVEN)
             D1 = W1n - A1
             D2 = W2n - A2
         else:
@@ -309,16 +347,15 @@ def _deep_bwd_kernel(
         if ANCHOR:  # W1_A's gradient from the end state and the reads, added to memory at once (short live range)
             dhid += mm(do, A1, PREC, LOWP)
             dA1 = (1.0 - gamma_end) * dW1e + mm(tl.trans((1.0 - gamma)[:, None] * do), hid, PREC, LOWP)
-            tl.store(da1_ptr + bh * d * hd + w1off, tl.load(da1_ptr + bh * d * hd + w1off, mask=w1m, other=0.0) + dA1,
-                     mask=w1m)
+            _store_w(da1_ptr + bh * d * hd, w1off, _load_w(da1_ptr + bh * d * hd, w1off, w1m, EVEN) + dA1, w1m, EVEN)
         dlg += gamma * tl.sum(dOW1 * hid, 1)
         dW1n += mm(tl.trans(gamma[:, None] * do), hid, PREC, LOWP)
         # the Gamma term behind a barrier, with do, E1, s and hid read back (their first copies die here)
-        tl.store(shid_ptr + hoff, hid, mask=hm)
+        tl.store(shid_ptr + hb + hout, hid, mask=hm)
         tl.debug_barrier()
-        hid = tl.load(shid_ptr + hoff, mask=hm, other=0.0)
-        s = tl.load(sds_ptr + hoff, mask=hm, other=0.0)
-        do = tl.load(do_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        hid = tl.load(shid_ptr + hb + hout, mask=hm, other=0.0)
+        s = tl.load(sds_ptr + hb + hout, mask=hm, other=0.0)
+        do = tl.load(do_ptr + qb + qo, mask=m2, other=0.0).to(tl.float32)
         hs = mm(hid, tl.trans(s), PREC, LOWP)
         G1 = mm(do, tl.trans(E1), PREC, LOWP) * decay
         dE1 += mm(tl.trans(hs * decay), do, PREC, LOWP)
@@ -329,78 +366,77 @@ def _deep_bwd_kernel(
         # ---- phase A3, behind a barrier as A2: the parts of dk, dv, dN2, ds, dlg so far and dHp go to memory, so
         # that the o part's tiles (and their shared-memory copies) are not live in the hid part (sm90_check, d = h =
         # 64 fp32, with the split of the o part below: 304 -> 192 KB of shared memory)
-        tl.store(dk_ptr + out, dk, mask=m2)
-        tl.store(dv_ptr + out, dE1, mask=m2)
-        tl.store(sdn_ptr + hoff, dN2, mask=hm)
-        tl.store(sds_ptr + hoff, ds, mask=hm)
-        tl.store(shp_ptr + hoff, dhid * silu_grad(Hp), mask=hm)
-        tl.store(dlg_ptr + row, dlg, mask=mt)
+        tl.store(dk_ptr + tb + out, dk, mask=m2)
+        tl.store(dv_ptr + tb + out, dE1, mask=m2)
+        tl.store(sdn_ptr + hb + hout, dN2, mask=hm)
+        tl.store(sds_ptr + hb + hout, ds, mask=hm)
+        tl.store(shp_ptr + hb + hout, dhid * silu_grad(Hp), mask=hm)
+        tl.store(dlg_ptr + row + offs_c, dlg, mask=mt)
         tl.debug_barrier()
         # ---- hid = silu(Hp), Hp = diag(gamma) Q D2_0ᵀ [+ Q W2_Aᵀ] + (Gamma ⊙ Q Kᵀ) N2
-        dHp = tl.load(shp_ptr + hoff, mask=hm, other=0.0)
-        q = tl.load(q_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + out, mask=m2, other=0.0)
-        N2 = tl.load(sn_ptr + hoff, mask=hm, other=0.0)
-        D2 = tl.load(w2_ptr + bh * w2_bh + n * w2_slot + w2off, mask=w2m, other=0.0)
+        dHp = tl.load(shp_ptr + hb + hout, mask=hm, other=0.0)
+        q = tl.load(q_ptr + qb + qo, mask=m2, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + tb + out, mask=m2, other=0.0)
+        N2 = tl.load(sn_ptr + hb + hout, mask=hm, other=0.0)
+        D2 = _load_w(w2_ptr + bh * w2_bh + n * w2_slot, w2off, w2m, EVEN)
         if ANCHOR:
-            A2 = tl.load(a2_ptr + h * d * hd + w2off, mask=w2m, other=0.0)
+            A2 = _load_w(a2_ptr + h * d * hd, w2off, w2m, EVEN)
             D2 -= A2
         qk = mm(q, tl.trans(k), PREC, LOWP)
         dHW2 = mm(dHp, D2, PREC, LOWP)
-        dq = tl.load(do_ptr + tok[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        dq = tl.load(do_ptr + qb + qo, mask=m2, other=0.0).to(tl.float32)
         dq += gamma[:, None] * dHW2
         if ANCHOR:
             dq += mm(dHp, A2, PREC, LOWP)
             dA2 = (1.0 - gamma_end) * dW2e + mm(tl.trans((1.0 - gamma)[:, None] * dHp), q, PREC, LOWP)
-            tl.store(da2_ptr + bh * d * hd + w2off, tl.load(da2_ptr + bh * d * hd + w2off, mask=w2m, other=0.0) + dA2,
-                     mask=w2m)
-        dlg = tl.load(dlg_ptr + row, mask=mt, other=0.0) + gamma * tl.sum(dHW2 * q, 1)
+            _store_w(da2_ptr + bh * d * hd, w2off, _load_w(da2_ptr + bh * d * hd, w2off, w2m, EVEN) + dA2, w2m, EVEN)
+        dlg = tl.load(dlg_ptr + row + offs_c, mask=mt, other=0.0) + gamma * tl.sum(dHW2 * q, 1)
         dW2n += mm(tl.trans(gamma[:, None] * dHp), q, PREC, LOWP)
-        dN2 = tl.load(sdn_ptr + hoff, mask=hm, other=0.0) + mm(tl.trans(qk * decay), dHp, PREC, LOWP)
+        dN2 = tl.load(sdn_ptr + hb + hout, mask=hm, other=0.0) + mm(tl.trans(qk * decay), dHp, PREC, LOWP)
         G2 = mm(dHp, tl.trans(N2), PREC, LOWP) * decay
         dq += mm(G2, k, PREC, LOWP)
-        tl.store(dq_ptr + tok[:, None] * d + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=m2)
-        dk = tl.load(dk_ptr + out, mask=m2, other=0.0) + mm(tl.trans(G2), q, PREC, LOWP)
+        tl.store(dq_ptr + qb + qo, dq.to(dq_ptr.dtype.element_ty), mask=m2)
+        dk = tl.load(dk_ptr + tb + out, mask=m2, other=0.0) + mm(tl.trans(G2), q, PREC, LOWP)
         gd = G2 * qk
         dlg += tl.sum(gd, 1) - tl.sum(gd, 0)
         # ---- phase B: the chunk-start pieces. Its operands are stored here and re-loaded behind a barrier, so that
         # the compiler keeps phase A's tiles (and their shared-memory copies) out of it (dv, sn and sds already
         # hold dE1, N2 and ds).
         tl.debug_barrier()  # dk, dlg and dN2 were read above in another layout
-        tl.store(dk_ptr + out, dk, mask=m2)
-        tl.store(dlg_ptr + row, dlg, mask=mt)
-        tl.store(sdn_ptr + hoff, dN2, mask=hm)
+        tl.store(dk_ptr + tb + out, dk, mask=m2)
+        tl.store(dlg_ptr + row + offs_c, dlg, mask=mt)
+        tl.store(sdn_ptr + hb + hout, dN2, mask=hm)
         tl.debug_barrier()
-        k = tl.load(k_ptr + out, mask=m2, other=0.0)
-        v = tl.load(v_ptr + out, mask=m2, other=0.0)
+        k = tl.load(k_ptr + tb + out, mask=m2, other=0.0)
+        v = tl.load(v_ptr + tb + out, mask=m2, other=0.0)
         Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
         if n == 0:
-            W1c = tl.load(w1c_ptr + bh * wc_bh + w1off, mask=w1m, other=0.0)
-            W2c = tl.load(w2c_ptr + bh * wc_bh + w2off, mask=w2m, other=0.0)
+            W1c = _load_w(w1c_ptr + bh * wc_bh, w1off, w1m, EVEN)
+            W2c = _load_w(w2c_ptr + bh * wc_bh, w2off, w2m, EVEN)
         else:
-            W1c = tl.load(w1_ptr + bh * w1_bh + n * w1_slot + w1off, mask=w1m, other=0.0)
-            W2c = tl.load(w2_ptr + bh * w2_bh + n * w2_slot + w2off, mask=w2m, other=0.0)
+            W1c = _load_w(w1_ptr + bh * w1_bh + n * w1_slot, w1off, w1m, EVEN)
+            W2c = _load_w(w2_ptr + bh * w2_bh + n * w2_slot, w2off, w2m, EVEN)
         p, pv, e = _errors(k, v, W1c, W2c, OBJ_L2, VALUE, PREC, LOWP)
         sg = silu_grad(p)
         s = p * sigmoid(p)
         eW = mm(e, W1c, PREC, LOWP)
         g = sg * eW
-        dN2 = tl.load(sdn_ptr + hoff, mask=hm, other=0.0)
-        dE1 = tl.load(dv_ptr + out, mask=m2, other=0.0)
+        dN2 = tl.load(sdn_ptr + hb + hout, mask=hm, other=0.0)
+        dE1 = tl.load(dv_ptr + tb + out, mask=m2, other=0.0)
         dk = k * 0.0  # phase A's part is in dk_ptr
         # ---- N2 = T (-eta_m g) - (T Kd) W2_0ᵀ [- (T Ka) W2_Aᵀ]: Kd W2_0 + Ka W2_A = Kd D2_0 + Ke W2_A
         dY2 = tl.dot(tl.trans(Tm), dN2, input_precision=PREC)
-        M = tl.dot(dN2, tl.trans(tl.load(sn_ptr + hoff, mask=hm, other=0.0)), input_precision=PREC)
-        W2n = tl.load(w2_ptr + bh * w2_bh + n * w2_slot + w2off, mask=w2m, other=0.0)
+        M = tl.dot(dN2, tl.trans(tl.load(sn_ptr + hb + hout, mask=hm, other=0.0)), input_precision=PREC)
+        W2n = _load_w(w2_ptr + bh * w2_bh + n * w2_slot, w2off, w2m, EVEN)
         deta = eta * 0.0
         if ANCHOR:
-            A2 = tl.load(a2_ptr + h * d * hd + w2off, mask=w2m, other=0.0)
+            A2 = _load_w(a2_ptr + h * d * hd, w2off, w2m, EVEN)
             dKd = -tl.dot(dY2, W2n - A2, input_precision=PREC)
             dKe = -tl.dot(dY2, A2, input_precision=PREC)
             dk += (eps * eta)[:, None] * dKe
             deta += eps * tl.sum(dKe * k, 1)
-            tl.store(da2_ptr + bh * d * hd + w2off, tl.load(da2_ptr + bh * d * hd + w2off, mask=w2m, other=0.0)
-                     - tl.dot(tl.trans(dY2), (eps * eta - kd_scale)[:, None] * k, input_precision=PREC), mask=w2m)
+            _store_w(da2_ptr + bh * d * hd, w2off, _load_w(da2_ptr + bh * d * hd, w2off, w2m, EVEN)
+                     - tl.dot(tl.trans(dY2), (eps * eta - kd_scale)[:, None] * k, input_precision=PREC), w2m, EVEN)
         else:
             dKd = -tl.dot(dY2, W2n, input_precision=PREC)
         dW2n -= tl.dot(tl.trans(kd_scale[:, None] * dY2), k, input_precision=PREC)
@@ -418,7 +454,7 @@ def _deep_bwd_kernel(
         dg = -eta_m[:, None] * dY2
         de = -eta_m[:, None] * dE1
         # ---- s = silu(p), g = silu'(p) ⊙ (e W1_c), e, the target, p = K W2_cᵀ [, N_t]
-        ds = tl.load(sds_ptr + hoff, mask=hm, other=0.0)
+        ds = tl.load(sds_ptr + hb + hout, mask=hm, other=0.0)
         dsg = dg * eW
         if GUARD:
             ds += 2.0 * dcurv[:, None] * s
@@ -444,29 +480,29 @@ def _deep_bwd_kernel(
         # ---- T = (I + A)^-1 and Kd = diag(eps eta_t gamma_{t-1}) K
         dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
         dk_a, deta_a, dlg_a, dla = _tri_chain(dA, k, eta, lg, lg - lgb, eps, offs_c, PREC)
-        dk += dk_a + kd_scale[:, None] * dKd + tl.load(dk_ptr + out, mask=m2, other=0.0)
+        dk += dk_a + kd_scale[:, None] * dKd + tl.load(dk_ptr + tb + out, mask=m2, other=0.0)
         dks = tl.sum(dKd * k, 1)
         deta += deta_a + eps * tl.exp(lgb) * dks
-        dlg = tl.load(dlg_ptr + row, mask=mt, other=0.0) + dlg_a + dks * kd_scale
+        dlg = tl.load(dlg_ptr + row + offs_c, mask=mt, other=0.0) + dlg_a + dks * kd_scale
         dlg += tl.where(offs_c == L - 1, dlg_end, 0.0)
         dla -= dks * kd_scale
-        tl.store(dk_ptr + out, dk, mask=m2)
-        tl.store(dv_ptr + out, dv, mask=m2)
-        tl.store(deta_ptr + row, deta, mask=mt)
-        tl.store(dlg_ptr + row, dlg, mask=mt)
-        tl.store(dla_ptr + row, dla, mask=mt)
+        tl.store(dk_ptr + tb + out, dk, mask=m2)
+        tl.store(dv_ptr + tb + out, dv, mask=m2)
+        tl.store(deta_ptr + row + offs_c, deta, mask=mt)
+        tl.store(dlg_ptr + row + offs_c, dlg, mask=mt)
+        tl.store(dla_ptr + row + offs_c, dla, mask=mt)
         if n == 0:
-            tl.store(dw1c_ptr + bh * d * hd + w1off, dW1c, mask=w1m)
-            tl.store(dw2c_ptr + bh * d * hd + w2off, dW2c, mask=w2m)
+            _store_w(dw1c_ptr + bh * d * hd, w1off, dW1c, w1m, EVEN)
+            _store_w(dw2c_ptr + bh * d * hd, w2off, dW2c, w2m, EVEN)
             dW1c = dW1c * 0.0
             dW2c = dW2c * 0.0
         dW1e = dW1n + dW1c
         dW2e = dW2n + dW2c
         if n == W_SLOT:
-            dW1e += tl.load(dzc1_ptr + bh * d * hd + w1off, mask=w1m, other=0.0)
-            dW2e += tl.load(dzc2_ptr + bh * d * hd + w2off, mask=w2m, other=0.0)
-    tl.store(dw1_ptr + bh * d * hd + w1off, dW1e, mask=w1m)
-    tl.store(dw2_ptr + bh * d * hd + w2off, dW2e, mask=w2m)
+            dW1e += _load_w(dzc1_ptr + bh * d * hd, w1off, w1m, EVEN)
+            dW2e += _load_w(dzc2_ptr + bh * d * hd, w2off, w2m, EVEN)
+    _store_w(dw1_ptr + bh * d * hd, w1off, dW1e, w1m, EVEN)
+    _store_w(dw2_ptr + bh * d * hd, w2off, dW2e, w2m, EVEN)
 
 
 # ---------------------------------------------------------------------------------------------- python
@@ -494,8 +530,8 @@ def _forward(q, a, w1c, w1, w2c, w2, zc, z, anchors, b_eta, b_alpha, valid, cfg,
     launch(_deep_fwd_kernel, (B * H,),
            q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, a1, a2, o, T, H, cfg["C"], cfg["shift"], nseg, d, hd,
            cfg["eps"], w1buf.stride(0), w1buf.stride(1), w2buf.stride(0), w2buf.stride(1), w1c.stride(0),
-           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"],
-           ANCHOR=anchors is not None, GUARD=cfg["GUARD"], PREC=dot_precision(), LOWP=lowp,
+           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], EVEN=d == cfg["D"] and hd == cfg["HD"], OBJ_L2=cfg["OBJ_L2"],
+           VALUE=cfg["VALUE"], ANCHOR=anchors is not None, GUARD=cfg["GUARD"], PREC=dot_precision(), LOWP=lowp,
            **launch_options("serial", cfg["D"]))
     w_slot, g_slot = _chunk_start_slots(T, cfg, nseg)
     finals = [
@@ -539,8 +575,8 @@ def _backward(q, a, valid, anchors, b_eta, b_alpha, k, v, eta, lg, tmat, norms, 
            dw1c_end.contiguous(), dw2c_end.contiguous(), dw1c, dw2c, da1, da2, dq, dk, dv, deta, dlg, dla, *scratch,
            T, H, cfg["C"], cfg["shift"], nseg, d, hd, cfg["eps"], w1buf.stride(0), w1buf.stride(1), w2buf.stride(0),
            w2buf.stride(1), w1c.stride(0), w_slot if w_slot is not None and 1 <= w_slot < nseg else -1,
-           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"],
-           ANCHOR=anchors is not None, GUARD=cfg["GUARD"], PREC=dot_precision(), LOWP=lowp,
+           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], EVEN=d == cfg["D"] and hd == cfg["HD"], OBJ_L2=cfg["OBJ_L2"],
+           VALUE=cfg["VALUE"], ANCHOR=anchors is not None, GUARD=cfg["GUARD"], PREC=dot_precision(), LOWP=lowp,
            **launch_options("serial", cfg["D"]))
     if w_slot is None:
         dw1c += dw1c_end
