@@ -31,12 +31,13 @@ os.environ.pop("HOPE_TITANS_DOT_PRECISION", None)
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import BaseBackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int64: "*i64"}
 FLOATS = {"eta_max", "eps", "resid"}  # the kernels' fp32 scalar arguments; every other scalar is an integer
 
 
@@ -102,24 +103,33 @@ def record(d: int, dtype: torch.dtype, B: int = 8, T: int = 4096, H: int = 16, C
     return rec.launches
 
 
-def _signature(kernel, args, kwargs) -> tuple[dict, dict]:
+def _signature(kernel, args, kwargs) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) as a launch would specialize them: triton's own specializer on each argument
+    (an int equal to 1 becomes a constexpr, ints and pointers divisible by 16 get `tt.divisibility`; meta tensors
+    count as aligned, as real allocations are), so the compile is the one the GPU would run."""
     fn = kernel
     names = [p.name for p in fn.params if not p.is_constexpr]
     if len(names) != len(args):
         raise RuntimeError(f"{fn.__name__}: {len(args)} positional arguments for {len(names)} parameters")
-    sig = {}
-    for name, value in zip(names, args):
-        if isinstance(value, torch.Tensor):
-            sig[name] = PTR[value.dtype]
-        elif isinstance(value, float) or name in FLOATS:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i64" if abs(int(value)) >= 2**31 else "i32"
+    values = dict(zip(names, args))
+    sig, attrs = {}, {}
     constexprs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-    for p in fn.params:
+    for index, p in enumerate(fn.params):
         if p.is_constexpr:
             sig[p.name] = "constexpr"
-    return sig, constexprs
+            continue
+        value = values[p.name]
+        if p.name in FLOATS:
+            value = float(value)
+        kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        if kind == "constexpr":
+            sig[p.name] = "constexpr"
+            constexprs[p.name] = key
+        else:
+            sig[p.name] = kind
+            if key:
+                attrs[(index,)] = BaseBackend.parse_attr(key)
+    return sig, constexprs, attrs
 
 
 def _ptxas_report(ptx: str) -> tuple[int, int, int]:
@@ -136,10 +146,10 @@ def _ptxas_report(ptx: str) -> tuple[int, int, int]:
 
 
 def compile_launch(kernel, grid, args, kwargs) -> dict:
-    sig, constexprs = _signature(kernel, args, kwargs)
+    sig, constexprs, attrs = _signature(kernel, args, kwargs)
     options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
     t0 = time.time()
-    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options=options)
     ptx = compiled.asm["ptx"]
     regs, spill_st, spill_ld = _ptxas_report(ptx)
