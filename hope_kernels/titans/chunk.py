@@ -823,8 +823,8 @@ def _main_anchor_bwd_kernel(
 
 
 @device_fn
-def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, nrow, learn, er, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm_ptr, dk_ptr,
-                  dv_ptr, bh, T, start, L, lg_end, eps, offs_c, offs_d, opq, deta, dks, dkt, dgamma_end, M,
+def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, mr, learn, er, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm_ptr, dk_ptr,
+                  dv_ptr, bh, T, start, lg_end, eps, offs_c, mt, offs_d, md, opq, deta, dks, dkt, dgamma_end, M,
                   BC: tl.constexpr, OBJ_L2: tl.constexpr, ANCHOR: tl.constexpr, PREC: tl.constexpr,
                   LOWP: tl.constexpr):
     """Backward of `_gen_tile_fwd` for one row tile: dg holds dX_end on entry and dX_0 on return (in place); acc
@@ -833,31 +833,21 @@ def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, nrow, learn, er, d, k_ptr, v
     row sums with k (dks, dkt: the decay and eta terms), so that no (BC, D) accumulator stays live across the tiles;
     k, v, eta, lg and T are read back per tile from K1's buffers and the row scalings (kd, ka, kappa) formed per
     tile, as in the forward (opq: see `_gen_tile_fwd`). With the anchor X_A the decay terms see the deviation
-    D_0 = X_0 - X_A (X_end = X_A + gamma_L D_0 + ..., the DGD term eps eta_t (X_A + D_{t-1}) k_t). rloc (BR,) are the
-    rows within the block, the first nrow of them real (d, or 2 for w_eta, w_alpha); L is the segment's length."""
-    # every index and mask tile below depends on opq (0), so none is invariant in the tile loop: hoisted out of it,
-    # they stayed live (and spilled) across the tiles; 64-bit base of the segment's rows, 32-bit offsets in the tile
-    offs_c = offs_c + opq
-    offs_d = offs_d + opq
-    rloc = rloc + opq
-    mt = offs_c < L
-    md = offs_d < d
-    mr = rloc < nrow
-    base = (bh * T + start) * d
+    D_0 = X_0 - X_A (X_end = X_A + gamma_L D_0 + ..., the DGD term eps eta_t (X_A + D_{t-1}) k_t)."""
+    row = bh * T + start + opq + offs_c
     m2 = mt[:, None] & md[None, :]
-    out = offs_c[:, None] * d + offs_d[None, :]
-    k = tl.load(k_ptr + base + out, mask=m2, other=0.0)
+    out = row[:, None] * d + offs_d[None, :]
+    k = tl.load(k_ptr + out, mask=m2, other=0.0)
     if OBJ_L2:
-        U = k - tl.load(v_ptr + base + out, mask=m2, other=0.0)
+        U = k - tl.load(v_ptr + out, mask=m2, other=0.0)
     else:
-        U = -tl.load(v_ptr + base + out, mask=m2, other=0.0)
-    row = bh * T + start + offs_c
+        U = -tl.load(v_ptr + out, mask=m2, other=0.0)
     eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
-    kd_scale = eps * eta * tl.exp(_lg_before(lg_ptr, bh, T, start, offs_c, mt))
+    kd_scale = eps * eta * tl.exp(_lg_before(lg_ptr, bh, T, start + opq, offs_c, mt))
     ka_scale = eps * eta - kd_scale
     kappa = tl.exp(lg_end - tl.load(lg_ptr + row, mask=mt, other=0.0))
     gamma_end = tl.exp(lg_end)
-    Tm = tl.load(tm_ptr + (offs_c[:, None] * BC + offs_c[None, :]))
+    Tm = tl.load(tm_ptr + (offs_c[:, None] + opq) * BC + offs_c[None, :])
     xoff = rloc[:, None] * d + offs_d[None, :]
     m = mr[:, None] & md[None, :]
     Xh = tl.load(gc + xoff, mask=m, other=0.0) + tl.where(m & (rloc[:, None] == offs_d[None, :]), er, 0.0)
@@ -894,8 +884,8 @@ def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, nrow, learn, er, d, k_ptr, v
     dU = -mm(edY, Xh, PREC, LOWP)
     if OBJ_L2:  # U = k - v
         dk += dU
-    tl.store(dk_ptr + base + out, tl.load(dk_ptr + base + out, mask=m2, other=0.0) + dk, mask=m2)
-    tl.store(dv_ptr + base + out, tl.load(dv_ptr + base + out, mask=m2, other=0.0) - dU, mask=m2)
+    tl.store(dk_ptr + out, tl.load(dk_ptr + out, mask=m2, other=0.0) + dk, mask=m2)
+    tl.store(dv_ptr + out, tl.load(dv_ptr + out, mask=m2, other=0.0) - dU, mask=m2)
     tl.store(dg + xoff, dX0, mask=m)
     tl.store(acc + xoff, tl.load(acc + xoff, mask=m, other=0.0) - mm(tl.trans(edY), U, PREC, LOWP), mask=m)
     return deta, dks, dkt, dgamma_end, M
@@ -926,6 +916,9 @@ def _gen_bwd_kernel(
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, D)
+    md = offs_d < d
     b_eta = tl.load(b_eta_ptr + h)
     b_alpha = tl.load(b_alpha_ptr + h)
     g_base = g_ptr + bh * g_bh
@@ -933,21 +926,21 @@ def _gen_bwd_kernel(
     acc = acc_ptr + bh * dg_bh
     anc = anc_ptr + h * anc_h
     danc = danc_ptr + bh * dg_bh
+    r_sq = tl.arange(0, BR)
+    r_ea = tl.arange(0, 16)
+    learn_ea = ((r_ea == 0) & AD_E) | ((r_ea == 1) & AD_A)
     NRT: tl.constexpr = D // BR
     for i in range(0, NSEG):
         n = NSEG - 1 - i
-        # the index vectors are formed per segment from zs (0, but the compiler cannot know it: the grid is 1-D),
-        # so that no index or mask tile is invariant in the segment loop; hoisted out of it they stayed live (and
-        # spilled) through the whole scan. Offline sm_90a compile (benchmarks/sm90_check.py), with the tiles'
-        # opq and stage (2)'s order: spill stores 4196 -> 2208 B per thread at d = 64 fp32
-        zs = i * tl.program_id(1)
-        offs_c = tl.arange(0, BC) + zs
-        offs_d = tl.arange(0, D) + zs
-        r_sq = tl.arange(0, BR) + zs
-        r_ea = tl.arange(0, 16) + zs
-        learn_ea = ((r_ea == 0) & AD_E) | ((r_ea == 1) & AD_A)
         start, L = _segment(n, C, shift, T)
         mt = offs_c < L
+        tok = start + offs_c
+        m2 = mt[:, None] & md[None, :]
+        a_off = ((b * T + tok) * H + h)[:, None] * d + offs_d[None, :]
+        if HAS_MASK:
+            valid = tl.load(valid_ptr + b * T + tok, mask=mt, other=0.0)
+        else:
+            valid = tl.where(mt, 1.0, 0.0)
         slot = _gc_slot(n, C, CA, pos, shift, T)
         if slot < 0:
             gc = gc_in_ptr + bh * gc_bh
@@ -955,63 +948,50 @@ def _gen_bwd_kernel(
             gc = g_base + slot * g_slot
         g0 = g_base + n * g_slot
         lg_end = tl.load(lg_ptr + bh * T + start + L - 1)
-        row = bh * T + start + offs_c
+        row = bh * T + tok
+        out = row[:, None] * d + offs_d[None, :]
         tm = tmat_ptr + (bh * NSEG + n) * BC * BC
         # (1) the state update's row tiles; only M = Σ dN Nᵀ and row vectors are carried across them
         deta = tl.load(deta_ptr + row, mask=mt, other=0.0)
         dks = tl.zeros([BC], dtype=tl.float32)
         dkt = tl.zeros([BC], dtype=tl.float32)
-        dgamma_end = 0.0
+        dgamma_end = lg_end * 0.0
         M = tl.zeros([BC, BC], dtype=tl.float32)
         for t in range(0, 2 * NRT):
             blk = t // NRT
             rloc = (t % NRT) * BR + r_sq
-            learn = (rloc < d) & (((blk == 0) & AD_K) | ((blk == 1) & AD_V))
+            mr = rloc < d
+            learn = mr & (((blk == 0) & AD_K) | ((blk == 1) & AD_V))
             deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
                 gc + blk * d * d, g0 + blk * d * d, dg + blk * d * d, acc + blk * d * d, anc + blk * d * d,
-                danc + blk * d * d, rloc, d, learn, resid, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm, dk_ptr, dv_ptr, bh,
-                T, start, L, lg_end, eps, offs_c, offs_d, t * tl.program_id(1), deta, dks, dkt, dgamma_end, M,
+                danc + blk * d * d, rloc, mr, learn, resid, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm, dk_ptr, dv_ptr, bh,
+                T, start, lg_end, eps, offs_c, mt, offs_d, md, t * tl.program_id(1), deta, dks, dkt, dgamma_end, M,
                 BC, OBJ_L2, ANCHOR, PREC, LOWP)
             tl.debug_barrier()  # the next tile adds to the dk and dv rows stored here, with another layout
         deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
             gc + 2 * d * d, g0 + 2 * d * d, dg + 2 * d * d, acc + 2 * d * d, anc + 2 * d * d, danc + 2 * d * d, r_ea,
-            2, learn_ea, 0.0, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm, dk_ptr, dv_ptr, bh, T, start, L, lg_end, eps,
-            offs_c, offs_d, (2 * NRT + i) * tl.program_id(1), deta, dks, dkt, dgamma_end, M, BC, OBJ_L2, ANCHOR,
+            r_ea < 2, learn_ea, 0.0, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm, dk_ptr, dv_ptr, bh, T, start, lg_end, eps,
+            offs_c, mt, offs_d, md, 2 * NRT * tl.program_id(1), deta, dks, dkt, dgamma_end, M, BC, OBJ_L2, ANCHOR,
             PREC, LOWP)
         tl.debug_barrier()
         # (2) eta and the decays from their logits (row sums with a), then the chain through T = (I + A)^-1:
-        # dA = -Tᵀ (Σ dX Xᵀ) for every product X = T Y. The tiles' addresses are formed here, not before the row
-        # tiles (which kept them live across those): 64-bit bases of the segment's rows, 32-bit offsets in the tile
-        md = offs_d < d
-        m2 = mt[:, None] & md[None, :]
-        out = offs_c[:, None] * d + offs_d[None, :]
-        base = (bh * T + start) * d
-        a_base = ((b * T + start) * H + h) * d
-        a_off = offs_c[:, None] * (H * d) + offs_d[None, :]
-        if HAS_MASK:
-            valid = tl.load(valid_ptr + b * T + start + offs_c, mask=mt, other=0.0)
-        else:
-            valid = tl.where(mt, 1.0, 0.0)
-        a = tl.load(a_ptr + a_base + a_off, mask=m2, other=0.0).to(tl.float32)
+        # dA = -Tᵀ (Σ dX Xᵀ) for every product X = T Y
+        a = tl.load(a_ptr + a_off, mask=m2, other=0.0).to(tl.float32)
         w_eta = tl.load(gc + 2 * d * d + offs_d, mask=md, other=0.0)
         w_alpha = tl.load(gc + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
         sig_eta = sigmoid(tl.sum(a * w_eta[None, :], 1) + b_eta)
         pre_alpha = tl.sum(a * w_alpha[None, :], 1) + b_alpha
         eta = eta_max * sig_eta * valid
         la = log_sigmoid(pre_alpha) * valid
-        # d eta / d logit and d la / d pre_alpha now, so that only these two of the row sums' vectors (in the wide
-        # layout of a's reductions) stay live through the chain
-        eta_f = valid * eta_max * sig_eta * (1.0 - sig_eta)
-        la_f = valid * sigmoid(-pre_alpha)
         lg = tl.cumsum(la, 0)
         kd_scale = eps * eta * tl.exp(lg - la)
         kappa = tl.exp(lg_end - lg)
-        k = tl.load(k_ptr + base + out, mask=m2, other=0.0)
+        k = tl.load(k_ptr + out, mask=m2, other=0.0)
         Tm = tl.load(tm + offs_c[:, None] * BC + offs_c[None, :])
         before = offs_c[None, :] < offs_c[:, None]
         dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
         dk_a, deta_a, dlg_a, dla_a = _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC)
-        dk = dk_a + tl.load(dk_ptr + base + out, mask=m2, other=0.0)
+        dk = dk_a + tl.load(dk_ptr + out, mask=m2, other=0.0)
         deta += deta_a + eps * tl.exp(lg - la) * dks
         c = kappa * dkt
         dlg = tl.load(dlg_ptr + row, mask=mt, other=0.0) + dlg_a + dks * kd_scale - c
@@ -1019,26 +999,24 @@ def _gen_bwd_kernel(
         dlg += tl.where(offs_c == L - 1, tl.sum(c, 0) + tl.exp(lg_end) * dgamma_end, 0.0)
         # la = logsigmoid(pre_alpha) valid: dla_s += Σ_{t >= s} dlg_t
         dla += tl.sum(dlg, 0) - tl.cumsum(dlg, 0) + dlg
-        dpre_alpha = dla * la_f
-        dpre_eta = deta * eta_f
+        dpre_alpha = dla * valid * sigmoid(-pre_alpha)
+        dpre_eta = deta * valid * eta_max * sig_eta * (1.0 - sig_eta)
         # k = k_raw / ||k_raw||: dk_raw = (dk - (k . dk) k) / ||k_raw|| (the norms from K1); likewise v
         knrm = tl.load(nrm_ptr + 2 * row, mask=mt, other=1.0)
         nn = tl.maximum(knrm, 1e-12)
         dk_raw = dk / nn[:, None] - tl.where(knrm > 1e-12, tl.sum(k * dk, 1) / nn, 0.0)[:, None] * k
-        dv = tl.load(dv_ptr + base + out, mask=m2, other=0.0)
+        dv = tl.load(dv_ptr + out, mask=m2, other=0.0)
         if VNORM:
-            v = tl.load(v_ptr + base + out, mask=m2, other=0.0)
+            v = tl.load(v_ptr + out, mask=m2, other=0.0)
             vnrm = tl.load(nrm_ptr + 2 * row + 1, mask=mt, other=1.0)
             vn = tl.maximum(vnrm, 1e-12)
             dv = dv / vn[:, None] - tl.where(vnrm > 1e-12, tl.sum(v * dv, 1) / vn, 0.0)[:, None] * v
         tl.debug_barrier()  # dk, dv: read above in another layout; acc: written by the tiles
-        tl.store(dk_ptr + base + out, dk_raw, mask=m2)
-        tl.store(dv_ptr + base + out, dv, mask=m2)
+        tl.store(dk_ptr + out, dk_raw, mask=m2)
+        tl.store(dv_ptr + out, dv, mask=m2)
         tl.store(deta_ptr + row, dpre_eta, mask=mt)
         tl.store(dla_ptr + row, dpre_alpha, mask=mt)
         flush = slot == n
-        # a read again (the opaque 0 keeps the compiler from reusing the first read, live through the chain)
-        a = tl.load(a_ptr + a_base + tl.program_id(1) + a_off, mask=m2, other=0.0).to(tl.float32)
         e_eta = tl.load(acc + 2 * d * d + offs_d, mask=md, other=0.0) + tl.sum(dpre_eta[:, None] * a, 0)
         e_alpha = tl.load(acc + (2 * d + 1) * d + offs_d, mask=md, other=0.0) + tl.sum(dpre_alpha[:, None] * a, 0)
         if flush:
@@ -1058,13 +1036,13 @@ def _gen_bwd_kernel(
             else:
                 src = dv_ptr
             for rt in range(0, NRT):
-                opq = (blk * NRT + rt + 2) * tl.program_id(1)  # 0; distinct from stage (2)'s reads of a
-                rloc = rt * BR + r_sq + opq
+                opq = (blk * NRT + rt) * tl.program_id(1)
+                rloc = rt * BR + r_sq
                 mr = rloc < d
-                dX = tl.load(src + base + (offs_c[:, None] * d + rloc[None, :]), mask=mt[:, None] & mr[None, :],
+                dX = tl.load(src + (row + opq)[:, None] * d + rloc[None, :], mask=mt[:, None] & mr[None, :],
                              other=0.0)
-                a = tl.load(a_ptr + a_base + opq + a_off, mask=m2, other=0.0).to(tl.float32)
-                xoff = blk * d * d + rloc[:, None] * d + offs_d[None, :]
+                a = tl.load(a_ptr + a_off + opq, mask=m2, other=0.0).to(tl.float32)
+                xoff = opq + blk * d * d + rloc[:, None] * d + offs_d[None, :]
                 xm = mr[:, None] & md[None, :]
                 dW = tl.load(acc + xoff, mask=xm, other=0.0) + mm(tl.trans(dX), a, PREC, LOWP)
                 if flush:
