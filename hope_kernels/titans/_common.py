@@ -55,9 +55,8 @@ def launch_options(kind: str, D: int) -> dict:
 
 
 def block_v(D: int) -> int:
-    """BV, the width of W's row tiles in the state-passing kernels: 32, or 16 at d = 128 (a 32 x 128 fp32 state tile
-    plus the chunk's operands spill at 8 warps: 32 B at 16 wide in fp32, 28 -> 0 B in K2 and 132 -> 36 B in B2 with
-    16-bit inputs)."""
+    """BV, the width of W's row tiles in the state-passing kernels: 32, or 16 at d = 128, where a 32 x 128 fp32 state
+    tile plus the chunk's operands spilled at 8 warps (K2 and B2, fp32 and 16-bit inputs; `make sm90-check`)."""
     return min(D, 16 if D > 64 else 32)
 
 
