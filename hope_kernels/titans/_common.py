@@ -54,10 +54,10 @@ def launch_options(kind: str, D: int) -> dict:
     return dict(num_warps=warps, num_stages=1)
 
 
-def block_v(D: int) -> int:
-    """BV, the width of W's row tiles in the state-passing kernels: 32, or 16 at d = 128, where a 32 x 128 fp32 state
-    tile plus the chunk's operands spilled at 8 warps (K2 and B2, fp32 and 16-bit inputs; `make sm90-check`)."""
-    return min(D, 16 if D > 64 else 32)
+def block_v(D: int, lowp: bool) -> int:
+    """BV, the width of W's row tiles in the state-passing kernels: 32, or 16 at d = 128 in fp32 (a 32 x 128 fp32
+    state tile plus the chunk's fp32 operands spill at 8 warps; with 16-bit operands 32 fits, `make sm90-check`)."""
+    return min(D, 16 if D > 64 and not lowp else 32)
 
 
 def block_sizes(d: int, chunk_size: int) -> tuple[int, int]:

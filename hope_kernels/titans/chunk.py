@@ -1167,7 +1167,7 @@ def _forward(q, a, zc, z, anchor, b_eta, b_alpha, valid, cfg, save: bool):
     nseg = num_segments(T, C, cfg["shift"])
     dev, f32 = q.device, torch.float32
     lowp = low_precision_dots(q.dtype)
-    BV = block_v(D)
+    BV = block_v(D, lowp)
     prec = dot_precision()
     zbuf = torch.empty(B * H, nseg + 1, R, d, device=dev, dtype=f32)
     zbuf[:, 0] = z.reshape(B * H, R, d)
@@ -1232,7 +1232,7 @@ def generating_backward(a, valid, gc_in, g, anchor, k, v, eta, lg, tmat, norms, 
            ANCHOR=anchor is not None, PREC=dot_precision(), LOWP=lowp, **launch_options("serial", D))
     # B4 left the gradients of k_raw, v_raw and of eta's and alpha's logits in dk, dv, deta and dla
     da = torch.empty_like(a)
-    BV = block_v(D)
+    BV = block_v(D, lowp)
     launch(_gen_da_kernel, (nseg, B * H, triton.cdiv(d, BV)),
            gc_in, g, dk, dv, deta, dla, da, *common, cfg["resid"], gc_in.stride(0), g.stride(0), g.stride(1),
            BC=cfg["BC"], D=D, BV=BV, PREC=dot_precision(), LOWP=lowp, **launch_options("tile", D))
@@ -1247,7 +1247,7 @@ def _backward(q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, norms, w
     BC, D = cfg["BC"], cfg["D"]
     dev, f32 = q.device, torch.float32
     lowp = low_precision_dots(q.dtype)
-    BV = block_v(D)
+    BV = block_v(D, lowp)
     prec = dot_precision()
     do = do.contiguous()
     dzc_end = (torch.zeros(B, H, R, d, device=dev, dtype=f32) if dzc_end is None else dzc_end.float()).reshape(B * H, R, d)
