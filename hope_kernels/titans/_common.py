@@ -110,11 +110,15 @@ def unit_lower_inverse(A, scratch, offs_c, BC: tl.constexpr, PREC: tl.constexpr)
     """T = (I + A)^-1 for A (BC, BC) strictly lower triangular, in fp32.
 
     The 16 x 16 diagonal blocks are inverted by forward substitution (all blocks at once, one row per step), then
-    merged: with D = (I + A_diag)^-1 and M = A_off D (strictly block-lower, M^(BC/16) = 0), I + A = (I + M)(I + A_diag)
-    and (I + A)^-1 = D (I + M)^-1 = D - (D - (D - ...) M) M: every step multiplies by the same M (one shared-memory
-    operand for the compiler to address, not one per step) and adds D in the product's accumulator. `scratch` is a
-    (BC, BC) fp32 buffer of this program; it holds T on return. Every step is exact algebra (no Neumann series of A
-    itself, whose terms grow binomially).
+    merged: with D = (I + A_diag)^-1 and M = D A_off (strictly block-lower, M^(BC/16) = 0), I + A = (I + A_diag)(I + M)
+    and (I + A)^-1 = (I + M)^-1 D = D - M (D - M (D - ...)): every step multiplies by the same M (one shared-memory
+    operand for the compiler to address, not one per step) and adds D in the product's accumulator. M is stored over
+    A_off in scratch and read back as the left operand, and the steps are a runtime loop: the compiler gives a dot
+    whose result feeds another dot of the same region (unrolled steps, or M straight from its product) the wide
+    [num_warps, 1] tensor-core layout, twice the registers of D and T at BC = 64 and 8 warps (offline sm_90a compile
+    of K1, benchmarks/sm90_check.py, d = 64, with K1's k read back: spill stores 120 -> 0 B fp32, 148 -> 0 B bf16).
+    `scratch` is a (BC, BC) fp32 buffer of this program; it holds T on return. Every step is exact algebra (no
+    Neumann series of A itself, whose terms grow binomially).
     """
     NB: tl.constexpr = BC // 16
     full = offs_c[:, None] * BC + offs_c[None, :]
@@ -139,10 +143,13 @@ def unit_lower_inverse(A, scratch, offs_c, BC: tl.constexpr, PREC: tl.constexpr)
     else:
         same = (offs_c[:, None] // 16) == (offs_c[None, :] // 16)
         Dm = tl.load(scratch + full, mask=same, other=0.0)
-        Mm = tl.dot(tl.load(scratch + full, mask=~same, other=0.0), Dm, input_precision=PREC)  # A_off: left in scratch
+        Mm = tl.dot(Dm, tl.load(scratch + full, mask=~same, other=0.0), input_precision=PREC)  # M = D A_off
+        tl.debug_barrier()  # every thread has read A_off
+        tl.store(scratch + full, Mm, mask=~same)  # M over A_off; D stays in the diagonal blocks
+        tl.debug_barrier()
         Tm = Dm
-        for _ in tl.static_range(NB - 1):
-            Tm = tl.dot(-Tm, Mm, acc=Dm, input_precision=PREC)
+        for _ in range(NB - 1):  # a runtime loop, M read back: see above
+            Tm = tl.dot(tl.load(scratch + full, mask=~same, other=0.0), -Tm, acc=Dm, input_precision=PREC)
         tl.debug_barrier()
         tl.store(scratch + full, Tm)
     return Tm

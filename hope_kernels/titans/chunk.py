@@ -249,7 +249,12 @@ def _gen_fwd_kernel(
         row = (bh * T + tok)
         tl.store(k_ptr + row[:, None] * d + offs_d[None, :], k, mask=m2)
         tl.store(v_ptr + row[:, None] * d + offs_d[None, :], v, mask=m2)  # v is not needed again in the scan
-        A, lg, lg_end = _delta_coefficients(k, eta, la, eps, offs_c, PREC)
+        # k read back for A and for K~ (after the inverse): k as computed is a product's result, which a later
+        # product of the same region would give the wide [num_warps, 1] layout, and it would stay live across the
+        # inverse (see `unit_lower_inverse`)
+        tl.debug_barrier()
+        A, lg, lg_end = _delta_coefficients(tl.load(k_ptr + row[:, None] * d + offs_d[None, :], mask=m2, other=0.0),
+                                            eta, la, eps, offs_c, PREC)
         tl.store(eta_ptr + row, eta, mask=mt)
         tl.store(lg_ptr + row, lg, mask=mt)
         tl.store(nrm_ptr + 2 * row, knrm, mask=mt)
@@ -257,6 +262,7 @@ def _gen_fwd_kernel(
         tm = tmat_ptr + (bh * NSEG + n) * BC * BC
         Tm = unit_lower_inverse(A, tm, offs_c, BC, PREC)
         # K~ = Tᵀ diag(kappa) K, kappa_t = gamma_L / gamma_t: the tiles' X_end = ... + Yᵀ K~ (`_gen_tile_fwd`)
+        k = tl.load(k_ptr + row[:, None] * d + offs_d[None, :], mask=m2, other=0.0)  # the inverse's barriers order it
         Kt = tl.dot(tl.trans(Tm), tl.exp(lg_end - lg)[:, None] * k, input_precision=PREC)
         tl.store(kt + offs_c[:, None] * D + offs_d[None, :], Kt)
         tl.debug_barrier()  # the row tiles read back k, v, eta, lg and K~, stored above by other threads
