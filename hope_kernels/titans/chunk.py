@@ -271,11 +271,7 @@ def _gen_fwd_kernel(
         # segment's k, v, eta, lg and K~ back per tile, with addresses that depend on the tile through `opq` (always
         # 0: the grid is 1-D): otherwise the compiler interleaves the tiles or hoists their loop-invariant (BC, D)
         # tiles out of the loop. A single tile body also keeps one set of the tensor-core operand descriptors, which
-        # the compiler holds across the whole scan. Offline sm_90a compile (benchmarks/sm90_check.py), spill stores
-        # per thread: 3.1 -> 1.1 KB at d = 64 fp32 and 3.8 -> 0.7 KB bf16 (11.2 -> 6.6 KB and 9.5 -> 3.7 KB at
-        # d = 128) with this loop; then 1076 -> 40 B fp32 and 692 -> 84 B bf16 (6564 -> 2944 B and 3736 -> 3204 B)
-        # with K~, the w_eta / w_alpha rows in the loop, 32-row tiles, the identity-free reads stored before A is
-        # formed, and the inverse's fixed right operand (`unit_lower_inverse`).
+        # the compiler holds across the whole scan (figures: benchmarks/NOTES.md, results/sm90_check.md).
         NRT: tl.constexpr = D // BR
         for t in range(0, 2 * NRT + 1):
             blk = t // NRT
@@ -576,21 +572,17 @@ def _main_state_bwd_kernel(
 
 
 @device_fn
-def _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC: tl.constexpr, ONE_DOT: tl.constexpr = False):
+def _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC: tl.constexpr):
     """Gradients through A[t,j] = eps eta_t exp(lg_{t-1} - lg_j) k_j.k_t (j < t) given dA (already strictly lower):
     returns dk, deta, dlg, dla. lg_{t-1} = lg_t - la_t routes the row terms to lg_t and (minus) la_t. dk = dKK k +
-    dKKᵀ k is one product of dKK + dKKᵀ with ONE_DOT (B3': as a pair the first product's result feeds the second,
-    which gives it the chained dots' wider layout and spilled there), else two (B4 and the deep backward compile
-    better with the pair)."""
+    dKKᵀ k is formed as one product of dKK + dKKᵀ: as a pair, the first product's result feeds the second, which
+    gives it the chained dots' wider layout (`benchmarks/NOTES.md`, spills of B3', B4 and the deep backward)."""
     lgb = lg - la
     before = offs_c[None, :] < offs_c[:, None]
     F_ = tl.where(before, eps * tl.exp(tl.where(before, lgb[:, None] - lg[None, :], 0.0)), 0.0)
     kk = tl.dot(k, tl.trans(k), input_precision=PREC)
     dKK = eta[:, None] * F_ * dA
-    if ONE_DOT:
-        dk = tl.dot(dKK + tl.trans(dKK), k, input_precision=PREC)
-    else:
-        dk = tl.dot(dKK, k, input_precision=PREC) + tl.dot(tl.trans(dKK), k, input_precision=PREC)
+    dk = tl.dot(dKK + tl.trans(dKK), k, input_precision=PREC)
     deta = tl.sum(dA * F_ * kk, 1)
     GA = dKK * kk  # = dA ⊙ A
     row = tl.sum(GA, 1)
@@ -705,7 +697,7 @@ def _main_wy_bwd_kernel(
     eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
     lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
     lgb = _lg_before(lg_ptr, bh, T, start, offs_c, mt)
-    dk_a, deta, dlg, dla = _tri_chain(dA, k, eta, lg, lg - lgb, eps, offs_c, PREC, True)
+    dk_a, deta, dlg, dla = _tri_chain(dA, k, eta, lg, lg - lgb, eps, offs_c, PREC)
     dYw = tl.dot(tl.trans(Tm), dwp, input_precision=PREC)
     # Kd = diag(eps eta_t gamma_{t-1}) K
     kd_scale = eps * eta * tl.exp(lgb)
@@ -1117,9 +1109,9 @@ def _config(d: int, chunk_size: int, adaptive_chunk_size: Optional[int], positio
                 OBJ_L2=objective == "l2", VALUE=memory_target == "value", VNORM=ref["value_norm"],
                 ANCHOR=ref["anchored"], GUARD=ref["curvature_guard"],
                 ad=(bool(rows[d]), bool(rows[2 * d]), bool(rows[3 * d]), bool(rows[3 * d + 1])),
-                # BR: K1's row tiles (`_gen_fwd_kernel`); BW: the column tiles of u' and w' (`_main_prep_kernel`);
-                # BWA: those of the anchor's backward (`_main_anchor_bwd_kernel`)
-                D=D, BC=BC, BR=min(D, 32), BW=min(D, 64), BWA=min(D, 32))
+                # BR: K1's row tiles (`_gen_fwd_kernel`); BW: the column tiles of u', w' and the anchor's terms
+                # (`_main_prep_kernel`, `_main_anchor_fwd_kernel`, `_main_anchor_bwd_kernel`)
+                D=D, BC=BC, BR=min(D, 32), BW=min(D, 64))
 
 
 def _anchor_arg(anchor: Optional[Tensor], fallback: Tensor) -> tuple[Tensor, int]:
@@ -1290,12 +1282,12 @@ def _backward(q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, norms, w
            zc.stride(0), cfg["eps"], cfg["resid"], BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=prec,
            LOWP=lowp, **launch_options("tile", D))
     if ANCHOR:
-        # W_A's columns in BWA = 32 wide tiles (sm90_check at d = 128: 64 wide spilled 720 B fp32, 388 B bf16)
-        nw = triton.cdiv(d, cfg["BWA"])
+        # W_A's columns in BW-wide tiles: at d = 128 the three d x d tiles of one program spilled
+        nw = triton.cdiv(d, cfg["BW"])
         rows = torch.empty(nw, 3, B * H, T, device=dev, dtype=f32)  # each column tile's part of deta, dlg, dla
         launch(_main_anchor_bwd_kernel, (nseg, B * H, nw),
                q, k, eta, lg, tmat, do, dvn, anc, dq32, dq, dk, rows, dwbuf, T, H, cfg["C"], shift, nseg, d,
-               cfg["eps"], anc_h, B * H * T, BC=BC, D=D, BW=cfg["BWA"], PREC=prec, LOWP=lowp,
+               cfg["eps"], anc_h, B * H * T, BC=BC, D=D, BW=cfg["BW"], PREC=prec, LOWP=lowp,
                **launch_options("tile", D))
         rows = rows.sum(0)  # over the tiles, in a fixed order
         deta += rows[0]
