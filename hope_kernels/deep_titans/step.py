@@ -7,7 +7,8 @@ eta' = eta / max(1, N) (memory_curvature_guard; N the curvature of `curvature_sc
     W2_t = W2_A + alpha (W2_{t-1} - W2_A) - eps eta W2_{t-1} k kᵀ - eta' g kᵀ,
     W1_t = W1_A + alpha (W1_{t-1} - W1_A) - eta' e silu(p)ᵀ,            o_t = q_t + W1_t silu(W2_t q_t),
 with the anchors (W1_A, W2_A) = (W1_0, W2_0) under memory_retention="init" and 0 under "zero", and the chunk starts
-moved when the token completes a chunk. One program per (batch, head), fp32; no autograd.
+moved when the token completes a chunk. One program per (batch, head), the d x h states in tiles of hidden units;
+fp32; no autograd.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def _deep_step_kernel(
     q_ptr, a_ptr, valid_ptr, zc_ptr, z_ptr, w1c_ptr, w1_ptr, w2c_ptr, w2_ptr, ga_ptr, a1_ptr, a2_ptr,
     zc_out_ptr, z_out_ptr, w1c_out_ptr, w1_out_ptr, w2c_out_ptr, w2_out_ptr, o_ptr, b_eta_ptr, b_alpha_ptr,
     H, d, hd, eta_max, eps, resid, move_w, move_g,
-    D: tl.constexpr, HD: tl.constexpr, BR: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr,
+    D: tl.constexpr, BF: tl.constexpr, BR: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr,
     AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr, HAS_MASK: tl.constexpr,
     VNORM: tl.constexpr, ANCHOR: tl.constexpr, GUARD: tl.constexpr,
 ):
@@ -50,9 +51,7 @@ def _deep_step_kernel(
     h = bh % H
     G = 2 * d + 2
     offs_d = tl.arange(0, D)
-    offs_h = tl.arange(0, HD)
     md = offs_d < d
-    mh = offs_h < hd
     q = tl.load(q_ptr + bh * d + offs_d, mask=md, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + bh * d + offs_d, mask=md, other=0.0).to(tl.float32)
     if HAS_MASK:
@@ -70,7 +69,7 @@ def _deep_step_kernel(
         step_rows(zc, z_ptr + bh * G * d, zc_out_ptr + bh * G * d, z_out_ptr + bh * G * d, ga_ptr + h * G * d, o_ptr,
                   r0, d, d, k, v, u, q, eta, alpha, eps, resid, move_w, move_g, offs_d, md, BR, OBJ_L2, False, AD_K,
                   AD_V, AD_E, AD_A, ANCHOR)
-    # 32-bit tile offsets from per-(b, h) base pointers: 64-bit (D, HD) offsets took the registers that spilled
+    # 32-bit tile offsets from per-(b, h) base pointers: 64-bit tile offsets took the registers that spilled
     w1c_ptr += bh * d * hd
     w1_ptr += bh * d * hd
     w2c_ptr += bh * d * hd
@@ -79,46 +78,64 @@ def _deep_step_kernel(
     w1_out_ptr += bh * d * hd
     w2c_out_ptr += bh * d * hd
     w2_out_ptr += bh * d * hd
-    w1off = offs_d[:, None] * hd + offs_h[None, :]
-    w2off = offs_h[:, None] * d + offs_d[None, :]
-    w1m = md[:, None] & mh[None, :]
-    w2m = mh[:, None] & md[None, :]
-    W1c = tl.load(w1c_ptr + w1off, mask=w1m, other=0.0)
-    W2c = tl.load(w2c_ptr + w2off, mask=w2m, other=0.0)
-    p = tl.sum(W2c * k[None, :], 1)
-    s = p * sigmoid(p)
-    if VALUE:
-        target = v
-    else:
-        pv = tl.sum(W2c * v[None, :], 1)
-        target = v + tl.sum(W1c * (pv * sigmoid(pv))[None, :], 1)
+    a1_ptr += h * d * hd
+    a2_ptr += h * d * hd
+    # The d x h states go in BF-wide tiles of the hidden units f, twice: whole states (four of them live at once)
+    # spilled at d = h = 128. Pass 1 reads the chunk start (theta_c) into d-vectors and the guard's N, which every
+    # hidden unit's write needs; pass 2 recomputes its tile's p, silu(p), g and writes both states.
+    acc_e = tl.zeros([D], tl.float32)  # W1_c silu(p)
+    acc_t = tl.zeros([D], tl.float32)  # W1_c silu(W2_c v), the self target's read
+    acc_n = tl.zeros([BF], tl.float32)
+    for f0 in range(0, hd, BF):
+        offs_f = f0 + tl.arange(0, BF)
+        mf = offs_f < hd
+        W2c = tl.load(w2c_ptr + offs_f[:, None] * d + offs_d[None, :], mask=mf[:, None] & md[None, :], other=0.0)
+        W1c = tl.load(w1c_ptr + offs_d[:, None] * hd + offs_f[None, :], mask=md[:, None] & mf[None, :], other=0.0)
+        p = tl.sum(W2c * k[None, :], 1)
+        s = p * sigmoid(p)
+        acc_e += tl.sum(W1c * s[None, :], 1)
+        if not VALUE:
+            pv = tl.sum(W2c * v[None, :], 1)
+            acc_t += tl.sum(W1c * (pv * sigmoid(pv))[None, :], 1)
+        if GUARD:  # N = ||silu(p)||² + Σ_f silu'(p_f)² ||W1_c[:, f]||²
+            sg = silu_grad(p)
+            acc_n += s * s + sg * sg * tl.sum(W1c * W1c, 0)
+    target = v + acc_t
     if OBJ_L2:
-        e = k + tl.sum(W1c * s[None, :], 1) - target
+        e = k + acc_e - target
     else:
         e = -target
-    sg = silu_grad(p)
-    g = sg * tl.sum(W1c * e[:, None], 0)
-    if GUARD:  # N = ||silu(p)||² + Σ_f silu'(p_f)² ||W1_c[:, f]||²
-        eta_m = eta / tl.maximum(tl.sum(s * s, 0) + tl.sum(sg * sg * tl.sum(W1c * W1c, 0), 0), 1.0)
+    if GUARD:
+        eta_m = eta / tl.maximum(tl.sum(acc_n, 0), 1.0)
     else:
         eta_m = eta
-    # W2 first (its read, its stores), then W1: one d x h state live at a time besides the chunk start
-    W2 = tl.load(w2_ptr + w2off, mask=w2m, other=0.0)
-    W2 = alpha * W2 - (eps * eta * tl.sum(W2 * k[None, :], 1) + eta_m * g)[:, None] * k[None, :]
-    if ANCHOR:
-        W2 += (1.0 - alpha) * tl.load(a2_ptr + h * d * hd + offs_h[:, None] * d + offs_d[None, :], mask=w2m,
-                                      other=0.0)
-    hid = tl.sum(W2 * q[None, :], 1)
-    tl.store(w2_out_ptr + w2off, W2, mask=w2m)
-    tl.store(w2c_out_ptr + w2off, tl.where(move_w != 0, W2, W2c), mask=w2m)
-    W1 = alpha * tl.load(w1_ptr + w1off, mask=w1m, other=0.0) - eta_m * e[:, None] * s[None, :]
-    if ANCHOR:
-        W1 += (1.0 - alpha) * tl.load(a1_ptr + h * d * hd + offs_d[:, None] * hd + offs_h[None, :], mask=w1m,
-                                      other=0.0)
-    o = q + tl.sum(W1 * (hid * sigmoid(hid))[None, :], 1)  # the read after the token's update
+    o = q
+    for f0 in range(0, hd, BF):
+        offs_f = f0 + tl.arange(0, BF)
+        mf = offs_f < hd
+        w2off = offs_f[:, None] * d + offs_d[None, :]
+        w1off = offs_d[:, None] * hd + offs_f[None, :]
+        w2m = mf[:, None] & md[None, :]
+        w1m = md[:, None] & mf[None, :]
+        W2c = tl.load(w2c_ptr + w2off, mask=w2m, other=0.0)
+        W1c = tl.load(w1c_ptr + w1off, mask=w1m, other=0.0)
+        p = tl.sum(W2c * k[None, :], 1)
+        s = p * sigmoid(p)
+        g = silu_grad(p) * tl.sum(W1c * e[:, None], 0)
+        W2 = tl.load(w2_ptr + w2off, mask=w2m, other=0.0)
+        W2 = alpha * W2 - (eps * eta * tl.sum(W2 * k[None, :], 1) + eta_m * g)[:, None] * k[None, :]
+        if ANCHOR:
+            W2 += (1.0 - alpha) * tl.load(a2_ptr + w2off, mask=w2m, other=0.0)
+        hid = tl.sum(W2 * q[None, :], 1)
+        tl.store(w2_out_ptr + w2off, W2, mask=w2m)
+        tl.store(w2c_out_ptr + w2off, tl.where(move_w != 0, W2, W2c), mask=w2m)
+        W1 = alpha * tl.load(w1_ptr + w1off, mask=w1m, other=0.0) - eta_m * e[:, None] * s[None, :]
+        if ANCHOR:
+            W1 += (1.0 - alpha) * tl.load(a1_ptr + w1off, mask=w1m, other=0.0)
+        o += tl.sum(W1 * (hid * sigmoid(hid))[None, :], 1)  # the read after the token's update
+        tl.store(w1_out_ptr + w1off, W1, mask=w1m)
+        tl.store(w1c_out_ptr + w1off, tl.where(move_w != 0, W1, W1c), mask=w1m)
     tl.store(o_ptr + bh * d + offs_d, o.to(o_ptr.dtype.element_ty), mask=md)
-    tl.store(w1_out_ptr + w1off, W1, mask=w1m)
-    tl.store(w1c_out_ptr + w1off, tl.where(move_w != 0, W1, W1c), mask=w1m)
 
 
 def titans_deep_memory_step_triton(
@@ -178,7 +195,7 @@ def titans_deep_memory_step_triton(
            b_eta.detach().float().contiguous(), b_alpha.detach().float().contiguous(), H, d, hd, float(eta_max),
            1.0 if dgd else 0.0, 1.0 if memory_residual else 0.0, int((position + 1) % chunk_size == 0),
            int((position + 1) % ca == 0),
-           D=D, HD=max(16, next_pow2(hd)), BR=min(D, 32), OBJ_L2=objective == "l2", VALUE=memory_target == "value",
+           D=D, BF=min(32, max(16, next_pow2(hd))), BR=min(D, 32), OBJ_L2=objective == "l2", VALUE=memory_target == "value",
            AD_K=bool(rows[d]), AD_V=bool(rows[2 * d]), AD_E=bool(rows[3 * d]), AD_A=bool(rows[3 * d + 1]),
            HAS_MASK=valid is not None, VNORM=ref["value_norm"], ANCHOR=ref["anchored"], GUARD=ref["curvature_guard"],
            **launch_options("deep_step", D))

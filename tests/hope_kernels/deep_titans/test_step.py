@@ -52,6 +52,7 @@ def assert_states(st, ref, what=""):
     (dict(memory_residual=False, adaptive=("k", "alpha")), 24, 20),  # several row tiles, odd h; the guard binds
     (dict(memory_retention="zero", memory_value_norm=False), 16, 16),
     (dict(memory_curvature_guard=False), 24, 20),
+    (dict(), 24, 40),  # two hidden-unit tiles (BF = 32), the second part masked
 ])
 def test_step_matches_reference_step(kw, d, h):
     """Batch row 1 masked; positions inside a chunk, at a chunk's last token and at an adaptive chunk's last."""
