@@ -572,21 +572,28 @@ def _main_state_bwd_kernel(
 
 
 @device_fn
-def _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC: tl.constexpr):
-    """Gradients through A[t,j] = eps eta_t exp(lg_{t-1} - lg_j) k_j.k_t (j < t) given dA (already strictly lower):
-    returns dk, deta, dlg, dla. lg_{t-1} = lg_t - la_t routes the row terms to lg_t and (minus) la_t. dk = dKK k +
-    dKKᵀ k is formed as one product of dKK + dKKᵀ: as a pair, the first product's result feeds the second, which
-    gives it the chained dots' wider layout (`benchmarks/NOTES.md`, spills of B3', B4 and the deep backward)."""
+def _tri_rows(dA, kk, eta, lg, la, eps, offs_c):
+    """Gradients through A[t,j] = eps eta_t exp(lg_{t-1} - lg_j) k_j.k_t (j < t) given dA (already strictly lower)
+    and kk = K Kᵀ: returns dKK + dKKᵀ (dk = (dKK + dKKᵀ) k), deta, dlg, dla. lg_{t-1} = lg_t - la_t routes the row
+    terms to lg_t and (minus) la_t."""
     lgb = lg - la
     before = offs_c[None, :] < offs_c[:, None]
     F_ = tl.where(before, eps * tl.exp(tl.where(before, lgb[:, None] - lg[None, :], 0.0)), 0.0)
-    kk = tl.dot(k, tl.trans(k), input_precision=PREC)
     dKK = eta[:, None] * F_ * dA
-    dk = tl.dot(dKK + tl.trans(dKK), k, input_precision=PREC)
     deta = tl.sum(dA * F_ * kk, 1)
     GA = dKK * kk  # = dA ⊙ A
     row = tl.sum(GA, 1)
-    return dk, deta, row - tl.sum(GA, 0), -row
+    return dKK + tl.trans(dKK), deta, row - tl.sum(GA, 0), -row
+
+
+@device_fn
+def _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC: tl.constexpr):
+    """`_tri_rows` with k whole: returns dk, deta, dlg, dla. dk is one product of dKK + dKKᵀ: as a pair, the first
+    product's result feeds the second, which gives it the chained dots' wider layout (`benchmarks/NOTES.md`, spills
+    of B4 and the deep backward)."""
+    kk = tl.dot(k, tl.trans(k), input_precision=PREC)
+    dKKs, deta, dlg, dla = _tri_rows(dA, kk, eta, lg, la, eps, offs_c)
+    return tl.dot(dKKs, k, input_precision=PREC), deta, dlg, dla
 
 
 @triton.jit
@@ -666,85 +673,119 @@ def _main_wy_bwd_kernel(
     k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, wp_ptr, up_ptr, dv_ptr, dwp_ptr, wc_ptr,
     dk_ptr, dvx_ptr, deta_ptr, dlg_ptr, dla_ptr, dwc_ptr,
     T, C, shift, NSEG, d, wc_bh, eps, resid,
-    BC: tl.constexpr, D: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, PREC: tl.constexpr,
-    LOWP: tl.constexpr,
+    BC: tl.constexpr, D: tl.constexpr, BW: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr,
+    PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """B3', parallel over (segment, batch-head): the main memory's gradient through w' = T (Kd - P) (first segment:
     T Kd), u' = T (V0 [+ P W_cᵀ]) and T = (I + A)^-1, added to B3's dk, dlg; writes dv, deta, dla (and dW_c of the
-    first segment)."""
+    first segment). The (BC, d) tiles go in BW-wide column tiles, twice: the C x C products (dA's M and K Kᵀ) sum
+    over every column before any column's gradient; whole tiles spilled at d = 128."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_c = tl.arange(0, BC)
-    offs_d = tl.arange(0, D)
-    md = offs_d < d
     start, L = _segment(n, C, shift, T)
     mt = offs_c < L
-    m2 = mt[:, None] & md[None, :]
     row = bh * T + start + offs_c
-    # the segment's (BC, D) tiles of the (BH, T, d) buffers: a 64-bit base, 32-bit offsets within the tile
+    # the segment's tiles of the (BH, T, d) buffers: a 64-bit base, 32-bit offsets within the tile
     base = (bh * T + start) * d
-    out = offs_c[:, None] * d + offs_d[None, :]
-    # first through T = (I + A)^-1, while no other tile is live: dA = -Tᵀ Σ dX Xᵀ over the products X = T Y
-    # (w', u'); the operands stay in shared memory for dY = Tᵀ dX below
     Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + (offs_c[:, None] * BC + offs_c[None, :]))
-    dwp = tl.load(dwp_ptr + base + out, mask=m2, other=0.0)
-    dup = tl.load(dv_ptr + base + out, mask=m2, other=0.0)
-    M = tl.dot(dwp, tl.trans(tl.load(wp_ptr + base + out, mask=m2, other=0.0)), input_precision=PREC)
-    M += tl.dot(dup, tl.trans(tl.load(up_ptr + base + out, mask=m2, other=0.0)), input_precision=PREC)
+    # through T = (I + A)^-1: dA = -Tᵀ Σ dX Xᵀ over the products X = T Y (w', u'), and K Kᵀ for A's own gradient
+    M = tl.zeros([BC, BC], dtype=tl.float32)
+    kk = tl.zeros([BC, BC], dtype=tl.float32)
+    for c0 in range(0, d, BW):
+        cols = c0 + tl.arange(0, BW)
+        m2 = mt[:, None] & (cols < d)[None, :]
+        out = offs_c[:, None] * d + cols[None, :]
+        M += tl.dot(tl.load(dwp_ptr + base + out, mask=m2, other=0.0),
+                    tl.trans(tl.load(wp_ptr + base + out, mask=m2, other=0.0)), input_precision=PREC)
+        M += tl.dot(tl.load(dv_ptr + base + out, mask=m2, other=0.0),
+                    tl.trans(tl.load(up_ptr + base + out, mask=m2, other=0.0)), input_precision=PREC)
+        kc = tl.load(k_ptr + base + out, mask=m2, other=0.0)
+        kk += tl.dot(kc, tl.trans(kc), input_precision=PREC)
     before = offs_c[None, :] < offs_c[:, None]
     dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
-    k = tl.load(k_ptr + base + out, mask=m2, other=0.0)
     eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
     lg = tl.load(lg_ptr + row, mask=mt, other=0.0)
     lgb = _lg_before(lg_ptr, bh, T, start, offs_c, mt)
-    dk_a, deta, dlg, dla = _tri_chain(dA, k, eta, lg, lg - lgb, eps, offs_c, PREC)
-    dYw = tl.dot(tl.trans(Tm), dwp, input_precision=PREC)
-    # Kd = diag(eps eta_t gamma_{t-1}) K
-    kd_scale = eps * eta * tl.exp(lgb)
-    dk = tl.load(dk_ptr + base + out, mask=m2, other=0.0) + dk_a + kd_scale[:, None] * dYw
-    dks = tl.sum(dYw * k, 1)
-    deta += eps * tl.exp(lgb) * dks
-    dlg += dks * kd_scale + tl.load(dlg_ptr + row, mask=mt, other=0.0)
-    dla -= dks * kd_scale
-    dYu = tl.dot(tl.trans(Tm), dup, input_precision=PREC)
-    v = tl.load(v_ptr + base + out, mask=m2, other=0.0)
-    if n == 0:
-        boff = offs_d[:, None] * d + offs_d[None, :]
-        bm = md[:, None] & md[None, :]
-        Wc = tl.load(wc_ptr + bh * wc_bh + boff, mask=bm, other=0.0)
-        dP = mm(dYu, Wc, PREC, LOWP)
-    else:
-        dP = -dYw
-    dV0 = dYu
-    dv = v * 0.0
-    if VALUE:
-        if OBJ_L2:  # V0 = -eta (r k - v), P = -eta k
-            dk -= eta[:, None] * (resid * dV0 + dP)
-            dv += eta[:, None] * dV0
-            deta -= tl.sum(dV0 * (resid * k - v), 1) + tl.sum(dP * k, 1)
-        else:  # V0 = eta v
-            dv += eta[:, None] * dV0
-            deta += tl.sum(dV0 * v, 1)
-    else:  # V0 = -eta r U, P = -eta U
-        if OBJ_L2:
-            U = k - v
+    dKKs, deta, dlg, dla = _tri_rows(dA, kk, eta, lg, lg - lgb, eps, offs_c)
+    dlg += tl.load(dlg_ptr + row, mask=mt, other=0.0)
+    kd_scale = eps * eta * tl.exp(lgb)  # Kd = diag(eps eta_t gamma_{t-1}) K
+    if n == 0:  # dU' W_c, parked in dv's tiles (read back, as a dot operand, before dv overwrites them): as a row
+        # loop inside the column loop below it spilled
+        for c0 in range(0, d, BW):
+            cols = c0 + tl.arange(0, BW)
+            mc = cols < d
+            dUW = tl.zeros([BC, BW], dtype=tl.float32)
+            for r0 in range(0, d, BW):
+                rws = r0 + tl.arange(0, BW)
+                mr = rws < d
+                dUW += mm(tl.load(dv_ptr + base + (offs_c[:, None] * d + rws[None, :]),
+                                  mask=mt[:, None] & mr[None, :], other=0.0),
+                          tl.load(wc_ptr + bh * wc_bh + (rws[:, None] * d + cols[None, :]),
+                                  mask=mr[:, None] & mc[None, :], other=0.0), PREC, LOWP)
+            tl.store(dvx_ptr + base + (offs_c[:, None] * d + cols[None, :]), dUW, mask=mt[:, None] & mc[None, :])
+        tl.debug_barrier()
+    for c0 in range(0, d, BW):
+        cols = c0 + tl.arange(0, BW)
+        mc = cols < d
+        m2 = mt[:, None] & mc[None, :]
+        out = offs_c[:, None] * d + cols[None, :]
+        k = tl.load(k_ptr + base + out, mask=m2, other=0.0)
+        dYw = tl.dot(tl.trans(Tm), tl.load(dwp_ptr + base + out, mask=m2, other=0.0), input_precision=PREC)
+        dk = (tl.load(dk_ptr + base + out, mask=m2, other=0.0) + tl.dot(dKKs, k, input_precision=PREC)
+              + kd_scale[:, None] * dYw)
+        dks = tl.sum(dYw * k, 1)
+        deta += eps * tl.exp(lgb) * dks
+        dlg += dks * kd_scale
+        dla -= dks * kd_scale
+        dYu = tl.dot(tl.trans(Tm), tl.load(dv_ptr + base + out, mask=m2, other=0.0), input_precision=PREC)
+        if n == 0:  # dP = dY_u W_c = Tᵀ (dU' W_c)
+            dP = tl.dot(tl.trans(Tm), tl.load(dvx_ptr + base + out, mask=m2, other=0.0), input_precision=PREC)
         else:
-            U = -v
-        dUs = resid * dV0 + dP
-        deta -= tl.sum(dUs * U, 1)
-        dU = -eta[:, None] * dUs
-        if OBJ_L2:
-            dk += dU
-        dv -= dU
-    tl.store(dk_ptr + base + out, dk, mask=m2)
-    tl.store(dvx_ptr + base + out, dv, mask=m2)
+            dP = -dYw
+        dV0 = dYu
+        v = tl.load(v_ptr + base + out, mask=m2, other=0.0)
+        dv = v * 0.0
+        if VALUE:
+            if OBJ_L2:  # V0 = -eta (r k - v), P = -eta k
+                dk -= eta[:, None] * (resid * dV0 + dP)
+                dv += eta[:, None] * dV0
+                deta -= tl.sum(dV0 * (resid * k - v), 1) + tl.sum(dP * k, 1)
+            else:  # V0 = eta v
+                dv += eta[:, None] * dV0
+                deta += tl.sum(dV0 * v, 1)
+        else:  # V0 = -eta r U, P = -eta U
+            if OBJ_L2:
+                U = k - v
+            else:
+                U = -v
+            dUs = resid * dV0 + dP
+            deta -= tl.sum(dUs * U, 1)
+            dU = -eta[:, None] * dUs
+            if OBJ_L2:
+                dk += dU
+            dv -= dU
+        tl.store(dk_ptr + base + out, dk, mask=m2)
+        tl.store(dvx_ptr + base + out, dv, mask=m2)
     tl.store(deta_ptr + row, deta, mask=mt)
     tl.store(dlg_ptr + row, dlg, mask=mt)
     tl.store(dla_ptr + row, dla, mask=mt)
-    if n == 0:  # dW_c = dY_uᵀ P once the other tiles are stored (P's eta read again, not kept live)
-        _, P = _main_writes(k, v, tl.load(eta_ptr + row, mask=mt, other=0.0), resid, OBJ_L2, VALUE)
-        boff = offs_d[:, None] * d + offs_d[None, :]
-        tl.store(dwc_ptr + bh * d * d + boff, mm(tl.trans(dYu), P, PREC, LOWP), mask=md[:, None] & md[None, :])
+    if n == 0:  # dW_c = dY_uᵀ P = dU'ᵀ (T P), in (BW, BW) tiles
+        for c0 in range(0, d, BW):
+            cols = c0 + tl.arange(0, BW)
+            mc = cols < d
+            m2 = mt[:, None] & mc[None, :]
+            out = offs_c[:, None] * d + cols[None, :]
+            _, P = _main_writes(tl.load(k_ptr + base + out, mask=m2, other=0.0),
+                                tl.load(v_ptr + base + out, mask=m2, other=0.0), eta, resid, OBJ_L2, VALUE)
+            TP = tl.dot(Tm, P, input_precision=PREC)
+            for r0 in range(0, d, BW):
+                rws = r0 + tl.arange(0, BW)
+                mr = rws < d
+                dup = tl.load(dv_ptr + base + (offs_c[:, None] * d + rws[None, :]), mask=mt[:, None] & mr[None, :],
+                              other=0.0)
+                tl.store(dwc_ptr + bh * d * d + (rws[:, None] * d + cols[None, :]), mm(tl.trans(dup), TP, PREC, LOWP),
+                         mask=mr[:, None] & mc[None, :])
 
 
 @triton.jit
@@ -1109,8 +1150,8 @@ def _config(d: int, chunk_size: int, adaptive_chunk_size: Optional[int], positio
                 OBJ_L2=objective == "l2", VALUE=memory_target == "value", VNORM=ref["value_norm"],
                 ANCHOR=ref["anchored"], GUARD=ref["curvature_guard"],
                 ad=(bool(rows[d]), bool(rows[2 * d]), bool(rows[3 * d]), bool(rows[3 * d + 1])),
-                # BR: K1's row tiles (`_gen_fwd_kernel`); BW: the column tiles of u', w' and the anchor's terms
-                # (`_main_prep_kernel`, `_main_anchor_fwd_kernel`, `_main_anchor_bwd_kernel`)
+                # BR: K1's row tiles (`_gen_fwd_kernel`); BW: the column tiles of u', w', the anchor's terms and B3'
+                # (`_main_prep_kernel`, `_main_anchor_fwd_kernel`, `_main_anchor_bwd_kernel`, `_main_wy_bwd_kernel`)
                 D=D, BC=BC, BR=min(D, 32), BW=min(D, 64))
 
 
@@ -1279,8 +1320,8 @@ def _backward(q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, norms, w
            zbuf.stride(1), cfg["resid"], BC=BC, D=D, BV=BV, PREC=prec, LOWP=lowp, **launch_options("tile", D))
     launch(_main_wy_bwd_kernel, (nseg, B * H),
            k, v, eta, lg, tmat, wp, up, dvn, dwp, zc, dk, dv, deta, dlg, dla, dwc, T, cfg["C"], shift, nseg, d,
-           zc.stride(0), cfg["eps"], cfg["resid"], BC=BC, D=D, OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], PREC=prec,
-           LOWP=lowp, **launch_options("tile", D))
+           zc.stride(0), cfg["eps"], cfg["resid"], BC=BC, D=D, BW=cfg["BW"], OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"],
+           PREC=prec, LOWP=lowp, **launch_options("tile", D))
     if ANCHOR:
         # W_A's columns in BW-wide tiles: at d = 128 the three d x d tiles of one program spilled
         nw = triton.cdiv(d, cfg["BW"])

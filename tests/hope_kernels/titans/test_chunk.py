@@ -191,7 +191,7 @@ def test_real_size(rule):
                          ids=["defaults-d24", "literal-d32"])
 def test_row_tiles_narrower_than_the_head_dim(case, monkeypatch):
     """K1 and B4 cut the generating state into row tiles of BR < D rows at d = 128 (and B4's stage 3 too), and the
-    forward's u', w' kernels and the anchor's backward B3a cut their columns into tiles of BW < D, which the
+    forward's u', w' kernels and the anchor's backward B3a and B3' cut their columns into tiles of BW < D, which the
     interpreter's head dims (D <= 64, one tile) never reach: force BR = BW = 16 at D = 32, two tiles per block
     (the second partly masked at d = 24), every gradient."""
     from hope_kernels.titans import chunk
