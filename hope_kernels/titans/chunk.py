@@ -121,28 +121,53 @@ def _gc_slot(n, C, CA, pos, shift, T):
 
 
 @device_fn
-def _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d, md, PREC: tl.constexpr,
-               LOWP: tl.constexpr, VNORM: tl.constexpr):
+def _gen_reads(a, a_row, valid, gc, k_row, v_row, mt, b_eta, b_alpha, eta_max, resid, d, offs_d, md,
+               BC: tl.constexpr, D: tl.constexpr, BW: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+               VNORM: tl.constexpr):
     """k, v, eta, log alpha of a segment's tokens from the chunk-start generating memories gc (Eq. 90, residual;
-    v l2-normalised with `memory_value_norm`), and the norms of the unnormalised k and v (for the backward). The
-    residual's identity is added after the product, a (W + r I)ᵀ = a Wᵀ + r a: no (D, D) identity tile, which the
+    v l2-normalised with `memory_value_norm`), and the norms of the unnormalised k and v (for the backward). k and v
+    go to their buffers (rows k_row, v_row: (BC,) pointers) in BW-wide column tiles, unnormalised first, then
+    scaled in place once the norms are known: whole (D, D) blocks of W_k and W_v with both (BC, D) products live
+    spilled at d = 128. a: (BC, D) fp32, a_row its (BC,) row pointers (the residual's columns are read back). The
+    residual's identity is added after the product, a (W + r I)ᵀ = a Wᵀ + r a: no identity tile, which the
     compiler would keep live across the scan's segments."""
-    boff = offs_d[:, None] * d + offs_d[None, :]
-    bm = md[:, None] & md[None, :]
-    k_raw = mm(a, tl.trans(tl.load(gc + boff, mask=bm, other=0.0)), PREC, LOWP)
-    v = mm(a, tl.trans(tl.load(gc + d * d + boff, mask=bm, other=0.0)), PREC, LOWP)
-    k_raw += resid * a  # after both products: the two (BC, D) accumulators are not live together with the adds
-    v += resid * a
-    nrm = tl.sqrt(tl.sum(k_raw * k_raw, 1))
-    k = k_raw / tl.maximum(nrm, 1e-12)[:, None]
-    vnrm = tl.sqrt(tl.sum(v * v, 1))
-    if VNORM:
-        v = v / tl.maximum(vnrm, 1e-12)[:, None]
     w_eta = tl.load(gc + 2 * d * d + offs_d, mask=md, other=0.0)
     w_alpha = tl.load(gc + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
     sig_eta = sigmoid(tl.sum(a * w_eta[None, :], 1) + b_eta)
     pre_alpha = tl.sum(a * w_alpha[None, :], 1) + b_alpha
-    return k, v, eta_max * sig_eta * valid, log_sigmoid(pre_alpha) * valid, nrm, vnrm
+    if BW == D:  # one tile: a constant trip count, which the compiler folds away (a runtime one spilled at d = 64)
+        hi = D
+    else:  # a runtime loop (a constant bound spilled more at d = 128)
+        hi = d
+    ksq = tl.zeros([BC], dtype=tl.float32)
+    vsq = tl.zeros([BC], dtype=tl.float32)
+    for c0 in range(0, hi, BW):
+        cols = c0 + tl.arange(0, BW)
+        mc = cols < d
+        m2 = mt[:, None] & mc[None, :]
+        woff = cols[:, None] * d + offs_d[None, :]
+        wm = mc[:, None] & md[None, :]
+        k_raw = mm(a, tl.trans(tl.load(gc + woff, mask=wm, other=0.0)), PREC, LOWP)
+        v = mm(a, tl.trans(tl.load(gc + d * d + woff, mask=wm, other=0.0)), PREC, LOWP)
+        ra = resid * tl.load(a_row[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        k_raw += ra  # after both products: the two accumulators are not live together with the adds
+        v += ra
+        ksq += tl.sum(k_raw * k_raw, 1)
+        vsq += tl.sum(v * v, 1)
+        tl.store(k_row[:, None] + cols[None, :], k_raw, mask=m2)
+        tl.store(v_row[:, None] + cols[None, :], v, mask=m2)
+    nrm = tl.sqrt(ksq)
+    vnrm = tl.sqrt(vsq)
+    tl.debug_barrier()  # the tiles are read back by other threads
+    for c0 in range(0, hi, BW):
+        cols = c0 + tl.arange(0, BW)
+        m2 = mt[:, None] & (cols < d)[None, :]
+        k_raw = tl.load(k_row[:, None] + cols[None, :], mask=m2, other=0.0)
+        tl.store(k_row[:, None] + cols[None, :], k_raw / tl.maximum(nrm, 1e-12)[:, None], mask=m2)
+        if VNORM:
+            v = tl.load(v_row[:, None] + cols[None, :], mask=m2, other=0.0)
+            tl.store(v_row[:, None] + cols[None, :], v / tl.maximum(vnrm, 1e-12)[:, None], mask=m2)
+    return eta_max * sig_eta * valid, log_sigmoid(pre_alpha) * valid, nrm, vnrm
 
 
 @device_fn
@@ -206,7 +231,7 @@ def _gen_fwd_kernel(
     a_ptr, valid_ptr, gc_in_ptr, g_ptr, anc_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, nrm_ptr, tmat_ptr, kt_ptr,
     b_eta_ptr, b_alpha_ptr,
     T, H, d, C, CA, pos, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot, anc_h,
-    BC: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, OBJ_L2: tl.constexpr,
+    BC: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, OBJ_L2: tl.constexpr,
     AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr,
     HAS_MASK: tl.constexpr, VNORM: tl.constexpr, ANCHOR: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
@@ -231,7 +256,8 @@ def _gen_fwd_kernel(
         mt = offs_c < L
         tok = start + offs_c
         m2 = mt[:, None] & md[None, :]
-        a = tl.load(a_ptr + ((b * T + tok) * H + h)[:, None] * d + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        a_row = a_ptr + ((b * T + tok) * H + h) * d
+        a = tl.load(a_row[:, None] + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_MASK:
             valid = tl.load(valid_ptr + b * T + tok, mask=mt, other=0.0)
         else:
@@ -244,11 +270,9 @@ def _gen_fwd_kernel(
         g0 = g_base + n * g_slot
         g1 = g0 + g_slot
 
-        k, v, eta, la, knrm, vnrm = _gen_reads(a, valid, gc, b_eta, b_alpha, eta_max, resid, d, offs_d, md, PREC, LOWP,
-                                               VNORM)
         row = (bh * T + tok)
-        tl.store(k_ptr + row[:, None] * d + offs_d[None, :], k, mask=m2)
-        tl.store(v_ptr + row[:, None] * d + offs_d[None, :], v, mask=m2)  # v is not needed again in the scan
+        eta, la, knrm, vnrm = _gen_reads(a, a_row, valid, gc, k_ptr + row * d, v_ptr + row * d, mt, b_eta, b_alpha,
+                                         eta_max, resid, d, offs_d, md, BC, D, BW, PREC, LOWP, VNORM)
         # k read back for A and for K~ (after the inverse): k as computed is a product's result, which a later
         # product of the same region would give the wide [num_warps, 1] layout, and it would stay live across the
         # inverse (see `unit_lower_inverse`)
@@ -1150,9 +1174,9 @@ def _config(d: int, chunk_size: int, adaptive_chunk_size: Optional[int], positio
                 OBJ_L2=objective == "l2", VALUE=memory_target == "value", VNORM=ref["value_norm"],
                 ANCHOR=ref["anchored"], GUARD=ref["curvature_guard"],
                 ad=(bool(rows[d]), bool(rows[2 * d]), bool(rows[3 * d]), bool(rows[3 * d + 1])),
-                # BR: K1's row tiles (`_gen_fwd_kernel`); BW: the column tiles of u', w', the anchor's terms and B3'
+                # BR: K1's row tiles (`_gen_fwd_kernel`; 16 rows at d = 128, where 32 spilled at 8 warps); BW: the column tiles of u', w', the anchor's terms and B3'
                 # (`_main_prep_kernel`, `_main_anchor_fwd_kernel`, `_main_anchor_bwd_kernel`, `_main_wy_bwd_kernel`)
-                D=D, BC=BC, BR=min(D, 32), BW=min(D, 64))
+                D=D, BC=BC, BR=min(D, 32) if D <= 64 else 16, BW=min(D, 64))
 
 
 def _anchor_arg(anchor: Optional[Tensor], fallback: Tensor) -> tuple[Tensor, int]:
@@ -1181,9 +1205,9 @@ def generating_forward(a: Tensor, valid: Optional[Tensor], gc_in: Tensor, g: Ten
            a, valid if valid is not None else a, gc_in, g, anc, k, v, eta, lg, norms, tmat, kt, b_eta, b_alpha,
            T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg, cfg["eta_max"], cfg["eps"], cfg["resid"],
            gc_in.stride(0), g.stride(0), g.stride(1), anc_h,
-           BC=BC, D=cfg["D"], BR=cfg["BR"], OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0], AD_V=cfg["ad"][1],
-           AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, VNORM=cfg["VNORM"],
-           ANCHOR=anchor is not None, PREC=dot_precision(), LOWP=lowp, **launch_options("serial", cfg["D"]))
+           BC=BC, D=cfg["D"], BR=cfg["BR"], BW=cfg["BW"], OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0],
+           AD_V=cfg["ad"][1], AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, VNORM=cfg["VNORM"],
+           ANCHOR=anchor is not None, PREC=dot_precision(), LOWP=lowp, **launch_options("gen_fwd", cfg["D"]))
     return k, v, eta, lg, tmat, norms
 
 
