@@ -198,7 +198,7 @@ def test_row_tiles_narrower_than_the_head_dim(case, monkeypatch):
 
     config = chunk._config
     monkeypatch.setattr(chunk, "_config", lambda *a, **k: dict(config(*a, **k), BR=16, BW=16))
-    monkeypatch.setattr(chunk, "_gen_bwd_rows", lambda D, lowp: 16)
+    monkeypatch.setattr(chunk, "_gen_bwd_rows", lambda D: 16)
     kw, d, position, mask = case
     check_case(_seed("tiles", case), 2, 21, 1, d, flags(**kw), position=position, mask=mask)
 
