@@ -118,14 +118,15 @@ def _store_w(ptr, off, x, mask, EVEN: tl.constexpr):
 
 @triton.jit
 def _deep_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, w1c_ptr, w2c_ptr, w1_ptr, w2_ptr, a1_ptr, a2_ptr, o_ptr,
+    q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, w1c_ptr, w2c_ptr, w1_ptr, w2_ptr, a1_ptr, a2_ptr, o_ptr, sc_ptr,
     T, H, C, shift, NSEG, d, hd, eps, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh,
     BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, EVEN: tl.constexpr, OBJ_L2: tl.constexpr,
     VALUE: tl.constexpr, ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """W1, W2 over the segments of one (batch, head): the reads o and a checkpoint of both after every segment
     (slot n+1 of w1, w2; slot 0 holds the call's start state). a1, a2: the heads' retention anchors W1_0, W2_0
-    (ANCHOR, (H, d, h) and (H, h, d)). EVEN: d = D and h = HD.
+    (ANCHOR, (H, d, h) and (H, h, d)). EVEN: d = D and h = HD. sc: this program's (BC (2 HD + D),) fp32 scratch,
+    where W1's keys and writes and N2 wait behind a barrier instead of in registers.
 
     Registers (offline sm_90a compile, benchmarks/NOTES.md): the compiler hoists every per-thread tile offset out
     of the segment loop and keeps it live across it (16 64-bit byte offsets per (64, 64) tile and thread at a
@@ -148,6 +149,9 @@ def _deep_fwd_kernel(
     w2m = mh[:, None] & md[None, :]
     out = offs_c[:, None] * dd + offs_d[None, :]
     qout = offs_c[:, None] * (H * dd) + offs_d[None, :]
+    sc = sc_ptr + bh * BC * (2 * HD + D)  # (BC, HD) s, then (BC, D) E1, then (BC, HD) N2
+    soff = offs_c[:, None] * HD + offs_h[None, :]
+    eoff = offs_c[:, None] * D + offs_d[None, :]
     for n in range(0, NSEG):
         start, L = _segment(n, C, shift, T)
         mt = offs_c < L
@@ -175,6 +179,11 @@ def _deep_fwd_kernel(
             eta_m = eta * cg
         else:
             eta_m = eta
+        # W1's keys s = silu(p) and writes E1 = -eta' e, parked in this program's scratch until W1's part: kept in
+        # registers, they were live across all of W2's (and N2 below: as a product's result that later products
+        # consume it took the wide [num_warps, 1] layout)
+        tl.store(sc + soff, p * sigmoid(p))
+        tl.store(sc + BC * HD + eoff, -eta_m[:, None] * e)
         # N2 = T (-eta_m g - diag(kd) K W2_0ᵀ [- diag(ka) K W2_Aᵀ]), the row scalings applied before T (no T Kd tile)
         kd_scale = eps * eta * tl.exp(tl.load(lg_ptr + row + offs_c - 1, mask=mt & (offs_c > 0), other=0.0))
         Y2 = -eta_m[:, None] * g - kd_scale[:, None] * tl.dot(k, tl.trans(_load_w(w2n, w2off, w2m, EVEN)),
@@ -183,7 +192,7 @@ def _deep_fwd_kernel(
             A2 = _load_w(a2_ptr + h * d * hd, w2off, w2m, EVEN)
             Y2 -= (eps * eta - kd_scale)[:, None] * tl.dot(k, tl.trans(A2), input_precision=PREC)
         Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + (offs_c[:, None] * BC + offs_c[None, :]))
-        N2 = tl.dot(Tm, Y2, input_precision=PREC)
+        tl.store(sc + BC * (HD + D) + soff, tl.dot(Tm, Y2, input_precision=PREC))
         lg = tl.load(lg_ptr + row + offs_c, mask=mt, other=0.0)
         lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
         # [t, j] = gamma_t / gamma_j for j <= t < L, else 0 (one compare with a segment-dependent bound)
@@ -192,6 +201,8 @@ def _deep_fwd_kernel(
         gamma = tl.where(mt, tl.exp(lg), 0.0)
         kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
         # W2's read and end state, so that N2 and W2_A die before W1's part
+        tl.debug_barrier()
+        N2 = tl.load(sc + BC * (HD + D) + soff)
         q = tl.load(q_ptr + qbase + qout, mask=m2, other=0.0).to(tl.float32)
         Hp = mm(mm(q, tl.trans(k), PREC, LOWP) * decay, N2, PREC, LOWP)
         W2 = _load_w(w2n, w2off, w2m, EVEN)
@@ -203,8 +214,9 @@ def _deep_fwd_kernel(
             W2 = tl.exp(lg_end) * W2 + mm(tl.trans(kappa[:, None] * N2), k, PREC, LOWP)
         _store_w(w2n + w2_slot, w2off, W2, w2m, EVEN)
         hid = Hp * sigmoid(Hp)
-        s = p * sigmoid(p)
-        E1 = -eta_m[:, None] * e
+        tl.debug_barrier()  # s and E1 were stored in other layouts
+        s = tl.load(sc + soff)
+        E1 = tl.load(sc + BC * HD + eoff)
         o = q + mm(mm(hid, tl.trans(s), PREC, LOWP) * decay, E1, PREC, LOWP)
         W1 = _load_w(w1n, w1off, w1m, EVEN)
         if ANCHOR:
@@ -527,9 +539,10 @@ def _forward(q, a, w1c, w1, w2c, w2, zc, z, anchors, b_eta, b_alpha, valid, cfg,
     w1c = w1c.reshape(B * H, d, hd).contiguous()
     w2c = w2c.reshape(B * H, hd, d).contiguous()
     o = torch.empty_like(q)
+    scratch = torch.empty(B * H, cfg["BC"] * (2 * cfg["HD"] + cfg["D"]), device=dev, dtype=f32)
     launch(_deep_fwd_kernel, (B * H,),
-           q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, a1, a2, o, T, H, cfg["C"], cfg["shift"], nseg, d, hd,
-           cfg["eps"], w1buf.stride(0), w1buf.stride(1), w2buf.stride(0), w2buf.stride(1), w1c.stride(0),
+           q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, a1, a2, o, scratch, T, H, cfg["C"], cfg["shift"], nseg, d,
+           hd, cfg["eps"], w1buf.stride(0), w1buf.stride(1), w2buf.stride(0), w2buf.stride(1), w1c.stride(0),
            BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], EVEN=d == cfg["D"] and hd == cfg["HD"], OBJ_L2=cfg["OBJ_L2"],
            VALUE=cfg["VALUE"], ANCHOR=anchors is not None, GUARD=cfg["GUARD"], PREC=dot_precision(), LOWP=lowp,
            **launch_options("serial", cfg["D"]))

@@ -44,14 +44,14 @@ def launch_options(kind: str, D: int) -> dict:
     spill at d = 64. num_stages=1 everywhere: prefetching the next segment's tiles (the pipeliner's default 3
     stages) doubled the shared memory and caused most spills, and in the serial scans (K1, B4) segment n+1 reads
     what segment n stored, which a prefetch would read stale. The interpreter takes one config (it cannot
-    autotune). kinds: "tile" (parallel and BV-tiled kernels), "serial" (the deep memory's scans, which keep whole
-    states per (batch, head)), "gen" (K1 and B4, the generating scans: 8 warps at every D, 255 registers; at
-    d = 128 16 warps spilled more: K1 1.2-1.3 KB, with 8 and its column-tiled reads none; B4 see
-    `_gen_bwd_rows`), "step" (the linear decode step), "deep_step" (the deep decode step: two d x h states per
-    program, so twice the warps at d > 32)."""
+    autotune). kinds: "tile" (parallel and BV-tiled kernels), "serial" (the scans, one program per (batch, head):
+    K1, B4 and the deep memory's forward and backward; 8 warps at every D, 255 registers: at d = 128, 16 warps
+    spilled more: K1 1.2-1.3 KB, where 8 with its column-tiled reads spill none (28 B in bf16), B4 4.7-6.5 KB
+    for 3.6-3.7, the deep forward 6.8-9.1 KB for 4.5-4.7), "step" (the linear decode step), "deep_step" (the
+    deep decode step: two d x h states per program, so twice the warps at d > 32)."""
     if triton_interpreting():
         return dict(num_warps=4, num_stages=1)
-    warps = {"tile": 8, "serial": 8 if D <= 64 else 16, "gen": 8, "step": 4 if D <= 32 else 8,
+    warps = {"tile": 8, "serial": 8, "step": 4 if D <= 32 else 8,
              "deep_step": 4 if D <= 32 else 16}[kind]
     return dict(num_warps=warps, num_stages=1)
 

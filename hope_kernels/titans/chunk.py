@@ -1207,7 +1207,7 @@ def generating_forward(a: Tensor, valid: Optional[Tensor], gc_in: Tensor, g: Ten
            gc_in.stride(0), g.stride(0), g.stride(1), anc_h,
            BC=BC, D=cfg["D"], BR=cfg["BR"], BW=cfg["BW"], OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0],
            AD_V=cfg["ad"][1], AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, VNORM=cfg["VNORM"],
-           ANCHOR=anchor is not None, PREC=dot_precision(), LOWP=lowp, **launch_options("gen", cfg["D"]))
+           ANCHOR=anchor is not None, PREC=dot_precision(), LOWP=lowp, **launch_options("serial", cfg["D"]))
     return k, v, eta, lg, tmat, norms
 
 
@@ -1269,7 +1269,7 @@ def _forward(q, a, zc, z, anchor, b_eta, b_alpha, valid, cfg, save: bool):
 
 
 def _gen_bwd_rows(D: int) -> int:
-    """Rows per generating-state tile in B4: 32 up to d = 64, 16 at d = 128, at 8 warps (`launch_options("gen")`).
+    """Rows per generating-state tile in B4: 32 up to d = 64, 16 at d = 128, at 8 warps (`launch_options`).
     64 rows at d = 64 and 16 warps with 32 (bf16 operands) or 16 (fp32) rows at d = 128 spilled 2.3-2.9 KB and
     4.7-6.5 KB per thread, these 1.9-2.1 and 3.6-3.7 KB (sm90_check; 64 rows at d = 128 needed 288-400 KB of
     shared memory)."""
@@ -1294,7 +1294,7 @@ def generating_backward(a, valid, gc_in, g, anchor, k, v, eta, lg, tmat, norms, 
            gc_in.stride(0), g.stride(0), g.stride(1), dg.stride(0), anc_h,
            BC=cfg["BC"], D=D, BR=_gen_bwd_rows(D), OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0],
            AD_V=cfg["ad"][1], AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, VNORM=cfg["VNORM"],
-           ANCHOR=anchor is not None, PREC=dot_precision(), LOWP=lowp, **launch_options("gen", D))
+           ANCHOR=anchor is not None, PREC=dot_precision(), LOWP=lowp, **launch_options("serial", D))
     # B4 left the gradients of k_raw, v_raw and of eta's and alpha's logits in dk, dv, deta and dla
     da = torch.empty_like(a)
     BV = block_v(D, lowp)
