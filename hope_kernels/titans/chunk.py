@@ -789,6 +789,8 @@ def _main_wy_bwd_kernel(
             if OBJ_L2:
                 dk += dU
             dv -= dU
+        if n == 0:  # every thread has read its dU' W_c from this tile (not left to the dot's own barrier)
+            tl.debug_barrier()
         tl.store(dk_ptr + base + out, dk, mask=m2)
         tl.store(dvx_ptr + base + out, dv, mask=m2)
     tl.store(deta_ptr + row, deta, mask=mt)
