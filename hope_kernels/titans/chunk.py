@@ -992,8 +992,6 @@ def _gen_bwd_kernel(
     anc = anc_ptr + h * anc_h
     danc = danc_ptr + bh * dg_bh
     r_sq = tl.arange(0, BR)
-    r_ea = tl.arange(0, 16)
-    learn_ea = ((r_ea == 0) & AD_E) | ((r_ea == 1) & AD_A)
     NRT: tl.constexpr = D // BR
     for i in range(0, NSEG):
         n = NSEG - 1 - i
@@ -1022,23 +1020,21 @@ def _gen_bwd_kernel(
         dkt = tl.zeros([BC], dtype=tl.float32)
         dgamma_end = lg_end * 0.0
         M = tl.zeros([BC, BC], dtype=tl.float32)
-        for t in range(0, 2 * NRT):
+        # one runtime loop over the row tiles of W_k, W_v and, in a last tile of which two rows are used, w_eta and
+        # w_alpha: one tile body, as in K1 (a separate call for the last tile held a second set of its addresses)
+        for t in range(0, 2 * NRT + 1):
             blk = t // NRT
             rloc = (t % NRT) * BR + r_sq
-            mr = rloc < d
-            learn = mr & (((blk == 0) & AD_K) | ((blk == 1) & AD_V))
+            sq = blk < 2
+            mr = rloc < tl.where(sq, d, 2)
+            learns = ((blk == 0) & AD_K) | ((blk == 1) & AD_V)
+            learn = mr & (learns | ((blk == 2) & (((rloc == 0) & AD_E) | ((rloc == 1) & AD_A))))
             deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
                 gc + blk * d * d, g0 + blk * d * d, dg + blk * d * d, acc + blk * d * d, anc + blk * d * d,
-                danc + blk * d * d, rloc, mr, learn, resid, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm, dk_ptr, dv_ptr, bh,
-                T, start, lg_end, eps, offs_c, mt, offs_d, md, t * tl.program_id(1), deta, dks, dkt, dgamma_end, M,
-                BC, OBJ_L2, ANCHOR, PREC, LOWP)
+                danc + blk * d * d, rloc, mr, learn, tl.where(sq, resid, 0.0), d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm,
+                dk_ptr, dv_ptr, bh, T, start, lg_end, eps, offs_c, mt, offs_d, md, t * tl.program_id(1), deta, dks,
+                dkt, dgamma_end, M, BC, OBJ_L2, ANCHOR, PREC, LOWP)
             tl.debug_barrier()  # the next tile adds to the dk and dv rows stored here, with another layout
-        deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
-            gc + 2 * d * d, g0 + 2 * d * d, dg + 2 * d * d, acc + 2 * d * d, anc + 2 * d * d, danc + 2 * d * d, r_ea,
-            r_ea < 2, learn_ea, 0.0, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm, dk_ptr, dv_ptr, bh, T, start, lg_end, eps,
-            offs_c, mt, offs_d, md, 2 * NRT * tl.program_id(1), deta, dks, dkt, dgamma_end, M, BC, OBJ_L2, ANCHOR,
-            PREC, LOWP)
-        tl.debug_barrier()
         # (2) eta and the decays from their logits (row sums with a), then the chain through T = (I + A)^-1:
         # dA = -Tᵀ (Σ dX Xᵀ) for every product X = T Y
         a = tl.load(a_ptr + a_off, mask=m2, other=0.0).to(tl.float32)
@@ -1273,8 +1269,8 @@ def _forward(q, a, zc, z, anchor, b_eta, b_alpha, valid, cfg, save: bool):
 def _gen_bwd_rows(D: int) -> int:
     """Rows per generating-state tile in B4: 32 up to d = 64, 16 at d = 128, at 8 warps (`launch_options`).
     64 rows at d = 64 and 16 warps with 32 (bf16 operands) or 16 (fp32) rows at d = 128 spilled 2.3-2.9 KB and
-    4.7-6.5 KB per thread, these 1.9-2.1 and 3.6-3.7 KB (sm90_check; 64 rows at d = 128 needed 288-400 KB of
-    shared memory)."""
+    4.7-6.5 KB per thread, these 1.9-2.1 and 3.6-3.7 KB, before stage 1 became one tile body (sm90_check; 64 rows
+    at d = 128 needed 288-400 KB of shared memory)."""
     return min(D, 32) if D <= 64 else 16
 
 
