@@ -118,21 +118,24 @@ def _store_w(ptr, off, x, mask, EVEN: tl.constexpr):
 
 @triton.jit
 def _deep_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, w1c_ptr, w2c_ptr, w1_ptr, w2_ptr, a1_ptr, a2_ptr, o_ptr, sc_ptr,
+    q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, w1c_ptr, w2c_ptr, w1_ptr, w2_ptr, a1_ptr, a2_ptr, o_ptr,
     T, H, C, shift, NSEG, d, hd, eps, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh,
-    BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, EVEN: tl.constexpr, OBJ_L2: tl.constexpr,
-    VALUE: tl.constexpr, ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, BF: tl.constexpr, EVEN: tl.constexpr,
+    OBJ_L2: tl.constexpr, VALUE: tl.constexpr, ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr,
 ):
     """W1, W2 over the segments of one (batch, head): the reads o and a checkpoint of both after every segment
     (slot n+1 of w1, w2; slot 0 holds the call's start state). a1, a2: the heads' retention anchors W1_0, W2_0
-    (ANCHOR, (H, d, h) and (H, h, d)). EVEN: d = D and h = HD. sc: this program's (BC (2 HD + D),) fp32 scratch,
-    where W1's keys and writes and N2 wait behind a barrier instead of in registers.
+    (ANCHOR, (H, d, h) and (H, h, d)). EVEN: d = D and h = HD.
 
-    Registers (offline sm_90a compile, benchmarks/NOTES.md): the compiler hoists every per-thread tile offset out
-    of the segment loop and keeps it live across it (16 64-bit byte offsets per (64, 64) tile and thread at a
-    runtime row stride). So the state tiles and the (BH, T, d) tiles take compile-time strides when EVEN (the
-    offsets fold into the instructions), 64-bit bases and 32-bit offsets within the tiles, and the start state is
-    read back from its checkpoint slot, each tile right before its use, rather than carried in registers."""
+    Each segment walks the hidden units f in BF-wide blocks, twice: (1) the chunk start's reads, summed over f into
+    e (BC, d) and the guard's N; (2) per block, p, silu(p) and g again, then N2, the hidden pre-activations, both
+    states' end blocks and the block's part of o and of hid sᵀ. No (d, h) tile is ever whole: whole, the states
+    and their products spilled and, at d = h = 128 in tf32, needed 288 KB of shared memory.
+
+    Addressing (offline sm_90a compile, benchmarks/NOTES.md): compile-time strides when EVEN (the offsets fold into
+    the instructions), 64-bit bases and 32-bit offsets within the tiles, the start state read from its checkpoint
+    slot block by block."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -140,18 +143,12 @@ def _deep_fwd_kernel(
     hh = HD if EVEN else hd
     offs_c = tl.arange(0, BC)
     offs_d = tl.arange(0, D)
-    offs_h = tl.arange(0, HD)
+    offs_f = tl.arange(0, BF)
     md = offs_d < d
-    mh = offs_h < hd
-    w1off = offs_d[:, None] * hh + offs_h[None, :]
-    w1m = md[:, None] & mh[None, :]
-    w2off = offs_h[:, None] * dd + offs_d[None, :]
-    w2m = mh[:, None] & md[None, :]
     out = offs_c[:, None] * dd + offs_d[None, :]
     qout = offs_c[:, None] * (H * dd) + offs_d[None, :]
-    sc = sc_ptr + bh * BC * (2 * HD + D)  # (BC, HD) s, then (BC, D) E1, then (BC, HD) N2
-    soff = offs_c[:, None] * HD + offs_h[None, :]
-    eoff = offs_c[:, None] * D + offs_d[None, :]
+    a1 = a1_ptr + h * d * hd
+    a2 = a2_ptr + h * d * hd
     for n in range(0, NSEG):
         start, L = _segment(n, C, shift, T)
         mt = offs_c < L
@@ -167,67 +164,92 @@ def _deep_fwd_kernel(
             w1c = w1n
             w2c = w2n
         k = tl.load(k_ptr + row * dd + out, mask=m2, other=0.0)
+        # (1) e = dℓ/dM at the chunk start: M_c(k) - target (target M_c(v), or v), summed over the hidden blocks
         v = tl.load(v_ptr + row * dd + out, mask=m2, other=0.0)
-        W1c = _load_w(w1c, w1off, w1m, EVEN)
-        W2c = _load_w(w2c, w2off, w2m, EVEN)
-        p, _pv, e = _errors(k, v, W1c, W2c, OBJ_L2, VALUE, PREC, LOWP)
-        sg = silu_grad(p)
-        g = sg * mm(e, W1c, PREC, LOWP)
+        read_k = tl.zeros([BC, D], dtype=tl.float32)  # W1_c silu(W2_c k)
+        read_v = tl.zeros([BC, D], dtype=tl.float32)  # W1_c silu(W2_c v)
+        curv = tl.zeros([BC], dtype=tl.float32)
+        for f0 in range(0, hh, BF):
+            rows_f = f0 + offs_f
+            w2b = rows_f[:, None] * dd + offs_d[None, :]  # (BF, D) block of an (h, d) state
+            w1b = offs_d[:, None] * hh + rows_f[None, :]  # (D, BF) block of a (d, h) state
+            m2b = (rows_f < hd)[:, None] & md[None, :]
+            m1b = md[:, None] & (rows_f < hd)[None, :]
+            W2c = _load_w(w2c, w2b, m2b, EVEN)
+            W1c = _load_w(w1c, w1b, m1b, EVEN)
+            p = mm(k, tl.trans(W2c), PREC, LOWP)
+            sp = p * sigmoid(p)
+            read_k += mm(sp, tl.trans(W1c), PREC, LOWP)
+            if not VALUE:
+                pv = mm(v, tl.trans(W2c), PREC, LOWP)
+                read_v += mm(pv * sigmoid(pv), tl.trans(W1c), PREC, LOWP)
+            if GUARD:  # N = ||silu(p)||² + Σ_f silu'(p_f)² ||W1_c[:, f]||² (`_curvature`, by blocks)
+                sg = silu_grad(p)
+                curv += tl.sum(sp * sp, 1) + tl.sum(sg * sg * tl.sum(W1c * W1c, 0)[None, :], 1)
+        if OBJ_L2:
+            e = k + read_k - v - read_v
+        else:
+            e = -(v + read_v)
         eta = tl.load(eta_ptr + row + offs_c, mask=mt, other=0.0)
         if GUARD:  # the gradient writes take eta_t / max(1, N_t); the DGD transition keeps eta_t
-            _curv, cg, _col = _curvature(p, sg, W1c)
-            eta_m = eta * cg
+            eta_m = eta / tl.maximum(curv, 1.0)
         else:
             eta_m = eta
-        # W1's keys s = silu(p) and writes E1 = -eta' e, parked in this program's scratch until W1's part: kept in
-        # registers, they were live across all of W2's (and N2 below: as a product's result that later products
-        # consume it took the wide [num_warps, 1] layout)
-        tl.store(sc + soff, p * sigmoid(p))
-        tl.store(sc + BC * HD + eoff, -eta_m[:, None] * e)
-        # N2 = T (-eta_m g - diag(kd) K W2_0ᵀ [- diag(ka) K W2_Aᵀ]), the row scalings applied before T (no T Kd tile)
         kd_scale = eps * eta * tl.exp(tl.load(lg_ptr + row + offs_c - 1, mask=mt & (offs_c > 0), other=0.0))
-        Y2 = -eta_m[:, None] * g - kd_scale[:, None] * tl.dot(k, tl.trans(_load_w(w2n, w2off, w2m, EVEN)),
-                                                             input_precision=PREC)
-        if ANCHOR:  # retention toward (W1_0, W2_0): the DGD term eps eta_t W2_{t-1} k_t sees the anchor too
-            A2 = _load_w(a2_ptr + h * d * hd, w2off, w2m, EVEN)
-            Y2 -= (eps * eta - kd_scale)[:, None] * tl.dot(k, tl.trans(A2), input_precision=PREC)
-        Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + (offs_c[:, None] * BC + offs_c[None, :]))
-        tl.store(sc + BC * (HD + D) + soff, tl.dot(Tm, Y2, input_precision=PREC))
         lg = tl.load(lg_ptr + row + offs_c, mask=mt, other=0.0)
         lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
-        # [t, j] = gamma_t / gamma_j for j <= t < L, else 0 (one compare with a segment-dependent bound)
-        decay = tl.exp(tl.where(offs_c[None, :] <= tl.where(mt, offs_c, -1)[:, None], lg[:, None] - lg[None, :],
-                                float("-inf")))
+        gamma_end = tl.exp(lg_end)
+        # [t, j] = gamma_t / gamma_j for j <= t < L, else 0 (one compare with a segment-dependent bound), formed
+        # twice (for Q Kᵀ here and hid sᵀ after the blocks) rather than kept live across them
+        causal = offs_c[None, :] <= tl.where(mt, offs_c, -1)[:, None]
         gamma = tl.where(mt, tl.exp(lg), 0.0)
         kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
-        # W2's read and end state, so that N2 and W2_A die before W1's part
-        tl.debug_barrier()
-        N2 = tl.load(sc + BC * (HD + D) + soff)
         q = tl.load(q_ptr + qbase + qout, mask=m2, other=0.0).to(tl.float32)
-        Hp = mm(mm(q, tl.trans(k), PREC, LOWP) * decay, N2, PREC, LOWP)
-        W2 = _load_w(w2n, w2off, w2m, EVEN)
-        if ANCHOR:
-            Hp += mm(q, tl.trans(A2), PREC, LOWP) + gamma[:, None] * mm(q, tl.trans(W2 - A2), PREC, LOWP)
-            W2 = A2 + tl.exp(lg_end) * (W2 - A2) + mm(tl.trans(kappa[:, None] * N2), k, PREC, LOWP)
-        else:
-            Hp += gamma[:, None] * mm(q, tl.trans(W2), PREC, LOWP)
-            W2 = tl.exp(lg_end) * W2 + mm(tl.trans(kappa[:, None] * N2), k, PREC, LOWP)
-        _store_w(w2n + w2_slot, w2off, W2, w2m, EVEN)
-        hid = Hp * sigmoid(Hp)
-        tl.debug_barrier()  # s and E1 were stored in other layouts
-        s = tl.load(sc + soff)
-        E1 = tl.load(sc + BC * HD + eoff)
-        o = q + mm(mm(hid, tl.trans(s), PREC, LOWP) * decay, E1, PREC, LOWP)
-        W1 = _load_w(w1n, w1off, w1m, EVEN)
-        if ANCHOR:
-            A1 = _load_w(a1_ptr + h * d * hd, w1off, w1m, EVEN)
-            o += mm(hid, tl.trans(A1), PREC, LOWP) + gamma[:, None] * mm(hid, tl.trans(W1 - A1), PREC, LOWP)
-            W1 = A1 + tl.exp(lg_end) * (W1 - A1) + mm(tl.trans(kappa[:, None] * E1), s, PREC, LOWP)
-        else:
-            o += gamma[:, None] * mm(hid, tl.trans(W1), PREC, LOWP)
-            W1 = tl.exp(lg_end) * W1 + mm(tl.trans(kappa[:, None] * E1), s, PREC, LOWP)
+        QK = mm(q, tl.trans(k), PREC, LOWP) * tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
+        Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + (offs_c[:, None] * BC + offs_c[None, :]))
+        # (2) per hidden block f: N2_f = T (-eta' g_f - diag(kd) K W2_0,fᵀ [- diag(ka) K W2_A,fᵀ]) (the row scalings
+        # before T), Hp_f = [Q W2_A,fᵀ +] diag(gamma) Q D2_fᵀ + (Gamma ⊙ Q Kᵀ) N2_f, the end blocks, o's and HS's parts
+        o = tl.zeros([BC, D], dtype=tl.float32)
+        HS = tl.zeros([BC, BC], dtype=tl.float32)  # Σ_f hid_f s_fᵀ
+        for f0 in range(0, hh, BF):
+            rows_f = f0 + offs_f
+            w2b = rows_f[:, None] * dd + offs_d[None, :]
+            w1b = offs_d[:, None] * hh + rows_f[None, :]
+            m2b = (rows_f < hd)[:, None] & md[None, :]
+            m1b = md[:, None] & (rows_f < hd)[None, :]
+            p = mm(k, tl.trans(_load_w(w2c, w2b, m2b, EVEN)), PREC, LOWP)
+            sp = p * sigmoid(p)
+            g = silu_grad(p) * mm(e, _load_w(w1c, w1b, m1b, EVEN), PREC, LOWP)
+            W2 = _load_w(w2n, w2b, m2b, EVEN)
+            Y2 = -eta_m[:, None] * g - kd_scale[:, None] * tl.dot(k, tl.trans(W2), input_precision=PREC)
+            if ANCHOR:  # retention toward (W1_0, W2_0): the DGD term eps eta_t W2_{t-1} k_t sees the anchor too
+                A2 = _load_w(a2, w2b, m2b, EVEN)
+                Y2 -= (eps * eta - kd_scale)[:, None] * tl.dot(k, tl.trans(A2), input_precision=PREC)
+                Hp = mm(q, tl.trans(A2), PREC, LOWP) + gamma[:, None] * mm(q, tl.trans(W2 - A2), PREC, LOWP)
+                W2 = A2 + gamma_end * (W2 - A2)
+            else:
+                Hp = gamma[:, None] * mm(q, tl.trans(W2), PREC, LOWP)
+                W2 = gamma_end * W2
+            N2 = tl.dot(Tm, Y2, input_precision=PREC)
+            Hp += mm(QK, N2, PREC, LOWP)
+            _store_w(w2n + w2_slot, w2b, W2 + mm(tl.trans(kappa[:, None] * N2), k, PREC, LOWP), m2b, EVEN)
+            hid = Hp * sigmoid(Hp)
+            HS += mm(hid, tl.trans(sp), PREC, LOWP)
+            W1 = _load_w(w1n, w1b, m1b, EVEN)
+            if ANCHOR:
+                A1 = _load_w(a1, w1b, m1b, EVEN)
+                o += mm(hid, tl.trans(A1), PREC, LOWP) + gamma[:, None] * mm(hid, tl.trans(W1 - A1), PREC, LOWP)
+                W1 = A1 + gamma_end * (W1 - A1)
+            else:
+                o += gamma[:, None] * mm(hid, tl.trans(W1), PREC, LOWP)
+                W1 = gamma_end * W1
+            # W1's writes -eta' e with keys silu(p): the end block W1_f + (kappa E1)ᵀ s_f
+            _store_w(w1n + w1_slot, w1b, W1 + mm(tl.trans(-(kappa * eta_m)[:, None] * e), sp, PREC, LOWP), m1b,
+                     EVEN)
+        # o = q + [hid W1_Aᵀ +] diag(gamma) hid D1ᵀ + (Gamma ⊙ hid sᵀ) E1
+        HS *= tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
+        o += tl.load(q_ptr + qbase + qout, mask=m2, other=0.0).to(tl.float32) + mm(HS, -eta_m[:, None] * e, PREC, LOWP)
         tl.store(o_ptr + qbase + qout, o.to(o_ptr.dtype.element_ty), mask=m2)
-        _store_w(w1n + w1_slot, w1off, W1, w1m, EVEN)
         tl.debug_barrier()  # slot n+1 is the next segment's start state
 
 
@@ -539,13 +561,12 @@ def _forward(q, a, w1c, w1, w2c, w2, zc, z, anchors, b_eta, b_alpha, valid, cfg,
     w1c = w1c.reshape(B * H, d, hd).contiguous()
     w2c = w2c.reshape(B * H, hd, d).contiguous()
     o = torch.empty_like(q)
-    scratch = torch.empty(B * H, cfg["BC"] * (2 * cfg["HD"] + cfg["D"]), device=dev, dtype=f32)
     launch(_deep_fwd_kernel, (B * H,),
-           q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, a1, a2, o, scratch, T, H, cfg["C"], cfg["shift"], nseg, d,
-           hd, cfg["eps"], w1buf.stride(0), w1buf.stride(1), w2buf.stride(0), w2buf.stride(1), w1c.stride(0),
-           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], EVEN=d == cfg["D"] and hd == cfg["HD"], OBJ_L2=cfg["OBJ_L2"],
-           VALUE=cfg["VALUE"], ANCHOR=anchors is not None, GUARD=cfg["GUARD"], PREC=dot_precision(), LOWP=lowp,
-           **launch_options("serial", cfg["D"]))
+           q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, a1, a2, o, T, H, cfg["C"], cfg["shift"], nseg, d, hd,
+           cfg["eps"], w1buf.stride(0), w1buf.stride(1), w2buf.stride(0), w2buf.stride(1), w1c.stride(0),
+           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], BF=min(cfg["HD"], 16), EVEN=d == cfg["D"] and hd == cfg["HD"],
+           OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], ANCHOR=anchors is not None, GUARD=cfg["GUARD"],
+           PREC=dot_precision(), LOWP=lowp, **launch_options("serial", cfg["D"]))
     w_slot, g_slot = _chunk_start_slots(T, cfg, nseg)
     finals = [
         zc if g_slot is None else gbuf[:, g_slot], gbuf[:, nseg],
