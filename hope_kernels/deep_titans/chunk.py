@@ -183,9 +183,9 @@ def _deep_fwd_kernel(
             if not VALUE:
                 pv = mm(v, tl.trans(W2c), PREC, LOWP)
                 read_v += mm(pv * sigmoid(pv), tl.trans(W1c), PREC, LOWP)
-            if GUARD:  # N = ||silu(p)||² + Σ_f silu'(p_f)² ||W1_c[:, f]||² (`_curvature`, by blocks)
-                sg = silu_grad(p)
-                curv += tl.sum(sp * sp, 1) + tl.sum(sg * sg * tl.sum(W1c * W1c, 0)[None, :], 1)
+            if GUARD:  # N_t sums over the hidden units: `_curvature` of the block is its part
+                curv_f, _cg, _col = _curvature(p, silu_grad(p), W1c)
+                curv += curv_f
         if OBJ_L2:
             e = k + read_k - v - read_v
         else:

@@ -184,6 +184,22 @@ def _delta_coefficients(k, eta, la, eps, offs_c, PREC: tl.constexpr):
 
 
 @device_fn
+def _gen_tile_rows(t, NRT: tl.constexpr, BR: tl.constexpr, r_sq, d, resid, AD_K: tl.constexpr, AD_V: tl.constexpr,
+                   AD_E: tl.constexpr, AD_A: tl.constexpr):
+    """Row tile t of the generating state G = [W_k ; W_v ; w_eta ; w_alpha] in K1's and B4's tile loops: tiles
+    0 .. 2 NRT - 1 cover W_k and W_v in BR rows, the last covers w_eta and w_alpha (two rows used). Returns the
+    block (0, 1, 2), the rows within it (BR,), which exist, which learn (the adaptive rows) and the block's identity
+    weight (resid for the square blocks, 0 for w_eta, w_alpha)."""
+    blk = t // NRT
+    rloc = (t % NRT) * BR + r_sq
+    sq = blk < 2
+    mr = rloc < tl.where(sq, d, 2)
+    learns = ((blk == 0) & AD_K) | ((blk == 1) & AD_V)
+    learn = mr & (learns | ((blk == 2) & (((rloc == 0) & AD_E) | ((rloc == 1) & AD_A))))
+    return blk, rloc, mr, learn, tl.where(sq, resid, 0.0)
+
+
+@device_fn
 def _gen_tile_fwd(gc, g0, g1, anc, rloc, mr, learn, er, d, k_ptr, v_ptr, eta_ptr, lg_ptr, kt_ptr, bh, T, start, lg_end,
                   eps, offs_c, mt, offs_d, md, opq, D: tl.constexpr, OBJ_L2: tl.constexpr, ANCHOR: tl.constexpr,
                   PREC: tl.constexpr, LOWP: tl.constexpr):
@@ -273,8 +289,8 @@ def _gen_fwd_kernel(
         row = (bh * T + tok)
         eta, la, knrm, vnrm = _gen_reads(a, a_row, valid, gc, k_ptr + row * d, v_ptr + row * d, mt, b_eta, b_alpha,
                                          eta_max, resid, d, offs_d, md, BC, D, BW, PREC, LOWP, VNORM)
-        # k read back for A and for K~ (after the inverse): k as computed is a product's result, which a later
-        # product of the same region would give the wide [num_warps, 1] layout, and it would stay live across the
+        # k read back from its buffer (`_gen_reads` stores it there, by column tiles) for A and, after the
+        # inverse, for K~: a load, not a product's result, so it takes no wide layout and is not live across the
         # inverse (see `unit_lower_inverse`)
         tl.debug_barrier()
         A, lg, lg_end = _delta_coefficients(tl.load(k_ptr + row[:, None] * d + offs_d[None, :], mask=m2, other=0.0),
@@ -298,15 +314,10 @@ def _gen_fwd_kernel(
         # the compiler holds across the whole scan (figures: benchmarks/NOTES.md, results/sm90_check.md).
         NRT: tl.constexpr = D // BR
         for t in range(0, 2 * NRT + 1):
-            blk = t // NRT
+            blk, rloc, mr, learn, er = _gen_tile_rows(t, NRT, BR, r_sq, d, resid, AD_K, AD_V, AD_E, AD_A)
             opq = t * tl.program_id(1)
-            rloc = (t % NRT) * BR + r_sq
-            sq = blk < 2
-            mr = rloc < tl.where(sq, d, 2)
-            learns = ((blk == 0) & AD_K) | ((blk == 1) & AD_V)
-            learn = mr & (learns | ((blk == 2) & (((rloc == 0) & AD_E) | ((rloc == 1) & AD_A))))
             _gen_tile_fwd(gc + blk * d * d, g0 + blk * d * d, g1 + blk * d * d, anc + blk * d * d, rloc, mr,
-                          learn, tl.where(sq, resid, 0.0), d, k_ptr, v_ptr, eta_ptr, lg_ptr, kt, bh, T, start,
+                          learn, er, d, k_ptr, v_ptr, eta_ptr, lg_ptr, kt, bh, T, start,
                           lg_end, eps, offs_c, mt, offs_d, md, opq, D, OBJ_L2, ANCHOR, PREC, LOWP)
         tl.debug_barrier()  # the next segment reads the state (and maybe its chunk start) stored here
 
@@ -1023,15 +1034,10 @@ def _gen_bwd_kernel(
         # one runtime loop over the row tiles of W_k, W_v and, in a last tile of which two rows are used, w_eta and
         # w_alpha: one tile body, as in K1 (a separate call for the last tile held a second set of its addresses)
         for t in range(0, 2 * NRT + 1):
-            blk = t // NRT
-            rloc = (t % NRT) * BR + r_sq
-            sq = blk < 2
-            mr = rloc < tl.where(sq, d, 2)
-            learns = ((blk == 0) & AD_K) | ((blk == 1) & AD_V)
-            learn = mr & (learns | ((blk == 2) & (((rloc == 0) & AD_E) | ((rloc == 1) & AD_A))))
+            blk, rloc, mr, learn, er = _gen_tile_rows(t, NRT, BR, r_sq, d, resid, AD_K, AD_V, AD_E, AD_A)
             deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
                 gc + blk * d * d, g0 + blk * d * d, dg + blk * d * d, acc + blk * d * d, anc + blk * d * d,
-                danc + blk * d * d, rloc, mr, learn, tl.where(sq, resid, 0.0), d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm,
+                danc + blk * d * d, rloc, mr, learn, er, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm,
                 dk_ptr, dv_ptr, bh, T, start, lg_end, eps, offs_c, mt, offs_d, md, t * tl.program_id(1), deta, dks,
                 dkt, dgamma_end, M, BC, OBJ_L2, ANCHOR, PREC, LOWP)
             tl.debug_barrier()  # the next tile adds to the dk and dv rows stored here, with another layout
