@@ -18,7 +18,7 @@ momentum. Per (batch, head) and segment (the linear op's segments, hope_kernels/
   The writes are nonlinear in (W1_c, W2_c) and couple every row, so `_deep_fwd_kernel` runs the segments serially
   per (batch, head) (B x H programs), storing a checkpoint per segment and reading each segment's start state
   back from it; `_deep_bwd_kernel` recomputes each segment from its checkpoint in reverse, carrying dW1, dW2 in
-  registers.
+  memory. Both walk the hidden units in BF-wide blocks (`hidden_block`), so that no (d, h) tile is ever whole.
 
 Constraints: as the linear op (momentum=False, d <= 128, chunk_size <= 128), and memory_hidden h <= 128.
 """
@@ -83,19 +83,42 @@ def _curvature(p, sg, W1c):
 
 
 @device_fn
-def _errors(k, v, W1c, W2c, OBJ_L2: tl.constexpr, VALUE: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
-    """p = K W2_cᵀ and e = dℓ/dM at the chunk start (target M_c(v), or v with value targets), (BC, HD), (BC, D)."""
-    p = mm(k, tl.trans(W2c), PREC, LOWP)
-    pv = mm(v, tl.trans(W2c), PREC, LOWP)
-    if VALUE:
-        target = v
-    else:
-        target = v + mm(pv * sigmoid(pv), tl.trans(W1c), PREC, LOWP)
+def _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh):
+    """Hidden units f0 .. f0 + BF - 1: their indices, and the offsets and masks of their (BF, D) block of an (h, d)
+    state and their (D, BF) block of a (d, h) state (row strides dd, hh)."""
+    rows_f = f0 + offs_f
+    mf = rows_f < hd
+    return (rows_f, rows_f[:, None] * dd + offs_d[None, :], mf[:, None] & md[None, :],
+            offs_d[:, None] * hh + rows_f[None, :], md[:, None] & mf[None, :])
+
+
+@device_fn
+def _chunk_start_errors(k, v, w1c, w2c, offs_f, offs_d, md, hd, dd, hh, BC: tl.constexpr, D: tl.constexpr,
+                        BF: tl.constexpr, EVEN: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr,
+                        GUARD: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+    """e = dℓ/dM at the chunk start (M_c(k) - target, target M_c(v) or v; -target for the dot objective), (BC, D),
+    and the guard's N_t, (BC,) (zeros without GUARD): the reads W1_c silu(W2_c x) summed over the hidden blocks of
+    the chunk-start states at w1c (d, h) and w2c (h, d)."""
+    read_k = tl.zeros([BC, D], dtype=tl.float32)
+    read_v = tl.zeros([BC, D], dtype=tl.float32)
+    curv = tl.zeros([BC], dtype=tl.float32)
+    for f0 in range(0, hh, BF):
+        _rows, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
+        W2c = _load_w(w2c, w2b, m2b, EVEN)
+        W1c = _load_w(w1c, w1b, m1b, EVEN)
+        p = mm(k, tl.trans(W2c), PREC, LOWP)
+        read_k += mm(p * sigmoid(p), tl.trans(W1c), PREC, LOWP)
+        if not VALUE:
+            pv = mm(v, tl.trans(W2c), PREC, LOWP)
+            read_v += mm(pv * sigmoid(pv), tl.trans(W1c), PREC, LOWP)
+        if GUARD:  # N_t sums over the hidden units: `_curvature` of the block is its part
+            curv_f, _cg, _col = _curvature(p, silu_grad(p), W1c)
+            curv += curv_f
     if OBJ_L2:
-        e = k + mm(p * sigmoid(p), tl.trans(W1c), PREC, LOWP) - target
+        e = k + read_k - v - read_v
     else:
-        e = -target
-    return p, pv, e
+        e = -(v + read_v)
+    return e, curv
 
 
 @device_fn
@@ -166,30 +189,8 @@ def _deep_fwd_kernel(
         k = tl.load(k_ptr + row * dd + out, mask=m2, other=0.0)
         # (1) e = dℓ/dM at the chunk start: M_c(k) - target (target M_c(v), or v), summed over the hidden blocks
         v = tl.load(v_ptr + row * dd + out, mask=m2, other=0.0)
-        read_k = tl.zeros([BC, D], dtype=tl.float32)  # W1_c silu(W2_c k)
-        read_v = tl.zeros([BC, D], dtype=tl.float32)  # W1_c silu(W2_c v)
-        curv = tl.zeros([BC], dtype=tl.float32)
-        for f0 in range(0, hh, BF):
-            rows_f = f0 + offs_f
-            w2b = rows_f[:, None] * dd + offs_d[None, :]  # (BF, D) block of an (h, d) state
-            w1b = offs_d[:, None] * hh + rows_f[None, :]  # (D, BF) block of a (d, h) state
-            m2b = (rows_f < hd)[:, None] & md[None, :]
-            m1b = md[:, None] & (rows_f < hd)[None, :]
-            W2c = _load_w(w2c, w2b, m2b, EVEN)
-            W1c = _load_w(w1c, w1b, m1b, EVEN)
-            p = mm(k, tl.trans(W2c), PREC, LOWP)
-            sp = p * sigmoid(p)
-            read_k += mm(sp, tl.trans(W1c), PREC, LOWP)
-            if not VALUE:
-                pv = mm(v, tl.trans(W2c), PREC, LOWP)
-                read_v += mm(pv * sigmoid(pv), tl.trans(W1c), PREC, LOWP)
-            if GUARD:  # N_t sums over the hidden units: `_curvature` of the block is its part
-                curv_f, _cg, _col = _curvature(p, silu_grad(p), W1c)
-                curv += curv_f
-        if OBJ_L2:
-            e = k + read_k - v - read_v
-        else:
-            e = -(v + read_v)
+        e, curv = _chunk_start_errors(k, v, w1c, w2c, offs_f, offs_d, md, hd, dd, hh, BC, D, BF, EVEN, OBJ_L2,
+                                      VALUE, GUARD, PREC, LOWP)
         eta = tl.load(eta_ptr + row + offs_c, mask=mt, other=0.0)
         if GUARD:  # the gradient writes take eta_t / max(1, N_t); the DGD transition keeps eta_t
             eta_m = eta / tl.maximum(curv, 1.0)
@@ -212,11 +213,7 @@ def _deep_fwd_kernel(
         o = tl.zeros([BC, D], dtype=tl.float32)
         HS = tl.zeros([BC, BC], dtype=tl.float32)  # Σ_f hid_f s_fᵀ
         for f0 in range(0, hh, BF):
-            rows_f = f0 + offs_f
-            w2b = rows_f[:, None] * dd + offs_d[None, :]
-            w1b = offs_d[:, None] * hh + rows_f[None, :]
-            m2b = (rows_f < hd)[:, None] & md[None, :]
-            m1b = md[:, None] & (rows_f < hd)[None, :]
+            _rows, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
             p = mm(k, tl.trans(_load_w(w2c, w2b, m2b, EVEN)), PREC, LOWP)
             sp = p * sigmoid(p)
             g = silu_grad(p) * mm(e, _load_w(w1c, w1b, m1b, EVEN), PREC, LOWP)
@@ -257,289 +254,342 @@ def _deep_fwd_kernel(
 def _deep_bwd_kernel(
     q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, w1c_ptr, w2c_ptr, w1_ptr, w2_ptr, a1_ptr, a2_ptr, do_ptr,
     dw1_ptr, dw2_ptr, dzc1_ptr, dzc2_ptr, dw1c_ptr, dw2c_ptr, da1_ptr, da2_ptr,
-    dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, sn_ptr, sdn_ptr, sds_ptr, shp_ptr, shid_ptr,
+    dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, se_ptr, sn_ptr, sdn_ptr, sds_ptr, shp_ptr, ss_ptr,
     T, H, C, shift, NSEG, d, hd, eps, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh, W_SLOT,
-    BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, EVEN: tl.constexpr, OBJ_L2: tl.constexpr,
-    VALUE: tl.constexpr, ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, BF: tl.constexpr, EVEN: tl.constexpr,
+    OBJ_L2: tl.constexpr, VALUE: tl.constexpr, ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr,
 ):
-    """The reverse of `_deep_fwd_kernel`: dW1, dW2 carried in registers (dw1, dw2: dW_end in, dW_0 out), dq, and the
-    gradients of k, v, eta, lg, la for the generating scan's backward. dzc1, dzc2: the cotangent of the final chunk
-    start, which is the start state of segment W_SLOT (or -1); dw1c, dw2c: the gradient of the input chunk start;
-    da1, da2 (ANCHOR; zeros on entry): the gradients of the retention anchors W1_0, W2_0 of this (batch, head).
-    With the anchor the decays act on the deviations D = W - W_0 (W_end = W_0 + gamma_L D_start + ...).
-    Tile addressing as the forward's (EVEN: compile-time strides; 64-bit bases, 32-bit offsets within the tiles)."""
+    """The reverse of `_deep_fwd_kernel`, segment by segment from the last, in the forward's BF-wide hidden blocks:
+    dq, and the gradients of k, v, eta, lg, la for the generating scan's backward. dw1, dw2: dW_end in, dW_0 out,
+    and the carried dW1, dW2 in between (each block read and rewritten in place, never whole in registers).
+    dzc1, dzc2: the cotangent of the final chunk start, which is the start state of segment W_SLOT (or -1); dw1c,
+    dw2c: the gradient of the input chunk start; da1, da2 (ANCHOR; zeros on entry): the gradients of the retention
+    anchors W1_0, W2_0 of this (batch, head). With the anchor the decays act on the deviations D = W - W_0
+    (W_end = W_0 + gamma_L D_start + ...).
+
+    Per segment, seven passes over the hidden blocks f, each behind a barrier, with (BC, h) tiles between them in
+    this program's scratch (sn, sdn, sds, shp, ss: N2, dN2, ds, Hp then dHp, s, reused by 4a; se: e, (BC, d)):
+      (1) the chunk start's reads into e and the guard's N (as the forward);
+      (2a) the writes N2_f and the reads Hp_f again, the carried dW_end's uses and the decays of dW1, dW2;
+      (2b) the o part: dhid_f is whole within its block (the Gamma term needs only G1 = (dO E1ᵀ) ⊙ Gamma and s_f);
+      (2c) the hid part; Σ_f hid_f s_fᵀ (2a) and Σ_f dHp_f N2_fᵀ (2c) finish dE1, dq and dk;
+      (3) through N2 = T Y2: dY2_f, M = dN2 N2ᵀ, the DGD terms, and the sums over f that the chunk-start
+          gradients need whole (de, and deta_m, which the guard's dN needs);
+      (4a) the chunk-start gradients by blocks: dp_f, dk, dv and the (BC, h) factors of dW1_c, dW2_c;
+      (4b) dW1_c, dW2_c by blocks, added to the carried dW1, dW2.
+    Whole (d, h) tiles spilled 28-29 KB at d = h = 128 and needed 352-577 KB of shared memory; the o and hid parts
+    in 2a's loop kept ten loop-invariant chunk tiles (q, dO, G1, ... as dot operands) in shared memory at once
+    (benchmarks/NOTES.md). Row scalings sit on the block's operand or the product, never on an invariant one."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_c = tl.arange(0, BC)
     offs_d = tl.arange(0, D)
-    offs_h = tl.arange(0, HD)
+    offs_f = tl.arange(0, BF)
     dd = D if EVEN else d
     hh = HD if EVEN else hd
     md = offs_d < d
-    mh = offs_h < hd
-    w1off = offs_d[:, None] * hh + offs_h[None, :]
-    w1m = md[:, None] & mh[None, :]
-    w2off = offs_h[:, None] * dd + offs_d[None, :]
-    w2m = mh[:, None] & md[None, :]
     out = offs_c[:, None] * dd + offs_d[None, :]
-    hout = offs_c[:, None] * hh + offs_h[None, :]
     qo = offs_c[:, None] * (H * dd) + offs_d[None, :]
     before = offs_c[None, :] < offs_c[:, None]
-    dW1e = _load_w(dw1_ptr + bh * d * hd, w1off, w1m, EVEN)
-    dW2e = _load_w(dw2_ptr + bh * d * hd, w2off, w2m, EVEN)
+    a1 = a1_ptr + h * d * hd
+    a2 = a2_ptr + h * d * hd
+    dw1 = dw1_ptr + bh * d * hd
+    dw2 = dw2_ptr + bh * d * hd
+    da1 = da1_ptr + bh * d * hd
+    da2 = da2_ptr + bh * d * hd
+    sb = bh * BC * hh  # this program's (BC, h) scratch tiles
+    eb = bh * BC * dd  # and its (BC, d) tile of e
     for i in range(0, NSEG):
         n = NSEG - 1 - i
         start, L = _segment(n, C, shift, T)
         mt = offs_c < L
         m2 = mt[:, None] if EVEN else mt[:, None] & md[None, :]
-        hm = mt[:, None] if EVEN else mt[:, None] & mh[None, :]
         row = bh * T + start  # the segment's first row of the (BH, T[, d or h]) buffers
         tb = row * dd
-        hb = row * hh
         qb = ((b * T + start) * H + h) * dd  # and of q, dO and dq
+        w1n = w1_ptr + bh * w1_bh + n * w1_slot
+        w2n = w2_ptr + bh * w2_bh + n * w2_slot
+        if n == 0:  # the call's own chunk start (a cached state may sit mid-chunk)
+            w1c = w1c_ptr + bh * wc_bh
+            w2c = w2c_ptr + bh * wc_bh
+        else:
+            w1c = w1n
+            w2c = w2n
         k = tl.load(k_ptr + tb + out, mask=m2, other=0.0)
         v = tl.load(v_ptr + tb + out, mask=m2, other=0.0)
         eta = tl.load(eta_ptr + row + offs_c, mask=mt, other=0.0)
         lg = tl.load(lg_ptr + row + offs_c, mask=mt, other=0.0)
         lgb = tl.load(lg_ptr + row + offs_c - 1, mask=mt & (offs_c > 0), other=0.0)
-        Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + (offs_c[:, None] * BC + offs_c[None, :]))
-        W2n = _load_w(w2_ptr + bh * w2_bh + n * w2_slot, w2off, w2m, EVEN)
-        if n == 0:
-            W1c = _load_w(w1c_ptr + bh * wc_bh, w1off, w1m, EVEN)
-            W2c = _load_w(w2c_ptr + bh * wc_bh, w2off, w2m, EVEN)
-        else:
-            W1c = _load_w(w1_ptr + bh * w1_bh + n * w1_slot, w1off, w1m, EVEN)
-            W2c = W2n
-        # ---- phase A1: recompute the segment's writes
-        p, pv, e = _errors(k, v, W1c, W2c, OBJ_L2, VALUE, PREC, LOWP)
-        sg = silu_grad(p)
-        s = p * sigmoid(p)
-        eW = mm(e, W1c, PREC, LOWP)
-        g = sg * eW
+        # ---- (1) e = dℓ/dM at the chunk start and N_t, summed over the hidden blocks
+        e, curv = _chunk_start_errors(k, v, w1c, w2c, offs_f, offs_d, md, hd, dd, hh, BC, D, BF, EVEN, OBJ_L2,
+                                      VALUE, GUARD, PREC, LOWP)
+        tl.store(se_ptr + eb + out, e, mask=m2)
+        tl.debug_barrier()
         if GUARD:
-            _curv, cg, _col = _curvature(p, sg, W1c)
+            cg = 1.0 / tl.maximum(curv, 1.0)
             eta_m = eta * cg
         else:
             eta_m = eta
         kd_scale = eps * eta * tl.exp(lgb)
-        Y2 = -eta_m[:, None] * g - kd_scale[:, None] * tl.dot(k, tl.trans(W2n), input_precision=PREC)
-        if ANCHOR:
-            A2 = _load_w(a2_ptr + h * d * hd, w2off, w2m, EVEN)
-            Y2 -= (eps * eta - kd_scale)[:, None] * tl.dot(k, tl.trans(A2), input_precision=PREC)
-        N2 = tl.dot(Tm, Y2, input_precision=PREC)
-        # ---- phase A2, the reads and the state update, from stored N2, s, E1 behind a barrier (shorter live ranges)
-        tl.store(sn_ptr + hb + hout, N2, mask=hm)
-        tl.store(sds_ptr + hb + hout, s, mask=hm)
-        tl.store(dv_ptr + tb + out, -eta_m[:, None] * e, mask=m2)
-        tl.debug_barrier()
-        N2 = tl.load(sn_ptr + hb + hout, mask=hm, other=0.0)
-        s = tl.load(sds_ptr + hb + hout, mask=hm, other=0.0)
-        E1 = tl.load(dv_ptr + tb + out, mask=m2, other=0.0)
-        q = tl.load(q_ptr + qb + qo, mask=m2, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + tb + out, mask=m2, other=0.0)
-        do = tl.load(do_ptr + qb + qo, mask=m2, other=0.0).to(tl.float32)
-        W1n = _load_w(w1_ptr + bh * w1_bh + n * w1_slot, w1off, w1m, EVEN)
-        W2n = _load_w(w2_ptr + bh * w2_bh + n * w2_slot, w2off, w2m, EVEN)
-        if ANCHOR:  # the deviations from the anchors, which the decays act on
-            A1 = _load_w(a1_ptr + h * d * hd, w1off, w1m, EVEN)
-            A2 = _load_w(a2_ptr + h * d * hd, w2off, w2m, EVEN)
-            D1 = W1n - A1
-            D2 = W2n - A2
-        else:
-            D1 = W1n
-            D2 = W2n
         lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
         gamma_end = tl.exp(lg_end)
         causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]
         decay = tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
         gamma = tl.where(mt, tl.exp(lg), 0.0)
         kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
-        qk = mm(q, tl.trans(k), PREC, LOWP)
-        Hp = gamma[:, None] * mm(q, tl.trans(D2), PREC, LOWP) + mm(qk * decay, N2, PREC, LOWP)
-        if ANCHOR:
-            Hp += mm(q, tl.trans(A2), PREC, LOWP)
-        hid = Hp * sigmoid(Hp)
-        # ---- the carried dW1_end, dW2_end first: all their uses together, so that they die early.
-        # W1_end = [W1_A +] gamma_L D1_0 + E1ᵀ (kappa s), W2_end = [W2_A +] gamma_L D2_0 + N2ᵀ (kappa K)
-        dE1 = mm(kappa[:, None] * s, tl.trans(dW1e), PREC, LOWP)
-        E1dW = mm(E1, dW1e, PREC, LOWP)
-        dN2 = mm(kappa[:, None] * k, tl.trans(dW2e), PREC, LOWP)
-        N2dW = mm(N2, dW2e, PREC, LOWP)
-        dW1n = gamma_end * dW1e
-        dW2n = gamma_end * dW2e
-        ds = kappa[:, None] * E1dW
-        c = kappa * tl.sum(s * E1dW, 1)
-        dk = kappa[:, None] * N2dW
-        c2 = kappa * tl.sum(k * N2dW, 1)
-        dlg = -c - c2
-        dlg_end = tl.sum(c, 0) + tl.sum(c2, 0) + gamma_end * (tl.sum(tl.sum(D1 * dW1e, 1), 0)
-                                                              + tl.sum(tl.sum(D2 * dW2e, 1), 0))
-        # ---- o = q + diag(gamma) hid D1_0ᵀ [+ hid W1_Aᵀ] + (Gamma ⊙ hid sᵀ) E1
-        dOW1 = mm(do, D1, PREC, LOWP)
-        dhid = gamma[:, None] * dOW1
-        if ANCHOR:  # W1_A's gradient from the end state and the reads, added to memory at once (short live range)
-            dhid += mm(do, A1, PREC, LOWP)
-            dA1 = (1.0 - gamma_end) * dW1e + mm(tl.trans((1.0 - gamma)[:, None] * do), hid, PREC, LOWP)
-            _store_w(da1_ptr + bh * d * hd, w1off, _load_w(da1_ptr + bh * d * hd, w1off, w1m, EVEN) + dA1, w1m, EVEN)
-        dlg += gamma * tl.sum(dOW1 * hid, 1)
-        dW1n += mm(tl.trans(gamma[:, None] * do), hid, PREC, LOWP)
-        # the Gamma term behind a barrier, with do, E1, s and hid read back (their first copies die here)
-        tl.store(shid_ptr + hb + hout, hid, mask=hm)
-        tl.debug_barrier()
-        hid = tl.load(shid_ptr + hb + hout, mask=hm, other=0.0)
-        s = tl.load(sds_ptr + hb + hout, mask=hm, other=0.0)
-        do = tl.load(do_ptr + qb + qo, mask=m2, other=0.0).to(tl.float32)
-        hs = mm(hid, tl.trans(s), PREC, LOWP)
-        G1 = mm(do, tl.trans(E1), PREC, LOWP) * decay
-        dE1 += mm(tl.trans(hs * decay), do, PREC, LOWP)
-        dhid += mm(G1, s, PREC, LOWP)
-        ds += mm(tl.trans(G1), hid, PREC, LOWP)
-        gd = G1 * hs
-        dlg += tl.sum(gd, 1) - tl.sum(gd, 0)
-        # ---- phase A3, behind a barrier as A2: the parts of dk, dv, dN2, ds, dlg so far and dHp go to memory, so
-        # that the o part's tiles (and their shared-memory copies) are not live in the hid part (sm90_check, d = h =
-        # 64 fp32, with the split of the o part below: 304 -> 192 KB of shared memory)
-        tl.store(dk_ptr + tb + out, dk, mask=m2)
-        tl.store(dv_ptr + tb + out, dE1, mask=m2)
-        tl.store(sdn_ptr + hb + hout, dN2, mask=hm)
-        tl.store(sds_ptr + hb + hout, ds, mask=hm)
-        tl.store(shp_ptr + hb + hout, dhid * silu_grad(Hp), mask=hm)
-        tl.store(dlg_ptr + row + offs_c, dlg, mask=mt)
-        tl.debug_barrier()
-        # ---- hid = silu(Hp), Hp = diag(gamma) Q D2_0ᵀ [+ Q W2_Aᵀ] + (Gamma ⊙ Q Kᵀ) N2
-        dHp = tl.load(shp_ptr + hb + hout, mask=hm, other=0.0)
+        Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + (offs_c[:, None] * BC + offs_c[None, :]))
+        # each pass reads its chunk tiles (k, v, q, dO, e) afresh: kept from one pass to the next, their
+        # shared-memory operand copies stayed allocated across all of them (416 KB at d = h = 128 in tf32)
+        k = tl.load(k_ptr + tb + out, mask=m2, other=0.0)
+        e = tl.load(se_ptr + eb + out, mask=m2, other=0.0)
         q = tl.load(q_ptr + qb + qo, mask=m2, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + tb + out, mask=m2, other=0.0)
-        N2 = tl.load(sn_ptr + hb + hout, mask=hm, other=0.0)
-        D2 = _load_w(w2_ptr + bh * w2_bh + n * w2_slot, w2off, w2m, EVEN)
-        if ANCHOR:
-            A2 = _load_w(a2_ptr + h * d * hd, w2off, w2m, EVEN)
-            D2 -= A2
-        qk = mm(q, tl.trans(k), PREC, LOWP)
-        dHW2 = mm(dHp, D2, PREC, LOWP)
-        dq = tl.load(do_ptr + qb + qo, mask=m2, other=0.0).to(tl.float32)
-        dq += gamma[:, None] * dHW2
-        if ANCHOR:
-            dq += mm(dHp, A2, PREC, LOWP)
-            dA2 = (1.0 - gamma_end) * dW2e + mm(tl.trans((1.0 - gamma)[:, None] * dHp), q, PREC, LOWP)
-            _store_w(da2_ptr + bh * d * hd, w2off, _load_w(da2_ptr + bh * d * hd, w2off, w2m, EVEN) + dA2, w2m, EVEN)
-        dlg = tl.load(dlg_ptr + row + offs_c, mask=mt, other=0.0) + gamma * tl.sum(dHW2 * q, 1)
-        dW2n += mm(tl.trans(gamma[:, None] * dHp), q, PREC, LOWP)
-        dN2 = tl.load(sdn_ptr + hb + hout, mask=hm, other=0.0) + mm(tl.trans(qk * decay), dHp, PREC, LOWP)
-        G2 = mm(dHp, tl.trans(N2), PREC, LOWP) * decay
-        dq += mm(G2, k, PREC, LOWP)
-        tl.store(dq_ptr + qb + qo, dq.to(dq_ptr.dtype.element_ty), mask=m2)
-        dk = tl.load(dk_ptr + tb + out, mask=m2, other=0.0) + mm(tl.trans(G2), q, PREC, LOWP)
-        gd = G2 * qk
-        dlg += tl.sum(gd, 1) - tl.sum(gd, 0)
-        # ---- phase B: the chunk-start pieces. Its operands are stored here and re-loaded behind a barrier, so that
-        # the compiler keeps phase A's tiles (and their shared-memory copies) out of it (dv, sn and sds already
-        # hold dE1, N2 and ds).
-        tl.debug_barrier()  # dk, dlg and dN2 were read above in another layout
-        tl.store(dk_ptr + tb + out, dk, mask=m2)
-        tl.store(dlg_ptr + row + offs_c, dlg, mask=mt)
-        tl.store(sdn_ptr + hb + hout, dN2, mask=hm)
+        QKd = mm(q, tl.trans(k), PREC, LOWP) * decay
+        HS = tl.zeros([BC, BC], dtype=tl.float32)  # Σ_f hid_f s_fᵀ
+        dE1 = tl.zeros([BC, D], dtype=tl.float32)
+        dk = tl.zeros([BC, D], dtype=tl.float32)
+        cc = tl.zeros([BC], dtype=tl.float32)  # the end states' -dlg_t: kappa_t (s_t.E1dW_t + k_t.N2dW_t)
+        ddev = tl.zeros([D], dtype=tl.float32)  # Σ over the (d, h) entries of D1_0 ⊙ dW1_end + D2_0ᵀ ⊙ dW2_endᵀ
+        # ---- (2a) per block: the writes N2_f, the reads Hp_f again, and the carried dW_end's uses:
+        # W1_end = [W1_A +] gamma_L D1_0 + E1ᵀ (kappa s), W2_end = [W2_A +] gamma_L D2_0 + N2ᵀ (kappa K)
+        for f0 in range(0, hh, BF):
+            rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
+            hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+            hm = mt[:, None] & (rows_f < hd)[None, :]
+            p = mm(k, tl.trans(_load_w(w2c, w2b, m2b, EVEN)), PREC, LOWP)
+            s = p * sigmoid(p)
+            g = silu_grad(p) * mm(e, _load_w(w1c, w1b, m1b, EVEN), PREC, LOWP)
+            W2 = _load_w(w2n, w2b, m2b, EVEN)
+            Y2 = -eta_m[:, None] * g - kd_scale[:, None] * tl.dot(k, tl.trans(W2), input_precision=PREC)
+            if ANCHOR:
+                A2 = _load_w(a2, w2b, m2b, EVEN)
+                Y2 -= (eps * eta - kd_scale)[:, None] * tl.dot(k, tl.trans(A2), input_precision=PREC)
+                D2 = W2 - A2
+            else:
+                D2 = W2
+            N2 = tl.dot(Tm, Y2, input_precision=PREC)
+            Hp = gamma[:, None] * mm(q, tl.trans(D2), PREC, LOWP) + mm(QKd, N2, PREC, LOWP)
+            if ANCHOR:
+                Hp += mm(q, tl.trans(A2), PREC, LOWP)
+            HS += mm(Hp * sigmoid(Hp), tl.trans(s), PREC, LOWP)
+            dW1e = _load_w(dw1, w1b, m1b, EVEN)
+            dW2e = _load_w(dw2, w2b, m2b, EVEN)
+            dE1 += mm(kappa[:, None] * s, tl.trans(dW1e), PREC, LOWP)
+            E1dW = -eta_m[:, None] * mm(e, dW1e, PREC, LOWP)
+            N2dW = mm(N2, dW2e, PREC, LOWP)
+            dk += kappa[:, None] * N2dW
+            cc += kappa * (tl.sum(s * E1dW, 1) + tl.sum(k * N2dW, 1))
+            W1 = _load_w(w1n, w1b, m1b, EVEN)
+            if ANCHOR:
+                D1 = W1 - _load_w(a1, w1b, m1b, EVEN)
+                _store_w(da1, w1b, _load_w(da1, w1b, m1b, EVEN) + (1.0 - gamma_end) * dW1e, m1b, EVEN)
+                _store_w(da2, w2b, _load_w(da2, w2b, m2b, EVEN) + (1.0 - gamma_end) * dW2e, m2b, EVEN)
+            else:
+                D1 = W1
+            ddev += tl.sum(D1 * dW1e, 1) + tl.sum(D2 * dW2e, 0)
+            _store_w(dw1, w1b, gamma_end * dW1e, m1b, EVEN)
+            _store_w(dw2, w2b, gamma_end * dW2e, m2b, EVEN)
+            tl.store(sn_ptr + hoff, N2, mask=hm)
+            tl.store(shp_ptr + hoff, Hp, mask=hm)
+            tl.store(ss_ptr + hoff, s, mask=hm)
+            tl.store(sds_ptr + hoff, kappa[:, None] * E1dW, mask=hm)
+            tl.store(sdn_ptr + hoff, kappa[:, None] * mm(k, tl.trans(dW2e), PREC, LOWP), mask=hm)
+        tl.debug_barrier()  # 2b and 2c read the scratch and dW1, dW2 back in other layouts
+        # ---- (2b) o = q + [hid W1_Aᵀ +] diag(gamma) hid D1_0ᵀ + (Gamma ⊙ hid sᵀ) E1 with E1 = -eta' e: dhid_f is
+        # whole within its block (G1 = (dO E1ᵀ) ⊙ Gamma), and dHp_f = dhid_f ⊙ silu'(Hp_f) replaces Hp_f
+        do = tl.load(do_ptr + qb + qo, mask=m2, other=0.0).to(tl.float32)
+        G1 = mm(do, tl.trans(tl.load(se_ptr + eb + out, mask=m2, other=0.0)), PREC, LOWP) * (decay * -eta_m[None, :])
+        dE1 += mm(tl.trans(HS * decay), do, PREC, LOWP)
+        gd = G1 * HS
+        dlg = tl.sum(gd, 1) - tl.sum(gd, 0) - cc
+        dlg_end = tl.sum(cc, 0) + gamma_end * tl.sum(ddev, 0)
+        for f0 in range(0, hh, BF):
+            rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
+            hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+            hm = mt[:, None] & (rows_f < hd)[None, :]
+            Hp = tl.load(shp_ptr + hoff, mask=hm, other=0.0)
+            hid = Hp * sigmoid(Hp)
+            W1 = _load_w(w1n, w1b, m1b, EVEN)
+            if ANCHOR:
+                A1 = _load_w(a1, w1b, m1b, EVEN)
+                dOW1 = mm(do, W1 - A1, PREC, LOWP)
+                dhid = gamma[:, None] * dOW1 + mm(do, A1, PREC, LOWP)
+                _store_w(da1, w1b, _load_w(da1, w1b, m1b, EVEN)
+                         + mm(tl.trans(do), (1.0 - gamma)[:, None] * hid, PREC, LOWP), m1b, EVEN)
+            else:
+                dOW1 = mm(do, W1, PREC, LOWP)
+                dhid = gamma[:, None] * dOW1
+            dhid += mm(G1, tl.load(ss_ptr + hoff, mask=hm, other=0.0), PREC, LOWP)
+            dlg += gamma * tl.sum(dOW1 * hid, 1)
+            tl.store(sds_ptr + hoff, tl.load(sds_ptr + hoff, mask=hm, other=0.0)
+                     + mm(tl.trans(G1), hid, PREC, LOWP), mask=hm)
+            tl.store(shp_ptr + hoff, dhid * silu_grad(Hp), mask=hm)
+            _store_w(dw1, w1b, _load_w(dw1, w1b, m1b, EVEN) + mm(tl.trans(do), gamma[:, None] * hid, PREC, LOWP),
+                     m1b, EVEN)
         tl.debug_barrier()
+        # ---- (2c) hid = silu(Hp), Hp = diag(gamma) Q D2_0ᵀ [+ Q W2_Aᵀ] + (Gamma ⊙ Q Kᵀ) N2
+        dq = do
+        q = tl.load(q_ptr + qb + qo, mask=m2, other=0.0).to(tl.float32)
+        G2 = tl.zeros([BC, BC], dtype=tl.float32)  # Σ_f dHp_f N2_fᵀ
+        for f0 in range(0, hh, BF):
+            rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
+            hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+            hm = mt[:, None] & (rows_f < hd)[None, :]
+            dHp = tl.load(shp_ptr + hoff, mask=hm, other=0.0)
+            W2 = _load_w(w2n, w2b, m2b, EVEN)
+            if ANCHOR:
+                A2 = _load_w(a2, w2b, m2b, EVEN)
+                dHW2 = mm(dHp, W2 - A2, PREC, LOWP)
+                dq += gamma[:, None] * dHW2 + mm(dHp, A2, PREC, LOWP)
+                _store_w(da2, w2b, _load_w(da2, w2b, m2b, EVEN)
+                         + mm(tl.trans((1.0 - gamma)[:, None] * dHp), q, PREC, LOWP), m2b, EVEN)
+            else:
+                dHW2 = mm(dHp, W2, PREC, LOWP)
+                dq += gamma[:, None] * dHW2
+            dlg += gamma * tl.sum(dHW2 * q, 1)
+            tl.store(sdn_ptr + hoff, tl.load(sdn_ptr + hoff, mask=hm, other=0.0)
+                     + mm(tl.trans(QKd), dHp, PREC, LOWP), mask=hm)
+            G2 += mm(dHp, tl.trans(tl.load(sn_ptr + hoff, mask=hm, other=0.0)), PREC, LOWP)
+            _store_w(dw2, w2b, _load_w(dw2, w2b, m2b, EVEN) + mm(tl.trans(gamma[:, None] * dHp), q, PREC, LOWP),
+                     m2b, EVEN)
+        dq += mm(G2 * decay, tl.load(k_ptr + tb + out, mask=m2, other=0.0), PREC, LOWP)
+        tl.store(dq_ptr + qb + qo, dq.to(dq_ptr.dtype.element_ty), mask=m2)
+        dk += mm(tl.trans(G2 * decay), q, PREC, LOWP)
+        gd = G2 * QKd
+        dlg += tl.sum(gd, 1) - tl.sum(gd, 0)
+        tl.debug_barrier()
+        # ---- (3) N2 = T Y2, Y2 = -eta' g - Kd W2_0ᵀ [- Ka W2_Aᵀ] (Kd W2_0 + Ka W2_A = Kd D2_0 + Ke W2_A), and the
+        # sums over f of de and deta' (the gradient of the writes' step)
         k = tl.load(k_ptr + tb + out, mask=m2, other=0.0)
-        v = tl.load(v_ptr + tb + out, mask=m2, other=0.0)
-        Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + offs_c[:, None] * BC + offs_c[None, :])
-        if n == 0:
-            W1c = _load_w(w1c_ptr + bh * wc_bh, w1off, w1m, EVEN)
-            W2c = _load_w(w2c_ptr + bh * wc_bh, w2off, w2m, EVEN)
-        else:
-            W1c = _load_w(w1_ptr + bh * w1_bh + n * w1_slot, w1off, w1m, EVEN)
-            W2c = _load_w(w2_ptr + bh * w2_bh + n * w2_slot, w2off, w2m, EVEN)
-        p, pv, e = _errors(k, v, W1c, W2c, OBJ_L2, VALUE, PREC, LOWP)
-        sg = silu_grad(p)
-        s = p * sigmoid(p)
-        eW = mm(e, W1c, PREC, LOWP)
-        g = sg * eW
-        dN2 = tl.load(sdn_ptr + hb + hout, mask=hm, other=0.0)
-        dE1 = tl.load(dv_ptr + tb + out, mask=m2, other=0.0)
-        dk = k * 0.0  # phase A's part is in dk_ptr
-        # ---- N2 = T (-eta_m g) - (T Kd) W2_0ᵀ [- (T Ka) W2_Aᵀ]: Kd W2_0 + Ka W2_A = Kd D2_0 + Ke W2_A
-        dY2 = tl.dot(tl.trans(Tm), dN2, input_precision=PREC)
-        M = tl.dot(dN2, tl.trans(tl.load(sn_ptr + hb + hout, mask=hm, other=0.0)), input_precision=PREC)
-        W2n = _load_w(w2_ptr + bh * w2_bh + n * w2_slot, w2off, w2m, EVEN)
-        deta = eta * 0.0
-        if ANCHOR:
-            A2 = _load_w(a2_ptr + h * d * hd, w2off, w2m, EVEN)
-            dKd = -tl.dot(dY2, W2n - A2, input_precision=PREC)
-            dKe = -tl.dot(dY2, A2, input_precision=PREC)
-            dk += (eps * eta)[:, None] * dKe
-            deta += eps * tl.sum(dKe * k, 1)
-            _store_w(da2_ptr + bh * d * hd, w2off, _load_w(da2_ptr + bh * d * hd, w2off, w2m, EVEN)
-                     - tl.dot(tl.trans(dY2), (eps * eta - kd_scale)[:, None] * k, input_precision=PREC), w2m, EVEN)
-        else:
-            dKd = -tl.dot(dY2, W2n, input_precision=PREC)
-        dW2n -= tl.dot(tl.trans(kd_scale[:, None] * dY2), k, input_precision=PREC)
-        deta_m = -tl.sum(dY2 * g, 1) - tl.sum(dE1 * e, 1)  # the gradient of the writes' step eta_m
+        e = tl.load(se_ptr + eb + out, mask=m2, other=0.0)
+        M = tl.zeros([BC, BC], dtype=tl.float32)
+        de = -eta_m[:, None] * dE1
+        deta_m = -tl.sum(dE1 * e, 1)
+        dks = tl.zeros([BC], dtype=tl.float32)  # Σ_f (dKd_f . k)
+        deta = tl.zeros([BC], dtype=tl.float32)
+        for f0 in range(0, hh, BF):
+            rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
+            hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+            hm = mt[:, None] & (rows_f < hd)[None, :]
+            dN2 = tl.load(sdn_ptr + hoff, mask=hm, other=0.0)
+            dY2 = tl.dot(tl.trans(Tm), dN2, input_precision=PREC)
+            M += tl.dot(dN2, tl.trans(tl.load(sn_ptr + hoff, mask=hm, other=0.0)), input_precision=PREC)
+            W2 = _load_w(w2n, w2b, m2b, EVEN)
+            if ANCHOR:
+                A2 = _load_w(a2, w2b, m2b, EVEN)
+                dKd = -tl.dot(dY2, W2 - A2, input_precision=PREC)
+                dKe = -tl.dot(dY2, A2, input_precision=PREC)
+                dk += (eps * eta)[:, None] * dKe
+                deta += eps * tl.sum(dKe * k, 1)
+                _store_w(da2, w2b, _load_w(da2, w2b, m2b, EVEN)
+                         - tl.dot(tl.trans((eps * eta - kd_scale)[:, None] * dY2), k, input_precision=PREC), m2b,
+                         EVEN)
+            else:
+                dKd = -tl.dot(dY2, W2, input_precision=PREC)
+            dk += kd_scale[:, None] * dKd
+            dks += tl.sum(dKd * k, 1)
+            _store_w(dw2, w2b, _load_w(dw2, w2b, m2b, EVEN)
+                     - tl.dot(tl.trans(kd_scale[:, None] * dY2), k, input_precision=PREC), m2b, EVEN)
+            W1c = _load_w(w1c, w1b, m1b, EVEN)
+            sg = silu_grad(mm(k, tl.trans(_load_w(w2c, w2b, m2b, EVEN)), PREC, LOWP))
+            deta_m -= tl.sum(dY2 * sg * mm(e, W1c, PREC, LOWP), 1)
+            de += mm(-eta_m[:, None] * dY2 * sg, tl.trans(W1c), PREC, LOWP)
         if GUARD:
-            curv, cg, col = _curvature(p, sg, W1c)
-            eta_m = eta * cg
             deta += deta_m * cg
             # d(1 / max(1, N)) = -dN / N² where N >= 1 (clamp_min passes the gradient at the bound)
             dcurv = tl.where(curv >= 1.0, -deta_m * eta * cg * cg, 0.0)
-            dcol = tl.sum(dcurv[:, None] * sg * sg, 0)
         else:
-            eta_m = eta
             deta += deta_m
-        dg = -eta_m[:, None] * dY2
-        de = -eta_m[:, None] * dE1
-        # ---- s = silu(p), g = silu'(p) ⊙ (e W1_c), e, the target, p = K W2_cᵀ [, N_t]
-        ds = tl.load(sds_ptr + hb + hout, mask=hm, other=0.0)
-        dsg = dg * eW
-        if GUARD:
-            ds += 2.0 * dcurv[:, None] * s
-            dsg += 2.0 * dcurv[:, None] * sg * col[None, :]
-        dp = ds * sg + dsg * silu_grad2(p)
-        dgw = dg * sg
-        de += mm(dgw, tl.trans(W1c), PREC, LOWP)
-        dW1c = mm(tl.trans(e), dgw, PREC, LOWP)
-        if GUARD:
-            dW1c += 2.0 * W1c * dcol[None, :]
         if OBJ_L2:
             dk += de
-            dp += mm(de, W1c, PREC, LOWP) * sg
-            dW1c += mm(tl.trans(de), s, PREC, LOWP)
         dv = -de
-        dW2c = mm(tl.trans(dp), k, PREC, LOWP)
-        if not VALUE:  # target M_c(v) = v + W1_c silu(W2_c v), held constant in the inner loss
-            dpv = mm(-de, W1c, PREC, LOWP) * silu_grad(pv)
-            dW1c += mm(tl.trans(-de), pv * sigmoid(pv), PREC, LOWP)
-            dv += mm(dpv, W2c, PREC, LOWP)
-            dW2c += mm(tl.trans(dpv), v, PREC, LOWP)
-        dk += mm(dp, W2c, PREC, LOWP)
+        tl.debug_barrier()  # dW2 is read back in pass 4
+        # ---- (4a) s = silu(p), g = silu'(p) ⊙ (e W1_c), e, the target, p = K W2_cᵀ [, N_t]: by blocks, dp_f (and
+        # dpv_f), their parts of dk and dv, and the (BC, h) factors of dW1_c, dW2_c for 4b
+        k = tl.load(k_ptr + tb + out, mask=m2, other=0.0)
+        v = tl.load(v_ptr + tb + out, mask=m2, other=0.0)
+        e = tl.load(se_ptr + eb + out, mask=m2, other=0.0)
+        if n == 0:  # the input chunk start's gradient goes to dw1c, dw2c (zeros on entry), the others to dW1, dW2
+            dst1 = dw1c_ptr + bh * d * hd
+            dst2 = dw2c_ptr + bh * d * hd
+        else:
+            dst1 = dw1
+            dst2 = dw2
+        for f0 in range(0, hh, BF):
+            rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
+            hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+            hm = mt[:, None] & (rows_f < hd)[None, :]
+            W1c = _load_w(w1c, w1b, m1b, EVEN)
+            W2c = _load_w(w2c, w2b, m2b, EVEN)
+            p = mm(k, tl.trans(W2c), PREC, LOWP)
+            sg = silu_grad(p)
+            s = p * sigmoid(p)
+            dg = -eta_m[:, None] * tl.dot(tl.trans(Tm), tl.load(sdn_ptr + hoff, mask=hm, other=0.0),
+                                          input_precision=PREC)
+            ds = tl.load(sds_ptr + hoff, mask=hm, other=0.0)
+            dsg = dg * mm(e, W1c, PREC, LOWP)
+            if GUARD:
+                ds += 2.0 * dcurv[:, None] * s
+                dsg += 2.0 * dcurv[:, None] * sg * tl.sum(W1c * W1c, 0)[None, :]
+                _store_w(dst1, w1b, _load_w(dst1, w1b, m1b, EVEN)
+                         + 2.0 * W1c * tl.sum(dcurv[:, None] * sg * sg, 0)[None, :], m1b, EVEN)
+            dp = ds * sg + dsg * silu_grad2(p)
+            xs = tl.zeros([BC, BF], dtype=tl.float32)  # dW1_c = eᵀ (dg ⊙ sg) + deᵀ xs [+ the guard's term]
+            if OBJ_L2 or not VALUE:
+                deW = mm(de, W1c, PREC, LOWP)
+            if OBJ_L2:
+                dp += deW * sg
+                xs += s
+            if not VALUE:  # target M_c(v) = v + W1_c silu(W2_c v), held constant in the inner loss
+                pv = mm(v, tl.trans(W2c), PREC, LOWP)
+                dpv = -deW * silu_grad(pv)
+                xs -= pv * sigmoid(pv)
+                dv += mm(dpv, W2c, PREC, LOWP)
+                tl.store(shp_ptr + hoff, dpv, mask=hm)
+            dk += mm(dp, W2c, PREC, LOWP)
+            tl.store(sn_ptr + hoff, dg * sg, mask=hm)
+            tl.store(sds_ptr + hoff, dp, mask=hm)
+            tl.store(ss_ptr + hoff, xs, mask=hm)
+        tl.debug_barrier()
+        # ---- (4b) dW1_c = eᵀ (dg ⊙ sg) + deᵀ xs, dW2_c = dpᵀ K [+ dpvᵀ V], by blocks, onto dW1, dW2
+        k = tl.load(k_ptr + tb + out, mask=m2, other=0.0)
+        v = tl.load(v_ptr + tb + out, mask=m2, other=0.0)
+        for f0 in range(0, hh, BF):
+            rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
+            hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+            hm = mt[:, None] & (rows_f < hd)[None, :]
+            dW1c = mm(tl.trans(e), tl.load(sn_ptr + hoff, mask=hm, other=0.0), PREC, LOWP)
+            if OBJ_L2 or not VALUE:
+                dW1c += mm(tl.trans(de), tl.load(ss_ptr + hoff, mask=hm, other=0.0), PREC, LOWP)
+            dW2c = mm(tl.trans(tl.load(sds_ptr + hoff, mask=hm, other=0.0)), k, PREC, LOWP)
+            if not VALUE:
+                dW2c += mm(tl.trans(tl.load(shp_ptr + hoff, mask=hm, other=0.0)), v, PREC, LOWP)
+            if n == W_SLOT:  # the cotangent of the final chunk start, this segment's start state
+                dW1c += _load_w(dzc1_ptr + bh * d * hd, w1b, m1b, EVEN)
+                dW2c += _load_w(dzc2_ptr + bh * d * hd, w2b, m2b, EVEN)
+            _store_w(dst1, w1b, _load_w(dst1, w1b, m1b, EVEN) + dW1c, m1b, EVEN)
+            _store_w(dst2, w2b, _load_w(dst2, w2b, m2b, EVEN) + dW2c, m2b, EVEN)
         # ---- T = (I + A)^-1 and Kd = diag(eps eta_t gamma_{t-1}) K
         dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
-        dk_a, deta_a, dlg_a, dla = _tri_chain(dA, k, eta, lg, lg - lgb, eps, offs_c, PREC)
-        dk += dk_a + kd_scale[:, None] * dKd + tl.load(dk_ptr + tb + out, mask=m2, other=0.0)
-        dks = tl.sum(dKd * k, 1)
+        dk_a, deta_a, dlg_a, dla = _tri_chain(dA, tl.load(k_ptr + tb + out, mask=m2, other=0.0), eta, lg, lg - lgb, eps, offs_c, PREC)
         deta += deta_a + eps * tl.exp(lgb) * dks
-        dlg = tl.load(dlg_ptr + row + offs_c, mask=mt, other=0.0) + dlg_a + dks * kd_scale
-        dlg += tl.where(offs_c == L - 1, dlg_end, 0.0)
+        dlg += dlg_a + dks * kd_scale + tl.where(offs_c == L - 1, dlg_end, 0.0)
         dla -= dks * kd_scale
-        tl.store(dk_ptr + tb + out, dk, mask=m2)
+        tl.store(dk_ptr + tb + out, dk + dk_a, mask=m2)
         tl.store(dv_ptr + tb + out, dv, mask=m2)
         tl.store(deta_ptr + row + offs_c, deta, mask=mt)
         tl.store(dlg_ptr + row + offs_c, dlg, mask=mt)
         tl.store(dla_ptr + row + offs_c, dla, mask=mt)
-        if n == 0:
-            _store_w(dw1c_ptr + bh * d * hd, w1off, dW1c, w1m, EVEN)
-            _store_w(dw2c_ptr + bh * d * hd, w2off, dW2c, w2m, EVEN)
-            dW1c = dW1c * 0.0
-            dW2c = dW2c * 0.0
-        dW1e = dW1n + dW1c
-        dW2e = dW2n + dW2c
-        if n == W_SLOT:
-            dW1e += _load_w(dzc1_ptr + bh * d * hd, w1off, w1m, EVEN)
-            dW2e += _load_w(dzc2_ptr + bh * d * hd, w2off, w2m, EVEN)
-    _store_w(dw1_ptr + bh * d * hd, w1off, dW1e, w1m, EVEN)
-    _store_w(dw2_ptr + bh * d * hd, w2off, dW2e, w2m, EVEN)
+        tl.debug_barrier()  # the next segment reads dW1, dW2 and the scratch in pass 2's layouts
 
 
 # ---------------------------------------------------------------------------------------------- python
+
+
+def hidden_block(HD: int) -> int:
+    """BF, the hidden units per block of the deep forward and backward: 16 (benchmarks/NOTES.md: 32 spilled more)."""
+    return min(HD, 16)
 
 
 def _forward(q, a, w1c, w1, w2c, w2, zc, z, anchors, b_eta, b_alpha, valid, cfg, save: bool):
@@ -564,7 +614,7 @@ def _forward(q, a, w1c, w1, w2c, w2, zc, z, anchors, b_eta, b_alpha, valid, cfg,
     launch(_deep_fwd_kernel, (B * H,),
            q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, a1, a2, o, T, H, cfg["C"], cfg["shift"], nseg, d, hd,
            cfg["eps"], w1buf.stride(0), w1buf.stride(1), w2buf.stride(0), w2buf.stride(1), w1c.stride(0),
-           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], BF=min(cfg["HD"], 16), EVEN=d == cfg["D"] and hd == cfg["HD"],
+           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], BF=hidden_block(cfg["HD"]), EVEN=d == cfg["D"] and hd == cfg["HD"],
            OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], ANCHOR=anchors is not None, GUARD=cfg["GUARD"],
            PREC=dot_precision(), LOWP=lowp, **launch_options("serial", cfg["D"]))
     w_slot, g_slot = _chunk_start_slots(T, cfg, nseg)
@@ -590,28 +640,30 @@ def _backward(q, a, valid, anchors, b_eta, b_alpha, k, v, eta, lg, tmat, norms, 
     dzc, dz, dw1c_end, dw1_end, dw2c_end, dw2_end = (
         torch.zeros(s, device=dev, dtype=f32) if g is None else g.float().reshape(s) for g, s in zip(grads, shapes))
     w_slot, g_slot = _chunk_start_slots(T, cfg, nseg)
-    dw1 = dw1_end.contiguous()
-    dw2 = dw2_end.contiguous()
+    dw1 = dw1_end.clone(memory_format=torch.contiguous_format)  # the kernel carries dW1, dW2 in these, in place
+    dw2 = dw2_end.clone(memory_format=torch.contiguous_format)
     if w_slot == nseg:
         dw1 += dw1c_end
         dw2 += dw2c_end
-    dw1c = torch.empty(B * H, d, hd, device=dev, dtype=f32)
-    dw2c = torch.empty(B * H, hd, d, device=dev, dtype=f32)
+    dw1c = torch.zeros(B * H, d, hd, device=dev, dtype=f32)
+    dw2c = torch.zeros(B * H, hd, d, device=dev, dtype=f32)
     g_anchor, a1, a2 = anchors if anchors is not None else (None, zc, zc)
     da1 = torch.zeros(B * H, d, hd, device=dev, dtype=f32) if anchors is not None else dw1c
     da2 = torch.zeros(B * H, hd, d, device=dev, dtype=f32) if anchors is not None else dw2c
     dq = torch.empty_like(q)
     dk, dv = torch.empty_like(k), torch.empty_like(k)
     deta, dlg, dla = torch.empty_like(eta), torch.empty_like(eta), torch.empty_like(eta)
-    scratch = [torch.empty(B * H, T, hd, device=dev, dtype=f32) for _ in range(5)]
+    # per program, reused by every segment: e, then N2, dN2, ds, Hp (then dHp), s
+    scratch = [torch.empty(B * H, cfg["BC"], cfg["D"], device=dev, dtype=f32)]
+    scratch += [torch.empty(B * H, cfg["BC"], cfg["HD"], device=dev, dtype=f32) for _ in range(5)]
     launch(_deep_bwd_kernel, (B * H,),
            q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, a1, a2, do.contiguous(), dw1, dw2,
            dw1c_end.contiguous(), dw2c_end.contiguous(), dw1c, dw2c, da1, da2, dq, dk, dv, deta, dlg, dla, *scratch,
            T, H, cfg["C"], cfg["shift"], nseg, d, hd, cfg["eps"], w1buf.stride(0), w1buf.stride(1), w2buf.stride(0),
            w2buf.stride(1), w1c.stride(0), w_slot if w_slot is not None and 1 <= w_slot < nseg else -1,
-           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], EVEN=d == cfg["D"] and hd == cfg["HD"], OBJ_L2=cfg["OBJ_L2"],
-           VALUE=cfg["VALUE"], ANCHOR=anchors is not None, GUARD=cfg["GUARD"], PREC=dot_precision(), LOWP=lowp,
-           **launch_options("serial", cfg["D"]))
+           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], BF=hidden_block(cfg["HD"]), EVEN=d == cfg["D"] and hd == cfg["HD"],
+           OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], ANCHOR=anchors is not None, GUARD=cfg["GUARD"],
+           PREC=dot_precision(), LOWP=lowp, **launch_options("serial", cfg["D"]))
     if w_slot is None:
         dw1c += dw1c_end
         dw2c += dw2c_end

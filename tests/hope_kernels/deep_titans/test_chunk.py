@@ -135,7 +135,9 @@ CASES = [
     (dict(adaptive_chunk_size=8, memory_retention="zero"), 1, 13, 1, 16, 12, 5, "random"),
     (dict(memory_curvature_guard=False), 1, 11, 1, 16, 16, 2, None),
     (dict(adaptive_chunk_size=8, **LITERAL), 1, 13, 1, 16, 12, None, "random"),
-    (dict(), 3, 11, 1, 8, 20, 3, "random"),  # the forward's hidden blocks (BF = 16): two, the second partly masked
+    (dict(), 3, 11, 1, 8, 20, 3, "random"),  # the hidden blocks (BF = 16): two, the second partly masked
+    (dict(adaptive_chunk_size=8), 1, 21, 1, 8, 40, 6, "right"),  # three blocks, over five segments
+    (dict(memory_target="value", objective="dot", dgd=False), 2, 9, 1, 8, 33, None, "random"),  # the third: 1 unit
 ]
 
 
