@@ -99,26 +99,44 @@ def _chunk_start_errors(k, v, w1c, w2c, offs_f, offs_d, md, hd, dd, hh, BC: tl.c
     """e = dℓ/dM at the chunk start (M_c(k) - target, target M_c(v) or v; -target for the dot objective), (BC, D),
     and the guard's N_t, (BC,) (zeros without GUARD): the reads W1_c silu(W2_c x) summed over the hidden blocks of
     the chunk-start states at w1c (d, h) and w2c (h, d)."""
-    read_k = tl.zeros([BC, D], dtype=tl.float32)
-    read_v = tl.zeros([BC, D], dtype=tl.float32)
+    read = tl.zeros([BC, D], dtype=tl.float32)  # W1_c (silu(W2_c k) - silu(W2_c v)), the terms e takes
     curv = tl.zeros([BC], dtype=tl.float32)
     for f0 in range(0, hh, BF):
         _rows, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
         W2c = _load_w(w2c, w2b, m2b, EVEN)
         W1c = _load_w(w1c, w1b, m1b, EVEN)
         p = mm(k, tl.trans(W2c), PREC, LOWP)
-        read_k += mm(p * sigmoid(p), tl.trans(W1c), PREC, LOWP)
+        x = tl.zeros([BC, BF], dtype=tl.float32)
+        if OBJ_L2:
+            x += p * sigmoid(p)
         if not VALUE:
             pv = mm(v, tl.trans(W2c), PREC, LOWP)
-            read_v += mm(pv * sigmoid(pv), tl.trans(W1c), PREC, LOWP)
+            x -= pv * sigmoid(pv)
+        if OBJ_L2 or not VALUE:  # one product for both reads
+            read += mm(x, tl.trans(W1c), PREC, LOWP)
         if GUARD:  # N_t sums over the hidden units: `_curvature` of the block is its part
             curv_f, _cg, _col = _curvature(p, silu_grad(p), W1c)
             curv += curv_f
     if OBJ_L2:
-        e = k + read_k - v - read_v
+        e = k - v + read
     else:
-        e = -(v + read_v)
+        e = read - v
     return e, curv
+
+
+@device_fn
+def _segment_states(n, bh, w1_ptr, w2_ptr, w1c_ptr, w2c_ptr, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh):
+    """Segment n's start states W1, W2 (checkpoint slot n) and its chunk start: the call's own at n = 0 (a cached
+    state may sit mid-chunk), else the start state itself."""
+    w1n = w1_ptr + bh * w1_bh + n * w1_slot
+    w2n = w2_ptr + bh * w2_bh + n * w2_slot
+    if n == 0:
+        w1c = w1c_ptr + bh * wc_bh
+        w2c = w2c_ptr + bh * wc_bh
+    else:
+        w1c = w1n
+        w2c = w2n
+    return w1n, w2n, w1c, w2c
 
 
 @device_fn
@@ -178,14 +196,8 @@ def _deep_fwd_kernel(
         m2 = mt[:, None] if EVEN else mt[:, None] & md[None, :]
         row = bh * T + start  # the segment's first row of the (BH, T[, d]) buffers
         qbase = ((b * T + start) * H + h) * dd  # and of q and o
-        w1n = w1_ptr + bh * w1_bh + n * w1_slot
-        w2n = w2_ptr + bh * w2_bh + n * w2_slot
-        if n == 0:  # the call's own chunk start (a cached state may sit mid-chunk)
-            w1c = w1c_ptr + bh * wc_bh
-            w2c = w2c_ptr + bh * wc_bh
-        else:
-            w1c = w1n
-            w2c = w2n
+        w1n, w2n, w1c, w2c = _segment_states(n, bh, w1_ptr, w2_ptr, w1c_ptr, w2c_ptr, w1_bh, w1_slot, w2_bh, w2_slot,
+                                             wc_bh)
         k = tl.load(k_ptr + row * dd + out, mask=m2, other=0.0)
         # (1) e = dℓ/dM at the chunk start: M_c(k) - target (target M_c(v), or v), summed over the hidden blocks
         v = tl.load(v_ptr + row * dd + out, mask=m2, other=0.0)
@@ -254,7 +266,7 @@ def _deep_fwd_kernel(
 def _deep_bwd_kernel(
     q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, w1c_ptr, w2c_ptr, w1_ptr, w2_ptr, a1_ptr, a2_ptr, do_ptr,
     dw1_ptr, dw2_ptr, dzc1_ptr, dzc2_ptr, dw1c_ptr, dw2c_ptr, da1_ptr, da2_ptr,
-    dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, se_ptr, sn_ptr, sdn_ptr, sds_ptr, shp_ptr, ss_ptr,
+    dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, se_ptr, sde_ptr, sn_ptr, sdn_ptr, sds_ptr, shp_ptr, ss_ptr,
     T, H, C, shift, NSEG, d, hd, eps, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh, W_SLOT,
     BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, BF: tl.constexpr, EVEN: tl.constexpr,
     OBJ_L2: tl.constexpr, VALUE: tl.constexpr, ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr,
@@ -264,23 +276,25 @@ def _deep_bwd_kernel(
     dq, and the gradients of k, v, eta, lg, la for the generating scan's backward. dw1, dw2: dW_end in, dW_0 out,
     and the carried dW1, dW2 in between (each block read and rewritten in place, never whole in registers).
     dzc1, dzc2: the cotangent of the final chunk start, which is the start state of segment W_SLOT (or -1); dw1c,
-    dw2c: the gradient of the input chunk start; da1, da2 (ANCHOR; zeros on entry): the gradients of the retention
-    anchors W1_0, W2_0 of this (batch, head). With the anchor the decays act on the deviations D = W - W_0
-    (W_end = W_0 + gamma_L D_start + ...).
+    dw2c (zeros on entry): the gradient of the input chunk start; da1, da2 (ANCHOR; zeros on entry): the gradients
+    of the retention anchors W1_0, W2_0 of this (batch, head). With the anchor the decays act on the deviations
+    D = W - W_0 (W_end = W_0 + gamma_L D_start + ...).
 
-    Per segment, seven passes over the hidden blocks f, each behind a barrier, with (BC, h) tiles between them in
-    this program's scratch (sn, sdn, sds, shp, ss: N2, dN2, ds, Hp then dHp, s, reused by 4a; se: e, (BC, d)):
+    Per segment, seven passes over the hidden blocks f, each behind a barrier. Between them the (BC, h) tiles sit in
+    this program's scratch (sn, sdn, sds, shp, ss: N2, dN2, ds, Hp then dHp, s; reused by 4a), e and de in se,
+    sde (BC, d), dE1 in dv and the partial dk in dk:
       (1) the chunk start's reads into e and the guard's N (as the forward);
       (2a) the writes N2_f and the reads Hp_f again, the carried dW_end's uses and the decays of dW1, dW2;
       (2b) the o part: dhid_f is whole within its block (the Gamma term needs only G1 = (dO E1ᵀ) ⊙ Gamma and s_f);
       (2c) the hid part; Σ_f hid_f s_fᵀ (2a) and Σ_f dHp_f N2_fᵀ (2c) finish dE1, dq and dk;
       (3) through N2 = T Y2: dY2_f, M = dN2 N2ᵀ, the DGD terms, and the sums over f that the chunk-start
-          gradients need whole (de, and deta_m, which the guard's dN needs);
+          gradients need whole (de, and deta', which the guard's dN needs); then the chain through T;
       (4a) the chunk-start gradients by blocks: dp_f, dk, dv and the (BC, h) factors of dW1_c, dW2_c;
       (4b) dW1_c, dW2_c by blocks, added to the carried dW1, dW2.
-    Whole (d, h) tiles spilled 28-29 KB at d = h = 128 and needed 352-577 KB of shared memory; the o and hid parts
-    in 2a's loop kept ten loop-invariant chunk tiles (q, dO, G1, ... as dot operands) in shared memory at once
-    (benchmarks/NOTES.md). Row scalings sit on the block's operand or the product, never on an invariant one."""
+    Each pass reads its chunk tiles afresh and keeps its sums to itself (benchmarks/NOTES.md): whole (d, h) tiles
+    spilled 28-29 KB at d = h = 128 and needed 352-577 KB of shared memory; tiles kept from one pass to the next
+    held their shared-memory operand copies across all of them (416 KB at d = h = 128 in tf32). Row scalings sit on
+    the block's operand or on the product, never on a loop-invariant operand (each is one more copy)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -292,7 +306,7 @@ def _deep_bwd_kernel(
     md = offs_d < d
     out = offs_c[:, None] * dd + offs_d[None, :]
     qo = offs_c[:, None] * (H * dd) + offs_d[None, :]
-    before = offs_c[None, :] < offs_c[:, None]
+    toff = offs_c[:, None] * BC + offs_c[None, :]
     a1 = a1_ptr + h * d * hd
     a2 = a2_ptr + h * d * hd
     dw1 = dw1_ptr + bh * d * hd
@@ -300,33 +314,26 @@ def _deep_bwd_kernel(
     da1 = da1_ptr + bh * d * hd
     da2 = da2_ptr + bh * d * hd
     sb = bh * BC * hh  # this program's (BC, h) scratch tiles
-    eb = bh * BC * dd  # and its (BC, d) tile of e
+    eb = bh * BC * dd + out  # and its (BC, d) tiles of e and de
     for i in range(0, NSEG):
         n = NSEG - 1 - i
         start, L = _segment(n, C, shift, T)
         mt = offs_c < L
         m2 = mt[:, None] if EVEN else mt[:, None] & md[None, :]
-        row = bh * T + start  # the segment's first row of the (BH, T[, d or h]) buffers
-        tb = row * dd
-        qb = ((b * T + start) * H + h) * dd  # and of q, dO and dq
-        w1n = w1_ptr + bh * w1_bh + n * w1_slot
-        w2n = w2_ptr + bh * w2_bh + n * w2_slot
-        if n == 0:  # the call's own chunk start (a cached state may sit mid-chunk)
-            w1c = w1c_ptr + bh * wc_bh
-            w2c = w2c_ptr + bh * wc_bh
-        else:
-            w1c = w1n
-            w2c = w2n
-        k = tl.load(k_ptr + tb + out, mask=m2, other=0.0)
-        v = tl.load(v_ptr + tb + out, mask=m2, other=0.0)
+        row = bh * T + start  # the segment's first row of the (BH, T[, d]) buffers
+        tb = row * dd + out
+        qb = ((b * T + start) * H + h) * dd + qo  # and of q, dO and dq
+        tm = tmat_ptr + (bh * NSEG + n) * BC * BC + toff
+        w1n, w2n, w1c, w2c = _segment_states(n, bh, w1_ptr, w2_ptr, w1c_ptr, w2c_ptr, w1_bh, w1_slot, w2_bh, w2_slot,
+                                             wc_bh)
         eta = tl.load(eta_ptr + row + offs_c, mask=mt, other=0.0)
         lg = tl.load(lg_ptr + row + offs_c, mask=mt, other=0.0)
         lgb = tl.load(lg_ptr + row + offs_c - 1, mask=mt & (offs_c > 0), other=0.0)
         # ---- (1) e = dℓ/dM at the chunk start and N_t, summed over the hidden blocks
-        e, curv = _chunk_start_errors(k, v, w1c, w2c, offs_f, offs_d, md, hd, dd, hh, BC, D, BF, EVEN, OBJ_L2,
-                                      VALUE, GUARD, PREC, LOWP)
-        tl.store(se_ptr + eb + out, e, mask=m2)
-        tl.debug_barrier()
+        e, curv = _chunk_start_errors(tl.load(k_ptr + tb, mask=m2, other=0.0), tl.load(v_ptr + tb, mask=m2, other=0.0),
+                                      w1c, w2c, offs_f, offs_d, md, hd, dd, hh, BC, D, BF, EVEN, OBJ_L2, VALUE, GUARD,
+                                      PREC, LOWP)
+        tl.store(se_ptr + eb, e, mask=m2)
         if GUARD:
             cg = 1.0 / tl.maximum(curv, 1.0)
             eta_m = eta * cg
@@ -336,23 +343,21 @@ def _deep_bwd_kernel(
         lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
         gamma_end = tl.exp(lg_end)
         causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]
-        decay = tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
         gamma = tl.where(mt, tl.exp(lg), 0.0)
         kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
-        Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + (offs_c[:, None] * BC + offs_c[None, :]))
-        # each pass reads its chunk tiles (k, v, q, dO, e) afresh: kept from one pass to the next, their
-        # shared-memory operand copies stayed allocated across all of them (416 KB at d = h = 128 in tf32)
-        k = tl.load(k_ptr + tb + out, mask=m2, other=0.0)
-        e = tl.load(se_ptr + eb + out, mask=m2, other=0.0)
-        q = tl.load(q_ptr + qb + qo, mask=m2, other=0.0).to(tl.float32)
-        QKd = mm(q, tl.trans(k), PREC, LOWP) * decay
+        tl.debug_barrier()
+        # ---- (2a) per block: the writes N2_f, the reads Hp_f again, and the carried dW_end's uses:
+        # W1_end = [W1_A +] gamma_L D1_0 + E1ᵀ (kappa s), W2_end = [W2_A +] gamma_L D2_0 + N2ᵀ (kappa K)
+        k = tl.load(k_ptr + tb, mask=m2, other=0.0)
+        e = tl.load(se_ptr + eb, mask=m2, other=0.0)
+        q = tl.load(q_ptr + qb, mask=m2, other=0.0).to(tl.float32)
+        Tm = tl.load(tm)
+        QKd = mm(q, tl.trans(k), PREC, LOWP) * tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
         HS = tl.zeros([BC, BC], dtype=tl.float32)  # Σ_f hid_f s_fᵀ
         dE1 = tl.zeros([BC, D], dtype=tl.float32)
         dk = tl.zeros([BC, D], dtype=tl.float32)
         cc = tl.zeros([BC], dtype=tl.float32)  # the end states' -dlg_t: kappa_t (s_t.E1dW_t + k_t.N2dW_t)
         ddev = tl.zeros([D], dtype=tl.float32)  # Σ over the (d, h) entries of D1_0 ⊙ dW1_end + D2_0ᵀ ⊙ dW2_endᵀ
-        # ---- (2a) per block: the writes N2_f, the reads Hp_f again, and the carried dW_end's uses:
-        # W1_end = [W1_A +] gamma_L D1_0 + E1ᵀ (kappa s), W2_end = [W2_A +] gamma_L D2_0 + N2ᵀ (kappa K)
         for f0 in range(0, hh, BF):
             rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
             hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
@@ -395,15 +400,17 @@ def _deep_bwd_kernel(
             tl.store(ss_ptr + hoff, s, mask=hm)
             tl.store(sds_ptr + hoff, kappa[:, None] * E1dW, mask=hm)
             tl.store(sdn_ptr + hoff, kappa[:, None] * mm(k, tl.trans(dW2e), PREC, LOWP), mask=hm)
-        tl.debug_barrier()  # 2b and 2c read the scratch and dW1, dW2 back in other layouts
+        tl.store(dk_ptr + tb, dk, mask=m2)
         # ---- (2b) o = q + [hid W1_Aᵀ +] diag(gamma) hid D1_0ᵀ + (Gamma ⊙ hid sᵀ) E1 with E1 = -eta' e: dhid_f is
         # whole within its block (G1 = (dO E1ᵀ) ⊙ Gamma), and dHp_f = dhid_f ⊙ silu'(Hp_f) replaces Hp_f
-        do = tl.load(do_ptr + qb + qo, mask=m2, other=0.0).to(tl.float32)
-        G1 = mm(do, tl.trans(tl.load(se_ptr + eb + out, mask=m2, other=0.0)), PREC, LOWP) * (decay * -eta_m[None, :])
-        dE1 += mm(tl.trans(HS * decay), do, PREC, LOWP)
+        decay = tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
+        do = tl.load(do_ptr + qb, mask=m2, other=0.0).to(tl.float32)
+        G1 = mm(do, tl.trans(e), PREC, LOWP) * (decay * -eta_m[None, :])
+        tl.store(dv_ptr + tb, dE1 + mm(tl.trans(HS * decay), do, PREC, LOWP), mask=m2)  # dE1, for pass 3
         gd = G1 * HS
         dlg = tl.sum(gd, 1) - tl.sum(gd, 0) - cc
         dlg_end = tl.sum(cc, 0) + gamma_end * tl.sum(ddev, 0)
+        tl.debug_barrier()  # 2b and 2c read the scratch and dW1, dW2 back in other layouts
         for f0 in range(0, hh, BF):
             rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
             hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
@@ -429,8 +436,9 @@ def _deep_bwd_kernel(
                      m1b, EVEN)
         tl.debug_barrier()
         # ---- (2c) hid = silu(Hp), Hp = diag(gamma) Q D2_0ᵀ [+ Q W2_Aᵀ] + (Gamma ⊙ Q Kᵀ) N2
-        dq = do
-        q = tl.load(q_ptr + qb + qo, mask=m2, other=0.0).to(tl.float32)
+        dq = tl.load(do_ptr + qb, mask=m2, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + qb, mask=m2, other=0.0).to(tl.float32)
+        QKd = mm(q, tl.trans(tl.load(k_ptr + tb, mask=m2, other=0.0)), PREC, LOWP) * decay
         G2 = tl.zeros([BC, BC], dtype=tl.float32)  # Σ_f dHp_f N2_fᵀ
         for f0 in range(0, hh, BF):
             rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
@@ -453,19 +461,23 @@ def _deep_bwd_kernel(
             G2 += mm(dHp, tl.trans(tl.load(sn_ptr + hoff, mask=hm, other=0.0)), PREC, LOWP)
             _store_w(dw2, w2b, _load_w(dw2, w2b, m2b, EVEN) + mm(tl.trans(gamma[:, None] * dHp), q, PREC, LOWP),
                      m2b, EVEN)
-        dq += mm(G2 * decay, tl.load(k_ptr + tb + out, mask=m2, other=0.0), PREC, LOWP)
-        tl.store(dq_ptr + qb + qo, dq.to(dq_ptr.dtype.element_ty), mask=m2)
-        dk += mm(tl.trans(G2 * decay), q, PREC, LOWP)
         gd = G2 * QKd
         dlg += tl.sum(gd, 1) - tl.sum(gd, 0)
+        G2 *= decay
+        tl.store(dq_ptr + qb, (dq + mm(G2, tl.load(k_ptr + tb, mask=m2, other=0.0), PREC, LOWP)).to(
+            dq_ptr.dtype.element_ty), mask=m2)
+        tl.store(dk_ptr + tb, tl.load(dk_ptr + tb, mask=m2, other=0.0) + mm(tl.trans(G2), q, PREC, LOWP), mask=m2)
         tl.debug_barrier()
         # ---- (3) N2 = T Y2, Y2 = -eta' g - Kd W2_0ᵀ [- Ka W2_Aᵀ] (Kd W2_0 + Ka W2_A = Kd D2_0 + Ke W2_A), and the
         # sums over f of de and deta' (the gradient of the writes' step)
-        k = tl.load(k_ptr + tb + out, mask=m2, other=0.0)
-        e = tl.load(se_ptr + eb + out, mask=m2, other=0.0)
+        k = tl.load(k_ptr + tb, mask=m2, other=0.0)
+        e = tl.load(se_ptr + eb, mask=m2, other=0.0)
+        dE1 = tl.load(dv_ptr + tb, mask=m2, other=0.0)
+        Tm = tl.load(tm)
         M = tl.zeros([BC, BC], dtype=tl.float32)
         de = -eta_m[:, None] * dE1
         deta_m = -tl.sum(dE1 * e, 1)
+        dk = tl.zeros([BC, D], dtype=tl.float32)
         dks = tl.zeros([BC], dtype=tl.float32)  # Σ_f (dKd_f . k)
         deta = tl.zeros([BC], dtype=tl.float32)
         for f0 in range(0, hh, BF):
@@ -503,13 +515,25 @@ def _deep_bwd_kernel(
             deta += deta_m
         if OBJ_L2:
             dk += de
-        dv = -de
-        tl.debug_barrier()  # dW2 is read back in pass 4
+        tl.store(sde_ptr + eb, de, mask=m2)
+        # T = (I + A)^-1 and Kd = diag(eps eta_t gamma_{t-1}) K
+        dA = tl.where(offs_c[None, :] < offs_c[:, None], -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
+        dk_a, deta_a, dlg_a, dla = _tri_chain(dA, k, eta, lg, lg - lgb, eps, offs_c, PREC)
+        tl.store(dk_ptr + tb, tl.load(dk_ptr + tb, mask=m2, other=0.0) + dk + dk_a, mask=m2)
+        tl.store(deta_ptr + row + offs_c, deta + deta_a + eps * tl.exp(lgb) * dks, mask=mt)
+        tl.store(dlg_ptr + row + offs_c, dlg + dlg_a + dks * kd_scale + tl.where(offs_c == L - 1, dlg_end, 0.0),
+                 mask=mt)
+        tl.store(dla_ptr + row + offs_c, dla - dks * kd_scale, mask=mt)
+        tl.debug_barrier()
         # ---- (4a) s = silu(p), g = silu'(p) ⊙ (e W1_c), e, the target, p = K W2_cᵀ [, N_t]: by blocks, dp_f (and
         # dpv_f), their parts of dk and dv, and the (BC, h) factors of dW1_c, dW2_c for 4b
-        k = tl.load(k_ptr + tb + out, mask=m2, other=0.0)
-        v = tl.load(v_ptr + tb + out, mask=m2, other=0.0)
-        e = tl.load(se_ptr + eb + out, mask=m2, other=0.0)
+        k = tl.load(k_ptr + tb, mask=m2, other=0.0)
+        v = tl.load(v_ptr + tb, mask=m2, other=0.0)
+        e = tl.load(se_ptr + eb, mask=m2, other=0.0)
+        de = tl.load(sde_ptr + eb, mask=m2, other=0.0)
+        Tm = tl.load(tm)
+        dk = tl.zeros([BC, D], dtype=tl.float32)
+        dv = -de
         if n == 0:  # the input chunk start's gradient goes to dw1c, dw2c (zeros on entry), the others to dW1, dW2
             dst1 = dw1c_ptr + bh * d * hd
             dst2 = dw2c_ptr + bh * d * hd
@@ -551,10 +575,14 @@ def _deep_bwd_kernel(
             tl.store(sn_ptr + hoff, dg * sg, mask=hm)
             tl.store(sds_ptr + hoff, dp, mask=hm)
             tl.store(ss_ptr + hoff, xs, mask=hm)
+        tl.store(dk_ptr + tb, tl.load(dk_ptr + tb, mask=m2, other=0.0) + dk, mask=m2)
+        tl.store(dv_ptr + tb, dv, mask=m2)
         tl.debug_barrier()
         # ---- (4b) dW1_c = eᵀ (dg ⊙ sg) + deᵀ xs, dW2_c = dpᵀ K [+ dpvᵀ V], by blocks, onto dW1, dW2
-        k = tl.load(k_ptr + tb + out, mask=m2, other=0.0)
-        v = tl.load(v_ptr + tb + out, mask=m2, other=0.0)
+        k = tl.load(k_ptr + tb, mask=m2, other=0.0)
+        v = tl.load(v_ptr + tb, mask=m2, other=0.0)
+        e = tl.load(se_ptr + eb, mask=m2, other=0.0)
+        de = tl.load(sde_ptr + eb, mask=m2, other=0.0)
         for f0 in range(0, hh, BF):
             rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
             hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
@@ -570,18 +598,7 @@ def _deep_bwd_kernel(
                 dW2c += _load_w(dzc2_ptr + bh * d * hd, w2b, m2b, EVEN)
             _store_w(dst1, w1b, _load_w(dst1, w1b, m1b, EVEN) + dW1c, m1b, EVEN)
             _store_w(dst2, w2b, _load_w(dst2, w2b, m2b, EVEN) + dW2c, m2b, EVEN)
-        # ---- T = (I + A)^-1 and Kd = diag(eps eta_t gamma_{t-1}) K
-        dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
-        dk_a, deta_a, dlg_a, dla = _tri_chain(dA, tl.load(k_ptr + tb + out, mask=m2, other=0.0), eta, lg, lg - lgb, eps, offs_c, PREC)
-        deta += deta_a + eps * tl.exp(lgb) * dks
-        dlg += dlg_a + dks * kd_scale + tl.where(offs_c == L - 1, dlg_end, 0.0)
-        dla -= dks * kd_scale
-        tl.store(dk_ptr + tb + out, dk + dk_a, mask=m2)
-        tl.store(dv_ptr + tb + out, dv, mask=m2)
-        tl.store(deta_ptr + row + offs_c, deta, mask=mt)
-        tl.store(dlg_ptr + row + offs_c, dlg, mask=mt)
-        tl.store(dla_ptr + row + offs_c, dla, mask=mt)
-        tl.debug_barrier()  # the next segment reads dW1, dW2 and the scratch in pass 2's layouts
+        tl.debug_barrier()  # the next segment reads dW1, dW2 and the scratch in 2a's layouts
 
 
 # ---------------------------------------------------------------------------------------------- python
@@ -653,8 +670,8 @@ def _backward(q, a, valid, anchors, b_eta, b_alpha, k, v, eta, lg, tmat, norms, 
     dq = torch.empty_like(q)
     dk, dv = torch.empty_like(k), torch.empty_like(k)
     deta, dlg, dla = torch.empty_like(eta), torch.empty_like(eta), torch.empty_like(eta)
-    # per program, reused by every segment: e, then N2, dN2, ds, Hp (then dHp), s
-    scratch = [torch.empty(B * H, cfg["BC"], cfg["D"], device=dev, dtype=f32)]
+    # per program, reused by every segment: e, de, then N2, dN2, ds, Hp (then dHp), s
+    scratch = [torch.empty(B * H, cfg["BC"], cfg["D"], device=dev, dtype=f32) for _ in range(2)]
     scratch += [torch.empty(B * H, cfg["BC"], cfg["HD"], device=dev, dtype=f32) for _ in range(5)]
     launch(_deep_bwd_kernel, (B * H,),
            q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, a1, a2, do.contiguous(), dw1, dw2,
