@@ -371,9 +371,10 @@ def titans_step_bytes(B: int, H: int, d: int, C: int, elt: int = 2) -> float:
 #   forward, over the hidden blocks twice: p, the self target and e's read as one product (3 of C x d x h), then
 #     p again, e W1_c, K W2_0ᵀ, Q W2_0ᵀ, hid W1_0ᵀ and the two state updates (7), Q Kᵀ and (Gamma ⊙ hid sᵀ) E1 (2
 #     of C^2 d), T Y2, (Gamma ⊙ Q Kᵀ) N2, hid sᵀ (3 of C^2 h)               20 C d h + 4 C^2 d + 6 C^2 h
-#   backward, seven passes over the hidden blocks (`_deep_bwd_kernel`): 31 C x d x h (3 + 9 + 2 + 2 + 5 + 6 + 4,
-#     the forward's recomputed among them), 8 C^2 d (Q Kᵀ twice, G1, dE1's, G2 K, G2ᵀ Q, the chain's K Kᵀ and
-#     dKK K), 10 C^2 h and Tᵀ M                                         62 C d h + 16 C^2 d + 20 C^2 h + 2 C^3
+#   backward, seven passes over the hidden blocks (`_deep_bwd_kernel`): 29 C x d x h (3 + 9 + 2 + 2 + 4 + 5 + 4,
+#     the forward's recomputed among them; p = K W2_cᵀ once after pass 1, kept for the later passes), 8 C^2 d (Q Kᵀ
+#     twice, G1, dE1's, G2 K, G2ᵀ Q, the chain's K Kᵀ and dKK K), 10 C^2 h and Tᵀ M
+#                                                                        58 C d h + 16 C^2 d + 20 C^2 h + 2 C^3
 # Retention toward the initial memories (the default) adds, besides the generating scan's anchor terms (as the
 # linear op's: K1 2 C^2 d + 2 G C d, B4 2 C^2 d + 6 G C d), K W2_Aᵀ, Q W2_Aᵀ and hid W1_Aᵀ forward (6 C d h)
 # and eight C x d x h products backward (16 C d h).
@@ -391,7 +392,7 @@ def deep_titans_flops(B: int, T: int, H: int, d: int, h: int, C: int, backward: 
         per += 2 * C * C * d + 2 * G * C * d + 6 * C * d * h
     if backward:
         per += 8 * C * d * d + 8 * C * C * d + 2 * C**3 + G * (16 * C * d + 6 * C * C)
-        per += 62 * C * d * h + 16 * C * C * d + 20 * C * C * h + 2 * C**3
+        per += 58 * C * d * h + 16 * C * C * d + 20 * C * C * h + 2 * C**3
         if anchored:
             per += 2 * C * C * d + 6 * G * C * d + 16 * C * d * h
     return float(B * H * nseg * per)

@@ -35,6 +35,7 @@ from hope_kernels.deep_titans.reference import DeepTitansState, _check_deep_inpu
 from hope_kernels.titans._common import (
     check_kernel_inputs,
     check_no_momentum,
+    cotangent,
     device_fn,
     dot_precision,
     launch,
@@ -73,13 +74,12 @@ def silu_grad2(x):
 
 
 @device_fn
-def _curvature(p, sg, W1c):
-    """N_t = ||silu(p_t)||² + Σ_f silu'(p_t)_f² ||W1_c[:, f]||² (`curvature_scale` of the reference) and the step
-    scale 1 / max(1, N_t) of the guarded main-memory writes (memory_curvature_guard)."""
+def _curvature(p, W1c):
+    """The hidden units' part of N_t = ||silu(p_t)||² + Σ_f silu'(p_t)_f² ||W1_c[:, f]||² (`curvature_scale` of the
+    reference), p (BC, BF) and W1c (D, BF) a block of them; the guarded writes take eta_t / max(1, N_t)."""
     s = p * sigmoid(p)
-    col = tl.sum(W1c * W1c, 0)
-    curv = tl.sum(s * s, 1) + tl.sum(sg * sg * col[None, :], 1)
-    return curv, 1.0 / tl.maximum(curv, 1.0), col
+    sg = silu_grad(p)
+    return tl.sum(s * s, 1) + tl.sum(sg * sg * tl.sum(W1c * W1c, 0)[None, :], 1)
 
 
 @device_fn
@@ -114,9 +114,8 @@ def _chunk_start_errors(k, v, w1c, w2c, offs_f, offs_d, md, hd, dd, hh, BC: tl.c
             x -= pv * sigmoid(pv)
         if OBJ_L2 or not VALUE:  # one product for both reads
             read += mm(x, tl.trans(W1c), PREC, LOWP)
-        if GUARD:  # N_t sums over the hidden units: `_curvature` of the block is its part
-            curv_f, _cg, _col = _curvature(p, silu_grad(p), W1c)
-            curv += curv_f
+        if GUARD:  # N_t sums over the hidden units
+            curv += _curvature(p, W1c)
     if OBJ_L2:
         e = k - v + read
     else:
@@ -266,7 +265,8 @@ def _deep_fwd_kernel(
 def _deep_bwd_kernel(
     q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, w1c_ptr, w2c_ptr, w1_ptr, w2_ptr, a1_ptr, a2_ptr, do_ptr,
     dw1_ptr, dw2_ptr, dzc1_ptr, dzc2_ptr, dw1c_ptr, dw2c_ptr, da1_ptr, da2_ptr,
-    dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, se_ptr, sde_ptr, sn_ptr, sdn_ptr, sds_ptr, shp_ptr, ss_ptr,
+    dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, se_ptr, sde_ptr, sn_ptr, sdn_ptr, sds_ptr, shp_ptr, sp_ptr,
+    ss_ptr,
     T, H, C, shift, NSEG, d, hd, eps, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh, W_SLOT,
     BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, BF: tl.constexpr, EVEN: tl.constexpr,
     OBJ_L2: tl.constexpr, VALUE: tl.constexpr, ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr,
@@ -281,7 +281,8 @@ def _deep_bwd_kernel(
     D = W - W_0 (W_end = W_0 + gamma_L D_start + ...).
 
     Per segment, seven passes over the hidden blocks f, each behind a barrier. Between them the (BC, h) tiles sit in
-    this program's scratch (sn, sdn, sds, shp, ss: N2, dN2, ds, Hp then dHp, s; reused by 4a), e and de in se,
+    this program's scratch (sn, sdn, sds, shp, sp: N2, dN2, ds, Hp then dHp, p = K W2_cᵀ, which 2b, 3 and 4a read
+    instead of recomputing; sn, sds, shp and ss carry 4a's results to 4b), e and de in se,
     sde (BC, d), dE1 in dv and the partial dk in dk:
       (1) the chunk start's reads into e and the guard's N (as the forward);
       (2a) the writes N2_f and the reads Hp_f again, the carried dW_end's uses and the decays of dW1, dW2;
@@ -397,7 +398,7 @@ def _deep_bwd_kernel(
             _store_w(dw2, w2b, gamma_end * dW2e, m2b, EVEN)
             tl.store(sn_ptr + hoff, N2, mask=hm)
             tl.store(shp_ptr + hoff, Hp, mask=hm)
-            tl.store(ss_ptr + hoff, s, mask=hm)
+            tl.store(sp_ptr + hoff, p, mask=hm)
             tl.store(sds_ptr + hoff, kappa[:, None] * E1dW, mask=hm)
             tl.store(sdn_ptr + hoff, kappa[:, None] * mm(k, tl.trans(dW2e), PREC, LOWP), mask=hm)
         tl.store(dk_ptr + tb, dk, mask=m2)
@@ -427,7 +428,8 @@ def _deep_bwd_kernel(
             else:
                 dOW1 = mm(do, W1, PREC, LOWP)
                 dhid = gamma[:, None] * dOW1
-            dhid += mm(G1, tl.load(ss_ptr + hoff, mask=hm, other=0.0), PREC, LOWP)
+            p = tl.load(sp_ptr + hoff, mask=hm, other=0.0)
+            dhid += mm(G1, p * sigmoid(p), PREC, LOWP)
             dlg += gamma * tl.sum(dOW1 * hid, 1)
             tl.store(sds_ptr + hoff, tl.load(sds_ptr + hoff, mask=hm, other=0.0)
                      + mm(tl.trans(G1), hid, PREC, LOWP), mask=hm)
@@ -504,7 +506,7 @@ def _deep_bwd_kernel(
             _store_w(dw2, w2b, _load_w(dw2, w2b, m2b, EVEN)
                      - tl.dot(tl.trans(kd_scale[:, None] * dY2), k, input_precision=PREC), m2b, EVEN)
             W1c = _load_w(w1c, w1b, m1b, EVEN)
-            sg = silu_grad(mm(k, tl.trans(_load_w(w2c, w2b, m2b, EVEN)), PREC, LOWP))
+            sg = silu_grad(tl.load(sp_ptr + hoff, mask=hm, other=0.0))
             deta_m -= tl.sum(dY2 * sg * mm(e, W1c, PREC, LOWP), 1)
             de += mm(-eta_m[:, None] * dY2 * sg, tl.trans(W1c), PREC, LOWP)
         if GUARD:
@@ -546,7 +548,7 @@ def _deep_bwd_kernel(
             hm = mt[:, None] & (rows_f < hd)[None, :]
             W1c = _load_w(w1c, w1b, m1b, EVEN)
             W2c = _load_w(w2c, w2b, m2b, EVEN)
-            p = mm(k, tl.trans(W2c), PREC, LOWP)
+            p = tl.load(sp_ptr + hoff, mask=hm, other=0.0)
             sg = silu_grad(p)
             s = p * sigmoid(p)
             dg = -eta_m[:, None] * tl.dot(tl.trans(Tm), tl.load(sdn_ptr + hoff, mask=hm, other=0.0),
@@ -654,11 +656,8 @@ def _backward(q, a, valid, anchors, b_eta, b_alpha, k, v, eta, lg, tmat, norms, 
     dev, f32 = q.device, torch.float32
     lowp = low_precision_dots(q.dtype)
     shapes = [(B * H, G, d)] * 2 + [(B * H, d, hd)] * 2 + [(B * H, hd, d)] * 2
-    dzc, dz, dw1c_end, dw1_end, dw2c_end, dw2_end = (
-        torch.zeros(s, device=dev, dtype=f32) if g is None else g.float().reshape(s) for g, s in zip(grads, shapes))
+    dzc, dz, dw1c_end, dw1, dw2c_end, dw2 = (cotangent(g, s, dev) for g, s in zip(grads, shapes))
     w_slot, g_slot = _chunk_start_slots(T, cfg, nseg)
-    dw1 = dw1_end.clone(memory_format=torch.contiguous_format)  # the kernel carries dW1, dW2 in these, in place
-    dw2 = dw2_end.clone(memory_format=torch.contiguous_format)
     if w_slot == nseg:
         dw1 += dw1c_end
         dw2 += dw2c_end
@@ -670,12 +669,12 @@ def _backward(q, a, valid, anchors, b_eta, b_alpha, k, v, eta, lg, tmat, norms, 
     dq = torch.empty_like(q)
     dk, dv = torch.empty_like(k), torch.empty_like(k)
     deta, dlg, dla = torch.empty_like(eta), torch.empty_like(eta), torch.empty_like(eta)
-    # per program, reused by every segment: e, de, then N2, dN2, ds, Hp (then dHp), s
+    # per program, reused by every segment: e, de, then N2, dN2, ds, Hp (then dHp), p, and 4a's factor of dW1_c
     scratch = [torch.empty(B * H, cfg["BC"], cfg["D"], device=dev, dtype=f32) for _ in range(2)]
-    scratch += [torch.empty(B * H, cfg["BC"], cfg["HD"], device=dev, dtype=f32) for _ in range(5)]
+    scratch += [torch.empty(B * H, cfg["BC"], cfg["HD"], device=dev, dtype=f32) for _ in range(6)]
     launch(_deep_bwd_kernel, (B * H,),
            q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, a1, a2, do.contiguous(), dw1, dw2,
-           dw1c_end.contiguous(), dw2c_end.contiguous(), dw1c, dw2c, da1, da2, dq, dk, dv, deta, dlg, dla, *scratch,
+           dw1c_end, dw2c_end, dw1c, dw2c, da1, da2, dq, dk, dv, deta, dlg, dla, *scratch,
            T, H, cfg["C"], cfg["shift"], nseg, d, hd, cfg["eps"], w1buf.stride(0), w1buf.stride(1), w2buf.stride(0),
            w2buf.stride(1), w1c.stride(0), w_slot if w_slot is not None and 1 <= w_slot < nseg else -1,
            BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], BF=hidden_block(cfg["HD"]), EVEN=d == cfg["D"] and hd == cfg["HD"],
@@ -684,12 +683,12 @@ def _backward(q, a, valid, anchors, b_eta, b_alpha, k, v, eta, lg, tmat, norms, 
     if w_slot is None:
         dw1c += dw1c_end
         dw2c += dw2c_end
-    dg = dz.contiguous()
+    dg = dz
     if g_slot == nseg:
         dg += dzc
         acc = torch.zeros_like(dg)
     else:
-        acc = dzc.contiguous()
+        acc = dzc
     da, dbias, dganc = generating_backward(a, valid, zc, gbuf, g_anchor, k, v, eta, lg, tmat, norms,
                                            b_eta.detach().float().contiguous(), b_alpha.detach().float().contiguous(),
                                            dk, dv, deta, dlg, dla, dg, acc, cfg, nseg, lowp)

@@ -62,6 +62,14 @@ def block_v(D: int, lowp: bool) -> int:
     return min(D, 16 if D > 64 and not lowp else 32)
 
 
+def cotangent(g: "torch.Tensor | None", shape: tuple, device: torch.device) -> torch.Tensor:
+    """An output's cotangent from autograd as a fresh fp32 contiguous tensor of `shape` (zeros for None): the
+    backward kernels accumulate into these buffers in place, and the tensors autograd passes in must not change."""
+    if g is None:
+        return torch.zeros(shape, device=device, dtype=torch.float32)
+    return g.reshape(shape).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+
 def block_sizes(d: int, chunk_size: int) -> tuple[int, int]:
     """(D, BC): the head dim and the chunk padded to powers of two >= 16 (tl.dot needs every dim >= 16)."""
     return max(16, next_pow2(d)), max(TRI_BLOCK, next_pow2(chunk_size))

@@ -73,6 +73,7 @@ from hope_kernels.titans._common import (
     block_v,
     check_kernel_inputs,
     check_no_momentum,
+    cotangent,
     device_fn,
     dot_precision,
     launch,
@@ -1319,8 +1320,8 @@ def _backward(q, a, valid, anchor, b_eta, b_alpha, k, v, eta, lg, tmat, norms, w
     BV = block_v(D, lowp)
     prec = dot_precision()
     do = do.contiguous()
-    dzc_end = (torch.zeros(B, H, R, d, device=dev, dtype=f32) if dzc_end is None else dzc_end.float()).reshape(B * H, R, d)
-    dz_end = (torch.zeros(B, H, R, d, device=dev, dtype=f32) if dz_end is None else dz_end.float()).reshape(B * H, R, d)
+    dzc_end = cotangent(dzc_end, (B * H, R, d), dev)
+    dz_end = cotangent(dz_end, (B * H, R, d), dev)
     w_slot, g_slot = _chunk_start_slots(T, cfg, nseg)
     nv = triton.cdiv(d, BV)
     shift = cfg["shift"]

@@ -30,7 +30,7 @@ from hope_kernels.deep_titans import (  # noqa: E402
 )
 from hope_kernels.deep_titans.chunk import titans_deep_memory_triton  # noqa: E402
 from hope_kernels.deep_titans.reference import curvature_scale, main_memory_errors  # noqa: E402
-from tests.hope_kernels.titans.test_chunk import BIAS_SCALE, rel_err  # noqa: E402
+from tests.hope_kernels.titans.test_chunk import BIAS_SCALE, cotangents_unchanged, rel_err  # noqa: E402
 
 F64, F32 = torch.float64, torch.float32
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -170,6 +170,16 @@ def test_curvature_guard_binds():
         xs = [x[n].to(DEV, F32) for n in INPUTS]
         outs.append(titans_deep_memory_triton(*xs, **flags(memory_curvature_guard=guard))[0])
     assert rel_err(outs[0], outs[1]) > 1e-3
+
+
+@pytest.mark.parametrize("position", [3, 4], ids=["mid-chunk", "boundary"])
+def test_cotangents_unchanged(position):
+    inputs, _, _ = make_case(_seed("cotangents", position), 1, 7, 1, 8, 8, position=position)
+    unchanged = cotangents_unchanged(
+        titans_deep_memory_triton, inputs, INPUTS,
+        lambda x: DeepTitansState(x["z_chunk"], x["z"], None, x["w1_chunk"], x["w1"], None, x["w2_chunk"], x["w2"],
+                                  None, position), STATE, flags())
+    assert all(unchanged), f"cotangents of (o, {', '.join(STATE)}) changed by the backward: {unchanged}"
 
 
 def test_dispatcher_and_momentum():

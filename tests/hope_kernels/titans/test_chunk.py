@@ -206,6 +206,29 @@ def test_row_tiles_narrower_than_the_head_dim(case, monkeypatch):
 # ----------------------------------------------------------------------------------------- 3. API details
 
 
+def cotangents_unchanged(fn, inputs, names, make_state, state_names, kw) -> list:
+    """Backpropagate given cotangents of o and of every final-state tensor through fn (fp32, on DEV; make_state
+    builds the initial state from the leaves) and report which came through unchanged. The kernels' backward
+    accumulates into its cotangent buffers in place; before `_common.cotangent` copied them, it wrote into the z
+    cotangents autograd passed in."""
+    leaves = {k: v.detach().to(DEV, F32).requires_grad_() for k, v in inputs.items()}
+    o, fin = fn(*(leaves[n] for n in names), state=make_state(leaves), output_final_state=True, **kw)
+    outs = [o] + [getattr(fin, n) for n in state_names]
+    cots = [torch.randn_like(t) for t in outs]
+    kept = [c.clone() for c in cots]
+    torch.autograd.grad(outs, list(leaves.values()), cots, allow_unused=True)
+    return [torch.equal(c, k) for c, k in zip(cots, kept)]
+
+
+@pytest.mark.parametrize("position", [3, 4], ids=["mid-chunk", "boundary"])
+def test_cotangents_unchanged(position):
+    inputs, _, _ = make_case(_seed("cotangents", position), 1, 7, 1, 8, position=position)
+    unchanged = cotangents_unchanged(titans_memory_triton, inputs, INPUTS,
+                                     lambda x: TitansState(x["z_chunk"], x["z"], None, position),
+                                     ("z_chunk", "z"), flags(chunk_size=4))
+    assert all(unchanged), f"cotangents of (o, z_chunk, z) changed by the backward: {unchanged}"
+
+
 def test_momentum_raises():
     inputs, _, _ = make_case(_seed("mom"), 1, 5, 1, 8)
     x = [inputs[n].to(DEV, F32) for n in INPUTS]
