@@ -74,12 +74,13 @@ def silu_grad2(x):
 
 
 @device_fn
-def _curvature(p, W1c):
+def _curvature(p, w1sq):
     """The hidden units' part of N_t = ||silu(p_t)||² + Σ_f silu'(p_t)_f² ||W1_c[:, f]||² (`curvature_scale` of the
-    reference), p (BC, BF) and W1c (D, BF) a block of them; the guarded writes take eta_t / max(1, N_t)."""
+    reference), p (BC, BF) a block of them and w1sq (BF,) their ||W1_c[:, f]||²; the guarded writes take
+    eta_t / max(1, N_t)."""
     s = p * sigmoid(p)
     sg = silu_grad(p)
-    return tl.sum(s * s, 1) + tl.sum(sg * sg * tl.sum(W1c * W1c, 0)[None, :], 1)
+    return tl.sum(s * s, 1) + tl.sum(sg * sg * w1sq[None, :], 1)
 
 
 @device_fn
@@ -93,34 +94,62 @@ def _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh):
 
 
 @device_fn
-def _chunk_start_errors(k, v, w1c, w2c, offs_f, offs_d, md, hd, dd, hh, BC: tl.constexpr, D: tl.constexpr,
-                        BF: tl.constexpr, EVEN: tl.constexpr, OBJ_L2: tl.constexpr, VALUE: tl.constexpr,
-                        GUARD: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
-    """e = dℓ/dM at the chunk start (M_c(k) - target, target M_c(v) or v; -target for the dot objective), (BC, D),
-    and the guard's N_t, (BC,) (zeros without GUARD): the reads W1_c silu(W2_c x) summed over the hidden blocks of
-    the chunk-start states at w1c (d, h) and w2c (h, d)."""
-    read = tl.zeros([BC, D], dtype=tl.float32)  # W1_c (silu(W2_c k) - silu(W2_c v)), the terms e takes
+def _chunk_start_errors(k_seg, v_seg, e_dst, x_tmp, mt, w1c, w2c, offs_c, offs_f, d, hd, dd, hh, BC: tl.constexpr,
+                        BF: tl.constexpr, BWO: tl.constexpr, EVEN: tl.constexpr, OBJ_L2: tl.constexpr,
+                        VALUE: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+    """e = dℓ/dM at the chunk start (M_c(k) - target, target M_c(v) or v; -target for the dot objective), stored
+    (BC, d) at e_dst, and the guard's N_t, (BC,) (zeros without GUARD): the reads W1_c silu(W2_c x) of the
+    chunk-start states at w1c (d, h) and w2c (h, d). k_seg, v_seg: the segment's first rows of k, v. Two passes by
+    BWO-wide column tiles of k, v and e (none is whole in registers): per hidden block f the pre-activations
+    p_f = K W2_c,fᵀ summed over the column tiles and x_f = silu(p_f) - silu(P_v,f) parked at x_tmp (BC, h); then per
+    column tile e's columns, Σ_f x_f W1_c[cols, f]ᵀ."""
     curv = tl.zeros([BC], dtype=tl.float32)
     for f0 in range(0, hh, BF):
-        _rows, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
-        W2c = _load_w(w2c, w2b, m2b, EVEN)
-        W1c = _load_w(w1c, w1b, m1b, EVEN)
-        p = mm(k, tl.trans(W2c), PREC, LOWP)
-        x = tl.zeros([BC, BF], dtype=tl.float32)
-        if OBJ_L2:
-            x += p * sigmoid(p)
-        if not VALUE:
-            pv = mm(v, tl.trans(W2c), PREC, LOWP)
-            x -= pv * sigmoid(pv)
-        if OBJ_L2 or not VALUE:  # one product for both reads
-            read += mm(x, tl.trans(W1c), PREC, LOWP)
+        rows_f = f0 + offs_f
+        mf = rows_f < hd
+        p = tl.zeros([BC, BF], dtype=tl.float32)
+        pv = tl.zeros([BC, BF], dtype=tl.float32)
+        w1sq = tl.zeros([BF], dtype=tl.float32)
+        for c0 in range(0, dd, BWO):
+            cols = c0 + tl.arange(0, BWO)
+            mc = cols < d
+            mtc = mt[:, None] & mc[None, :]
+            tc = offs_c[:, None] * dd + cols[None, :]
+            W2c = _load_w(w2c, rows_f[:, None] * dd + cols[None, :], mf[:, None] & mc[None, :], EVEN)
+            if OBJ_L2 or GUARD:
+                p += mm(tl.load(k_seg + tc, mask=mtc, other=0.0), tl.trans(W2c), PREC, LOWP)
+            if not VALUE:
+                pv += mm(tl.load(v_seg + tc, mask=mtc, other=0.0), tl.trans(W2c), PREC, LOWP)
+            if GUARD:
+                W1c = _load_w(w1c, cols[:, None] * hh + rows_f[None, :], mc[:, None] & mf[None, :], EVEN)
+                w1sq += tl.sum(W1c * W1c, 0)
+        if OBJ_L2 or not VALUE:
+            x = tl.zeros([BC, BF], dtype=tl.float32)
+            if OBJ_L2:
+                x += p * sigmoid(p)
+            if not VALUE:
+                x -= pv * sigmoid(pv)
+            tl.store(x_tmp + offs_c[:, None] * hh + rows_f[None, :], x, mask=mt[:, None] & mf[None, :])
         if GUARD:  # N_t sums over the hidden units
-            curv += _curvature(p, W1c)
-    if OBJ_L2:
-        e = k - v + read
-    else:
-        e = read - v
-    return e, curv
+            curv += _curvature(p, w1sq)
+    tl.debug_barrier()  # x is read back in another layout
+    for c0 in range(0, dd, BWO):
+        cols = c0 + tl.arange(0, BWO)
+        mc = cols < d
+        mtc = mt[:, None] & mc[None, :]
+        tc = offs_c[:, None] * dd + cols[None, :]
+        e = -tl.load(v_seg + tc, mask=mtc, other=0.0)
+        if OBJ_L2:
+            e += tl.load(k_seg + tc, mask=mtc, other=0.0)
+        if OBJ_L2 or not VALUE:  # one product for both reads
+            for f0 in range(0, hh, BF):
+                rows_f = f0 + offs_f
+                mf = rows_f < hd
+                x = tl.load(x_tmp + offs_c[:, None] * hh + rows_f[None, :], mask=mt[:, None] & mf[None, :], other=0.0)
+                e += mm(x, tl.trans(_load_w(w1c, cols[:, None] * hh + rows_f[None, :], mc[:, None] & mf[None, :],
+                                            EVEN)), PREC, LOWP)
+        tl.store(e_dst + tc, e, mask=mtc)
+    return curv
 
 
 @device_fn
@@ -159,8 +188,8 @@ def _store_w(ptr, off, x, mask, EVEN: tl.constexpr):
 @triton.jit
 def _deep_fwd_kernel(
     q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, w1c_ptr, w2c_ptr, w1_ptr, w2_ptr, a1_ptr, a2_ptr, o_ptr,
-    T, H, C, shift, NSEG, d, hd, eps, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh,
-    BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, BF: tl.constexpr, EVEN: tl.constexpr,
+    shid_ptr, ss_ptr, se_ptr, T, H, C, shift, NSEG, d, hd, eps, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh,
+    BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, BF: tl.constexpr, BWO: tl.constexpr, EVEN: tl.constexpr,
     OBJ_L2: tl.constexpr, VALUE: tl.constexpr, ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr,
     LOWP: tl.constexpr,
 ):
@@ -168,10 +197,14 @@ def _deep_fwd_kernel(
     (slot n+1 of w1, w2; slot 0 holds the call's start state). a1, a2: the heads' retention anchors W1_0, W2_0
     (ANCHOR, (H, d, h) and (H, h, d)). EVEN: d = D and h = HD.
 
-    Each segment walks the hidden units f in BF-wide blocks, twice: (1) the chunk start's reads, summed over f into
-    e (BC, d) and the guard's N; (2) per block, p, silu(p) and g again, then N2, the hidden pre-activations, both
-    states' end blocks and the block's part of o and of hid sᵀ. No (d, h) tile is ever whole: whole, the states
-    and their products spilled and, at d = h = 128 in tf32, needed 288 KB of shared memory.
+    Each segment walks the hidden units f in BF-wide blocks and the head dim in BWO-wide column tiles
+    (`column_tile`), in three passes behind barriers: (1) the chunk start's reads into e (BC, d), parked in the
+    scratch se, and the guard's N (`_chunk_start_errors`); (2) per block, p, silu(p) and g again, then N2, the
+    hidden pre-activations, W2's end block, with hid and s = silu(p) parked in the scratch (shid, ss: (BC, h));
+    (3) HS = Σ_f hid_f s_fᵀ, then per column tile o's columns and W1's end blocks. The products over d sum over the
+    column tiles of k, q and e, read back per tile, so no (BC, d) tile and no (d, h) tile is ever whole in
+    registers: whole, the states and their products spilled and, at d = h = 128 in tf32, needed 288 KB of shared
+    memory; with whole (BC, d) tiles the forward spilled 0.5-2.1 KB (benchmarks/NOTES.md).
 
     Addressing (offline sm_90a compile, benchmarks/NOTES.md): compile-time strides when EVEN (the offsets fold into
     the instructions), 64-bit bases and 32-bit offsets within the tiles, the start state read from its checkpoint
@@ -182,26 +215,21 @@ def _deep_fwd_kernel(
     dd = D if EVEN else d
     hh = HD if EVEN else hd
     offs_c = tl.arange(0, BC)
-    offs_d = tl.arange(0, D)
     offs_f = tl.arange(0, BF)
-    md = offs_d < d
-    out = offs_c[:, None] * dd + offs_d[None, :]
-    qout = offs_c[:, None] * (H * dd) + offs_d[None, :]
     a1 = a1_ptr + h * d * hd
     a2 = a2_ptr + h * d * hd
+    sb = bh * BC * hh  # this program's (BC, h) scratch tiles of hid and s
     for n in range(0, NSEG):
         start, L = _segment(n, C, shift, T)
         mt = offs_c < L
-        m2 = mt[:, None] if EVEN else mt[:, None] & md[None, :]
         row = bh * T + start  # the segment's first row of the (BH, T[, d]) buffers
         qbase = ((b * T + start) * H + h) * dd  # and of q and o
         w1n, w2n, w1c, w2c = _segment_states(n, bh, w1_ptr, w2_ptr, w1c_ptr, w2c_ptr, w1_bh, w1_slot, w2_bh, w2_slot,
                                              wc_bh)
-        k = tl.load(k_ptr + row * dd + out, mask=m2, other=0.0)
-        # (1) e = dℓ/dM at the chunk start: M_c(k) - target (target M_c(v), or v), summed over the hidden blocks
-        v = tl.load(v_ptr + row * dd + out, mask=m2, other=0.0)
-        e, curv = _chunk_start_errors(k, v, w1c, w2c, offs_f, offs_d, md, hd, dd, hh, BC, D, BF, EVEN, OBJ_L2,
-                                      VALUE, GUARD, PREC, LOWP)
+        # (1) e = dℓ/dM at the chunk start: M_c(k) - target (target M_c(v), or v), into the scratch
+        curv = _chunk_start_errors(k_ptr + row * dd, v_ptr + row * dd, se_ptr + bh * BC * dd, shid_ptr + sb, mt, w1c,
+                                   w2c, offs_c, offs_f, d, hd, dd, hh, BC, BF, BWO, EVEN, OBJ_L2, VALUE, GUARD, PREC,
+                                   LOWP)
         eta = tl.load(eta_ptr + row + offs_c, mask=mt, other=0.0)
         if GUARD:  # the gradient writes take eta_t / max(1, N_t); the DGD transition keeps eta_t
             eta_m = eta / tl.maximum(curv, 1.0)
@@ -216,48 +244,119 @@ def _deep_fwd_kernel(
         causal = offs_c[None, :] <= tl.where(mt, offs_c, -1)[:, None]
         gamma = tl.where(mt, tl.exp(lg), 0.0)
         kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
-        q = tl.load(q_ptr + qbase + qout, mask=m2, other=0.0).to(tl.float32)
-        QK = mm(q, tl.trans(k), PREC, LOWP) * tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
+        QK = tl.zeros([BC, BC], dtype=tl.float32)
+        for c0 in range(0, dd, BWO):
+            cols = c0 + tl.arange(0, BWO)
+            mtc = mt[:, None] & (cols < d)[None, :]
+            QK += mm(tl.load(q_ptr + qbase + offs_c[:, None] * (H * dd) + cols[None, :], mask=mtc, other=0.0),
+                     tl.trans(tl.load(k_ptr + row * dd + offs_c[:, None] * dd + cols[None, :], mask=mtc, other=0.0)),
+                     PREC, LOWP)
+        QK *= tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
         Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + (offs_c[:, None] * BC + offs_c[None, :]))
+        tl.debug_barrier()  # e is read back by column tiles
         # (2) per hidden block f: N2_f = T (-eta' g_f - diag(kd) K W2_0,fᵀ [- diag(ka) K W2_A,fᵀ]) (the row scalings
-        # before T), Hp_f = [Q W2_A,fᵀ +] diag(gamma) Q D2_fᵀ + (Gamma ⊙ Q Kᵀ) N2_f, the end blocks, o's and HS's parts
-        o = tl.zeros([BC, D], dtype=tl.float32)
+        # before T), Hp_f = [Q W2_A,fᵀ +] diag(gamma) Q D2_fᵀ + (Gamma ⊙ Q Kᵀ) N2_f and W2's end block; the products
+        # over d are summed over BWO-wide column tiles of k, q and e, read back per tile, so none is live whole
+        for f0 in range(0, hh, BF):
+            rows_f = f0 + offs_f
+            mf = rows_f < hd
+            hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+            hm = mt[:, None] & mf[None, :]
+            p = tl.zeros([BC, BF], dtype=tl.float32)
+            eW = tl.zeros([BC, BF], dtype=tl.float32)
+            kW = tl.zeros([BC, BF], dtype=tl.float32)
+            qW = tl.zeros([BC, BF], dtype=tl.float32)
+            kA = tl.zeros([BC, BF], dtype=tl.float32)
+            qA = tl.zeros([BC, BF], dtype=tl.float32)
+            for c0 in range(0, dd, BWO):
+                cols = c0 + tl.arange(0, BWO)
+                mc = cols < d
+                mtc = mt[:, None] & mc[None, :]
+                tc = offs_c[:, None] * dd + cols[None, :]
+                w2b = rows_f[:, None] * dd + cols[None, :]
+                m2b = mf[:, None] & mc[None, :]
+                w1b = cols[:, None] * hh + rows_f[None, :]
+                m1b = mc[:, None] & mf[None, :]
+                k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
+                p += mm(k_c, tl.trans(_load_w(w2c, w2b, m2b, EVEN)), PREC, LOWP)
+                eW += mm(tl.load(se_ptr + bh * BC * dd + tc, mask=mtc, other=0.0), _load_w(w1c, w1b, m1b, EVEN), PREC,
+                         LOWP)
+                W2 = _load_w(w2n, w2b, m2b, EVEN)
+                kW = tl.dot(k_c, tl.trans(W2), acc=kW, input_precision=PREC)
+                q_c = tl.load(q_ptr + qbase + offs_c[:, None] * (H * dd) + cols[None, :], mask=mtc,
+                              other=0.0).to(tl.float32)
+                if ANCHOR:
+                    A2 = _load_w(a2, w2b, m2b, EVEN)
+                    kA = tl.dot(k_c, tl.trans(A2), acc=kA, input_precision=PREC)
+                    qA += mm(q_c, tl.trans(A2), PREC, LOWP)
+                    qW += mm(q_c, tl.trans(W2 - A2), PREC, LOWP)
+                else:
+                    qW += mm(q_c, tl.trans(W2), PREC, LOWP)
+            sp = p * sigmoid(p)
+            Y2 = -eta_m[:, None] * (silu_grad(p) * eW) - kd_scale[:, None] * kW
+            if ANCHOR:  # retention toward (W1_0, W2_0): the DGD term eps eta_t W2_{t-1} k_t sees the anchor too
+                Y2 -= (eps * eta - kd_scale)[:, None] * kA
+            N2 = tl.dot(Tm, Y2, input_precision=PREC)
+            Hp = gamma[:, None] * qW + mm(QK, N2, PREC, LOWP)
+            if ANCHOR:
+                Hp += qA
+            tl.store(shid_ptr + hoff, Hp * sigmoid(Hp), mask=hm)
+            tl.store(ss_ptr + hoff, sp, mask=hm)
+            kN2 = tl.trans(kappa[:, None] * N2)
+            for c0 in range(0, dd, BWO):  # W2's end block [W2_A +] gamma_L D2_0 + N2ᵀ (kappa K)
+                cols = c0 + tl.arange(0, BWO)
+                mc = cols < d
+                w2b = rows_f[:, None] * dd + cols[None, :]
+                m2b = mf[:, None] & mc[None, :]
+                k_c = tl.load(k_ptr + row * dd + offs_c[:, None] * dd + cols[None, :], mask=mt[:, None] & mc[None, :],
+                              other=0.0)
+                W2 = _load_w(w2n, w2b, m2b, EVEN)
+                if ANCHOR:
+                    A2 = _load_w(a2, w2b, m2b, EVEN)
+                    W2 = A2 + gamma_end * (W2 - A2)
+                else:
+                    W2 = gamma_end * W2
+                _store_w(w2n + w2_slot, w2b, W2 + mm(kN2, k_c, PREC, LOWP), m2b, EVEN)
+        tl.debug_barrier()  # hid and s are read back in other layouts
         HS = tl.zeros([BC, BC], dtype=tl.float32)  # Σ_f hid_f s_fᵀ
         for f0 in range(0, hh, BF):
-            _rows, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
-            p = mm(k, tl.trans(_load_w(w2c, w2b, m2b, EVEN)), PREC, LOWP)
-            sp = p * sigmoid(p)
-            g = silu_grad(p) * mm(e, _load_w(w1c, w1b, m1b, EVEN), PREC, LOWP)
-            W2 = _load_w(w2n, w2b, m2b, EVEN)
-            Y2 = -eta_m[:, None] * g - kd_scale[:, None] * tl.dot(k, tl.trans(W2), input_precision=PREC)
-            if ANCHOR:  # retention toward (W1_0, W2_0): the DGD term eps eta_t W2_{t-1} k_t sees the anchor too
-                A2 = _load_w(a2, w2b, m2b, EVEN)
-                Y2 -= (eps * eta - kd_scale)[:, None] * tl.dot(k, tl.trans(A2), input_precision=PREC)
-                Hp = mm(q, tl.trans(A2), PREC, LOWP) + gamma[:, None] * mm(q, tl.trans(W2 - A2), PREC, LOWP)
-                W2 = A2 + gamma_end * (W2 - A2)
-            else:
-                Hp = gamma[:, None] * mm(q, tl.trans(W2), PREC, LOWP)
-                W2 = gamma_end * W2
-            N2 = tl.dot(Tm, Y2, input_precision=PREC)
-            Hp += mm(QK, N2, PREC, LOWP)
-            _store_w(w2n + w2_slot, w2b, W2 + mm(tl.trans(kappa[:, None] * N2), k, PREC, LOWP), m2b, EVEN)
-            hid = Hp * sigmoid(Hp)
-            HS += mm(hid, tl.trans(sp), PREC, LOWP)
-            W1 = _load_w(w1n, w1b, m1b, EVEN)
-            if ANCHOR:
-                A1 = _load_w(a1, w1b, m1b, EVEN)
-                o += mm(hid, tl.trans(A1), PREC, LOWP) + gamma[:, None] * mm(hid, tl.trans(W1 - A1), PREC, LOWP)
-                W1 = A1 + gamma_end * (W1 - A1)
-            else:
-                o += gamma[:, None] * mm(hid, tl.trans(W1), PREC, LOWP)
-                W1 = gamma_end * W1
-            # W1's writes -eta' e with keys silu(p): the end block W1_f + (kappa E1)ᵀ s_f
-            _store_w(w1n + w1_slot, w1b, W1 + mm(tl.trans(-(kappa * eta_m)[:, None] * e), sp, PREC, LOWP), m1b,
-                     EVEN)
-        # o = q + [hid W1_Aᵀ +] diag(gamma) hid D1ᵀ + (Gamma ⊙ hid sᵀ) E1
+            rows_f = f0 + offs_f
+            hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+            hm = mt[:, None] & (rows_f < hd)[None, :]
+            HS += mm(tl.load(shid_ptr + hoff, mask=hm, other=0.0), tl.trans(tl.load(ss_ptr + hoff, mask=hm, other=0.0)),
+                     PREC, LOWP)
         HS *= tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
-        o += tl.load(q_ptr + qbase + qout, mask=m2, other=0.0).to(tl.float32) + mm(HS, -eta_m[:, None] * e, PREC, LOWP)
-        tl.store(o_ptr + qbase + qout, o.to(o_ptr.dtype.element_ty), mask=m2)
+        # o = q + [hid W1_Aᵀ +] diag(gamma) hid D1ᵀ + (Gamma ⊙ hid sᵀ) E1, and W1's end blocks, by BWO-wide column
+        # tiles of o (rows of W1): only a (BC, BWO) tile of o and of e is live, not two (BC, d) ones
+        for c0 in range(0, dd, BWO):
+            cols = c0 + tl.arange(0, BWO)
+            mc = cols < d
+            mtc = mt[:, None] & mc[None, :]
+            e_c = tl.load(se_ptr + bh * BC * dd + offs_c[:, None] * dd + cols[None, :], mask=mtc, other=0.0)
+            o = tl.zeros([BC, BWO], dtype=tl.float32)
+            for f0 in range(0, hh, BF):
+                rows_f = f0 + offs_f
+                mf = rows_f < hd
+                hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+                hm = mt[:, None] & mf[None, :]
+                w1b = cols[:, None] * hh + rows_f[None, :]
+                m1b = mc[:, None] & mf[None, :]
+                hid = tl.load(shid_ptr + hoff, mask=hm, other=0.0)
+                W1 = _load_w(w1n, w1b, m1b, EVEN)
+                if ANCHOR:
+                    A1 = _load_w(a1, w1b, m1b, EVEN)
+                    o += mm(hid, tl.trans(A1), PREC, LOWP) + gamma[:, None] * mm(hid, tl.trans(W1 - A1), PREC, LOWP)
+                    W1 = A1 + gamma_end * (W1 - A1)
+                else:
+                    o += gamma[:, None] * mm(hid, tl.trans(W1), PREC, LOWP)
+                    W1 = gamma_end * W1
+                # W1's writes -eta' e with keys silu(p): the end block W1_f + (kappa E1)ᵀ s_f
+                sp = tl.load(ss_ptr + hoff, mask=hm, other=0.0)
+                _store_w(w1n + w1_slot, w1b, W1 + mm(tl.trans(-(kappa * eta_m)[:, None] * e_c), sp, PREC, LOWP), m1b,
+                         EVEN)
+            qc = qbase + offs_c[:, None] * (H * dd) + cols[None, :]
+            o += tl.load(q_ptr + qc, mask=mtc, other=0.0).to(tl.float32) + mm(HS, -eta_m[:, None] * e_c, PREC, LOWP)
+            tl.store(o_ptr + qc, o.to(o_ptr.dtype.element_ty), mask=mtc)
         tl.debug_barrier()  # slot n+1 is the next segment's start state
 
 
@@ -268,7 +367,7 @@ def _deep_bwd_kernel(
     dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, se_ptr, sde_ptr, sn_ptr, sdn_ptr, sds_ptr, shp_ptr, sp_ptr,
     ss_ptr,
     T, H, C, shift, NSEG, d, hd, eps, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh, W_SLOT,
-    BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, BF: tl.constexpr, EVEN: tl.constexpr,
+    BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, BF: tl.constexpr, BWO: tl.constexpr, EVEN: tl.constexpr,
     OBJ_L2: tl.constexpr, VALUE: tl.constexpr, ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr,
     LOWP: tl.constexpr,
 ):
@@ -284,7 +383,8 @@ def _deep_bwd_kernel(
     this program's scratch (sn, sdn, sds, shp, sp: N2, dN2, ds, Hp then dHp, p = K W2_cᵀ, which 2b, 3 and 4a read
     instead of recomputing; sn, sds, shp and ss carry 4a's results to 4b), e and de in se,
     sde (BC, d), dE1 in dv and the partial dk in dk:
-      (1) the chunk start's reads into e and the guard's N (as the forward);
+      (1) the chunk start's reads into e and the guard's N (`_chunk_start_errors`, as the forward; its silu
+          differences pass through sp);
       (2a) the writes N2_f and the reads Hp_f again, the carried dW_end's uses and the decays of dW1, dW2;
       (2b) the o part: dhid_f is whole within its block (the Gamma term needs only G1 = (dO E1ᵀ) ⊙ Gamma and s_f);
       (2c) the hid part; Σ_f hid_f s_fᵀ (2a) and Σ_f dHp_f N2_fᵀ (2c) finish dE1, dq and dk;
@@ -331,10 +431,9 @@ def _deep_bwd_kernel(
         lg = tl.load(lg_ptr + row + offs_c, mask=mt, other=0.0)
         lgb = tl.load(lg_ptr + row + offs_c - 1, mask=mt & (offs_c > 0), other=0.0)
         # ---- (1) e = dℓ/dM at the chunk start and N_t, summed over the hidden blocks
-        e, curv = _chunk_start_errors(tl.load(k_ptr + tb, mask=m2, other=0.0), tl.load(v_ptr + tb, mask=m2, other=0.0),
-                                      w1c, w2c, offs_f, offs_d, md, hd, dd, hh, BC, D, BF, EVEN, OBJ_L2, VALUE, GUARD,
-                                      PREC, LOWP)
-        tl.store(se_ptr + eb, e, mask=m2)
+        curv = _chunk_start_errors(k_ptr + row * dd, v_ptr + row * dd, se_ptr + bh * BC * dd, sp_ptr + sb, mt, w1c,
+                                   w2c, offs_c, offs_f, d, hd, dd, hh, BC, BF, BWO, EVEN, OBJ_L2, VALUE, GUARD, PREC,
+                                   LOWP)
         if GUARD:
             cg = 1.0 / tl.maximum(curv, 1.0)
             eta_m = eta * cg
@@ -611,6 +710,12 @@ def hidden_block(HD: int) -> int:
     return min(HD, 16)
 
 
+def column_tile(D: int) -> int:
+    """BWO, the head-dim columns per tile of k, v, q, e and o in the deep forward and the backward's pass 1: 16
+    (benchmarks/NOTES.md: 32 and 64 spilled more)."""
+    return min(D, 16)
+
+
 def _forward(q, a, w1c, w1, w2c, w2, zc, z, anchors, b_eta, b_alpha, valid, cfg, save: bool):
     B, T, H, d = q.shape
     hd = w1.shape[-1]
@@ -630,10 +735,13 @@ def _forward(q, a, w1c, w1, w2c, w2, zc, z, anchors, b_eta, b_alpha, valid, cfg,
     w1c = w1c.reshape(B * H, d, hd).contiguous()
     w2c = w2c.reshape(B * H, hd, d).contiguous()
     o = torch.empty_like(q)
+    scratch = [torch.empty(B * H, cfg["BC"], cfg["HD"], device=dev, dtype=f32) for _ in range(2)]  # hid, s
+    scratch.append(torch.empty(B * H, cfg["BC"], cfg["D"], device=dev, dtype=f32))  # e
     launch(_deep_fwd_kernel, (B * H,),
-           q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, a1, a2, o, T, H, cfg["C"], cfg["shift"], nseg, d, hd,
+           q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, a1, a2, o, *scratch, T, H, cfg["C"], cfg["shift"], nseg, d, hd,
            cfg["eps"], w1buf.stride(0), w1buf.stride(1), w2buf.stride(0), w2buf.stride(1), w1c.stride(0),
-           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], BF=hidden_block(cfg["HD"]), EVEN=d == cfg["D"] and hd == cfg["HD"],
+           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], BF=hidden_block(cfg["HD"]), BWO=column_tile(cfg["D"]),
+           EVEN=d == cfg["D"] and hd == cfg["HD"],
            OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], ANCHOR=anchors is not None, GUARD=cfg["GUARD"],
            PREC=dot_precision(), LOWP=lowp, **launch_options("serial", cfg["D"]))
     w_slot, g_slot = _chunk_start_slots(T, cfg, nseg)
@@ -677,7 +785,8 @@ def _backward(q, a, valid, anchors, b_eta, b_alpha, k, v, eta, lg, tmat, norms, 
            dw1c_end, dw2c_end, dw1c, dw2c, da1, da2, dq, dk, dv, deta, dlg, dla, *scratch,
            T, H, cfg["C"], cfg["shift"], nseg, d, hd, cfg["eps"], w1buf.stride(0), w1buf.stride(1), w2buf.stride(0),
            w2buf.stride(1), w1c.stride(0), w_slot if w_slot is not None and 1 <= w_slot < nseg else -1,
-           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], BF=hidden_block(cfg["HD"]), EVEN=d == cfg["D"] and hd == cfg["HD"],
+           BC=cfg["BC"], D=cfg["D"], HD=cfg["HD"], BF=hidden_block(cfg["HD"]), BWO=column_tile(cfg["D"]),
+           EVEN=d == cfg["D"] and hd == cfg["HD"],
            OBJ_L2=cfg["OBJ_L2"], VALUE=cfg["VALUE"], ANCHOR=anchors is not None, GUARD=cfg["GUARD"],
            PREC=dot_precision(), LOWP=lowp, **launch_options("serial", cfg["D"]))
     if w_slot is None:

@@ -1179,9 +1179,12 @@ def _config(d: int, chunk_size: int, adaptive_chunk_size: Optional[int], positio
                 OBJ_L2=objective == "l2", VALUE=memory_target == "value", VNORM=ref["value_norm"],
                 ANCHOR=ref["anchored"], GUARD=ref["curvature_guard"],
                 ad=(bool(rows[d]), bool(rows[2 * d]), bool(rows[3 * d]), bool(rows[3 * d + 1])),
-                # BR: K1's row tiles (`_gen_fwd_kernel`; 16 rows at d = 128, where 32 spilled at 8 warps); BW: the column tiles of u', w', the anchor's terms and B3'
-                # (`_main_prep_kernel`, `_main_anchor_fwd_kernel`, `_main_anchor_bwd_kernel`, `_main_wy_bwd_kernel`)
-                D=D, BC=BC, BR=min(D, 32) if D <= 64 else 16, BW=min(D, 64))
+                # BR: K1's row tiles (`_gen_fwd_kernel`; 16 rows at d = 128, where 32 spilled at 8 warps); BWR: the
+                # column tiles of K1's reads k = a (W_k + r I)ᵀ, v likewise (`_gen_reads`; 16 at d = 128, where 64
+                # spilled 28 B in bf16 and took 112 KB of shared memory in fp32); BW: the column tiles of u', w', the
+                # anchor's terms and B3' (`_main_prep_kernel`, `_main_anchor_fwd_kernel`, `_main_anchor_bwd_kernel`,
+                # `_main_wy_bwd_kernel`)
+                D=D, BC=BC, BR=min(D, 32) if D <= 64 else 16, BWR=D if D <= 64 else 16, BW=min(D, 64))
 
 
 def _anchor_arg(anchor: Optional[Tensor], fallback: Tensor) -> tuple[Tensor, int]:
@@ -1210,7 +1213,7 @@ def generating_forward(a: Tensor, valid: Optional[Tensor], gc_in: Tensor, g: Ten
            a, valid if valid is not None else a, gc_in, g, anc, k, v, eta, lg, norms, tmat, kt, b_eta, b_alpha,
            T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg, cfg["eta_max"], cfg["eps"], cfg["resid"],
            gc_in.stride(0), g.stride(0), g.stride(1), anc_h,
-           BC=BC, D=cfg["D"], BR=cfg["BR"], BW=cfg["BW"], OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0],
+           BC=BC, D=cfg["D"], BR=cfg["BR"], BW=cfg["BWR"], OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0],
            AD_V=cfg["ad"][1], AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, VNORM=cfg["VNORM"],
            ANCHOR=anchor is not None, PREC=dot_precision(), LOWP=lowp, **launch_options("serial", cfg["D"]))
     return k, v, eta, lg, tmat, norms

@@ -138,6 +138,8 @@ CASES = [
     (dict(), 3, 11, 1, 8, 20, 3, "random"),  # the hidden blocks (BF = 16): two, the second partly masked
     (dict(adaptive_chunk_size=8), 1, 21, 1, 8, 40, 6, "right"),  # three blocks, over five segments
     (dict(memory_target="value", objective="dot", dgd=False), 2, 9, 1, 8, 33, None, "random"),  # the third: 1 unit
+    (dict(), 1, 9, 1, 24, 16, 2, "random"),  # the column tiles of k, q, e, o (BWO = 16): two, the second partly masked
+    (dict(objective="dot", **LITERAL), 3, 10, 1, 40, 20, None, "right"),  # three column tiles, two hidden blocks
 ]
 
 

@@ -191,13 +191,13 @@ def test_real_size(rule):
                          ids=["defaults-d24", "literal-d32"])
 def test_row_tiles_narrower_than_the_head_dim(case, monkeypatch):
     """K1 and B4 cut the generating state into row tiles of BR < D rows at d = 128 (and B4's stage 3 too), and the
-    forward's u', w' kernels and the anchor's backward B3a and B3' cut their columns into tiles of BW < D, which the
-    interpreter's head dims (D <= 64, one tile) never reach: force BR = BW = 16 at D = 32, two tiles per block
-    (the second partly masked at d = 24), every gradient."""
+    forward's u', w' kernels and the anchor's backward B3a and B3' cut their columns into tiles of BW < D, and K1's
+    reads into column tiles of BWR < D, which the interpreter's head dims (D <= 64, one tile) never reach: force
+    BR = BW = BWR = 16 at D = 32, two tiles per block (the second partly masked at d = 24), every gradient."""
     from hope_kernels.titans import chunk
 
     config = chunk._config
-    monkeypatch.setattr(chunk, "_config", lambda *a, **k: dict(config(*a, **k), BR=16, BW=16))
+    monkeypatch.setattr(chunk, "_config", lambda *a, **k: dict(config(*a, **k), BR=16, BW=16, BWR=16))
     monkeypatch.setattr(chunk, "_gen_bwd_rows", lambda D: 16)
     kw, d, position, mask = case
     check_case(_seed("tiles", case), 2, 21, 1, d, flags(**kw), position=position, mask=mask)
