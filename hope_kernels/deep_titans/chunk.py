@@ -188,7 +188,7 @@ def _store_w(ptr, off, x, mask, EVEN: tl.constexpr):
 @triton.jit
 def _deep_fwd_kernel(
     q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, w1c_ptr, w2c_ptr, w1_ptr, w2_ptr, a1_ptr, a2_ptr, o_ptr,
-    shid_ptr, ss_ptr, se_ptr, T, H, C, shift, NSEG, d, hd, eps, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh,
+    scr_ptr, T, H, C, shift, NSEG, d, hd, eps, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh,
     BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, BF: tl.constexpr, BWO: tl.constexpr, EVEN: tl.constexpr,
     OBJ_L2: tl.constexpr, VALUE: tl.constexpr, ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr,
     LOWP: tl.constexpr,
@@ -208,7 +208,7 @@ def _deep_fwd_kernel(
 
     Addressing (offline sm_90a compile, benchmarks/NOTES.md): compile-time strides when EVEN (the offsets fold into
     the instructions), 64-bit bases and 32-bit offsets within the tiles, the start state read from its checkpoint
-    slot block by block."""
+    slot block by block, the three scratch tiles in one buffer scr (one base address; three spilled more)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -218,7 +218,9 @@ def _deep_fwd_kernel(
     offs_f = tl.arange(0, BF)
     a1 = a1_ptr + h * d * hd
     a2 = a2_ptr + h * d * hd
-    sb = bh * BC * hh  # this program's (BC, h) scratch tiles of hid and s
+    shid = scr_ptr + bh * (2 * BC * hh + BC * dd)  # this program's scratch: (BC, h) tiles of hid and s, (BC, d) of e
+    ss = shid + BC * hh
+    se = ss + BC * hh
     for n in range(0, NSEG):
         start, L = _segment(n, C, shift, T)
         mt = offs_c < L
@@ -227,7 +229,7 @@ def _deep_fwd_kernel(
         w1n, w2n, w1c, w2c = _segment_states(n, bh, w1_ptr, w2_ptr, w1c_ptr, w2c_ptr, w1_bh, w1_slot, w2_bh, w2_slot,
                                              wc_bh)
         # (1) e = dℓ/dM at the chunk start: M_c(k) - target (target M_c(v), or v), into the scratch
-        curv = _chunk_start_errors(k_ptr + row * dd, v_ptr + row * dd, se_ptr + bh * BC * dd, shid_ptr + sb, mt, w1c,
+        curv = _chunk_start_errors(k_ptr + row * dd, v_ptr + row * dd, se, shid, mt, w1c,
                                    w2c, offs_c, offs_f, d, hd, dd, hh, BC, BF, BWO, EVEN, OBJ_L2, VALUE, GUARD, PREC,
                                    LOWP)
         eta = tl.load(eta_ptr + row + offs_c, mask=mt, other=0.0)
@@ -252,7 +254,9 @@ def _deep_fwd_kernel(
                      tl.trans(tl.load(k_ptr + row * dd + offs_c[:, None] * dd + cols[None, :], mask=mtc, other=0.0)),
                      PREC, LOWP)
         QK *= tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
-        Tm = tl.load(tmat_ptr + (bh * NSEG + n) * BC * BC + (offs_c[:, None] * BC + offs_c[None, :]))
+        tm = tmat_ptr + (bh * NSEG + n) * BC * BC
+        if LOWP:
+            Tm = tl.load(tm + (offs_c[:, None] * BC + offs_c[None, :]))
         tl.debug_barrier()  # e is read back by column tiles
         # (2) per hidden block f: N2_f = T (-eta' g_f - diag(kd) K W2_0,fᵀ [- diag(ka) K W2_A,fᵀ]) (the row scalings
         # before T), Hp_f = [Q W2_A,fᵀ +] diag(gamma) Q D2_fᵀ + (Gamma ⊙ Q Kᵀ) N2_f and W2's end block; the products
@@ -260,7 +264,7 @@ def _deep_fwd_kernel(
         for f0 in range(0, hh, BF):
             rows_f = f0 + offs_f
             mf = rows_f < hd
-            hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+            hoff = offs_c[:, None] * hh + rows_f[None, :]
             hm = mt[:, None] & mf[None, :]
             p = tl.zeros([BC, BF], dtype=tl.float32)
             eW = tl.zeros([BC, BF], dtype=tl.float32)
@@ -279,7 +283,7 @@ def _deep_fwd_kernel(
                 m1b = mc[:, None] & mf[None, :]
                 k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
                 p += mm(k_c, tl.trans(_load_w(w2c, w2b, m2b, EVEN)), PREC, LOWP)
-                eW += mm(tl.load(se_ptr + bh * BC * dd + tc, mask=mtc, other=0.0), _load_w(w1c, w1b, m1b, EVEN), PREC,
+                eW += mm(tl.load(se + tc, mask=mtc, other=0.0), _load_w(w1c, w1b, m1b, EVEN), PREC,
                          LOWP)
                 W2 = _load_w(w2n, w2b, m2b, EVEN)
                 kW = tl.dot(k_c, tl.trans(W2), acc=kW, input_precision=PREC)
@@ -296,12 +300,14 @@ def _deep_fwd_kernel(
             Y2 = -eta_m[:, None] * (silu_grad(p) * eW) - kd_scale[:, None] * kW
             if ANCHOR:  # retention toward (W1_0, W2_0): the DGD term eps eta_t W2_{t-1} k_t sees the anchor too
                 Y2 -= (eps * eta - kd_scale)[:, None] * kA
+            if not LOWP:  # read per block in fp32 (spills 92 -> 16 B at d = 64), once per segment in bf16 (8 -> 80 B)
+                Tm = tl.load(tm + f0 * tl.program_id(1) + (offs_c[:, None] * BC + offs_c[None, :]))
             N2 = tl.dot(Tm, Y2, input_precision=PREC)
             Hp = gamma[:, None] * qW + mm(QK, N2, PREC, LOWP)
             if ANCHOR:
                 Hp += qA
-            tl.store(shid_ptr + hoff, Hp * sigmoid(Hp), mask=hm)
-            tl.store(ss_ptr + hoff, sp, mask=hm)
+            tl.store(shid + hoff, Hp * sigmoid(Hp), mask=hm)
+            tl.store(ss + hoff, sp, mask=hm)
             kN2 = tl.trans(kappa[:, None] * N2)
             for c0 in range(0, dd, BWO):  # W2's end block [W2_A +] gamma_L D2_0 + N2ᵀ (kappa K)
                 cols = c0 + tl.arange(0, BWO)
@@ -321,9 +327,9 @@ def _deep_fwd_kernel(
         HS = tl.zeros([BC, BC], dtype=tl.float32)  # Σ_f hid_f s_fᵀ
         for f0 in range(0, hh, BF):
             rows_f = f0 + offs_f
-            hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+            hoff = offs_c[:, None] * hh + rows_f[None, :]
             hm = mt[:, None] & (rows_f < hd)[None, :]
-            HS += mm(tl.load(shid_ptr + hoff, mask=hm, other=0.0), tl.trans(tl.load(ss_ptr + hoff, mask=hm, other=0.0)),
+            HS += mm(tl.load(shid + hoff, mask=hm, other=0.0), tl.trans(tl.load(ss + hoff, mask=hm, other=0.0)),
                      PREC, LOWP)
         HS *= tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
         # o = q + [hid W1_Aᵀ +] diag(gamma) hid D1ᵀ + (Gamma ⊙ hid sᵀ) E1, and W1's end blocks, by BWO-wide column
@@ -332,16 +338,16 @@ def _deep_fwd_kernel(
             cols = c0 + tl.arange(0, BWO)
             mc = cols < d
             mtc = mt[:, None] & mc[None, :]
-            e_c = tl.load(se_ptr + bh * BC * dd + offs_c[:, None] * dd + cols[None, :], mask=mtc, other=0.0)
+            e_c = tl.load(se + offs_c[:, None] * dd + cols[None, :], mask=mtc, other=0.0)
             o = tl.zeros([BC, BWO], dtype=tl.float32)
             for f0 in range(0, hh, BF):
                 rows_f = f0 + offs_f
                 mf = rows_f < hd
-                hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+                hoff = offs_c[:, None] * hh + rows_f[None, :]
                 hm = mt[:, None] & mf[None, :]
                 w1b = cols[:, None] * hh + rows_f[None, :]
                 m1b = mc[:, None] & mf[None, :]
-                hid = tl.load(shid_ptr + hoff, mask=hm, other=0.0)
+                hid = tl.load(shid + hoff, mask=hm, other=0.0)
                 W1 = _load_w(w1n, w1b, m1b, EVEN)
                 if ANCHOR:
                     A1 = _load_w(a1, w1b, m1b, EVEN)
@@ -351,7 +357,7 @@ def _deep_fwd_kernel(
                     o += gamma[:, None] * mm(hid, tl.trans(W1), PREC, LOWP)
                     W1 = gamma_end * W1
                 # W1's writes -eta' e with keys silu(p): the end block W1_f + (kappa E1)ᵀ s_f
-                sp = tl.load(ss_ptr + hoff, mask=hm, other=0.0)
+                sp = tl.load(ss + hoff, mask=hm, other=0.0)
                 _store_w(w1n + w1_slot, w1b, W1 + mm(tl.trans(-(kappa * eta_m)[:, None] * e_c), sp, PREC, LOWP), m1b,
                          EVEN)
             qc = qbase + offs_c[:, None] * (H * dd) + cols[None, :]
@@ -735,8 +741,7 @@ def _forward(q, a, w1c, w1, w2c, w2, zc, z, anchors, b_eta, b_alpha, valid, cfg,
     w1c = w1c.reshape(B * H, d, hd).contiguous()
     w2c = w2c.reshape(B * H, hd, d).contiguous()
     o = torch.empty_like(q)
-    scratch = [torch.empty(B * H, cfg["BC"], cfg["HD"], device=dev, dtype=f32) for _ in range(2)]  # hid, s
-    scratch.append(torch.empty(B * H, cfg["BC"], cfg["D"], device=dev, dtype=f32))  # e
+    scratch = [torch.empty(B * H, cfg["BC"] * (2 * cfg["HD"] + cfg["D"]), device=dev, dtype=f32)]  # hid, s, e
     launch(_deep_fwd_kernel, (B * H,),
            q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, a1, a2, o, *scratch, T, H, cfg["C"], cfg["shift"], nseg, d, hd,
            cfg["eps"], w1buf.stride(0), w1buf.stride(1), w2buf.stride(0), w2buf.stride(1), w1c.stride(0),
