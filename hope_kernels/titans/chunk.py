@@ -909,11 +909,12 @@ def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, mr, learn, er, d, k_ptr, v_p
     and dK~, scaled, and the writes' dU) are added to the segment's rows of dk_ptr and dv_ptr, keeping only their
     row sums with k (dks, dkt: the decay and eta terms), so that no (BC, D) accumulator stays live across the tiles;
     k, v, eta, lg and T are read back per tile from K1's buffers and the row scalings (kd, ka, kappa) formed per
-    tile, as in the forward (opq: see `_gen_tile_fwd`). With the anchor X_A the decay terms see the deviation
-    D_0 = X_0 - X_A (X_end = X_A + gamma_L D_0 + ..., the DGD term eps eta_t (X_A + D_{t-1}) k_t)."""
+    tile, as in the forward (opq: see `_gen_tile_fwd`; here a multiple of 16, added to the row stride of the (BC, D)
+    tiles, as in the kernel's `sopq`). With the anchor X_A the decay terms see the deviation D_0 = X_0 - X_A
+    (X_end = X_A + gamma_L D_0 + ..., the DGD term eps eta_t (X_A + D_{t-1}) k_t)."""
     row = bh * T + start + opq + offs_c
     m2 = mt[:, None] & md[None, :]
-    out = row[:, None] * d + offs_d[None, :]
+    out = row[:, None] * (d + opq) + offs_d[None, :]
     k = tl.load(k_ptr + out, mask=m2, other=0.0)
     if OBJ_L2:
         U = k - tl.load(v_ptr + out, mask=m2, other=0.0)
@@ -1011,7 +1012,11 @@ def _gen_bwd_kernel(
         mt = offs_c < L
         tok = start + offs_c
         m2 = mt[:, None] & md[None, :]
-        a_off = ((b * T + tok) * H + h)[:, None] * d + offs_d[None, :]
+        # sopq (stage 3: opq) is 0, a multiple of 16 to the compiler (the loads stay vectorised), added to the row
+        # strides: an opaque offset added to the address is reassociated and the invariant part (row offsets,
+        # 64-bit row pointers) hoisted out of the loops and spilled; within the stride it cannot be split off
+        sopq = i * tl.program_id(1) * 16
+        a_off = ((b * T + tok) * H + h)[:, None] * (d + sopq) + offs_d[None, :]
         if HAS_MASK:
             valid = tl.load(valid_ptr + b * T + tok, mask=mt, other=0.0)
         else:
@@ -1024,7 +1029,7 @@ def _gen_bwd_kernel(
         g0 = g_base + n * g_slot
         lg_end = tl.load(lg_ptr + bh * T + start + L - 1)
         row = bh * T + tok
-        out = row[:, None] * d + offs_d[None, :]
+        out = row[:, None] * (d + sopq) + offs_d[None, :]
         tm = tmat_ptr + (bh * NSEG + n) * BC * BC
         # (1) the state update's row tiles; only M = Σ dN Nᵀ and row vectors are carried across them
         deta = tl.load(deta_ptr + row, mask=mt, other=0.0)
@@ -1039,8 +1044,8 @@ def _gen_bwd_kernel(
             deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
                 gc + blk * d * d, g0 + blk * d * d, dg + blk * d * d, acc + blk * d * d, anc + blk * d * d,
                 danc + blk * d * d, rloc, mr, learn, er, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm,
-                dk_ptr, dv_ptr, bh, T, start, lg_end, eps, offs_c, mt, offs_d, md, t * tl.program_id(1), deta, dks,
-                dkt, dgamma_end, M, BC, OBJ_L2, ANCHOR, PREC, LOWP)
+                dk_ptr, dv_ptr, bh, T, start, lg_end, eps, offs_c, mt, offs_d, md, t * tl.program_id(1) * 16, deta,
+                dks, dkt, dgamma_end, M, BC, OBJ_L2, ANCHOR, PREC, LOWP)
             tl.debug_barrier()  # the next tile adds to the dk and dv rows stored here, with another layout
         # (2) eta and the decays from their logits (row sums with a), then the chain through T = (I + A)^-1:
         # dA = -Tᵀ (Σ dX Xᵀ) for every product X = T Y
@@ -1055,7 +1060,7 @@ def _gen_bwd_kernel(
         kd_scale = eps * eta * tl.exp(lg - la)
         kappa = tl.exp(lg_end - lg)
         k = tl.load(k_ptr + out, mask=m2, other=0.0)
-        Tm = tl.load(tm + offs_c[:, None] * BC + offs_c[None, :])
+        Tm = tl.load(tm + offs_c[:, None] * (BC + sopq) + offs_c[None, :])
         before = offs_c[None, :] < offs_c[:, None]
         dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
         dk_a, deta_a, dlg_a, dla_a = _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC)
@@ -1104,13 +1109,14 @@ def _gen_bwd_kernel(
             else:
                 src = dv_ptr
             for rt in range(0, NRT):
-                opq = (blk * NRT + rt) * tl.program_id(1)
+                opq = (blk * NRT + rt) * tl.program_id(1) * 16
                 rloc = rt * BR + r_sq
                 mr = rloc < d
-                dX = tl.load(src + (row + opq)[:, None] * d + rloc[None, :], mask=mt[:, None] & mr[None, :],
+                dX = tl.load(src + row[:, None] * (d + opq) + rloc[None, :], mask=mt[:, None] & mr[None, :],
                              other=0.0)
-                a = tl.load(a_ptr + a_off + opq, mask=m2, other=0.0).to(tl.float32)
-                xoff = opq + blk * d * d + rloc[:, None] * d + offs_d[None, :]
+                a = tl.load(a_ptr + ((b * T + tok) * H + h)[:, None] * (d + opq) + offs_d[None, :], mask=m2,
+                            other=0.0).to(tl.float32)
+                xoff = blk * d * d + rloc[:, None] * (d + opq) + offs_d[None, :]
                 xm = mr[:, None] & md[None, :]
                 dW = tl.load(acc + xoff, mask=xm, other=0.0) + mm(tl.trans(dX), a, PREC, LOWP)
                 if flush:
