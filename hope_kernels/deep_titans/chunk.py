@@ -370,8 +370,7 @@ def _deep_fwd_kernel(
 def _deep_bwd_kernel(
     q_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, tmat_ptr, w1c_ptr, w2c_ptr, w1_ptr, w2_ptr, a1_ptr, a2_ptr, do_ptr,
     dw1_ptr, dw2_ptr, dzc1_ptr, dzc2_ptr, dw1c_ptr, dw2c_ptr, da1_ptr, da2_ptr,
-    dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, se_ptr, sde_ptr, sn_ptr, sdn_ptr, sds_ptr, shp_ptr, sp_ptr,
-    ss_ptr,
+    dq_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, scr_ptr,
     T, H, C, shift, NSEG, d, hd, eps, w1_bh, w1_slot, w2_bh, w2_slot, wc_bh, W_SLOT,
     BC: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, BF: tl.constexpr, BWO: tl.constexpr, EVEN: tl.constexpr,
     OBJ_L2: tl.constexpr, VALUE: tl.constexpr, ANCHOR: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr,
@@ -420,8 +419,15 @@ def _deep_bwd_kernel(
     dw2 = dw2_ptr + bh * d * hd
     da1 = da1_ptr + bh * d * hd
     da2 = da2_ptr + bh * d * hd
-    sb = bh * BC * hh  # this program's (BC, h) scratch tiles
-    eb = bh * BC * dd + out  # and its (BC, d) tiles of e and de
+    # this program's scratch, one buffer (one base address): (BC, d) tiles of e and de, (BC, h) tiles of the rest
+    se = scr_ptr + bh * (2 * BC * dd + 6 * BC * hh)
+    sde = se + BC * dd
+    sn = sde + BC * dd
+    sdn = sn + BC * hh
+    sds = sdn + BC * hh
+    shp = sds + BC * hh
+    sp = shp + BC * hh
+    ss = sp + BC * hh
     for i in range(0, NSEG):
         n = NSEG - 1 - i
         start, L = _segment(n, C, shift, T)
@@ -437,7 +443,7 @@ def _deep_bwd_kernel(
         lg = tl.load(lg_ptr + row + offs_c, mask=mt, other=0.0)
         lgb = tl.load(lg_ptr + row + offs_c - 1, mask=mt & (offs_c > 0), other=0.0)
         # ---- (1) e = dℓ/dM at the chunk start and N_t, summed over the hidden blocks
-        curv = _chunk_start_errors(k_ptr + row * dd, v_ptr + row * dd, se_ptr + bh * BC * dd, sp_ptr + sb, mt, w1c,
+        curv = _chunk_start_errors(k_ptr + row * dd, v_ptr + row * dd, se, sp, mt, w1c,
                                    w2c, offs_c, offs_f, d, hd, dd, hh, BC, BF, BWO, EVEN, OBJ_L2, VALUE, GUARD, PREC,
                                    LOWP)
         if GUARD:
@@ -455,7 +461,7 @@ def _deep_bwd_kernel(
         # ---- (2a) per block: the writes N2_f, the reads Hp_f again, and the carried dW_end's uses:
         # W1_end = [W1_A +] gamma_L D1_0 + E1ᵀ (kappa s), W2_end = [W2_A +] gamma_L D2_0 + N2ᵀ (kappa K)
         k = tl.load(k_ptr + tb, mask=m2, other=0.0)
-        e = tl.load(se_ptr + eb, mask=m2, other=0.0)
+        e = tl.load(se + out, mask=m2, other=0.0)
         q = tl.load(q_ptr + qb, mask=m2, other=0.0).to(tl.float32)
         Tm = tl.load(tm)
         QKd = mm(q, tl.trans(k), PREC, LOWP) * tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
@@ -466,7 +472,7 @@ def _deep_bwd_kernel(
         ddev = tl.zeros([D], dtype=tl.float32)  # Σ over the (d, h) entries of D1_0 ⊙ dW1_end + D2_0ᵀ ⊙ dW2_endᵀ
         for f0 in range(0, hh, BF):
             rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
-            hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+            hoff = offs_c[:, None] * hh + rows_f[None, :]
             hm = mt[:, None] & (rows_f < hd)[None, :]
             p = mm(k, tl.trans(_load_w(w2c, w2b, m2b, EVEN)), PREC, LOWP)
             s = p * sigmoid(p)
@@ -501,11 +507,11 @@ def _deep_bwd_kernel(
             ddev += tl.sum(D1 * dW1e, 1) + tl.sum(D2 * dW2e, 0)
             _store_w(dw1, w1b, gamma_end * dW1e, m1b, EVEN)
             _store_w(dw2, w2b, gamma_end * dW2e, m2b, EVEN)
-            tl.store(sn_ptr + hoff, N2, mask=hm)
-            tl.store(shp_ptr + hoff, Hp, mask=hm)
-            tl.store(sp_ptr + hoff, p, mask=hm)
-            tl.store(sds_ptr + hoff, kappa[:, None] * E1dW, mask=hm)
-            tl.store(sdn_ptr + hoff, kappa[:, None] * mm(k, tl.trans(dW2e), PREC, LOWP), mask=hm)
+            tl.store(sn + hoff, N2, mask=hm)
+            tl.store(shp + hoff, Hp, mask=hm)
+            tl.store(sp + hoff, p, mask=hm)
+            tl.store(sds + hoff, kappa[:, None] * E1dW, mask=hm)
+            tl.store(sdn + hoff, kappa[:, None] * mm(k, tl.trans(dW2e), PREC, LOWP), mask=hm)
         tl.store(dk_ptr + tb, dk, mask=m2)
         # ---- (2b) o = q + [hid W1_Aᵀ +] diag(gamma) hid D1_0ᵀ + (Gamma ⊙ hid sᵀ) E1 with E1 = -eta' e: dhid_f is
         # whole within its block (G1 = (dO E1ᵀ) ⊙ Gamma), and dHp_f = dhid_f ⊙ silu'(Hp_f) replaces Hp_f
@@ -519,9 +525,9 @@ def _deep_bwd_kernel(
         tl.debug_barrier()  # 2b and 2c read the scratch and dW1, dW2 back in other layouts
         for f0 in range(0, hh, BF):
             rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
-            hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+            hoff = offs_c[:, None] * hh + rows_f[None, :]
             hm = mt[:, None] & (rows_f < hd)[None, :]
-            Hp = tl.load(shp_ptr + hoff, mask=hm, other=0.0)
+            Hp = tl.load(shp + hoff, mask=hm, other=0.0)
             hid = Hp * sigmoid(Hp)
             W1 = _load_w(w1n, w1b, m1b, EVEN)
             if ANCHOR:
@@ -533,12 +539,12 @@ def _deep_bwd_kernel(
             else:
                 dOW1 = mm(do, W1, PREC, LOWP)
                 dhid = gamma[:, None] * dOW1
-            p = tl.load(sp_ptr + hoff, mask=hm, other=0.0)
+            p = tl.load(sp + hoff, mask=hm, other=0.0)
             dhid += mm(G1, p * sigmoid(p), PREC, LOWP)
             dlg += gamma * tl.sum(dOW1 * hid, 1)
-            tl.store(sds_ptr + hoff, tl.load(sds_ptr + hoff, mask=hm, other=0.0)
+            tl.store(sds + hoff, tl.load(sds + hoff, mask=hm, other=0.0)
                      + mm(tl.trans(G1), hid, PREC, LOWP), mask=hm)
-            tl.store(shp_ptr + hoff, dhid * silu_grad(Hp), mask=hm)
+            tl.store(shp + hoff, dhid * silu_grad(Hp), mask=hm)
             _store_w(dw1, w1b, _load_w(dw1, w1b, m1b, EVEN) + mm(tl.trans(do), gamma[:, None] * hid, PREC, LOWP),
                      m1b, EVEN)
         tl.debug_barrier()
@@ -549,9 +555,9 @@ def _deep_bwd_kernel(
         G2 = tl.zeros([BC, BC], dtype=tl.float32)  # Σ_f dHp_f N2_fᵀ
         for f0 in range(0, hh, BF):
             rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
-            hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+            hoff = offs_c[:, None] * hh + rows_f[None, :]
             hm = mt[:, None] & (rows_f < hd)[None, :]
-            dHp = tl.load(shp_ptr + hoff, mask=hm, other=0.0)
+            dHp = tl.load(shp + hoff, mask=hm, other=0.0)
             W2 = _load_w(w2n, w2b, m2b, EVEN)
             if ANCHOR:
                 A2 = _load_w(a2, w2b, m2b, EVEN)
@@ -563,9 +569,9 @@ def _deep_bwd_kernel(
                 dHW2 = mm(dHp, W2, PREC, LOWP)
                 dq += gamma[:, None] * dHW2
             dlg += gamma * tl.sum(dHW2 * q, 1)
-            tl.store(sdn_ptr + hoff, tl.load(sdn_ptr + hoff, mask=hm, other=0.0)
+            tl.store(sdn + hoff, tl.load(sdn + hoff, mask=hm, other=0.0)
                      + mm(tl.trans(QKd), dHp, PREC, LOWP), mask=hm)
-            G2 += mm(dHp, tl.trans(tl.load(sn_ptr + hoff, mask=hm, other=0.0)), PREC, LOWP)
+            G2 += mm(dHp, tl.trans(tl.load(sn + hoff, mask=hm, other=0.0)), PREC, LOWP)
             _store_w(dw2, w2b, _load_w(dw2, w2b, m2b, EVEN) + mm(tl.trans(gamma[:, None] * dHp), q, PREC, LOWP),
                      m2b, EVEN)
         gd = G2 * QKd
@@ -578,7 +584,7 @@ def _deep_bwd_kernel(
         # ---- (3) N2 = T Y2, Y2 = -eta' g - Kd W2_0ᵀ [- Ka W2_Aᵀ] (Kd W2_0 + Ka W2_A = Kd D2_0 + Ke W2_A), and the
         # sums over f of de and deta' (the gradient of the writes' step)
         k = tl.load(k_ptr + tb, mask=m2, other=0.0)
-        e = tl.load(se_ptr + eb, mask=m2, other=0.0)
+        e = tl.load(se + out, mask=m2, other=0.0)
         dE1 = tl.load(dv_ptr + tb, mask=m2, other=0.0)
         Tm = tl.load(tm)
         M = tl.zeros([BC, BC], dtype=tl.float32)
@@ -589,11 +595,11 @@ def _deep_bwd_kernel(
         deta = tl.zeros([BC], dtype=tl.float32)
         for f0 in range(0, hh, BF):
             rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
-            hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+            hoff = offs_c[:, None] * hh + rows_f[None, :]
             hm = mt[:, None] & (rows_f < hd)[None, :]
-            dN2 = tl.load(sdn_ptr + hoff, mask=hm, other=0.0)
+            dN2 = tl.load(sdn + hoff, mask=hm, other=0.0)
             dY2 = tl.dot(tl.trans(Tm), dN2, input_precision=PREC)
-            M += tl.dot(dN2, tl.trans(tl.load(sn_ptr + hoff, mask=hm, other=0.0)), input_precision=PREC)
+            M += tl.dot(dN2, tl.trans(tl.load(sn + hoff, mask=hm, other=0.0)), input_precision=PREC)
             W2 = _load_w(w2n, w2b, m2b, EVEN)
             if ANCHOR:
                 A2 = _load_w(a2, w2b, m2b, EVEN)
@@ -611,7 +617,7 @@ def _deep_bwd_kernel(
             _store_w(dw2, w2b, _load_w(dw2, w2b, m2b, EVEN)
                      - tl.dot(tl.trans(kd_scale[:, None] * dY2), k, input_precision=PREC), m2b, EVEN)
             W1c = _load_w(w1c, w1b, m1b, EVEN)
-            sg = silu_grad(tl.load(sp_ptr + hoff, mask=hm, other=0.0))
+            sg = silu_grad(tl.load(sp + hoff, mask=hm, other=0.0))
             deta_m -= tl.sum(dY2 * sg * mm(e, W1c, PREC, LOWP), 1)
             de += mm(-eta_m[:, None] * dY2 * sg, tl.trans(W1c), PREC, LOWP)
         if GUARD:
@@ -622,7 +628,7 @@ def _deep_bwd_kernel(
             deta += deta_m
         if OBJ_L2:
             dk += de
-        tl.store(sde_ptr + eb, de, mask=m2)
+        tl.store(sde + out, de, mask=m2)
         # T = (I + A)^-1 and Kd = diag(eps eta_t gamma_{t-1}) K
         dA = tl.where(offs_c[None, :] < offs_c[:, None], -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
         dk_a, deta_a, dlg_a, dla = _tri_chain(dA, k, eta, lg, lg - lgb, eps, offs_c, PREC)
@@ -636,8 +642,8 @@ def _deep_bwd_kernel(
         # dpv_f), their parts of dk and dv, and the (BC, h) factors of dW1_c, dW2_c for 4b
         k = tl.load(k_ptr + tb, mask=m2, other=0.0)
         v = tl.load(v_ptr + tb, mask=m2, other=0.0)
-        e = tl.load(se_ptr + eb, mask=m2, other=0.0)
-        de = tl.load(sde_ptr + eb, mask=m2, other=0.0)
+        e = tl.load(se + out, mask=m2, other=0.0)
+        de = tl.load(sde + out, mask=m2, other=0.0)
         Tm = tl.load(tm)
         dk = tl.zeros([BC, D], dtype=tl.float32)
         dv = -de
@@ -649,16 +655,16 @@ def _deep_bwd_kernel(
             dst2 = dw2
         for f0 in range(0, hh, BF):
             rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
-            hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+            hoff = offs_c[:, None] * hh + rows_f[None, :]
             hm = mt[:, None] & (rows_f < hd)[None, :]
             W1c = _load_w(w1c, w1b, m1b, EVEN)
             W2c = _load_w(w2c, w2b, m2b, EVEN)
-            p = tl.load(sp_ptr + hoff, mask=hm, other=0.0)
+            p = tl.load(sp + hoff, mask=hm, other=0.0)
             sg = silu_grad(p)
             s = p * sigmoid(p)
-            dg = -eta_m[:, None] * tl.dot(tl.trans(Tm), tl.load(sdn_ptr + hoff, mask=hm, other=0.0),
+            dg = -eta_m[:, None] * tl.dot(tl.trans(Tm), tl.load(sdn + hoff, mask=hm, other=0.0),
                                           input_precision=PREC)
-            ds = tl.load(sds_ptr + hoff, mask=hm, other=0.0)
+            ds = tl.load(sds + hoff, mask=hm, other=0.0)
             dsg = dg * mm(e, W1c, PREC, LOWP)
             if GUARD:
                 ds += 2.0 * dcurv[:, None] * s
@@ -677,29 +683,29 @@ def _deep_bwd_kernel(
                 dpv = -deW * silu_grad(pv)
                 xs -= pv * sigmoid(pv)
                 dv += mm(dpv, W2c, PREC, LOWP)
-                tl.store(shp_ptr + hoff, dpv, mask=hm)
+                tl.store(shp + hoff, dpv, mask=hm)
             dk += mm(dp, W2c, PREC, LOWP)
-            tl.store(sn_ptr + hoff, dg * sg, mask=hm)
-            tl.store(sds_ptr + hoff, dp, mask=hm)
-            tl.store(ss_ptr + hoff, xs, mask=hm)
+            tl.store(sn + hoff, dg * sg, mask=hm)
+            tl.store(sds + hoff, dp, mask=hm)
+            tl.store(ss + hoff, xs, mask=hm)
         tl.store(dk_ptr + tb, tl.load(dk_ptr + tb, mask=m2, other=0.0) + dk, mask=m2)
         tl.store(dv_ptr + tb, dv, mask=m2)
         tl.debug_barrier()
         # ---- (4b) dW1_c = eᵀ (dg ⊙ sg) + deᵀ xs, dW2_c = dpᵀ K [+ dpvᵀ V], by blocks, onto dW1, dW2
         k = tl.load(k_ptr + tb, mask=m2, other=0.0)
         v = tl.load(v_ptr + tb, mask=m2, other=0.0)
-        e = tl.load(se_ptr + eb, mask=m2, other=0.0)
-        de = tl.load(sde_ptr + eb, mask=m2, other=0.0)
+        e = tl.load(se + out, mask=m2, other=0.0)
+        de = tl.load(sde + out, mask=m2, other=0.0)
         for f0 in range(0, hh, BF):
             rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
-            hoff = sb + offs_c[:, None] * hh + rows_f[None, :]
+            hoff = offs_c[:, None] * hh + rows_f[None, :]
             hm = mt[:, None] & (rows_f < hd)[None, :]
-            dW1c = mm(tl.trans(e), tl.load(sn_ptr + hoff, mask=hm, other=0.0), PREC, LOWP)
+            dW1c = mm(tl.trans(e), tl.load(sn + hoff, mask=hm, other=0.0), PREC, LOWP)
             if OBJ_L2 or not VALUE:
-                dW1c += mm(tl.trans(de), tl.load(ss_ptr + hoff, mask=hm, other=0.0), PREC, LOWP)
-            dW2c = mm(tl.trans(tl.load(sds_ptr + hoff, mask=hm, other=0.0)), k, PREC, LOWP)
+                dW1c += mm(tl.trans(de), tl.load(ss + hoff, mask=hm, other=0.0), PREC, LOWP)
+            dW2c = mm(tl.trans(tl.load(sds + hoff, mask=hm, other=0.0)), k, PREC, LOWP)
             if not VALUE:
-                dW2c += mm(tl.trans(tl.load(shp_ptr + hoff, mask=hm, other=0.0)), v, PREC, LOWP)
+                dW2c += mm(tl.trans(tl.load(shp + hoff, mask=hm, other=0.0)), v, PREC, LOWP)
             if n == W_SLOT:  # the cotangent of the final chunk start, this segment's start state
                 dW1c += _load_w(dzc1_ptr + bh * d * hd, w1b, m1b, EVEN)
                 dW2c += _load_w(dzc2_ptr + bh * d * hd, w2b, m2b, EVEN)
@@ -783,8 +789,7 @@ def _backward(q, a, valid, anchors, b_eta, b_alpha, k, v, eta, lg, tmat, norms, 
     dk, dv = torch.empty_like(k), torch.empty_like(k)
     deta, dlg, dla = torch.empty_like(eta), torch.empty_like(eta), torch.empty_like(eta)
     # per program, reused by every segment: e, de, then N2, dN2, ds, Hp (then dHp), p, and 4a's factor of dW1_c
-    scratch = [torch.empty(B * H, cfg["BC"], cfg["D"], device=dev, dtype=f32) for _ in range(2)]
-    scratch += [torch.empty(B * H, cfg["BC"], cfg["HD"], device=dev, dtype=f32) for _ in range(6)]
+    scratch = [torch.empty(B * H, cfg["BC"] * (2 * cfg["D"] + 6 * cfg["HD"]), device=dev, dtype=f32)]
     launch(_deep_bwd_kernel, (B * H,),
            q, k, v, eta, lg, tmat, w1c, w2c, w1buf, w2buf, a1, a2, do.contiguous(), dw1, dw2,
            dw1c_end, dw2c_end, dw1c, dw2c, da1, da2, dq, dk, dv, deta, dlg, dla, *scratch,
