@@ -46,7 +46,7 @@ def launch_options(kind: str, D: int) -> dict:
     what segment n stored, which a prefetch would read stale. The interpreter takes one config (it cannot
     autotune). kinds: "tile" (parallel and BV-tiled kernels), "serial" (the scans, one program per (batch, head):
     K1, B4 and the deep memory's forward and backward; 8 warps at every D, 255 registers: at d = 128, 16 warps
-    spilled more: K1 1.2-1.3 KB, where 8 with its column-tiled reads spill none (28 B in bf16), B4 4.7-6.5 KB
+    spilled more: K1 1.2-1.3 KB, where 8 with its column-tiled reads spill none (4 B in bf16), B4 4.7-6.5 KB
     for 3.6-3.7, the deep forward 6.8-9.1 KB for 4.5-4.7), "step" (the linear decode step), "deep_step" (the
     deep decode step: two d x h states per program, so twice the warps at d > 32)."""
     if triton_interpreting():
