@@ -3,6 +3,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# MKL's conditional numerical reproducibility, read when MKL first runs (so before torch computes anything): its
+# default kernels pick code paths by the operands' memory alignment, so the same float64 product of the same
+# values can differ in the last bit between a model and its reload (safetensors' tensors are not 64-byte
+# aligned), or between a parameter and parameter + 0. The tests that assert bitwise-equal logits after
+# save/load, consolidation or a merge need the strict mode; it changes no value beyond rounding.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import torch  # noqa: E402
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import ByT5Tokenizer, pipeline
 
 from hope import HopeForCausalLM
-from tests.hope.utils_hope import F64, max_diff, random_ids, tiny_config, tiny_model
+from tests.hope.utils_hope import F64, max_diff, random_ids, same_to_rounding, tiny_config, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_peft_lora_train_save_reload_merge(tmp_path, tokenizer):
     loaded = HopeForCausalLM.from_pretrained(tmp_path / "merged", dtype=F64).eval()
     with torch.no_grad():
         assert max_diff(merged(ids).logits, trained) < 1e-10
-        assert torch.equal(loaded(ids).logits, merged(ids).logits)
+        assert same_to_rounding(loaded(ids).logits, merged(ids).logits)  # merged's weights are other tensors
 
 
 def test_lm_eval_loglikelihood_equals_a_direct_forward(tokenizer):

@@ -60,3 +60,11 @@ def cache_of(output) -> HopeCache | None:
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
+
+
+def same_to_rounding(a: torch.Tensor, b: torch.Tensor, scale: float = 1e-12) -> bool:
+    """float64 outputs of the same weight values computed from tensors in other memory (a parameter and
+    parameter + δ materialised apart, a merged adapter): CPU BLAS and PyTorch's vectorised loops choose code paths
+    by alignment and layout, so such results may differ in the last bits (2e-15 seen on an AMD EPYC box) but not
+    beyond; a wrong weight changes them by orders of magnitude more."""
+    return max_diff(a, b) <= scale * max(1.0, b.abs().max().item())
