@@ -259,8 +259,9 @@ def _deep_fwd_kernel(
             Tm = tl.load(tm + (offs_c[:, None] * BC + offs_c[None, :]))
         tl.debug_barrier()  # e is read back by column tiles
         # (2) per hidden block f: N2_f = T (-eta' g_f - diag(kd) K W2_0,fᵀ [- diag(ka) K W2_A,fᵀ]) (the row scalings
-        # before T), Hp_f = [Q W2_A,fᵀ +] diag(gamma) Q D2_fᵀ + (Gamma ⊙ Q Kᵀ) N2_f and W2's end block; the products
-        # over d are summed over BWO-wide column tiles of k, q and e, read back per tile, so none is live whole
+        # before T), Hp_f = [Q W2_A,fᵀ +] diag(gamma) Q D2_fᵀ + (Gamma ⊙ Q Kᵀ) N2_f and W2's end block; the
+        # products over d are summed over BWO-wide column tiles of k, q and e, read back per tile, so none is live
+        # whole
         for f0 in range(0, hh, BF):
             rows_f = f0 + offs_f
             mf = rows_f < hd

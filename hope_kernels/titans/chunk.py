@@ -901,71 +901,100 @@ def _main_anchor_bwd_kernel(
 
 @device_fn
 def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, mr, learn, er, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm_ptr, dk_ptr,
-                  dv_ptr, bh, T, start, lg_end, eps, offs_c, mt, offs_d, md, opq, deta, dks, dkt, dgamma_end, M,
-                  BC: tl.constexpr, OBJ_L2: tl.constexpr, ANCHOR: tl.constexpr, PREC: tl.constexpr,
-                  LOWP: tl.constexpr):
+                  dv_ptr, bh, T, start, lg_end, eps, offs_c, mt, opq, deta, dks, dkt, dgamma_end, M,
+                  BC: tl.constexpr, BR: tl.constexpr, D: tl.constexpr, BWB: tl.constexpr, OBJ_L2: tl.constexpr,
+                  ANCHOR: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
     """Backward of `_gen_tile_fwd` for one row tile: dg holds dX_end on entry and dX_0 on return (in place); acc
     (the chunk-start gradient) gets dX_c, danc (ANCHOR) the anchor's gradient. The tile's parts of dk and dv (dKd
     and dK~, scaled, and the writes' dU) are added to the segment's rows of dk_ptr and dv_ptr, keeping only their
-    row sums with k (dks, dkt: the decay and eta terms), so that no (BC, D) accumulator stays live across the tiles;
-    k, v, eta, lg and T are read back per tile from K1's buffers and the row scalings (kd, ka, kappa) formed per
-    tile, as in the forward (opq: see `_gen_tile_fwd`; here a multiple of 16, added to the row stride of the (BC, D)
-    tiles, as in the kernel's `sopq`). With the anchor X_A the decay terms see the deviation D_0 = X_0 - X_A
-    (X_end = X_A + gamma_L D_0 + ..., the DGD term eps eta_t (X_A + D_{t-1}) k_t)."""
+    row sums with k (dks, dkt: the decay and eta terms). Two passes over BWB-wide column tiles of the head dim:
+    the (BC, BR) products over d (U X_hᵀ, K X_0ᵀ, K X_Aᵀ, K dX_eᵀ) summed first, then, once N, dN and dY are
+    known, every (BC, d) and (BR, d) result by column tiles: no (BC, D) tile is whole in registers. k, v, eta, lg
+    and T are read back per tile from K1's buffers and the row scalings (kd, ka, kappa) formed per tile, as in the
+    forward (opq: see `_gen_tile_fwd`; here a multiple of 16, added to the row stride of the (BC, d) tiles, as in
+    the kernel's `sopq`). With the anchor X_A the decay terms see the deviation D_0 = X_0 - X_A (X_end = X_A +
+    gamma_L D_0 + ..., the DGD term eps eta_t (X_A + D_{t-1}) k_t)."""
     row = bh * T + start + opq + offs_c
-    m2 = mt[:, None] & md[None, :]
-    out = row[:, None] * (d + opq) + offs_d[None, :]
-    k = tl.load(k_ptr + out, mask=m2, other=0.0)
-    if OBJ_L2:
-        U = k - tl.load(v_ptr + out, mask=m2, other=0.0)
-    else:
-        U = -tl.load(v_ptr + out, mask=m2, other=0.0)
     eta = tl.load(eta_ptr + row, mask=mt, other=0.0)
     kd_scale = eps * eta * tl.exp(_lg_before(lg_ptr, bh, T, start + opq, offs_c, mt))
     ka_scale = eps * eta - kd_scale
     kappa = tl.exp(lg_end - tl.load(lg_ptr + row, mask=mt, other=0.0))
     gamma_end = tl.exp(lg_end)
-    Tm = tl.load(tm_ptr + (offs_c[:, None] + opq) * BC + offs_c[None, :])
-    xoff = rloc[:, None] * d + offs_d[None, :]
-    m = mr[:, None] & md[None, :]
-    Xh = tl.load(gc + xoff, mask=m, other=0.0) + tl.where(m & (rloc[:, None] == offs_d[None, :]), er, 0.0)
-    UXt = mm(U, tl.trans(Xh), PREC, LOWP)
-    X0 = tl.load(g0 + xoff, mask=m, other=0.0)
-    Y = -eta[:, None] * UXt - kd_scale[:, None] * tl.dot(k, tl.trans(X0), input_precision=PREC)
+    UXt = tl.zeros([BC, BR], dtype=tl.float32)
+    KX0 = tl.zeros([BC, BR], dtype=tl.float32)
+    KXA = tl.zeros([BC, BR], dtype=tl.float32)
+    KdX = tl.zeros([BC, BR], dtype=tl.float32)
+    for c0 in range(0, D, BWB):
+        cols = c0 + tl.arange(0, BWB)
+        mc = cols < d
+        out = row[:, None] * (d + opq) + cols[None, :]
+        m2 = mt[:, None] & mc[None, :]
+        xoff = rloc[:, None] * d + cols[None, :]
+        m = mr[:, None] & mc[None, :]
+        k = tl.load(k_ptr + out, mask=m2, other=0.0)
+        if OBJ_L2:
+            U = k - tl.load(v_ptr + out, mask=m2, other=0.0)
+        else:
+            U = -tl.load(v_ptr + out, mask=m2, other=0.0)
+        Xh = tl.load(gc + xoff, mask=m, other=0.0) + tl.where(m & (rloc[:, None] == cols[None, :]), er, 0.0)
+        UXt += mm(U, tl.trans(Xh), PREC, LOWP)
+        X0 = tl.load(g0 + xoff, mask=m, other=0.0)
+        KX0 = tl.dot(k, tl.trans(X0), acc=KX0, input_precision=PREC)
+        dXe = tl.where(learn[:, None], tl.load(dg + xoff, mask=m, other=0.0), 0.0)
+        KdX += mm(k, tl.trans(dXe), PREC, LOWP)
+        if ANCHOR:
+            XA = tl.load(anc + xoff, mask=m, other=0.0)
+            KXA = tl.dot(k, tl.trans(XA), acc=KXA, input_precision=PREC)
+            X0 -= XA
+        dgamma_end += tl.sum(tl.sum(X0 * dXe, 1), 0)  # the deviation D_0's part
+    Y = -eta[:, None] * UXt - kd_scale[:, None] * KX0
     if ANCHOR:
-        XA = tl.load(anc + xoff, mask=m, other=0.0)
-        Y -= ka_scale[:, None] * tl.dot(k, tl.trans(XA), input_precision=PREC)
-        D0 = X0 - XA
-    else:
-        D0 = X0
+        Y -= ka_scale[:, None] * KXA
+    Tm = tl.load(tm_ptr + (offs_c[:, None] + opq) * BC + offs_c[None, :])
     N = tl.dot(Tm, Y, input_precision=PREC)
-    dXe_all = tl.load(dg + xoff, mask=m, other=0.0)
-    dXe = tl.where(learn[:, None], dXe_all, 0.0)
-    dN = kappa[:, None] * mm(k, tl.trans(dXe), PREC, LOWP)
-    dKt = mm(N, dXe, PREC, LOWP)
-    dgamma_end += tl.sum(tl.sum(D0 * dXe, 1), 0)
+    dN = kappa[:, None] * KdX
     dY = tl.dot(tl.trans(Tm), dN, input_precision=PREC)
     M += tl.dot(dN, tl.trans(N), input_precision=PREC)
-    dKd = -tl.dot(dY, D0, input_precision=PREC)
-    dks += tl.sum(dKd * k, 1)
-    dkt += tl.sum(dKt * k, 1)
-    dk = kd_scale[:, None] * dKd + kappa[:, None] * dKt
-    if ANCHOR:  # Kd X_0 + Ka X_A = Kd D_0 + Ke X_A with Ke = diag(eps eta) K
-        dKe = -tl.dot(dY, XA, input_precision=PREC)
-        dk += (eps * eta)[:, None] * dKe
-        deta += eps * tl.sum(dKe * k, 1)
-        dXA = (1.0 - gamma_end) * dXe - tl.dot(tl.trans(ka_scale[:, None] * dY), k, input_precision=PREC)
-        tl.store(danc + xoff, tl.load(danc + xoff, mask=m, other=0.0) + dXA, mask=m)
-    dX0 = gamma_end * dXe - tl.dot(tl.trans(kd_scale[:, None] * dY), k, input_precision=PREC) + (dXe_all - dXe)
     deta -= tl.sum(dY * UXt, 1)
     edY = eta[:, None] * dY
-    dU = -mm(edY, Xh, PREC, LOWP)
-    if OBJ_L2:  # U = k - v
-        dk += dU
-    tl.store(dk_ptr + out, tl.load(dk_ptr + out, mask=m2, other=0.0) + dk, mask=m2)
-    tl.store(dv_ptr + out, tl.load(dv_ptr + out, mask=m2, other=0.0) - dU, mask=m2)
-    tl.store(dg + xoff, dX0, mask=m)
-    tl.store(acc + xoff, tl.load(acc + xoff, mask=m, other=0.0) - mm(tl.trans(edY), U, PREC, LOWP), mask=m)
+    tl.debug_barrier()  # dg is overwritten below, by tiles that other threads may have read above
+    for c0 in range(0, D, BWB):
+        cols = c0 + tl.arange(0, BWB)
+        mc = cols < d
+        out = row[:, None] * (d + opq) + cols[None, :]
+        m2 = mt[:, None] & mc[None, :]
+        xoff = rloc[:, None] * d + cols[None, :]
+        m = mr[:, None] & mc[None, :]
+        k = tl.load(k_ptr + out, mask=m2, other=0.0)
+        dXe_all = tl.load(dg + xoff, mask=m, other=0.0)
+        dXe = tl.where(learn[:, None], dXe_all, 0.0)
+        dKt = mm(N, dXe, PREC, LOWP)
+        D0 = tl.load(g0 + xoff, mask=m, other=0.0)
+        if ANCHOR:
+            XA = tl.load(anc + xoff, mask=m, other=0.0)
+            D0 -= XA
+        dKd = -tl.dot(dY, D0, input_precision=PREC)
+        dks += tl.sum(dKd * k, 1)
+        dkt += tl.sum(dKt * k, 1)
+        dk = kd_scale[:, None] * dKd + kappa[:, None] * dKt
+        if ANCHOR:  # Kd X_0 + Ka X_A = Kd D_0 + Ke X_A with Ke = diag(eps eta) K
+            dKe = -tl.dot(dY, XA, input_precision=PREC)
+            dk += (eps * eta)[:, None] * dKe
+            deta += eps * tl.sum(dKe * k, 1)
+            dXA = (1.0 - gamma_end) * dXe - tl.dot(tl.trans(ka_scale[:, None] * dY), k, input_precision=PREC)
+            tl.store(danc + xoff, tl.load(danc + xoff, mask=m, other=0.0) + dXA, mask=m)
+        dX0 = gamma_end * dXe - tl.dot(tl.trans(kd_scale[:, None] * dY), k, input_precision=PREC) + (dXe_all - dXe)
+        Xh = tl.load(gc + xoff, mask=m, other=0.0) + tl.where(m & (rloc[:, None] == cols[None, :]), er, 0.0)
+        dU = -mm(edY, Xh, PREC, LOWP)
+        if OBJ_L2:  # U = k - v
+            dk += dU
+            U = k - tl.load(v_ptr + out, mask=m2, other=0.0)
+        else:
+            U = -tl.load(v_ptr + out, mask=m2, other=0.0)
+        tl.store(dk_ptr + out, tl.load(dk_ptr + out, mask=m2, other=0.0) + dk, mask=m2)
+        tl.store(dv_ptr + out, tl.load(dv_ptr + out, mask=m2, other=0.0) - dU, mask=m2)
+        tl.store(dg + xoff, dX0, mask=m)
+        tl.store(acc + xoff, tl.load(acc + xoff, mask=m, other=0.0) - mm(tl.trans(edY), U, PREC, LOWP), mask=m)
     return deta, dks, dkt, dgamma_end, M
 
 
@@ -974,7 +1003,7 @@ def _gen_bwd_kernel(
     a_ptr, valid_ptr, gc_in_ptr, g_ptr, anc_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, nrm_ptr, tmat_ptr, b_eta_ptr,
     b_alpha_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, dg_ptr, acc_ptr, danc_ptr,
     T, H, d, C, CA, pos, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot, dg_bh, anc_h,
-    BC: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, OBJ_L2: tl.constexpr,
+    BC: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BWB: tl.constexpr, OBJ_L2: tl.constexpr,
     AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr,
     HAS_MASK: tl.constexpr, VNORM: tl.constexpr, ANCHOR: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
@@ -986,7 +1015,8 @@ def _gen_bwd_kernel(
 
     Per segment, three stages that pass their results through those buffers (this program's rows), so that each
     keeps a small live set: (1) the row tiles of the state update, one runtime loop, reading the segment's k, v,
-    eta, lg and T back from K1's buffers per tile (as `_gen_fwd_kernel` does, and why); (2) the chain through
+    eta, lg and T back from K1's buffers per tile (as `_gen_fwd_kernel` does, and why), each tile in two passes
+    over BWB-wide column tiles of the head dim (`_gen_tile_bwd`); (2) the chain through
     T = (I + A)^-1, the decays and the normalisations, per token; (3) the reads' outer products into acc
     (dW_k += dk_rawᵀ a, ...), by row tiles. Stage 3 is in the scan because with adaptive_chunk_size = chunk_size
     (the default) every segment reads its own start state, so its gradient joins dG_0 before the previous
@@ -1044,8 +1074,8 @@ def _gen_bwd_kernel(
             deta, dks, dkt, dgamma_end, M = _gen_tile_bwd(
                 gc + blk * d * d, g0 + blk * d * d, dg + blk * d * d, acc + blk * d * d, anc + blk * d * d,
                 danc + blk * d * d, rloc, mr, learn, er, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm,
-                dk_ptr, dv_ptr, bh, T, start, lg_end, eps, offs_c, mt, offs_d, md, t * tl.program_id(1) * 16, deta,
-                dks, dkt, dgamma_end, M, BC, OBJ_L2, ANCHOR, PREC, LOWP)
+                dk_ptr, dv_ptr, bh, T, start, lg_end, eps, offs_c, mt, t * tl.program_id(1) * 16, deta,
+                dks, dkt, dgamma_end, M, BC, BR, D, BWB, OBJ_L2, ANCHOR, PREC, LOWP)
             tl.debug_barrier()  # the next tile adds to the dk and dv rows stored here, with another layout
         # (2) eta and the decays from their logits (row sums with a), then the chain through T = (I + A)^-1:
         # dA = -Tᵀ (Σ dX Xᵀ) for every product X = T Y
@@ -1290,6 +1320,13 @@ def _gen_bwd_rows(D: int) -> int:
     return min(D, 32) if D <= 64 else 16
 
 
+def _gen_bwd_cols(D: int) -> int:
+    """Columns per tile of the head dim in B4's tile body (`_gen_tile_bwd`): 16. With whole (BC, D) tiles (one
+    column tile) it spilled 1140 / 1084 B at d = 64 and 2632 / 2040 B at d = 128 (fp32 / bf16), with 32 columns
+    652 / 728 and 1344 / 1168 B, with 16 612 / 528 and 1340 / 1060 B (sm90_check)."""
+    return min(D, 16)
+
+
 def generating_backward(a, valid, gc_in, g, anchor, k, v, eta, lg, tmat, norms, b_eta, b_alpha, dk, dv, deta, dlg,
                         dla, dg, acc, cfg, nseg, lowp):
     """Run B4, then B5. k, v, eta, lg, tmat, norms: K1's outputs (`generating_forward`); dk..dla: the main memory's
@@ -1306,8 +1343,9 @@ def generating_backward(a, valid, gc_in, g, anchor, k, v, eta, lg, tmat, norms, 
            a, valid if valid is not None else a, gc_in, g, anc, k, v, eta, lg, norms, tmat, b_eta, b_alpha, dk, dv,
            deta, dlg, dla, dg, acc, dg if danc is None else danc, *common, cfg["eta_max"], cfg["eps"], cfg["resid"],
            gc_in.stride(0), g.stride(0), g.stride(1), dg.stride(0), anc_h,
-           BC=cfg["BC"], D=D, BR=_gen_bwd_rows(D), OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0],
-           AD_V=cfg["ad"][1], AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, VNORM=cfg["VNORM"],
+           BC=cfg["BC"], D=D, BR=_gen_bwd_rows(D), BWB=_gen_bwd_cols(D), OBJ_L2=cfg["OBJ_L2"],
+           AD_K=cfg["ad"][0], AD_V=cfg["ad"][1], AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None,
+           VNORM=cfg["VNORM"],
            ANCHOR=anchor is not None, PREC=dot_precision(), LOWP=lowp, **launch_options("serial", D))
     # B4 left the gradients of k_raw, v_raw and of eta's and alpha's logits in dk, dv, deta and dla
     da = torch.empty_like(a)
