@@ -1017,16 +1017,14 @@ def _gen_bwd_kernel(
     keeps a small live set: (1) the row tiles of the state update, one runtime loop, reading the segment's k, v,
     eta, lg and T back from K1's buffers per tile (as `_gen_fwd_kernel` does, and why), each tile in two passes
     over BWB-wide column tiles of the head dim (`_gen_tile_bwd`); (2) the chain through
-    T = (I + A)^-1, the decays and the normalisations, per token; (3) the reads' outer products into acc
-    (dW_k += dk_rawᵀ a, ...), by row tiles. Stage 3 is in the scan because with adaptive_chunk_size = chunk_size
+    T = (I + A)^-1, the decays and the normalisations, per token, its sums over d by column tiles; (3) the reads'
+    outer products into acc (dW_k += dk_rawᵀ a, ...), by row and column tiles. Stage 3 is in the scan because with adaptive_chunk_size = chunk_size
     (the default) every segment reads its own start state, so its gradient joins dG_0 before the previous
     segment."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_c = tl.arange(0, BC)
-    offs_d = tl.arange(0, D)
-    md = offs_d < d
     b_eta = tl.load(b_eta_ptr + h)
     b_alpha = tl.load(b_alpha_ptr + h)
     g_base = g_ptr + bh * g_bh
@@ -1041,12 +1039,10 @@ def _gen_bwd_kernel(
         start, L = _segment(n, C, shift, T)
         mt = offs_c < L
         tok = start + offs_c
-        m2 = mt[:, None] & md[None, :]
         # sopq (stage 3: opq) is 0, a multiple of 16 to the compiler (the loads stay vectorised), added to the row
         # strides: an opaque offset added to the address is reassociated and the invariant part (row offsets,
         # 64-bit row pointers) hoisted out of the loops and spilled; within the stride it cannot be split off
         sopq = i * tl.program_id(1) * 16
-        a_off = ((b * T + tok) * H + h)[:, None] * (d + sopq) + offs_d[None, :]
         if HAS_MASK:
             valid = tl.load(valid_ptr + b * T + tok, mask=mt, other=0.0)
         else:
@@ -1059,7 +1055,6 @@ def _gen_bwd_kernel(
         g0 = g_base + n * g_slot
         lg_end = tl.load(lg_ptr + bh * T + start + L - 1)
         row = bh * T + tok
-        out = row[:, None] * (d + sopq) + offs_d[None, :]
         tm = tmat_ptr + (bh * NSEG + n) * BC * BC
         # (1) the state update's row tiles; only M = Σ dN Nᵀ and row vectors are carried across them
         deta = tl.load(deta_ptr + row, mask=mt, other=0.0)
@@ -1078,23 +1073,31 @@ def _gen_bwd_kernel(
                 dks, dkt, dgamma_end, M, BC, BR, D, BWB, OBJ_L2, ANCHOR, PREC, LOWP)
             tl.debug_barrier()  # the next tile adds to the dk and dv rows stored here, with another layout
         # (2) eta and the decays from their logits (row sums with a), then the chain through T = (I + A)^-1:
-        # dA = -Tᵀ (Σ dX Xᵀ) for every product X = T Y
-        a = tl.load(a_ptr + a_off, mask=m2, other=0.0).to(tl.float32)
-        w_eta = tl.load(gc + 2 * d * d + offs_d, mask=md, other=0.0)
-        w_alpha = tl.load(gc + (2 * d + 1) * d + offs_d, mask=md, other=0.0)
-        sig_eta = sigmoid(tl.sum(a * w_eta[None, :], 1) + b_eta)
-        pre_alpha = tl.sum(a * w_alpha[None, :], 1) + b_alpha
+        # dA = -Tᵀ (Σ dX Xᵀ) for every product X = T Y; the sums over d (a's with w_eta and w_alpha, K Kᵀ, the
+        # normalisations' k . dk and v . dv) by BWB-wide column tiles, as the tiles of stage 1
+        pre_eta = tl.zeros([BC], dtype=tl.float32) + b_eta
+        pre_alpha = tl.zeros([BC], dtype=tl.float32) + b_alpha
+        kk = tl.zeros([BC, BC], dtype=tl.float32)
+        for c0 in range(0, D, BWB):
+            cols = c0 + tl.arange(0, BWB)
+            mc = cols < d
+            mtc = mt[:, None] & mc[None, :]
+            a = tl.load(a_ptr + ((b * T + tok) * H + h)[:, None] * (d + sopq) + cols[None, :], mask=mtc,
+                        other=0.0).to(tl.float32)
+            pre_eta += tl.sum(a * tl.load(gc + 2 * d * d + cols, mask=mc, other=0.0)[None, :], 1)
+            pre_alpha += tl.sum(a * tl.load(gc + (2 * d + 1) * d + cols, mask=mc, other=0.0)[None, :], 1)
+            k = tl.load(k_ptr + row[:, None] * (d + sopq) + cols[None, :], mask=mtc, other=0.0)
+            kk = tl.dot(k, tl.trans(k), acc=kk, input_precision=PREC)
+        sig_eta = sigmoid(pre_eta)
         eta = eta_max * sig_eta * valid
         la = log_sigmoid(pre_alpha) * valid
         lg = tl.cumsum(la, 0)
         kd_scale = eps * eta * tl.exp(lg - la)
         kappa = tl.exp(lg_end - lg)
-        k = tl.load(k_ptr + out, mask=m2, other=0.0)
         Tm = tl.load(tm + offs_c[:, None] * (BC + sopq) + offs_c[None, :])
         before = offs_c[None, :] < offs_c[:, None]
         dA = tl.where(before, -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
-        dk_a, deta_a, dlg_a, dla_a = _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC)
-        dk = dk_a + tl.load(dk_ptr + out, mask=m2, other=0.0)
+        dKKs, deta_a, dlg_a, dla_a = _tri_rows(dA, kk, eta, lg, la, eps, offs_c)  # dk's part: dKKs K
         deta += deta_a + eps * tl.exp(lg - la) * dks
         c = kappa * dkt
         dlg = tl.load(dlg_ptr + row, mask=mt, other=0.0) + dlg_a + dks * kd_scale - c
@@ -1105,34 +1108,55 @@ def _gen_bwd_kernel(
         dpre_alpha = dla * valid * sigmoid(-pre_alpha)
         dpre_eta = deta * valid * eta_max * sig_eta * (1.0 - sig_eta)
         # k = k_raw / ||k_raw||: dk_raw = (dk - (k . dk) k) / ||k_raw|| (the norms from K1); likewise v
+        kdk = tl.zeros([BC], dtype=tl.float32)
+        vdv = tl.zeros([BC], dtype=tl.float32)
+        for c0 in range(0, D, BWB):
+            cols = c0 + tl.arange(0, BWB)
+            mtc = mt[:, None] & (cols < d)[None, :]
+            oc = row[:, None] * (d + sopq) + cols[None, :]
+            k = tl.load(k_ptr + oc, mask=mtc, other=0.0)
+            dk = tl.dot(dKKs, k, input_precision=PREC) + tl.load(dk_ptr + oc, mask=mtc, other=0.0)
+            kdk += tl.sum(k * dk, 1)
+            if VNORM:
+                vdv += tl.sum(tl.load(v_ptr + oc, mask=mtc, other=0.0) * tl.load(dv_ptr + oc, mask=mtc, other=0.0), 1)
         knrm = tl.load(nrm_ptr + 2 * row, mask=mt, other=1.0)
         nn = tl.maximum(knrm, 1e-12)
-        dk_raw = dk / nn[:, None] - tl.where(knrm > 1e-12, tl.sum(k * dk, 1) / nn, 0.0)[:, None] * k
-        dv = tl.load(dv_ptr + out, mask=m2, other=0.0)
-        if VNORM:
-            v = tl.load(v_ptr + out, mask=m2, other=0.0)
-            vnrm = tl.load(nrm_ptr + 2 * row + 1, mask=mt, other=1.0)
-            vn = tl.maximum(vnrm, 1e-12)
-            dv = dv / vn[:, None] - tl.where(vnrm > 1e-12, tl.sum(v * dv, 1) / vn, 0.0)[:, None] * v
-        tl.debug_barrier()  # dk, dv: read above in another layout; acc: written by the tiles
-        tl.store(dk_ptr + out, dk_raw, mask=m2)
-        tl.store(dv_ptr + out, dv, mask=m2)
+        kdk = tl.where(knrm > 1e-12, kdk / nn, 0.0)
+        vnrm = tl.load(nrm_ptr + 2 * row + 1, mask=mt, other=1.0)
+        vn = tl.maximum(vnrm, 1e-12)
+        vdv = tl.where(vnrm > 1e-12, vdv / vn, 0.0)
+        tl.debug_barrier()  # dk, dv: read above by other threads; acc: written by the tiles
+        flush = slot == n
+        for c0 in range(0, D, BWB):
+            cols = c0 + tl.arange(0, BWB)
+            mc = cols < d
+            mtc = mt[:, None] & mc[None, :]
+            oc = row[:, None] * (d + sopq) + cols[None, :]
+            k = tl.load(k_ptr + oc, mask=mtc, other=0.0)
+            dk = tl.dot(dKKs, k, input_precision=PREC) + tl.load(dk_ptr + oc, mask=mtc, other=0.0)
+            tl.store(dk_ptr + oc, dk / nn[:, None] - kdk[:, None] * k, mask=mtc)
+            if VNORM:
+                dv = tl.load(dv_ptr + oc, mask=mtc, other=0.0)
+                tl.store(dv_ptr + oc, dv / vn[:, None] - vdv[:, None] * tl.load(v_ptr + oc, mask=mtc, other=0.0),
+                         mask=mtc)
+            a = tl.load(a_ptr + ((b * T + tok) * H + h)[:, None] * (d + sopq) + cols[None, :], mask=mtc,
+                        other=0.0).to(tl.float32)
+            e_eta = tl.load(acc + 2 * d * d + cols, mask=mc, other=0.0) + tl.sum(dpre_eta[:, None] * a, 0)
+            e_alpha = tl.load(acc + (2 * d + 1) * d + cols, mask=mc, other=0.0) + tl.sum(dpre_alpha[:, None] * a, 0)
+            if flush:
+                de = dg + 2 * d * d + cols
+                tl.store(de, tl.load(de, mask=mc, other=0.0) + e_eta, mask=mc)
+                tl.store(de + d, tl.load(de + d, mask=mc, other=0.0) + e_alpha, mask=mc)
+                e_eta = e_eta * 0.0
+                e_alpha = e_alpha * 0.0
+            tl.store(acc + 2 * d * d + cols, e_eta, mask=mc)
+            tl.store(acc + (2 * d + 1) * d + cols, e_alpha, mask=mc)
         tl.store(deta_ptr + row, dpre_eta, mask=mt)
         tl.store(dla_ptr + row, dpre_alpha, mask=mt)
-        flush = slot == n
-        e_eta = tl.load(acc + 2 * d * d + offs_d, mask=md, other=0.0) + tl.sum(dpre_eta[:, None] * a, 0)
-        e_alpha = tl.load(acc + (2 * d + 1) * d + offs_d, mask=md, other=0.0) + tl.sum(dpre_alpha[:, None] * a, 0)
-        if flush:
-            de = dg + 2 * d * d + offs_d
-            tl.store(de, tl.load(de, mask=md, other=0.0) + e_eta, mask=md)
-            tl.store(de + d, tl.load(de + d, mask=md, other=0.0) + e_alpha, mask=md)
-            e_eta = e_eta * 0.0
-            e_alpha = e_alpha * 0.0
-        tl.store(acc + 2 * d * d + offs_d, e_eta, mask=md)
-        tl.store(acc + (2 * d + 1) * d + offs_d, e_alpha, mask=md)
         tl.debug_barrier()
-        # (3) k_raw = a (I + W_k)ᵀ, v_raw = a (I + W_v)ᵀ: dW_k += dk_rawᵀ a, dW_v += dv_rawᵀ a, by row tiles; a
-        # segment that starts on an adaptive-chunk boundary read its own start state, so there acc joins dg
+        # (3) k_raw = a (I + W_k)ᵀ, v_raw = a (I + W_v)ᵀ: dW_k += dk_rawᵀ a, dW_v += dv_rawᵀ a, by row tiles and
+        # column tiles; a segment that starts on an adaptive-chunk boundary read its own start state, so there acc
+        # joins dg
         for blk in tl.static_range(2):
             if blk == 0:
                 src = dk_ptr
@@ -1144,15 +1168,18 @@ def _gen_bwd_kernel(
                 mr = rloc < d
                 dX = tl.load(src + row[:, None] * (d + opq) + rloc[None, :], mask=mt[:, None] & mr[None, :],
                              other=0.0)
-                a = tl.load(a_ptr + ((b * T + tok) * H + h)[:, None] * (d + opq) + offs_d[None, :], mask=m2,
-                            other=0.0).to(tl.float32)
-                xoff = blk * d * d + rloc[:, None] * (d + opq) + offs_d[None, :]
-                xm = mr[:, None] & md[None, :]
-                dW = tl.load(acc + xoff, mask=xm, other=0.0) + mm(tl.trans(dX), a, PREC, LOWP)
-                if flush:
-                    tl.store(dg + xoff, tl.load(dg + xoff, mask=xm, other=0.0) + dW, mask=xm)
-                    dW = dW * 0.0
-                tl.store(acc + xoff, dW, mask=xm)
+                for c0 in range(0, D, BWB):
+                    cols = c0 + tl.arange(0, BWB)
+                    mc = cols < d
+                    a = tl.load(a_ptr + ((b * T + tok) * H + h)[:, None] * (d + opq) + cols[None, :],
+                                mask=mt[:, None] & mc[None, :], other=0.0).to(tl.float32)
+                    xoff = blk * d * d + rloc[:, None] * (d + opq) + cols[None, :]
+                    xm = mr[:, None] & mc[None, :]
+                    dW = tl.load(acc + xoff, mask=xm, other=0.0) + mm(tl.trans(dX), a, PREC, LOWP)
+                    if flush:
+                        tl.store(dg + xoff, tl.load(dg + xoff, mask=xm, other=0.0) + dW, mask=xm)
+                        dW = dW * 0.0
+                    tl.store(acc + xoff, dW, mask=xm)
         tl.debug_barrier()  # the next segment's tiles read dg and acc
 
 
@@ -1321,9 +1348,10 @@ def _gen_bwd_rows(D: int) -> int:
 
 
 def _gen_bwd_cols(D: int) -> int:
-    """Columns per tile of the head dim in B4's tile body (`_gen_tile_bwd`): 16. With whole (BC, D) tiles (one
-    column tile) it spilled 1140 / 1084 B at d = 64 and 2632 / 2040 B at d = 128 (fp32 / bf16), with 32 columns
-    652 / 728 and 1344 / 1168 B, with 16 612 / 528 and 1340 / 1060 B (sm90_check)."""
+    """Columns per tile of the head dim in B4 (the tile body `_gen_tile_bwd`, stages 2 and 3): 16. With whole
+    (BC, D) tiles it spilled 1140 / 1084 B at d = 64 and 2632 / 2040 B at d = 128 (fp32 / bf16); the tile body by
+    32 columns 652 / 728 and 1344 / 1168 B, by 16 612 / 528 and 1340 / 1060 B, stages 2 and 3 too 436 / 516 and
+    344 / 412 B (sm90_check)."""
     return min(D, 16)
 
 
