@@ -50,7 +50,7 @@ from hope_kernels.titans.chunk import (
     _chunk_start_slots,
     _config,
     _segment,
-    _tri_chain,
+    _tri_rows,
     generating_backward,
     generating_forward,
 )
@@ -394,10 +394,12 @@ def _deep_bwd_kernel(
       (2a) the writes N2_f and the reads Hp_f again, the carried dW_end's uses and the decays of dW1, dW2;
       (2b) the o part: dhid_f is whole within its block (the Gamma term needs only G1 = (dO E1ᵀ) ⊙ Gamma and s_f);
       (2c) the hid part; Σ_f hid_f s_fᵀ (2a) and Σ_f dHp_f N2_fᵀ (2c) finish dE1, dq and dk;
-      (3) through N2 = T Y2: dY2_f, M = dN2 N2ᵀ, the DGD terms, and the sums over f that the chunk-start
-          gradients need whole (de, and deta', which the guard's dN needs); then the chain through T;
-      (4a) the chunk-start gradients by blocks: dp_f, dk, dv and the (BC, h) factors of dW1_c, dW2_c;
-      (4b) dW1_c, dW2_c by blocks, added to the carried dW1, dW2.
+      (3) through N2 = T Y2: dY2_f (parked in dN2's place), M = dN2 N2ᵀ, the DGD terms, and the sums over f
+          that the chunk-start gradients need whole (de, and deta', which the guard's dN needs), then the chain
+          through T, by BWO-wide column tiles of the head dim (`column_tile`);
+      (4a) the chunk-start gradients by blocks: dp_f and the (BC, h) factors of dW1_c, dW2_c, their products
+          over d by column tiles;
+      (4b) by column tiles: dk's and dv's columns, and dW1_c, dW2_c by blocks, added to the carried dW1, dW2.
     Each pass reads its chunk tiles afresh and keeps its sums to itself (benchmarks/NOTES.md): whole (d, h) tiles
     spilled 28-29 KB at d = h = 128 and needed 352-577 KB of shared memory; tiles kept from one pass to the next
     held their shared-memory operand copies across all of them (416 KB at d = h = 128 in tf32). Row scalings sit on
@@ -583,71 +585,110 @@ def _deep_bwd_kernel(
         tl.store(dk_ptr + tb, tl.load(dk_ptr + tb, mask=m2, other=0.0) + mm(tl.trans(G2), q, PREC, LOWP), mask=m2)
         tl.debug_barrier()
         # ---- (3) N2 = T Y2, Y2 = -eta' g - Kd W2_0ᵀ [- Ka W2_Aᵀ] (Kd W2_0 + Ka W2_A = Kd D2_0 + Ke W2_A), and the
-        # sums over f of de and deta' (the gradient of the writes' step)
-        k = tl.load(k_ptr + tb, mask=m2, other=0.0)
-        e = tl.load(se + out, mask=m2, other=0.0)
-        dE1 = tl.load(dv_ptr + tb, mask=m2, other=0.0)
+        # sums over f of de and deta' (the gradient of the writes' step), by column tiles of the head dim: (3a) the
+        # row sums and K Kᵀ over column tiles; (3b) per block dY2_f = Tᵀ dN2_f (parked in dN2's place for 4a), M,
+        # the row sums of dKd_f . k and dKe_f . k as dY2_f ⊙ (K D2_fᵀ), and W2t's (h, d) blocks; (3c) per column
+        # tile dk's and de's columns, summed over the blocks
         Tm = tl.load(tm)
         M = tl.zeros([BC, BC], dtype=tl.float32)
-        de = -eta_m[:, None] * dE1
-        deta_m = -tl.sum(dE1 * e, 1)
-        dk = tl.zeros([BC, D], dtype=tl.float32)
+        kk = tl.zeros([BC, BC], dtype=tl.float32)  # K Kᵀ, for the chain through T
+        deta_m = tl.zeros([BC], dtype=tl.float32)
         dks = tl.zeros([BC], dtype=tl.float32)  # Σ_f (dKd_f . k)
         deta = tl.zeros([BC], dtype=tl.float32)
+        for c0 in range(0, dd, BWO):
+            cols = c0 + tl.arange(0, BWO)
+            mtc = mt[:, None] & (cols < d)[None, :]
+            tc = offs_c[:, None] * dd + cols[None, :]
+            k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
+            deta_m -= tl.sum(tl.load(dv_ptr + row * dd + tc, mask=mtc, other=0.0)
+                             * tl.load(se + tc, mask=mtc, other=0.0), 1)  # dE1 . e
+            kk = tl.dot(k_c, tl.trans(k_c), acc=kk, input_precision=PREC)
         for f0 in range(0, hh, BF):
-            rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
+            rows_f = f0 + offs_f
+            mf = rows_f < hd
             hoff = offs_c[:, None] * hh + rows_f[None, :]
-            hm = mt[:, None] & (rows_f < hd)[None, :]
+            hm = mt[:, None] & mf[None, :]
             dN2 = tl.load(sdn + hoff, mask=hm, other=0.0)
             dY2 = tl.dot(tl.trans(Tm), dN2, input_precision=PREC)
             M += tl.dot(dN2, tl.trans(tl.load(sn + hoff, mask=hm, other=0.0)), input_precision=PREC)
-            W2 = _load_w(w2n, w2b, m2b, EVEN)
+            kD2 = tl.zeros([BC, BF], dtype=tl.float32)
+            kA2 = tl.zeros([BC, BF], dtype=tl.float32)
+            eW1 = tl.zeros([BC, BF], dtype=tl.float32)
+            for c0 in range(0, dd, BWO):
+                cols = c0 + tl.arange(0, BWO)
+                mc = cols < d
+                mtc = mt[:, None] & mc[None, :]
+                tc = offs_c[:, None] * dd + cols[None, :]
+                w2b = rows_f[:, None] * dd + cols[None, :]
+                m2b = mf[:, None] & mc[None, :]
+                k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
+                W2t = _load_w(w2n, w2b, m2b, EVEN)
+                if ANCHOR:
+                    A2t = _load_w(a2, w2b, m2b, EVEN)
+                    kA2 = tl.dot(k_c, tl.trans(A2t), acc=kA2, input_precision=PREC)
+                    W2t -= A2t
+                    _store_w(da2, w2b, _load_w(da2, w2b, m2b, EVEN)
+                             - tl.dot(tl.trans((eps * eta - kd_scale)[:, None] * dY2), k_c, input_precision=PREC),
+                             m2b, EVEN)
+                kD2 = tl.dot(k_c, tl.trans(W2t), acc=kD2, input_precision=PREC)
+                _store_w(dw2, w2b, _load_w(dw2, w2b, m2b, EVEN)
+                         - tl.dot(tl.trans(kd_scale[:, None] * dY2), k_c, input_precision=PREC), m2b, EVEN)
+                eW1 += mm(tl.load(se + tc, mask=mtc, other=0.0),
+                          _load_w(w1c, cols[:, None] * hh + rows_f[None, :], mc[:, None] & mf[None, :], EVEN), PREC,
+                          LOWP)
+            dks -= tl.sum(dY2 * kD2, 1)
             if ANCHOR:
-                A2 = _load_w(a2, w2b, m2b, EVEN)
-                dKd = -tl.dot(dY2, W2 - A2, input_precision=PREC)
-                dKe = -tl.dot(dY2, A2, input_precision=PREC)
-                dk += (eps * eta)[:, None] * dKe
-                deta += eps * tl.sum(dKe * k, 1)
-                _store_w(da2, w2b, _load_w(da2, w2b, m2b, EVEN)
-                         - tl.dot(tl.trans((eps * eta - kd_scale)[:, None] * dY2), k, input_precision=PREC), m2b,
-                         EVEN)
-            else:
-                dKd = -tl.dot(dY2, W2, input_precision=PREC)
-            dk += kd_scale[:, None] * dKd
-            dks += tl.sum(dKd * k, 1)
-            _store_w(dw2, w2b, _load_w(dw2, w2b, m2b, EVEN)
-                     - tl.dot(tl.trans(kd_scale[:, None] * dY2), k, input_precision=PREC), m2b, EVEN)
-            W1c = _load_w(w1c, w1b, m1b, EVEN)
-            sg = silu_grad(tl.load(sp + hoff, mask=hm, other=0.0))
-            deta_m -= tl.sum(dY2 * sg * mm(e, W1c, PREC, LOWP), 1)
-            de += mm(-eta_m[:, None] * dY2 * sg, tl.trans(W1c), PREC, LOWP)
+                deta -= eps * tl.sum(dY2 * kA2, 1)
+            deta_m -= tl.sum(dY2 * silu_grad(tl.load(sp + hoff, mask=hm, other=0.0)) * eW1, 1)
+            tl.store(sdn + hoff, dY2, mask=hm)
         if GUARD:
             deta += deta_m * cg
             # d(1 / max(1, N)) = -dN / N² where N >= 1 (clamp_min passes the gradient at the bound)
             dcurv = tl.where(curv >= 1.0, -deta_m * eta * cg * cg, 0.0)
         else:
             deta += deta_m
-        if OBJ_L2:
-            dk += de
-        tl.store(sde + out, de, mask=m2)
         # T = (I + A)^-1 and Kd = diag(eps eta_t gamma_{t-1}) K
         dA = tl.where(offs_c[None, :] < offs_c[:, None], -tl.dot(tl.trans(Tm), M, input_precision=PREC), 0.0)
-        dk_a, deta_a, dlg_a, dla = _tri_chain(dA, k, eta, lg, lg - lgb, eps, offs_c, PREC)
-        tl.store(dk_ptr + tb, tl.load(dk_ptr + tb, mask=m2, other=0.0) + dk + dk_a, mask=m2)
+        dKKs, deta_a, dlg_a, dla = _tri_rows(dA, kk, eta, lg, lg - lgb, eps, offs_c)  # dk's part: dKKs K
+        tl.debug_barrier()  # dY2 is read back in another layout
+        for c0 in range(0, dd, BWO):
+            cols = c0 + tl.arange(0, BWO)
+            mc = cols < d
+            mtc = mt[:, None] & mc[None, :]
+            tc = offs_c[:, None] * dd + cols[None, :]
+            de_c = -eta_m[:, None] * tl.load(dv_ptr + row * dd + tc, mask=mtc, other=0.0)  # dE1's part
+            dk_c = tl.zeros([BC, BWO], dtype=tl.float32)
+            for f0 in range(0, hh, BF):
+                rows_f = f0 + offs_f
+                mf = rows_f < hd
+                hoff = offs_c[:, None] * hh + rows_f[None, :]
+                hm = mt[:, None] & mf[None, :]
+                w2b = rows_f[:, None] * dd + cols[None, :]
+                m2b = mf[:, None] & mc[None, :]
+                dY2 = tl.load(sdn + hoff, mask=hm, other=0.0)
+                W2t = _load_w(w2n, w2b, m2b, EVEN)
+                if ANCHOR:
+                    A2t = _load_w(a2, w2b, m2b, EVEN)
+                    dk_c -= tl.dot((eps * eta)[:, None] * dY2, A2t, input_precision=PREC)
+                    W2t -= A2t
+                dk_c -= tl.dot(kd_scale[:, None] * dY2, W2t, input_precision=PREC)
+                sg = silu_grad(tl.load(sp + hoff, mask=hm, other=0.0))
+                de_c += mm(-eta_m[:, None] * dY2 * sg,
+                         tl.trans(_load_w(w1c, cols[:, None] * hh + rows_f[None, :], mc[:, None] & mf[None, :], EVEN)),
+                         PREC, LOWP)
+            if OBJ_L2:
+                dk_c += de_c
+            tl.store(sde + tc, de_c, mask=mtc)
+            k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
+            dk_c += tl.dot(dKKs, k_c, input_precision=PREC)
+            tl.store(dk_ptr + row * dd + tc, tl.load(dk_ptr + row * dd + tc, mask=mtc, other=0.0) + dk_c, mask=mtc)
         tl.store(deta_ptr + row + offs_c, deta + deta_a + eps * tl.exp(lgb) * dks, mask=mt)
         tl.store(dlg_ptr + row + offs_c, dlg + dlg_a + dks * kd_scale + tl.where(offs_c == L - 1, dlg_end, 0.0),
                  mask=mt)
         tl.store(dla_ptr + row + offs_c, dla - dks * kd_scale, mask=mt)
         tl.debug_barrier()
         # ---- (4a) s = silu(p), g = silu'(p) ⊙ (e W1_c), e, the target, p = K W2_cᵀ [, N_t]: by blocks, dp_f (and
-        # dpv_f), their parts of dk and dv, and the (BC, h) factors of dW1_c, dW2_c for 4b
-        k = tl.load(k_ptr + tb, mask=m2, other=0.0)
-        v = tl.load(v_ptr + tb, mask=m2, other=0.0)
-        e = tl.load(se + out, mask=m2, other=0.0)
-        de = tl.load(sde + out, mask=m2, other=0.0)
-        Tm = tl.load(tm)
-        dk = tl.zeros([BC, D], dtype=tl.float32)
-        dv = -de
+        # dpv_f) and the (BC, h) factors of dW1_c, dW2_c for 4b; the products over d by column tiles of e, de, v
         if n == 0:  # the input chunk start's gradient goes to dw1c, dw2c (zeros on entry), the others to dW1, dW2
             dst1 = dw1c_ptr + bh * d * hd
             dst2 = dw2c_ptr + bh * d * hd
@@ -655,63 +696,99 @@ def _deep_bwd_kernel(
             dst1 = dw1
             dst2 = dw2
         for f0 in range(0, hh, BF):
-            rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
+            rows_f = f0 + offs_f
+            mf = rows_f < hd
             hoff = offs_c[:, None] * hh + rows_f[None, :]
-            hm = mt[:, None] & (rows_f < hd)[None, :]
-            W1c = _load_w(w1c, w1b, m1b, EVEN)
-            W2c = _load_w(w2c, w2b, m2b, EVEN)
+            hm = mt[:, None] & mf[None, :]
+            eW = tl.zeros([BC, BF], dtype=tl.float32)
+            deW = tl.zeros([BC, BF], dtype=tl.float32)
+            pv = tl.zeros([BC, BF], dtype=tl.float32)
+            w1sq = tl.zeros([BF], dtype=tl.float32)
+            for c0 in range(0, dd, BWO):
+                cols = c0 + tl.arange(0, BWO)
+                mc = cols < d
+                mtc = mt[:, None] & mc[None, :]
+                tc = offs_c[:, None] * dd + cols[None, :]
+                W1ct = _load_w(w1c, cols[:, None] * hh + rows_f[None, :], mc[:, None] & mf[None, :], EVEN)
+                eW += mm(tl.load(se + tc, mask=mtc, other=0.0), W1ct, PREC, LOWP)
+                if OBJ_L2 or not VALUE:
+                    deW += mm(tl.load(sde + tc, mask=mtc, other=0.0), W1ct, PREC, LOWP)
+                if not VALUE:
+                    pv += mm(tl.load(v_ptr + row * dd + tc, mask=mtc, other=0.0),
+                             tl.trans(_load_w(w2c, rows_f[:, None] * dd + cols[None, :], mf[:, None] & mc[None, :],
+                                              EVEN)), PREC, LOWP)
+                if GUARD:
+                    w1sq += tl.sum(W1ct * W1ct, 0)
             p = tl.load(sp + hoff, mask=hm, other=0.0)
             sg = silu_grad(p)
             s = p * sigmoid(p)
-            dg = -eta_m[:, None] * tl.dot(tl.trans(Tm), tl.load(sdn + hoff, mask=hm, other=0.0),
-                                          input_precision=PREC)
+            dg = -eta_m[:, None] * tl.load(sdn + hoff, mask=hm, other=0.0)  # dY2_f, parked by pass 3
             ds = tl.load(sds + hoff, mask=hm, other=0.0)
-            dsg = dg * mm(e, W1c, PREC, LOWP)
+            dsg = dg * eW
             if GUARD:
                 ds += 2.0 * dcurv[:, None] * s
-                dsg += 2.0 * dcurv[:, None] * sg * tl.sum(W1c * W1c, 0)[None, :]
-                _store_w(dst1, w1b, _load_w(dst1, w1b, m1b, EVEN)
-                         + 2.0 * W1c * tl.sum(dcurv[:, None] * sg * sg, 0)[None, :], m1b, EVEN)
+                dsg += 2.0 * dcurv[:, None] * sg * w1sq[None, :]
+                gw = 2.0 * tl.sum(dcurv[:, None] * sg * sg, 0)
+                for c0 in range(0, dd, BWO):
+                    cols = c0 + tl.arange(0, BWO)
+                    w1t = cols[:, None] * hh + rows_f[None, :]
+                    m1t = (cols < d)[:, None] & mf[None, :]
+                    _store_w(dst1, w1t, _load_w(dst1, w1t, m1t, EVEN) + _load_w(w1c, w1t, m1t, EVEN) * gw[None, :],
+                             m1t, EVEN)
             dp = ds * sg + dsg * silu_grad2(p)
             xs = tl.zeros([BC, BF], dtype=tl.float32)  # dW1_c = eᵀ (dg ⊙ sg) + deᵀ xs [+ the guard's term]
-            if OBJ_L2 or not VALUE:
-                deW = mm(de, W1c, PREC, LOWP)
             if OBJ_L2:
                 dp += deW * sg
                 xs += s
             if not VALUE:  # target M_c(v) = v + W1_c silu(W2_c v), held constant in the inner loss
-                pv = mm(v, tl.trans(W2c), PREC, LOWP)
-                dpv = -deW * silu_grad(pv)
                 xs -= pv * sigmoid(pv)
-                dv += mm(dpv, W2c, PREC, LOWP)
-                tl.store(shp + hoff, dpv, mask=hm)
-            dk += mm(dp, W2c, PREC, LOWP)
+                tl.store(shp + hoff, -deW * silu_grad(pv), mask=hm)  # dpv
             tl.store(sn + hoff, dg * sg, mask=hm)
             tl.store(sds + hoff, dp, mask=hm)
             tl.store(ss + hoff, xs, mask=hm)
-        tl.store(dk_ptr + tb, tl.load(dk_ptr + tb, mask=m2, other=0.0) + dk, mask=m2)
-        tl.store(dv_ptr + tb, dv, mask=m2)
         tl.debug_barrier()
-        # ---- (4b) dW1_c = eᵀ (dg ⊙ sg) + deᵀ xs, dW2_c = dpᵀ K [+ dpvᵀ V], by blocks, onto dW1, dW2
-        k = tl.load(k_ptr + tb, mask=m2, other=0.0)
-        v = tl.load(v_ptr + tb, mask=m2, other=0.0)
-        e = tl.load(se + out, mask=m2, other=0.0)
-        de = tl.load(sde + out, mask=m2, other=0.0)
-        for f0 in range(0, hh, BF):
-            rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
-            hoff = offs_c[:, None] * hh + rows_f[None, :]
-            hm = mt[:, None] & (rows_f < hd)[None, :]
-            dW1c = mm(tl.trans(e), tl.load(sn + hoff, mask=hm, other=0.0), PREC, LOWP)
-            if OBJ_L2 or not VALUE:
-                dW1c += mm(tl.trans(de), tl.load(ss + hoff, mask=hm, other=0.0), PREC, LOWP)
-            dW2c = mm(tl.trans(tl.load(sds + hoff, mask=hm, other=0.0)), k, PREC, LOWP)
+        # ---- (4b) by column tiles c of the head dim: dk_c += Σ_f dp_f W2_c[f, c] (and dv_c = -de_c + Σ_f dpv_f
+        # W2_c[f, c]), and the blocks dW1_c[c, f] = e_cᵀ (dg ⊙ sg)_f + de_cᵀ xs_f, dW2_c[f, c] = dp_fᵀ K_c
+        # [+ dpv_fᵀ V_c], onto dW1, dW2
+        for c0 in range(0, dd, BWO):
+            cols = c0 + tl.arange(0, BWO)
+            mc = cols < d
+            mtc = mt[:, None] & mc[None, :]
+            tc = offs_c[:, None] * dd + cols[None, :]
+            k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
+            e_c = tl.load(se + tc, mask=mtc, other=0.0)
+            de_c = tl.load(sde + tc, mask=mtc, other=0.0)
+            dk_c = tl.zeros([BC, BWO], dtype=tl.float32)
+            dv_c = -de_c
             if not VALUE:
-                dW2c += mm(tl.trans(tl.load(shp + hoff, mask=hm, other=0.0)), v, PREC, LOWP)
-            if n == W_SLOT:  # the cotangent of the final chunk start, this segment's start state
-                dW1c += _load_w(dzc1_ptr + bh * d * hd, w1b, m1b, EVEN)
-                dW2c += _load_w(dzc2_ptr + bh * d * hd, w2b, m2b, EVEN)
-            _store_w(dst1, w1b, _load_w(dst1, w1b, m1b, EVEN) + dW1c, m1b, EVEN)
-            _store_w(dst2, w2b, _load_w(dst2, w2b, m2b, EVEN) + dW2c, m2b, EVEN)
+                v_c = tl.load(v_ptr + row * dd + tc, mask=mtc, other=0.0)
+            for f0 in range(0, hh, BF):
+                rows_f = f0 + offs_f
+                mf = rows_f < hd
+                hoff = offs_c[:, None] * hh + rows_f[None, :]
+                hm = mt[:, None] & mf[None, :]
+                w1t = cols[:, None] * hh + rows_f[None, :]
+                m1t = mc[:, None] & mf[None, :]
+                w2t = rows_f[:, None] * dd + cols[None, :]
+                m2t = mf[:, None] & mc[None, :]
+                W2ct = _load_w(w2c, w2t, m2t, EVEN)
+                dp = tl.load(sds + hoff, mask=hm, other=0.0)
+                dk_c += mm(dp, W2ct, PREC, LOWP)
+                dW1c = mm(tl.trans(e_c), tl.load(sn + hoff, mask=hm, other=0.0), PREC, LOWP)
+                if OBJ_L2 or not VALUE:
+                    dW1c += mm(tl.trans(de_c), tl.load(ss + hoff, mask=hm, other=0.0), PREC, LOWP)
+                dW2c = mm(tl.trans(dp), k_c, PREC, LOWP)
+                if not VALUE:
+                    dpv = tl.load(shp + hoff, mask=hm, other=0.0)
+                    dv_c += mm(dpv, W2ct, PREC, LOWP)
+                    dW2c += mm(tl.trans(dpv), v_c, PREC, LOWP)
+                if n == W_SLOT:  # the cotangent of the final chunk start, this segment's start state
+                    dW1c += _load_w(dzc1_ptr + bh * d * hd, w1t, m1t, EVEN)
+                    dW2c += _load_w(dzc2_ptr + bh * d * hd, w2t, m2t, EVEN)
+                _store_w(dst1, w1t, _load_w(dst1, w1t, m1t, EVEN) + dW1c, m1t, EVEN)
+                _store_w(dst2, w2t, _load_w(dst2, w2t, m2t, EVEN) + dW2c, m2t, EVEN)
+            tl.store(dk_ptr + row * dd + tc, tl.load(dk_ptr + row * dd + tc, mask=mtc, other=0.0) + dk_c, mask=mtc)
+            tl.store(dv_ptr + row * dd + tc, dv_c, mask=mtc)
         tl.debug_barrier()  # the next segment reads dW1, dW2 and the scratch in 2a's layouts
 
 

@@ -622,16 +622,6 @@ def _tri_rows(dA, kk, eta, lg, la, eps, offs_c):
     return dKK + tl.trans(dKK), deta, row - tl.sum(GA, 0), -row
 
 
-@device_fn
-def _tri_chain(dA, k, eta, lg, la, eps, offs_c, PREC: tl.constexpr):
-    """`_tri_rows` with k whole: returns dk, deta, dlg, dla. dk is one product of dKK + dKKᵀ: as a pair, the first
-    product's result feeds the second, which gives it the chained dots' wider layout (`benchmarks/NOTES.md`, spills
-    of B4 and the deep backward)."""
-    kk = tl.dot(k, tl.trans(k), input_precision=PREC)
-    dKKs, deta, dlg, dla = _tri_rows(dA, kk, eta, lg, la, eps, offs_c)
-    return tl.dot(dKKs, k, input_precision=PREC), deta, dlg, dla
-
-
 @triton.jit
 def _main_chunk_bwd_kernel(
     q_ptr, k_ptr, lg_ptr, vn_ptr, dv_ptr, do_ptr, z_ptr, dwbuf_ptr, dq_ptr, dk_ptr, dlg_ptr, dwp_ptr,
@@ -1016,11 +1006,11 @@ def _gen_bwd_kernel(
     Per segment, three stages that pass their results through those buffers (this program's rows), so that each
     keeps a small live set: (1) the row tiles of the state update, one runtime loop, reading the segment's k, v,
     eta, lg and T back from K1's buffers per tile (as `_gen_fwd_kernel` does, and why), each tile in two passes
-    over BWB-wide column tiles of the head dim (`_gen_tile_bwd`); (2) the chain through
-    T = (I + A)^-1, the decays and the normalisations, per token, its sums over d by column tiles; (3) the reads'
-    outer products into acc (dW_k += dk_rawᵀ a, ...), by row and column tiles. Stage 3 is in the scan because with adaptive_chunk_size = chunk_size
-    (the default) every segment reads its own start state, so its gradient joins dG_0 before the previous
-    segment."""
+    over BWB-wide column tiles of the head dim (`_gen_tile_bwd`); (2) the chain through T = (I + A)^-1, the
+    decays and the normalisations, per token, its sums over d by column tiles; (3) the reads' outer products into
+    acc (dW_k += dk_rawᵀ a, ...), by row and column tiles. Stage 3 is in the scan because with
+    adaptive_chunk_size = chunk_size (the default) every segment reads its own start state, so its gradient joins
+    dG_0 before the previous segment."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
