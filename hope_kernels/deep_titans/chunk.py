@@ -94,6 +94,24 @@ def _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh):
 
 
 @device_fn
+def _column_tile(c0, offs_c, mt, d, dd, BWO: tl.constexpr):
+    """Head-dim columns c0 .. c0 + BWO - 1: their indices, which exist, and the mask and offsets of their (BC, BWO)
+    tile of a segment's (BC, d) rows (row stride dd)."""
+    cols = c0 + tl.arange(0, BWO)
+    mc = cols < d
+    return cols, mc, mt[:, None] & mc[None, :], offs_c[:, None] * dd + cols[None, :]
+
+
+@device_fn
+def _block_rows(f0, offs_c, offs_f, mt, hd, hh):
+    """Hidden units f0 .. f0 + BF - 1: their indices, which exist, and the offsets and mask of their (BC, BF) tile
+    of a (BC, h) scratch (row stride hh)."""
+    rows_f = f0 + offs_f
+    mf = rows_f < hd
+    return rows_f, mf, offs_c[:, None] * hh + rows_f[None, :], mt[:, None] & mf[None, :]
+
+
+@device_fn
 def _chunk_start_errors(k_seg, v_seg, e_dst, x_tmp, mt, w1c, w2c, offs_c, offs_f, d, hd, dd, hh, BC: tl.constexpr,
                         BF: tl.constexpr, BWO: tl.constexpr, EVEN: tl.constexpr, OBJ_L2: tl.constexpr,
                         VALUE: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
@@ -111,10 +129,7 @@ def _chunk_start_errors(k_seg, v_seg, e_dst, x_tmp, mt, w1c, w2c, offs_c, offs_f
         pv = tl.zeros([BC, BF], dtype=tl.float32)
         w1sq = tl.zeros([BF], dtype=tl.float32)
         for c0 in range(0, dd, BWO):
-            cols = c0 + tl.arange(0, BWO)
-            mc = cols < d
-            mtc = mt[:, None] & mc[None, :]
-            tc = offs_c[:, None] * dd + cols[None, :]
+            cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
             W2c = _load_w(w2c, rows_f[:, None] * dd + cols[None, :], mf[:, None] & mc[None, :], EVEN)
             if OBJ_L2 or GUARD:
                 p += mm(tl.load(k_seg + tc, mask=mtc, other=0.0), tl.trans(W2c), PREC, LOWP)
@@ -134,10 +149,7 @@ def _chunk_start_errors(k_seg, v_seg, e_dst, x_tmp, mt, w1c, w2c, offs_c, offs_f
             curv += _curvature(p, w1sq)
     tl.debug_barrier()  # x is read back in another layout
     for c0 in range(0, dd, BWO):
-        cols = c0 + tl.arange(0, BWO)
-        mc = cols < d
-        mtc = mt[:, None] & mc[None, :]
-        tc = offs_c[:, None] * dd + cols[None, :]
+        cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
         e = -tl.load(v_seg + tc, mask=mtc, other=0.0)
         if OBJ_L2:
             e += tl.load(k_seg + tc, mask=mtc, other=0.0)
@@ -263,10 +275,7 @@ def _deep_fwd_kernel(
         # products over d are summed over BWO-wide column tiles of k, q and e, read back per tile, so none is live
         # whole
         for f0 in range(0, hh, BF):
-            rows_f = f0 + offs_f
-            mf = rows_f < hd
-            hoff = offs_c[:, None] * hh + rows_f[None, :]
-            hm = mt[:, None] & mf[None, :]
+            rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
             p = tl.zeros([BC, BF], dtype=tl.float32)
             eW = tl.zeros([BC, BF], dtype=tl.float32)
             kW = tl.zeros([BC, BF], dtype=tl.float32)
@@ -274,10 +283,7 @@ def _deep_fwd_kernel(
             kA = tl.zeros([BC, BF], dtype=tl.float32)
             qA = tl.zeros([BC, BF], dtype=tl.float32)
             for c0 in range(0, dd, BWO):
-                cols = c0 + tl.arange(0, BWO)
-                mc = cols < d
-                mtc = mt[:, None] & mc[None, :]
-                tc = offs_c[:, None] * dd + cols[None, :]
+                cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
                 w2b = rows_f[:, None] * dd + cols[None, :]
                 m2b = mf[:, None] & mc[None, :]
                 w1b = cols[:, None] * hh + rows_f[None, :]
@@ -342,10 +348,7 @@ def _deep_fwd_kernel(
             e_c = tl.load(se + offs_c[:, None] * dd + cols[None, :], mask=mtc, other=0.0)
             o = tl.zeros([BC, BWO], dtype=tl.float32)
             for f0 in range(0, hh, BF):
-                rows_f = f0 + offs_f
-                mf = rows_f < hd
-                hoff = offs_c[:, None] * hh + rows_f[None, :]
-                hm = mt[:, None] & mf[None, :]
+                rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
                 w1b = cols[:, None] * hh + rows_f[None, :]
                 m1b = mc[:, None] & mf[None, :]
                 hid = tl.load(shid + hoff, mask=hm, other=0.0)
@@ -604,10 +607,7 @@ def _deep_bwd_kernel(
                              * tl.load(se + tc, mask=mtc, other=0.0), 1)  # dE1 . e
             kk = tl.dot(k_c, tl.trans(k_c), acc=kk, input_precision=PREC)
         for f0 in range(0, hh, BF):
-            rows_f = f0 + offs_f
-            mf = rows_f < hd
-            hoff = offs_c[:, None] * hh + rows_f[None, :]
-            hm = mt[:, None] & mf[None, :]
+            rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
             dN2 = tl.load(sdn + hoff, mask=hm, other=0.0)
             dY2 = tl.dot(tl.trans(Tm), dN2, input_precision=PREC)
             M += tl.dot(dN2, tl.trans(tl.load(sn + hoff, mask=hm, other=0.0)), input_precision=PREC)
@@ -615,10 +615,7 @@ def _deep_bwd_kernel(
             kA2 = tl.zeros([BC, BF], dtype=tl.float32)
             eW1 = tl.zeros([BC, BF], dtype=tl.float32)
             for c0 in range(0, dd, BWO):
-                cols = c0 + tl.arange(0, BWO)
-                mc = cols < d
-                mtc = mt[:, None] & mc[None, :]
-                tc = offs_c[:, None] * dd + cols[None, :]
+                cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
                 w2b = rows_f[:, None] * dd + cols[None, :]
                 m2b = mf[:, None] & mc[None, :]
                 k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
@@ -652,17 +649,11 @@ def _deep_bwd_kernel(
         dKKs, deta_a, dlg_a, dla = _tri_rows(dA, kk, eta, lg, lg - lgb, eps, offs_c)  # dk's part: dKKs K
         tl.debug_barrier()  # dY2 is read back in another layout
         for c0 in range(0, dd, BWO):
-            cols = c0 + tl.arange(0, BWO)
-            mc = cols < d
-            mtc = mt[:, None] & mc[None, :]
-            tc = offs_c[:, None] * dd + cols[None, :]
+            cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
             de_c = -eta_m[:, None] * tl.load(dv_ptr + row * dd + tc, mask=mtc, other=0.0)  # dE1's part
             dk_c = tl.zeros([BC, BWO], dtype=tl.float32)
             for f0 in range(0, hh, BF):
-                rows_f = f0 + offs_f
-                mf = rows_f < hd
-                hoff = offs_c[:, None] * hh + rows_f[None, :]
-                hm = mt[:, None] & mf[None, :]
+                rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
                 w2b = rows_f[:, None] * dd + cols[None, :]
                 m2b = mf[:, None] & mc[None, :]
                 dY2 = tl.load(sdn + hoff, mask=hm, other=0.0)
@@ -696,19 +687,13 @@ def _deep_bwd_kernel(
             dst1 = dw1
             dst2 = dw2
         for f0 in range(0, hh, BF):
-            rows_f = f0 + offs_f
-            mf = rows_f < hd
-            hoff = offs_c[:, None] * hh + rows_f[None, :]
-            hm = mt[:, None] & mf[None, :]
+            rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
             eW = tl.zeros([BC, BF], dtype=tl.float32)
             deW = tl.zeros([BC, BF], dtype=tl.float32)
             pv = tl.zeros([BC, BF], dtype=tl.float32)
             w1sq = tl.zeros([BF], dtype=tl.float32)
             for c0 in range(0, dd, BWO):
-                cols = c0 + tl.arange(0, BWO)
-                mc = cols < d
-                mtc = mt[:, None] & mc[None, :]
-                tc = offs_c[:, None] * dd + cols[None, :]
+                cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
                 W1ct = _load_w(w1c, cols[:, None] * hh + rows_f[None, :], mc[:, None] & mf[None, :], EVEN)
                 eW += mm(tl.load(se + tc, mask=mtc, other=0.0), W1ct, PREC, LOWP)
                 if OBJ_L2 or not VALUE:
@@ -751,10 +736,7 @@ def _deep_bwd_kernel(
         # W2_c[f, c]), and the blocks dW1_c[c, f] = e_cᵀ (dg ⊙ sg)_f + de_cᵀ xs_f, dW2_c[f, c] = dp_fᵀ K_c
         # [+ dpv_fᵀ V_c], onto dW1, dW2
         for c0 in range(0, dd, BWO):
-            cols = c0 + tl.arange(0, BWO)
-            mc = cols < d
-            mtc = mt[:, None] & mc[None, :]
-            tc = offs_c[:, None] * dd + cols[None, :]
+            cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
             k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
             e_c = tl.load(se + tc, mask=mtc, other=0.0)
             de_c = tl.load(sde + tc, mask=mtc, other=0.0)
@@ -763,10 +745,7 @@ def _deep_bwd_kernel(
             if not VALUE:
                 v_c = tl.load(v_ptr + row * dd + tc, mask=mtc, other=0.0)
             for f0 in range(0, hh, BF):
-                rows_f = f0 + offs_f
-                mf = rows_f < hd
-                hoff = offs_c[:, None] * hh + rows_f[None, :]
-                hm = mt[:, None] & mf[None, :]
+                rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
                 w1t = cols[:, None] * hh + rows_f[None, :]
                 m1t = mc[:, None] & mf[None, :]
                 w2t = rows_f[:, None] * dd + cols[None, :]

@@ -890,6 +890,17 @@ def _main_anchor_bwd_kernel(
 
 
 @device_fn
+def _gen_tile_cols(c0, row, rloc, mt, mr, d, opq, BWB: tl.constexpr):
+    """Head-dim columns c0 .. c0 + BWB - 1 of B4's row tile: their indices, the offsets and mask of their (BC, BWB)
+    tile of the segment's (BH, T, d) rows (opq in the row stride, see `_gen_tile_bwd`) and of their (BR, BWB) tile
+    of the state's rows rloc."""
+    cols = c0 + tl.arange(0, BWB)
+    mc = cols < d
+    return (cols, row[:, None] * (d + opq) + cols[None, :], mt[:, None] & mc[None, :],
+            rloc[:, None] * d + cols[None, :], mr[:, None] & mc[None, :])
+
+
+@device_fn
 def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, mr, learn, er, d, k_ptr, v_ptr, eta_ptr, lg_ptr, tm_ptr, dk_ptr,
                   dv_ptr, bh, T, start, lg_end, eps, offs_c, mt, opq, deta, dks, dkt, dgamma_end, M,
                   BC: tl.constexpr, BR: tl.constexpr, D: tl.constexpr, BWB: tl.constexpr, OBJ_L2: tl.constexpr,
@@ -915,12 +926,7 @@ def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, mr, learn, er, d, k_ptr, v_p
     KXA = tl.zeros([BC, BR], dtype=tl.float32)
     KdX = tl.zeros([BC, BR], dtype=tl.float32)
     for c0 in range(0, D, BWB):
-        cols = c0 + tl.arange(0, BWB)
-        mc = cols < d
-        out = row[:, None] * (d + opq) + cols[None, :]
-        m2 = mt[:, None] & mc[None, :]
-        xoff = rloc[:, None] * d + cols[None, :]
-        m = mr[:, None] & mc[None, :]
+        cols, out, m2, xoff, m = _gen_tile_cols(c0, row, rloc, mt, mr, d, opq, BWB)
         k = tl.load(k_ptr + out, mask=m2, other=0.0)
         if OBJ_L2:
             U = k - tl.load(v_ptr + out, mask=m2, other=0.0)
@@ -949,12 +955,7 @@ def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, mr, learn, er, d, k_ptr, v_p
     edY = eta[:, None] * dY
     tl.debug_barrier()  # dg is overwritten below, by tiles that other threads may have read above
     for c0 in range(0, D, BWB):
-        cols = c0 + tl.arange(0, BWB)
-        mc = cols < d
-        out = row[:, None] * (d + opq) + cols[None, :]
-        m2 = mt[:, None] & mc[None, :]
-        xoff = rloc[:, None] * d + cols[None, :]
-        m = mr[:, None] & mc[None, :]
+        cols, out, m2, xoff, m = _gen_tile_cols(c0, row, rloc, mt, mr, d, opq, BWB)
         k = tl.load(k_ptr + out, mask=m2, other=0.0)
         dXe_all = tl.load(dg + xoff, mask=m, other=0.0)
         dXe = tl.where(learn[:, None], dXe_all, 0.0)
@@ -1340,7 +1341,7 @@ def _gen_bwd_rows(D: int) -> int:
 def _gen_bwd_cols(D: int) -> int:
     """Columns per tile of the head dim in B4 (the tile body `_gen_tile_bwd`, stages 2 and 3): 16. With whole
     (BC, D) tiles it spilled 1140 / 1084 B at d = 64 and 2632 / 2040 B at d = 128 (fp32 / bf16); the tile body by
-    32 columns 652 / 728 and 1344 / 1168 B, by 16 612 / 528 and 1340 / 1060 B, stages 2 and 3 too 436 / 516 and
+    32 columns 652 / 728 and 1344 / 1168 B, by 16 612 / 528 and 1340 / 1060 B, stages 2 and 3 too 432 / 516 and
     344 / 412 B (sm90_check)."""
     return min(D, 16)
 
