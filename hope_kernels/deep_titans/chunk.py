@@ -84,13 +84,20 @@ def _curvature(p, w1sq):
 
 
 @device_fn
+def _state_blocks(rows_f, mf, cols, mc, dd, hh):
+    """The offsets and masks of the (rows_f, cols) block of an (h, d) state and of the (cols, rows_f) block of a
+    (d, h) state (row strides dd, hh)."""
+    return (rows_f[:, None] * dd + cols[None, :], mf[:, None] & mc[None, :], cols[:, None] * hh + rows_f[None, :],
+            mc[:, None] & mf[None, :])
+
+
+@device_fn
 def _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh):
     """Hidden units f0 .. f0 + BF - 1: their indices, and the offsets and masks of their (BF, D) block of an (h, d)
-    state and their (D, BF) block of a (d, h) state (row strides dd, hh)."""
+    state and their (D, BF) block of a (d, h) state (`_state_blocks`)."""
     rows_f = f0 + offs_f
-    mf = rows_f < hd
-    return (rows_f, rows_f[:, None] * dd + offs_d[None, :], mf[:, None] & md[None, :],
-            offs_d[:, None] * hh + rows_f[None, :], md[:, None] & mf[None, :])
+    w2b, m2b, w1b, m1b = _state_blocks(rows_f, rows_f < hd, offs_d, md, dd, hh)
+    return rows_f, w2b, m2b, w1b, m1b
 
 
 @device_fn
@@ -123,20 +130,20 @@ def _chunk_start_errors(k_seg, v_seg, e_dst, x_tmp, mt, w1c, w2c, offs_c, offs_f
     column tile e's columns, Σ_f x_f W1_c[cols, f]ᵀ."""
     curv = tl.zeros([BC], dtype=tl.float32)
     for f0 in range(0, hh, BF):
-        rows_f = f0 + offs_f
-        mf = rows_f < hd
+        rows_f, mf, xoff, xm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
         p = tl.zeros([BC, BF], dtype=tl.float32)
         pv = tl.zeros([BC, BF], dtype=tl.float32)
         w1sq = tl.zeros([BF], dtype=tl.float32)
         for c0 in range(0, dd, BWO):
             cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
-            W2c = _load_w(w2c, rows_f[:, None] * dd + cols[None, :], mf[:, None] & mc[None, :], EVEN)
+            w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, dd, hh)
+            W2c = _load_w(w2c, w2b, m2b, EVEN)
             if OBJ_L2 or GUARD:
                 p += mm(tl.load(k_seg + tc, mask=mtc, other=0.0), tl.trans(W2c), PREC, LOWP)
             if not VALUE:
                 pv += mm(tl.load(v_seg + tc, mask=mtc, other=0.0), tl.trans(W2c), PREC, LOWP)
             if GUARD:
-                W1c = _load_w(w1c, cols[:, None] * hh + rows_f[None, :], mc[:, None] & mf[None, :], EVEN)
+                W1c = _load_w(w1c, w1b, m1b, EVEN)
                 w1sq += tl.sum(W1c * W1c, 0)
         if OBJ_L2 or not VALUE:
             x = tl.zeros([BC, BF], dtype=tl.float32)
@@ -144,7 +151,7 @@ def _chunk_start_errors(k_seg, v_seg, e_dst, x_tmp, mt, w1c, w2c, offs_c, offs_f
                 x += p * sigmoid(p)
             if not VALUE:
                 x -= pv * sigmoid(pv)
-            tl.store(x_tmp + offs_c[:, None] * hh + rows_f[None, :], x, mask=mt[:, None] & mf[None, :])
+            tl.store(x_tmp + xoff, x, mask=xm)
         if GUARD:  # N_t sums over the hidden units
             curv += _curvature(p, w1sq)
     tl.debug_barrier()  # x is read back in another layout
@@ -155,11 +162,10 @@ def _chunk_start_errors(k_seg, v_seg, e_dst, x_tmp, mt, w1c, w2c, offs_c, offs_f
             e += tl.load(k_seg + tc, mask=mtc, other=0.0)
         if OBJ_L2 or not VALUE:  # one product for both reads
             for f0 in range(0, hh, BF):
-                rows_f = f0 + offs_f
-                mf = rows_f < hd
-                x = tl.load(x_tmp + offs_c[:, None] * hh + rows_f[None, :], mask=mt[:, None] & mf[None, :], other=0.0)
-                e += mm(x, tl.trans(_load_w(w1c, cols[:, None] * hh + rows_f[None, :], mc[:, None] & mf[None, :],
-                                            EVEN)), PREC, LOWP)
+                rows_f, mf, xoff, xm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
+                _w2b, _m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, dd, hh)
+                e += mm(tl.load(x_tmp + xoff, mask=xm, other=0.0), tl.trans(_load_w(w1c, w1b, m1b, EVEN)), PREC,
+                        LOWP)
         tl.store(e_dst + tc, e, mask=mtc)
     return curv
 
@@ -260,11 +266,9 @@ def _deep_fwd_kernel(
         kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
         QK = tl.zeros([BC, BC], dtype=tl.float32)
         for c0 in range(0, dd, BWO):
-            cols = c0 + tl.arange(0, BWO)
-            mtc = mt[:, None] & (cols < d)[None, :]
+            cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
             QK += mm(tl.load(q_ptr + qbase + offs_c[:, None] * (H * dd) + cols[None, :], mask=mtc, other=0.0),
-                     tl.trans(tl.load(k_ptr + row * dd + offs_c[:, None] * dd + cols[None, :], mask=mtc, other=0.0)),
-                     PREC, LOWP)
+                     tl.trans(tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)), PREC, LOWP)
         QK *= tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
         tm = tmat_ptr + (bh * NSEG + n) * BC * BC
         if LOWP:
@@ -284,10 +288,7 @@ def _deep_fwd_kernel(
             qA = tl.zeros([BC, BF], dtype=tl.float32)
             for c0 in range(0, dd, BWO):
                 cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
-                w2b = rows_f[:, None] * dd + cols[None, :]
-                m2b = mf[:, None] & mc[None, :]
-                w1b = cols[:, None] * hh + rows_f[None, :]
-                m1b = mc[:, None] & mf[None, :]
+                w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, dd, hh)
                 k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
                 p += mm(k_c, tl.trans(_load_w(w2c, w2b, m2b, EVEN)), PREC, LOWP)
                 eW += mm(tl.load(se + tc, mask=mtc, other=0.0), _load_w(w1c, w1b, m1b, EVEN), PREC,
@@ -317,12 +318,9 @@ def _deep_fwd_kernel(
             tl.store(ss + hoff, sp, mask=hm)
             kN2 = tl.trans(kappa[:, None] * N2)
             for c0 in range(0, dd, BWO):  # W2's end block [W2_A +] gamma_L D2_0 + N2ᵀ (kappa K)
-                cols = c0 + tl.arange(0, BWO)
-                mc = cols < d
-                w2b = rows_f[:, None] * dd + cols[None, :]
-                m2b = mf[:, None] & mc[None, :]
-                k_c = tl.load(k_ptr + row * dd + offs_c[:, None] * dd + cols[None, :], mask=mt[:, None] & mc[None, :],
-                              other=0.0)
+                cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
+                w2b, m2b, _w1b, _m1b = _state_blocks(rows_f, mf, cols, mc, dd, hh)
+                k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
                 W2 = _load_w(w2n, w2b, m2b, EVEN)
                 if ANCHOR:
                     A2 = _load_w(a2, w2b, m2b, EVEN)
@@ -333,24 +331,19 @@ def _deep_fwd_kernel(
         tl.debug_barrier()  # hid and s are read back in other layouts
         HS = tl.zeros([BC, BC], dtype=tl.float32)  # Σ_f hid_f s_fᵀ
         for f0 in range(0, hh, BF):
-            rows_f = f0 + offs_f
-            hoff = offs_c[:, None] * hh + rows_f[None, :]
-            hm = mt[:, None] & (rows_f < hd)[None, :]
+            rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
             HS += mm(tl.load(shid + hoff, mask=hm, other=0.0), tl.trans(tl.load(ss + hoff, mask=hm, other=0.0)),
                      PREC, LOWP)
         HS *= tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
-        # o = q + [hid W1_Aᵀ +] diag(gamma) hid D1ᵀ + (Gamma ⊙ hid sᵀ) E1, and W1's end blocks, by BWO-wide column
-        # tiles of o (rows of W1): only a (BC, BWO) tile of o and of e is live, not two (BC, d) ones
+        # o = q + [hid W1_Aᵀ +] diag(gamma) hid D1ᵀ + (Gamma ⊙ hid sᵀ) E1, and W1's end blocks, by BWO-wide
+        # column tiles of o (rows of W1): only a (BC, BWO) tile of o and of e is live, not two (BC, d) ones
         for c0 in range(0, dd, BWO):
-            cols = c0 + tl.arange(0, BWO)
-            mc = cols < d
-            mtc = mt[:, None] & mc[None, :]
-            e_c = tl.load(se + offs_c[:, None] * dd + cols[None, :], mask=mtc, other=0.0)
+            cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
+            e_c = tl.load(se + tc, mask=mtc, other=0.0)
             o = tl.zeros([BC, BWO], dtype=tl.float32)
             for f0 in range(0, hh, BF):
                 rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
-                w1b = cols[:, None] * hh + rows_f[None, :]
-                m1b = mc[:, None] & mf[None, :]
+                _w2b, _m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, dd, hh)
                 hid = tl.load(shid + hoff, mask=hm, other=0.0)
                 W1 = _load_w(w1n, w1b, m1b, EVEN)
                 if ANCHOR:
@@ -599,9 +592,7 @@ def _deep_bwd_kernel(
         dks = tl.zeros([BC], dtype=tl.float32)  # Σ_f (dKd_f . k)
         deta = tl.zeros([BC], dtype=tl.float32)
         for c0 in range(0, dd, BWO):
-            cols = c0 + tl.arange(0, BWO)
-            mtc = mt[:, None] & (cols < d)[None, :]
-            tc = offs_c[:, None] * dd + cols[None, :]
+            cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
             k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
             deta_m -= tl.sum(tl.load(dv_ptr + row * dd + tc, mask=mtc, other=0.0)
                              * tl.load(se + tc, mask=mtc, other=0.0), 1)  # dE1 . e
@@ -616,8 +607,7 @@ def _deep_bwd_kernel(
             eW1 = tl.zeros([BC, BF], dtype=tl.float32)
             for c0 in range(0, dd, BWO):
                 cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
-                w2b = rows_f[:, None] * dd + cols[None, :]
-                m2b = mf[:, None] & mc[None, :]
+                w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, dd, hh)
                 k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
                 W2t = _load_w(w2n, w2b, m2b, EVEN)
                 if ANCHOR:
@@ -630,9 +620,7 @@ def _deep_bwd_kernel(
                 kD2 = tl.dot(k_c, tl.trans(W2t), acc=kD2, input_precision=PREC)
                 _store_w(dw2, w2b, _load_w(dw2, w2b, m2b, EVEN)
                          - tl.dot(tl.trans(kd_scale[:, None] * dY2), k_c, input_precision=PREC), m2b, EVEN)
-                eW1 += mm(tl.load(se + tc, mask=mtc, other=0.0),
-                          _load_w(w1c, cols[:, None] * hh + rows_f[None, :], mc[:, None] & mf[None, :], EVEN), PREC,
-                          LOWP)
+                eW1 += mm(tl.load(se + tc, mask=mtc, other=0.0), _load_w(w1c, w1b, m1b, EVEN), PREC, LOWP)
             dks -= tl.sum(dY2 * kD2, 1)
             if ANCHOR:
                 deta -= eps * tl.sum(dY2 * kA2, 1)
@@ -654,8 +642,7 @@ def _deep_bwd_kernel(
             dk_c = tl.zeros([BC, BWO], dtype=tl.float32)
             for f0 in range(0, hh, BF):
                 rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
-                w2b = rows_f[:, None] * dd + cols[None, :]
-                m2b = mf[:, None] & mc[None, :]
+                w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, dd, hh)
                 dY2 = tl.load(sdn + hoff, mask=hm, other=0.0)
                 W2t = _load_w(w2n, w2b, m2b, EVEN)
                 if ANCHOR:
@@ -664,9 +651,7 @@ def _deep_bwd_kernel(
                     W2t -= A2t
                 dk_c -= tl.dot(kd_scale[:, None] * dY2, W2t, input_precision=PREC)
                 sg = silu_grad(tl.load(sp + hoff, mask=hm, other=0.0))
-                de_c += mm(-eta_m[:, None] * dY2 * sg,
-                         tl.trans(_load_w(w1c, cols[:, None] * hh + rows_f[None, :], mc[:, None] & mf[None, :], EVEN)),
-                         PREC, LOWP)
+                de_c += mm(-eta_m[:, None] * dY2 * sg, tl.trans(_load_w(w1c, w1b, m1b, EVEN)), PREC, LOWP)
             if OBJ_L2:
                 dk_c += de_c
             tl.store(sde + tc, de_c, mask=mtc)
@@ -694,14 +679,14 @@ def _deep_bwd_kernel(
             w1sq = tl.zeros([BF], dtype=tl.float32)
             for c0 in range(0, dd, BWO):
                 cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
-                W1ct = _load_w(w1c, cols[:, None] * hh + rows_f[None, :], mc[:, None] & mf[None, :], EVEN)
+                w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, dd, hh)
+                W1ct = _load_w(w1c, w1b, m1b, EVEN)
                 eW += mm(tl.load(se + tc, mask=mtc, other=0.0), W1ct, PREC, LOWP)
                 if OBJ_L2 or not VALUE:
                     deW += mm(tl.load(sde + tc, mask=mtc, other=0.0), W1ct, PREC, LOWP)
                 if not VALUE:
                     pv += mm(tl.load(v_ptr + row * dd + tc, mask=mtc, other=0.0),
-                             tl.trans(_load_w(w2c, rows_f[:, None] * dd + cols[None, :], mf[:, None] & mc[None, :],
-                                              EVEN)), PREC, LOWP)
+                             tl.trans(_load_w(w2c, w2b, m2b, EVEN)), PREC, LOWP)
                 if GUARD:
                     w1sq += tl.sum(W1ct * W1ct, 0)
             p = tl.load(sp + hoff, mask=hm, other=0.0)
@@ -715,11 +700,10 @@ def _deep_bwd_kernel(
                 dsg += 2.0 * dcurv[:, None] * sg * w1sq[None, :]
                 gw = 2.0 * tl.sum(dcurv[:, None] * sg * sg, 0)
                 for c0 in range(0, dd, BWO):
-                    cols = c0 + tl.arange(0, BWO)
-                    w1t = cols[:, None] * hh + rows_f[None, :]
-                    m1t = (cols < d)[:, None] & mf[None, :]
-                    _store_w(dst1, w1t, _load_w(dst1, w1t, m1t, EVEN) + _load_w(w1c, w1t, m1t, EVEN) * gw[None, :],
-                             m1t, EVEN)
+                    cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
+                    w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, dd, hh)
+                    _store_w(dst1, w1b, _load_w(dst1, w1b, m1b, EVEN) + _load_w(w1c, w1b, m1b, EVEN) * gw[None, :],
+                             m1b, EVEN)
             dp = ds * sg + dsg * silu_grad2(p)
             xs = tl.zeros([BC, BF], dtype=tl.float32)  # dW1_c = eᵀ (dg ⊙ sg) + deᵀ xs [+ the guard's term]
             if OBJ_L2:
@@ -746,10 +730,7 @@ def _deep_bwd_kernel(
                 v_c = tl.load(v_ptr + row * dd + tc, mask=mtc, other=0.0)
             for f0 in range(0, hh, BF):
                 rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
-                w1t = cols[:, None] * hh + rows_f[None, :]
-                m1t = mc[:, None] & mf[None, :]
-                w2t = rows_f[:, None] * dd + cols[None, :]
-                m2t = mf[:, None] & mc[None, :]
+                w2t, m2t, w1t, m1t = _state_blocks(rows_f, mf, cols, mc, dd, hh)
                 W2ct = _load_w(w2c, w2t, m2t, EVEN)
                 dp = tl.load(sds + hoff, mask=hm, other=0.0)
                 dk_c += mm(dp, W2ct, PREC, LOWP)
