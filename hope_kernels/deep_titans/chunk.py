@@ -92,15 +92,6 @@ def _state_blocks(rows_f, mf, cols, mc, dd, hh):
 
 
 @device_fn
-def _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh):
-    """Hidden units f0 .. f0 + BF - 1: their indices, and the offsets and masks of their (BF, D) block of an (h, d)
-    state and their (D, BF) block of a (d, h) state (`_state_blocks`)."""
-    rows_f = f0 + offs_f
-    w2b, m2b, w1b, m1b = _state_blocks(rows_f, rows_f < hd, offs_d, md, dd, hh)
-    return rows_f, w2b, m2b, w1b, m1b
-
-
-@device_fn
 def _column_tile(c0, offs_c, mt, d, dd, BWO: tl.constexpr):
     """Head-dim columns c0 .. c0 + BWO - 1: their indices, which exist, and the mask and offsets of their (BC, BWO)
     tile of a segment's (BC, d) rows (row stride dd)."""
@@ -116,6 +107,28 @@ def _block_rows(f0, offs_c, offs_f, mt, hd, hh):
     rows_f = f0 + offs_f
     mf = rows_f < hd
     return rows_f, mf, offs_c[:, None] * hh + rows_f[None, :], mt[:, None] & mf[None, :]
+
+
+@device_fn
+def _decays(lg, offs_c, mt):
+    """The (BC, BC) decays [t, j] = gamma_t / gamma_j for j <= t < L, else 0 (one compare with a segment-dependent
+    bound), formed where each pass needs them rather than kept live across the passes (a (BC, BC) tile fewer in
+    every loop between)."""
+    causal = offs_c[None, :] <= tl.where(mt, offs_c, -1)[:, None]
+    return tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
+
+
+@device_fn
+def _decayed_qk(q_seg, qs, k_seg, lg, offs_c, mt, d, dd, ds, BC: tl.constexpr, BWO: tl.constexpr,
+                PREC: tl.constexpr, LOWP: tl.constexpr):
+    """(Gamma ⊙ Q Kᵀ) (BC, BC) of a segment, summed over BWO-wide column tiles of q (row stride qs, from q_seg) and
+    k (row stride ds, from k_seg)."""
+    QK = tl.zeros([BC, BC], dtype=tl.float32)
+    for c0 in range(0, dd, BWO):
+        cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, ds, BWO)
+        QK += mm(tl.load(q_seg + offs_c[:, None] * qs + cols[None, :], mask=mtc, other=0.0),
+                 tl.trans(tl.load(k_seg + tc, mask=mtc, other=0.0)), PREC, LOWP)
+    return QK * _decays(lg, offs_c, mt)
 
 
 @device_fn
@@ -259,17 +272,9 @@ def _deep_fwd_kernel(
         lg = tl.load(lg_ptr + row + offs_c, mask=mt, other=0.0)
         lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
         gamma_end = tl.exp(lg_end)
-        # [t, j] = gamma_t / gamma_j for j <= t < L, else 0 (one compare with a segment-dependent bound), formed
-        # twice (for Q Kᵀ here and hid sᵀ after the blocks) rather than kept live across them
-        causal = offs_c[None, :] <= tl.where(mt, offs_c, -1)[:, None]
         gamma = tl.where(mt, tl.exp(lg), 0.0)
         kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
-        QK = tl.zeros([BC, BC], dtype=tl.float32)
-        for c0 in range(0, dd, BWO):
-            cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
-            QK += mm(tl.load(q_ptr + qbase + offs_c[:, None] * (H * dd) + cols[None, :], mask=mtc, other=0.0),
-                     tl.trans(tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)), PREC, LOWP)
-        QK *= tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
+        QK = _decayed_qk(q_ptr + qbase, H * dd, k_ptr + row * dd, lg, offs_c, mt, d, dd, dd, BC, BWO, PREC, LOWP)
         tm = tmat_ptr + (bh * NSEG + n) * BC * BC
         if LOWP:
             Tm = tl.load(tm + (offs_c[:, None] * BC + offs_c[None, :]))
@@ -334,7 +339,7 @@ def _deep_fwd_kernel(
             rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
             HS += mm(tl.load(shid + hoff, mask=hm, other=0.0), tl.trans(tl.load(ss + hoff, mask=hm, other=0.0)),
                      PREC, LOWP)
-        HS *= tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
+        HS *= _decays(lg, offs_c, mt)
         # o = q + [hid W1_Aᵀ +] diag(gamma) hid D1ᵀ + (Gamma ⊙ hid sᵀ) E1, and W1's end blocks, by BWO-wide
         # column tiles of o (rows of W1): only a (BC, BWO) tile of o and of e is live, not two (BC, d) ones
         for c0 in range(0, dd, BWO):
@@ -381,15 +386,19 @@ def _deep_bwd_kernel(
     of the retention anchors W1_0, W2_0 of this (batch, head). With the anchor the decays act on the deviations
     D = W - W_0 (W_end = W_0 + gamma_L D_start + ...).
 
-    Per segment, seven passes over the hidden blocks f, each behind a barrier. Between them the (BC, h) tiles sit in
-    this program's scratch (sn, sdn, sds, shp, sp: N2, dN2, ds, Hp then dHp, p = K W2_cᵀ, which 2b, 3 and 4a read
-    instead of recomputing; sn, sds, shp and ss carry 4a's results to 4b), e and de in se,
+    Per segment, eight passes, each behind a barrier, over the hidden blocks f and BWO-wide column tiles of the
+    head dim (`column_tile`), so that no (BC, d) tile is ever whole in registers: the products over d sum over the
+    column tiles, and the (BC, d) results are formed one column tile at a time. Between the passes the (BC, h)
+    tiles sit in this program's scratch (sn, sdn, sds, shp, sp: N2, dN2, ds, Hp then dHp, p = K W2_cᵀ, which 2a',
+    2b, 3 and 4a read instead of recomputing; sn, sds, shp and ss carry 4a's results to 4b), e and de in se,
     sde (BC, d), dE1 in dv and the partial dk in dk:
       (1) the chunk start's reads into e and the guard's N (`_chunk_start_errors`, as the forward; its silu
           differences pass through sp);
-      (2a) the writes N2_f and the reads Hp_f again, the carried dW_end's uses and the decays of dW1, dW2;
+      (2a) the writes N2_f and the reads Hp_f again (as the forward's pass 2), and the carried dW_end's sums over
+          d, e dW1_e,f and K dW2_e,fᵀ;
+      (2a') by column tiles: dE1 and dk from dW_end, the Gamma term of dE1, and the decays of dW1, dW2;
       (2b) the o part: dhid_f is whole within its block (the Gamma term needs only G1 = (dO E1ᵀ) ⊙ Gamma and s_f);
-      (2c) the hid part; Σ_f hid_f s_fᵀ (2a) and Σ_f dHp_f N2_fᵀ (2c) finish dE1, dq and dk;
+      (2c) the hid part, then by column tiles dq and dk's part Σ_f dHp_f N2_fᵀ;
       (3) through N2 = T Y2: dY2_f (parked in dN2's place), M = dN2 N2ᵀ, the DGD terms, and the sums over f
           that the chunk-start gradients need whole (de, and deta', which the guard's dN needs), then the chain
           through T, by BWO-wide column tiles of the head dim (`column_tile`);
@@ -398,19 +407,17 @@ def _deep_bwd_kernel(
       (4b) by column tiles: dk's and dv's columns, and dW1_c, dW2_c by blocks, added to the carried dW1, dW2.
     Each pass reads its chunk tiles afresh and keeps its sums to itself (benchmarks/NOTES.md): whole (d, h) tiles
     spilled 28-29 KB at d = h = 128 and needed 352-577 KB of shared memory; tiles kept from one pass to the next
-    held their shared-memory operand copies across all of them (416 KB at d = h = 128 in tf32). Row scalings sit on
-    the block's operand or on the product, never on a loop-invariant operand (each is one more copy)."""
+    held their shared-memory operand copies across all of them (416 KB at d = h = 128 in tf32); whole (BC, d)
+    tiles in passes 2a-2c spilled 2.1-5.3 KB. Row scalings sit on the block's operand or on the product, never on a
+    loop-invariant operand (each is one more copy); the (BC, BC) decays are formed where each pass needs them
+    (`_decays`)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_c = tl.arange(0, BC)
-    offs_d = tl.arange(0, D)
     offs_f = tl.arange(0, BF)
     dd = D if EVEN else d
     hh = HD if EVEN else hd
-    md = offs_d < d
-    out = offs_c[:, None] * dd + offs_d[None, :]
-    qo = offs_c[:, None] * (H * dd) + offs_d[None, :]
     toff = offs_c[:, None] * BC + offs_c[None, :]
     a1 = a1_ptr + h * d * hd
     a2 = a2_ptr + h * d * hd
@@ -431,10 +438,15 @@ def _deep_bwd_kernel(
         n = NSEG - 1 - i
         start, L = _segment(n, C, shift, T)
         mt = offs_c < L
-        m2 = mt[:, None] if EVEN else mt[:, None] & md[None, :]
         row = bh * T + start  # the segment's first row of the (BH, T[, d]) buffers
-        tb = row * dd + out
-        qb = ((b * T + start) * H + h) * dd + qo  # and of q, dO and dq
+        qbase = ((b * T + start) * H + h) * dd  # and of q, dO and dq
+        # the tiles' row strides with an opaque zero (program_id(1) is 0; a multiple of 16 to the compiler, so the
+        # loads stay vectorised): the tile offsets are formed in the segment, not hoisted out of the segment loop
+        # and kept live across it (spills 1584 -> 1512 B at d = 64 fp32, 1408 -> 1276 B in bf16)
+        opq = i * tl.program_id(1) * 16
+        ddq = dd + opq
+        hhq = hh + opq
+        qs = H * dd + opq
         tm = tmat_ptr + (bh * NSEG + n) * BC * BC + toff
         w1n, w2n, w1c, w2c = _segment_states(n, bh, w1_ptr, w2_ptr, w1c_ptr, w2c_ptr, w1_bh, w1_slot, w2_bh, w2_slot,
                                              wc_bh)
@@ -453,132 +465,190 @@ def _deep_bwd_kernel(
         kd_scale = eps * eta * tl.exp(lgb)
         lg_end = tl.sum(tl.where(offs_c == L - 1, lg, 0.0), 0)
         gamma_end = tl.exp(lg_end)
-        causal = (offs_c[None, :] <= offs_c[:, None]) & mt[:, None]
         gamma = tl.where(mt, tl.exp(lg), 0.0)
         kappa = tl.where(mt, tl.exp(lg_end - lg), 0.0)
         tl.debug_barrier()
-        # ---- (2a) per block: the writes N2_f, the reads Hp_f again, and the carried dW_end's uses:
-        # W1_end = [W1_A +] gamma_L D1_0 + E1ᵀ (kappa s), W2_end = [W2_A +] gamma_L D2_0 + N2ᵀ (kappa K)
-        k = tl.load(k_ptr + tb, mask=m2, other=0.0)
-        e = tl.load(se + out, mask=m2, other=0.0)
-        q = tl.load(q_ptr + qb, mask=m2, other=0.0).to(tl.float32)
+        # ---- (2a) per block: the writes N2_f and the reads Hp_f again (as the forward's pass 2, their products over
+        # d summed over column tiles), and of the carried dW_end the sums over d that need the block: e dW1_e,f and
+        # K dW2_e,fᵀ; W1_end = [W1_A +] gamma_L D1_0 + E1ᵀ (kappa s), W2_end = [W2_A +] gamma_L D2_0 + N2ᵀ (kappa K)
         Tm = tl.load(tm)
-        QKd = mm(q, tl.trans(k), PREC, LOWP) * tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
+        QKd = _decayed_qk(q_ptr + qbase, qs, k_ptr + row * dd, lg, offs_c, mt, d, dd, ddq, BC, BWO, PREC, LOWP)
         HS = tl.zeros([BC, BC], dtype=tl.float32)  # Σ_f hid_f s_fᵀ
-        dE1 = tl.zeros([BC, D], dtype=tl.float32)
-        dk = tl.zeros([BC, D], dtype=tl.float32)
         cc = tl.zeros([BC], dtype=tl.float32)  # the end states' -dlg_t: kappa_t (s_t.E1dW_t + k_t.N2dW_t)
-        ddev = tl.zeros([D], dtype=tl.float32)  # Σ over the (d, h) entries of D1_0 ⊙ dW1_end + D2_0ᵀ ⊙ dW2_endᵀ
         for f0 in range(0, hh, BF):
-            rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
-            hoff = offs_c[:, None] * hh + rows_f[None, :]
-            hm = mt[:, None] & (rows_f < hd)[None, :]
-            p = mm(k, tl.trans(_load_w(w2c, w2b, m2b, EVEN)), PREC, LOWP)
+            rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hhq)
+            p = tl.zeros([BC, BF], dtype=tl.float32)
+            eW = tl.zeros([BC, BF], dtype=tl.float32)
+            kW = tl.zeros([BC, BF], dtype=tl.float32)
+            kA = tl.zeros([BC, BF], dtype=tl.float32)
+            qW = tl.zeros([BC, BF], dtype=tl.float32)  # Q D2_0,fᵀ
+            qA = tl.zeros([BC, BF], dtype=tl.float32)
+            edW = tl.zeros([BC, BF], dtype=tl.float32)  # e dW1_e,f
+            kdW = tl.zeros([BC, BF], dtype=tl.float32)  # K dW2_e,fᵀ
+            for c0 in range(0, dd, BWO):
+                cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, ddq, BWO)
+                w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, ddq, hhq)
+                k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
+                e_c = tl.load(se + tc, mask=mtc, other=0.0)
+                p += mm(k_c, tl.trans(_load_w(w2c, w2b, m2b, EVEN)), PREC, LOWP)
+                eW += mm(e_c, _load_w(w1c, w1b, m1b, EVEN), PREC, LOWP)
+                W2 = _load_w(w2n, w2b, m2b, EVEN)
+                kW = tl.dot(k_c, tl.trans(W2), acc=kW, input_precision=PREC)
+                q_c = tl.load(q_ptr + qbase + offs_c[:, None] * qs + cols[None, :], mask=mtc,
+                              other=0.0).to(tl.float32)
+                if ANCHOR:
+                    A2 = _load_w(a2, w2b, m2b, EVEN)
+                    kA = tl.dot(k_c, tl.trans(A2), acc=kA, input_precision=PREC)
+                    qA += mm(q_c, tl.trans(A2), PREC, LOWP)
+                    qW += mm(q_c, tl.trans(W2 - A2), PREC, LOWP)
+                else:
+                    qW += mm(q_c, tl.trans(W2), PREC, LOWP)
+                edW += mm(e_c, _load_w(dw1, w1b, m1b, EVEN), PREC, LOWP)
+                kdW += mm(k_c, tl.trans(_load_w(dw2, w2b, m2b, EVEN)), PREC, LOWP)
             s = p * sigmoid(p)
-            g = silu_grad(p) * mm(e, _load_w(w1c, w1b, m1b, EVEN), PREC, LOWP)
-            W2 = _load_w(w2n, w2b, m2b, EVEN)
-            Y2 = -eta_m[:, None] * g - kd_scale[:, None] * tl.dot(k, tl.trans(W2), input_precision=PREC)
+            Y2 = -eta_m[:, None] * (silu_grad(p) * eW) - kd_scale[:, None] * kW
             if ANCHOR:
-                A2 = _load_w(a2, w2b, m2b, EVEN)
-                Y2 -= (eps * eta - kd_scale)[:, None] * tl.dot(k, tl.trans(A2), input_precision=PREC)
-                D2 = W2 - A2
-            else:
-                D2 = W2
+                Y2 -= (eps * eta - kd_scale)[:, None] * kA
             N2 = tl.dot(Tm, Y2, input_precision=PREC)
-            Hp = gamma[:, None] * mm(q, tl.trans(D2), PREC, LOWP) + mm(QKd, N2, PREC, LOWP)
+            Hp = gamma[:, None] * qW + mm(QKd, N2, PREC, LOWP)
             if ANCHOR:
-                Hp += mm(q, tl.trans(A2), PREC, LOWP)
+                Hp += qA
             HS += mm(Hp * sigmoid(Hp), tl.trans(s), PREC, LOWP)
-            dW1e = _load_w(dw1, w1b, m1b, EVEN)
-            dW2e = _load_w(dw2, w2b, m2b, EVEN)
-            dE1 += mm(kappa[:, None] * s, tl.trans(dW1e), PREC, LOWP)
-            E1dW = -eta_m[:, None] * mm(e, dW1e, PREC, LOWP)
-            N2dW = mm(N2, dW2e, PREC, LOWP)
-            dk += kappa[:, None] * N2dW
-            cc += kappa * (tl.sum(s * E1dW, 1) + tl.sum(k * N2dW, 1))
-            W1 = _load_w(w1n, w1b, m1b, EVEN)
-            if ANCHOR:
-                D1 = W1 - _load_w(a1, w1b, m1b, EVEN)
-                _store_w(da1, w1b, _load_w(da1, w1b, m1b, EVEN) + (1.0 - gamma_end) * dW1e, m1b, EVEN)
-                _store_w(da2, w2b, _load_w(da2, w2b, m2b, EVEN) + (1.0 - gamma_end) * dW2e, m2b, EVEN)
-            else:
-                D1 = W1
-            ddev += tl.sum(D1 * dW1e, 1) + tl.sum(D2 * dW2e, 0)
-            _store_w(dw1, w1b, gamma_end * dW1e, m1b, EVEN)
-            _store_w(dw2, w2b, gamma_end * dW2e, m2b, EVEN)
+            E1dW = -eta_m[:, None] * edW
+            # k_t . (N2 dW2_e)_t = Σ_f N2_f ⊙ (K dW2_e,fᵀ): no (BC, d) product needed for cc
+            cc += kappa * (tl.sum(s * E1dW, 1) + tl.sum(N2 * kdW, 1))
             tl.store(sn + hoff, N2, mask=hm)
             tl.store(shp + hoff, Hp, mask=hm)
             tl.store(sp + hoff, p, mask=hm)
             tl.store(sds + hoff, kappa[:, None] * E1dW, mask=hm)
-            tl.store(sdn + hoff, kappa[:, None] * mm(k, tl.trans(dW2e), PREC, LOWP), mask=hm)
-        tl.store(dk_ptr + tb, dk, mask=m2)
+            tl.store(sdn + hoff, kappa[:, None] * kdW, mask=hm)
+        tl.debug_barrier()  # s (from p) and N2 are read back in other layouts; dW1, dW2 are rewritten
+        # ---- (2a') by column tiles c: dE1_c = Σ_f (kappa s_f) dW1_e[c, f]ᵀ + (HS ⊙ Gamma)ᵀ dO_c (the o part's
+        # Gamma term, HS now complete), dk_c = Σ_f (kappa N2_f) dW2_e[f, c], the deviations' part of dlg_end, and the
+        # decays of dW1, dW2 (each block read once more, then rewritten)
+        HSd = tl.trans(HS * _decays(lg, offs_c, mt))
+        ddev = tl.zeros([BWO], dtype=tl.float32)  # Σ over the (d, h) entries of D1_0 ⊙ dW1_e + D2_0ᵀ ⊙ dW2_eᵀ
+        for c0 in range(0, dd, BWO):
+            cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, ddq, BWO)
+            dE1_c = mm(HSd, tl.load(do_ptr + qbase + offs_c[:, None] * qs + cols[None, :], mask=mtc,
+                                    other=0.0), PREC, LOWP)
+            dk_c = tl.zeros([BC, BWO], dtype=tl.float32)
+            for f0 in range(0, hh, BF):
+                rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hhq)
+                w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, ddq, hhq)
+                p = tl.load(sp + hoff, mask=hm, other=0.0)
+                dW1e = _load_w(dw1, w1b, m1b, EVEN)
+                dW2e = _load_w(dw2, w2b, m2b, EVEN)
+                dE1_c += mm(kappa[:, None] * (p * sigmoid(p)), tl.trans(dW1e), PREC, LOWP)
+                dk_c += mm(kappa[:, None] * tl.load(sn + hoff, mask=hm, other=0.0), dW2e, PREC, LOWP)
+                W1 = _load_w(w1n, w1b, m1b, EVEN)
+                W2 = _load_w(w2n, w2b, m2b, EVEN)
+                if ANCHOR:
+                    W1 -= _load_w(a1, w1b, m1b, EVEN)
+                    W2 -= _load_w(a2, w2b, m2b, EVEN)
+                    _store_w(da1, w1b, _load_w(da1, w1b, m1b, EVEN) + (1.0 - gamma_end) * dW1e, m1b, EVEN)
+                    _store_w(da2, w2b, _load_w(da2, w2b, m2b, EVEN) + (1.0 - gamma_end) * dW2e, m2b, EVEN)
+                ddev += tl.sum(W1 * dW1e, 1) + tl.sum(W2 * dW2e, 0)
+                _store_w(dw1, w1b, gamma_end * dW1e, m1b, EVEN)
+                _store_w(dw2, w2b, gamma_end * dW2e, m2b, EVEN)
+            tl.store(dk_ptr + row * dd + tc, dk_c, mask=mtc)
+            tl.store(dv_ptr + row * dd + tc, dE1_c, mask=mtc)  # dE1, for pass 3
+        tl.debug_barrier()  # 2b and 2c update dW1, dW2 in other layouts
+        dlg_end = tl.sum(cc, 0) + gamma_end * tl.sum(ddev, 0)
         # ---- (2b) o = q + [hid W1_Aᵀ +] diag(gamma) hid D1_0ᵀ + (Gamma ⊙ hid sᵀ) E1 with E1 = -eta' e: dhid_f is
-        # whole within its block (G1 = (dO E1ᵀ) ⊙ Gamma), and dHp_f = dhid_f ⊙ silu'(Hp_f) replaces Hp_f
-        decay = tl.exp(tl.where(causal, lg[:, None] - lg[None, :], float("-inf")))
-        do = tl.load(do_ptr + qb, mask=m2, other=0.0).to(tl.float32)
-        G1 = mm(do, tl.trans(e), PREC, LOWP) * (decay * -eta_m[None, :])
-        tl.store(dv_ptr + tb, dE1 + mm(tl.trans(HS * decay), do, PREC, LOWP), mask=m2)  # dE1, for pass 3
+        # whole within its block (G1 = (dO E1ᵀ) ⊙ Gamma), and dHp_f = dhid_f ⊙ silu'(Hp_f) replaces Hp_f; per block
+        # dO W1_fᵀ summed over column tiles, then W1's and W1_A's gradient blocks by them
+        G1 = tl.zeros([BC, BC], dtype=tl.float32)
+        for c0 in range(0, dd, BWO):
+            cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, ddq, BWO)
+            G1 += mm(tl.load(do_ptr + qbase + offs_c[:, None] * qs + cols[None, :], mask=mtc, other=0.0),
+                     tl.trans(tl.load(se + tc, mask=mtc, other=0.0)), PREC, LOWP)
+        G1 *= _decays(lg, offs_c, mt) * -eta_m[None, :]
         gd = G1 * HS
         dlg = tl.sum(gd, 1) - tl.sum(gd, 0) - cc
-        dlg_end = tl.sum(cc, 0) + gamma_end * tl.sum(ddev, 0)
-        tl.debug_barrier()  # 2b and 2c read the scratch and dW1, dW2 back in other layouts
         for f0 in range(0, hh, BF):
-            rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
-            hoff = offs_c[:, None] * hh + rows_f[None, :]
-            hm = mt[:, None] & (rows_f < hd)[None, :]
+            rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hhq)
             Hp = tl.load(shp + hoff, mask=hm, other=0.0)
             hid = Hp * sigmoid(Hp)
-            W1 = _load_w(w1n, w1b, m1b, EVEN)
-            if ANCHOR:
-                A1 = _load_w(a1, w1b, m1b, EVEN)
-                dOW1 = mm(do, W1 - A1, PREC, LOWP)
-                dhid = gamma[:, None] * dOW1 + mm(do, A1, PREC, LOWP)
-                _store_w(da1, w1b, _load_w(da1, w1b, m1b, EVEN)
-                         + mm(tl.trans(do), (1.0 - gamma)[:, None] * hid, PREC, LOWP), m1b, EVEN)
-            else:
-                dOW1 = mm(do, W1, PREC, LOWP)
-                dhid = gamma[:, None] * dOW1
+            dOW1 = tl.zeros([BC, BF], dtype=tl.float32)  # dO D1_0,f
+            dOA1 = tl.zeros([BC, BF], dtype=tl.float32)
+            for c0 in range(0, dd, BWO):
+                cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, ddq, BWO)
+                _w2b, _m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, ddq, hhq)
+                do_c = tl.load(do_ptr + qbase + offs_c[:, None] * qs + cols[None, :], mask=mtc, other=0.0)
+                W1 = _load_w(w1n, w1b, m1b, EVEN)
+                if ANCHOR:
+                    A1 = _load_w(a1, w1b, m1b, EVEN)
+                    dOW1 += mm(do_c, W1 - A1, PREC, LOWP)
+                    dOA1 += mm(do_c, A1, PREC, LOWP)
+                else:
+                    dOW1 += mm(do_c, W1, PREC, LOWP)
+            dhid = gamma[:, None] * dOW1 + dOA1
             p = tl.load(sp + hoff, mask=hm, other=0.0)
             dhid += mm(G1, p * sigmoid(p), PREC, LOWP)
             dlg += gamma * tl.sum(dOW1 * hid, 1)
-            tl.store(sds + hoff, tl.load(sds + hoff, mask=hm, other=0.0)
-                     + mm(tl.trans(G1), hid, PREC, LOWP), mask=hm)
+            tl.store(sds + hoff, tl.load(sds + hoff, mask=hm, other=0.0) + mm(tl.trans(G1), hid, PREC, LOWP), mask=hm)
             tl.store(shp + hoff, dhid * silu_grad(Hp), mask=hm)
-            _store_w(dw1, w1b, _load_w(dw1, w1b, m1b, EVEN) + mm(tl.trans(do), gamma[:, None] * hid, PREC, LOWP),
-                     m1b, EVEN)
-        tl.debug_barrier()
-        # ---- (2c) hid = silu(Hp), Hp = diag(gamma) Q D2_0ᵀ [+ Q W2_Aᵀ] + (Gamma ⊙ Q Kᵀ) N2
-        dq = tl.load(do_ptr + qb, mask=m2, other=0.0).to(tl.float32)
-        q = tl.load(q_ptr + qb, mask=m2, other=0.0).to(tl.float32)
-        QKd = mm(q, tl.trans(tl.load(k_ptr + tb, mask=m2, other=0.0)), PREC, LOWP) * decay
+            for c0 in range(0, dd, BWO):
+                cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, ddq, BWO)
+                _w2b, _m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, ddq, hhq)
+                do_c = tl.load(do_ptr + qbase + offs_c[:, None] * qs + cols[None, :], mask=mtc, other=0.0)
+                if ANCHOR:
+                    _store_w(da1, w1b, _load_w(da1, w1b, m1b, EVEN)
+                             + mm(tl.trans(do_c), (1.0 - gamma)[:, None] * hid, PREC, LOWP), m1b, EVEN)
+                _store_w(dw1, w1b, _load_w(dw1, w1b, m1b, EVEN) + mm(tl.trans(do_c), gamma[:, None] * hid, PREC, LOWP),
+                         m1b, EVEN)
+        tl.debug_barrier()  # dHp is read back in other layouts
+        # ---- (2c) hid = silu(Hp), Hp = diag(gamma) Q D2_0ᵀ [+ Q W2_Aᵀ] + (Gamma ⊙ Q Kᵀ) N2: per block Q D2_0,fᵀ
+        # summed over column tiles, then W2's and W2_A's gradient blocks by them; then by column tiles dq's columns,
+        # Σ_f dHp_f (gamma D2_0,f [+ W2_A,f]) + G2 K_c, and dk's part G2ᵀ Q_c
+        QKd = _decayed_qk(q_ptr + qbase, qs, k_ptr + row * dd, lg, offs_c, mt, d, dd, ddq, BC, BWO, PREC, LOWP)
         G2 = tl.zeros([BC, BC], dtype=tl.float32)  # Σ_f dHp_f N2_fᵀ
         for f0 in range(0, hh, BF):
-            rows_f, w2b, m2b, w1b, m1b = _hidden_block(f0, offs_f, offs_d, md, hd, dd, hh)
-            hoff = offs_c[:, None] * hh + rows_f[None, :]
-            hm = mt[:, None] & (rows_f < hd)[None, :]
+            rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hhq)
             dHp = tl.load(shp + hoff, mask=hm, other=0.0)
-            W2 = _load_w(w2n, w2b, m2b, EVEN)
-            if ANCHOR:
-                A2 = _load_w(a2, w2b, m2b, EVEN)
-                dHW2 = mm(dHp, W2 - A2, PREC, LOWP)
-                dq += gamma[:, None] * dHW2 + mm(dHp, A2, PREC, LOWP)
-                _store_w(da2, w2b, _load_w(da2, w2b, m2b, EVEN)
-                         + mm(tl.trans((1.0 - gamma)[:, None] * dHp), q, PREC, LOWP), m2b, EVEN)
-            else:
-                dHW2 = mm(dHp, W2, PREC, LOWP)
-                dq += gamma[:, None] * dHW2
-            dlg += gamma * tl.sum(dHW2 * q, 1)
-            tl.store(sdn + hoff, tl.load(sdn + hoff, mask=hm, other=0.0)
-                     + mm(tl.trans(QKd), dHp, PREC, LOWP), mask=hm)
+            qW = tl.zeros([BC, BF], dtype=tl.float32)  # Q D2_0,fᵀ
+            for c0 in range(0, dd, BWO):
+                cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, ddq, BWO)
+                w2b, m2b, _w1b, _m1b = _state_blocks(rows_f, mf, cols, mc, ddq, hhq)
+                W2 = _load_w(w2n, w2b, m2b, EVEN)
+                if ANCHOR:
+                    W2 -= _load_w(a2, w2b, m2b, EVEN)
+                qW += mm(tl.load(q_ptr + qbase + offs_c[:, None] * qs + cols[None, :], mask=mtc, other=0.0),
+                         tl.trans(W2), PREC, LOWP)
+            dlg += gamma * tl.sum(dHp * qW, 1)
+            tl.store(sdn + hoff, tl.load(sdn + hoff, mask=hm, other=0.0) + mm(tl.trans(QKd), dHp, PREC, LOWP), mask=hm)
             G2 += mm(dHp, tl.trans(tl.load(sn + hoff, mask=hm, other=0.0)), PREC, LOWP)
-            _store_w(dw2, w2b, _load_w(dw2, w2b, m2b, EVEN) + mm(tl.trans(gamma[:, None] * dHp), q, PREC, LOWP),
-                     m2b, EVEN)
+            for c0 in range(0, dd, BWO):
+                cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, ddq, BWO)
+                w2b, m2b, _w1b, _m1b = _state_blocks(rows_f, mf, cols, mc, ddq, hhq)
+                q_c = tl.load(q_ptr + qbase + offs_c[:, None] * qs + cols[None, :], mask=mtc, other=0.0)
+                if ANCHOR:
+                    _store_w(da2, w2b, _load_w(da2, w2b, m2b, EVEN)
+                             + mm(tl.trans((1.0 - gamma)[:, None] * dHp), q_c, PREC, LOWP), m2b, EVEN)
+                _store_w(dw2, w2b, _load_w(dw2, w2b, m2b, EVEN) + mm(tl.trans(gamma[:, None] * dHp), q_c, PREC, LOWP),
+                         m2b, EVEN)
         gd = G2 * QKd
         dlg += tl.sum(gd, 1) - tl.sum(gd, 0)
-        G2 *= decay
-        tl.store(dq_ptr + qb, (dq + mm(G2, tl.load(k_ptr + tb, mask=m2, other=0.0), PREC, LOWP)).to(
-            dq_ptr.dtype.element_ty), mask=m2)
-        tl.store(dk_ptr + tb, tl.load(dk_ptr + tb, mask=m2, other=0.0) + mm(tl.trans(G2), q, PREC, LOWP), mask=m2)
+        G2 *= _decays(lg, offs_c, mt)
+        for c0 in range(0, dd, BWO):
+            cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, ddq, BWO)
+            qc = qbase + offs_c[:, None] * qs + cols[None, :]
+            dq_c = tl.load(do_ptr + qc, mask=mtc, other=0.0).to(tl.float32)
+            for f0 in range(0, hh, BF):
+                rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hhq)
+                w2b, m2b, _w1b, _m1b = _state_blocks(rows_f, mf, cols, mc, ddq, hhq)
+                dHp = tl.load(shp + hoff, mask=hm, other=0.0)
+                W2 = _load_w(w2n, w2b, m2b, EVEN)
+                if ANCHOR:
+                    A2 = _load_w(a2, w2b, m2b, EVEN)
+                    dq_c += mm(gamma[:, None] * dHp, W2 - A2, PREC, LOWP) + mm(dHp, A2, PREC, LOWP)
+                else:
+                    dq_c += mm(gamma[:, None] * dHp, W2, PREC, LOWP)
+            dq_c += mm(G2, tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0), PREC, LOWP)
+            tl.store(dq_ptr + qc, dq_c.to(dq_ptr.dtype.element_ty), mask=mtc)
+            tl.store(dk_ptr + row * dd + tc, tl.load(dk_ptr + row * dd + tc, mask=mtc, other=0.0)
+                     + mm(tl.trans(G2), tl.load(q_ptr + qc, mask=mtc, other=0.0), PREC, LOWP), mask=mtc)
         tl.debug_barrier()
         # ---- (3) N2 = T Y2, Y2 = -eta' g - Kd W2_0ᵀ [- Ka W2_Aᵀ] (Kd W2_0 + Ka W2_A = Kd D2_0 + Ke W2_A), and the
         # sums over f of de and deta' (the gradient of the writes' step), by column tiles of the head dim: (3a) the
@@ -592,13 +662,13 @@ def _deep_bwd_kernel(
         dks = tl.zeros([BC], dtype=tl.float32)  # Σ_f (dKd_f . k)
         deta = tl.zeros([BC], dtype=tl.float32)
         for c0 in range(0, dd, BWO):
-            cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
+            cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, ddq, BWO)
             k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
             deta_m -= tl.sum(tl.load(dv_ptr + row * dd + tc, mask=mtc, other=0.0)
                              * tl.load(se + tc, mask=mtc, other=0.0), 1)  # dE1 . e
             kk = tl.dot(k_c, tl.trans(k_c), acc=kk, input_precision=PREC)
         for f0 in range(0, hh, BF):
-            rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
+            rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hhq)
             dN2 = tl.load(sdn + hoff, mask=hm, other=0.0)
             dY2 = tl.dot(tl.trans(Tm), dN2, input_precision=PREC)
             M += tl.dot(dN2, tl.trans(tl.load(sn + hoff, mask=hm, other=0.0)), input_precision=PREC)
@@ -606,8 +676,8 @@ def _deep_bwd_kernel(
             kA2 = tl.zeros([BC, BF], dtype=tl.float32)
             eW1 = tl.zeros([BC, BF], dtype=tl.float32)
             for c0 in range(0, dd, BWO):
-                cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
-                w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, dd, hh)
+                cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, ddq, BWO)
+                w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, ddq, hhq)
                 k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
                 W2t = _load_w(w2n, w2b, m2b, EVEN)
                 if ANCHOR:
@@ -637,12 +707,12 @@ def _deep_bwd_kernel(
         dKKs, deta_a, dlg_a, dla = _tri_rows(dA, kk, eta, lg, lg - lgb, eps, offs_c)  # dk's part: dKKs K
         tl.debug_barrier()  # dY2 is read back in another layout
         for c0 in range(0, dd, BWO):
-            cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
+            cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, ddq, BWO)
             de_c = -eta_m[:, None] * tl.load(dv_ptr + row * dd + tc, mask=mtc, other=0.0)  # dE1's part
             dk_c = tl.zeros([BC, BWO], dtype=tl.float32)
             for f0 in range(0, hh, BF):
-                rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
-                w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, dd, hh)
+                rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hhq)
+                w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, ddq, hhq)
                 dY2 = tl.load(sdn + hoff, mask=hm, other=0.0)
                 W2t = _load_w(w2n, w2b, m2b, EVEN)
                 if ANCHOR:
@@ -672,14 +742,14 @@ def _deep_bwd_kernel(
             dst1 = dw1
             dst2 = dw2
         for f0 in range(0, hh, BF):
-            rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
+            rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hhq)
             eW = tl.zeros([BC, BF], dtype=tl.float32)
             deW = tl.zeros([BC, BF], dtype=tl.float32)
             pv = tl.zeros([BC, BF], dtype=tl.float32)
             w1sq = tl.zeros([BF], dtype=tl.float32)
             for c0 in range(0, dd, BWO):
-                cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
-                w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, dd, hh)
+                cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, ddq, BWO)
+                w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, ddq, hhq)
                 W1ct = _load_w(w1c, w1b, m1b, EVEN)
                 eW += mm(tl.load(se + tc, mask=mtc, other=0.0), W1ct, PREC, LOWP)
                 if OBJ_L2 or not VALUE:
@@ -700,8 +770,8 @@ def _deep_bwd_kernel(
                 dsg += 2.0 * dcurv[:, None] * sg * w1sq[None, :]
                 gw = 2.0 * tl.sum(dcurv[:, None] * sg * sg, 0)
                 for c0 in range(0, dd, BWO):
-                    cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
-                    w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, dd, hh)
+                    cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, ddq, BWO)
+                    w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, ddq, hhq)
                     _store_w(dst1, w1b, _load_w(dst1, w1b, m1b, EVEN) + _load_w(w1c, w1b, m1b, EVEN) * gw[None, :],
                              m1b, EVEN)
             dp = ds * sg + dsg * silu_grad2(p)
@@ -720,7 +790,7 @@ def _deep_bwd_kernel(
         # W2_c[f, c]), and the blocks dW1_c[c, f] = e_cᵀ (dg ⊙ sg)_f + de_cᵀ xs_f, dW2_c[f, c] = dp_fᵀ K_c
         # [+ dpv_fᵀ V_c], onto dW1, dW2
         for c0 in range(0, dd, BWO):
-            cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
+            cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, ddq, BWO)
             k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
             e_c = tl.load(se + tc, mask=mtc, other=0.0)
             de_c = tl.load(sde + tc, mask=mtc, other=0.0)
@@ -729,8 +799,8 @@ def _deep_bwd_kernel(
             if not VALUE:
                 v_c = tl.load(v_ptr + row * dd + tc, mask=mtc, other=0.0)
             for f0 in range(0, hh, BF):
-                rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
-                w2t, m2t, w1t, m1t = _state_blocks(rows_f, mf, cols, mc, dd, hh)
+                rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hhq)
+                w2t, m2t, w1t, m1t = _state_blocks(rows_f, mf, cols, mc, ddq, hhq)
                 W2ct = _load_w(w2c, w2t, m2t, EVEN)
                 dp = tl.load(sds + hoff, mask=hm, other=0.0)
                 dk_c += mm(dp, W2ct, PREC, LOWP)
