@@ -132,6 +132,50 @@ def _decayed_qk(q_seg, qs, k_seg, lg, offs_c, mt, d, dd, ds, BC: tl.constexpr, B
 
 
 @device_fn
+def _block_writes(k_seg, e_seg, q_seg, qs, w1c, w2c, w2n, a2, dw1, dw2, rows_f, mf, offs_c, mt, eta, eta_m, kd_scale,
+                  eps, d, dd, ds, hs, BC: tl.constexpr, BF: tl.constexpr, BWO: tl.constexpr, EVEN: tl.constexpr,
+                  ANCHOR: tl.constexpr, CARRIED: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+    """Hidden block f's products over d, summed over BWO-wide column tiles of k, e (row stride ds, from k_seg,
+    e_seg) and q (row stride qs, from q_seg), with the segment's start state W2 at w2n and the chunk start at w1c,
+    w2c: p_f = K W2_c,fᵀ, the write Y2_f = -eta' g_f - diag(kd) K W2_0,fᵀ [- diag(ka) K W2_A,fᵀ] (g_f = silu'(p_f) ⊙
+    (e W1_c,f); the retention anchor's DGD term sees the anchor too), Q D2_0,fᵀ and Q W2_A,fᵀ (ANCHOR, else zeros),
+    and with CARRIED (the backward) e dW1_f and K dW2_fᵀ of the carried gradients at dw1, dw2 (else zeros); each
+    (BC, BF)."""
+    p = tl.zeros([BC, BF], dtype=tl.float32)
+    eW = tl.zeros([BC, BF], dtype=tl.float32)
+    kW = tl.zeros([BC, BF], dtype=tl.float32)
+    kA = tl.zeros([BC, BF], dtype=tl.float32)
+    qW = tl.zeros([BC, BF], dtype=tl.float32)  # Q D2_0,fᵀ
+    qA = tl.zeros([BC, BF], dtype=tl.float32)
+    edW = tl.zeros([BC, BF], dtype=tl.float32)
+    kdW = tl.zeros([BC, BF], dtype=tl.float32)
+    for c0 in range(0, dd, BWO):
+        cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, ds, BWO)
+        w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, ds, hs)
+        k_c = tl.load(k_seg + tc, mask=mtc, other=0.0)
+        e_c = tl.load(e_seg + tc, mask=mtc, other=0.0)
+        p += mm(k_c, tl.trans(_load_w(w2c, w2b, m2b, EVEN)), PREC, LOWP)
+        eW += mm(e_c, _load_w(w1c, w1b, m1b, EVEN), PREC, LOWP)
+        W2 = _load_w(w2n, w2b, m2b, EVEN)
+        kW = tl.dot(k_c, tl.trans(W2), acc=kW, input_precision=PREC)
+        q_c = tl.load(q_seg + offs_c[:, None] * qs + cols[None, :], mask=mtc, other=0.0).to(tl.float32)
+        if ANCHOR:
+            A2 = _load_w(a2, w2b, m2b, EVEN)
+            kA = tl.dot(k_c, tl.trans(A2), acc=kA, input_precision=PREC)
+            qA += mm(q_c, tl.trans(A2), PREC, LOWP)
+            qW += mm(q_c, tl.trans(W2 - A2), PREC, LOWP)
+        else:
+            qW += mm(q_c, tl.trans(W2), PREC, LOWP)
+        if CARRIED:
+            edW += mm(e_c, _load_w(dw1, w1b, m1b, EVEN), PREC, LOWP)
+            kdW += mm(k_c, tl.trans(_load_w(dw2, w2b, m2b, EVEN)), PREC, LOWP)
+    Y2 = -eta_m[:, None] * (silu_grad(p) * eW) - kd_scale[:, None] * kW
+    if ANCHOR:  # retention toward (W1_0, W2_0): the DGD term eps eta_t W2_{t-1} k_t sees the anchor too
+        Y2 -= (eps * eta - kd_scale)[:, None] * kA
+    return p, Y2, qW, qA, edW, kdW
+
+
+@device_fn
 def _chunk_start_errors(k_seg, v_seg, e_dst, x_tmp, mt, w1c, w2c, offs_c, offs_f, d, hd, dd, hh, BC: tl.constexpr,
                         BF: tl.constexpr, BWO: tl.constexpr, EVEN: tl.constexpr, OBJ_L2: tl.constexpr,
                         VALUE: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
@@ -285,34 +329,10 @@ def _deep_fwd_kernel(
         # whole
         for f0 in range(0, hh, BF):
             rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hh)
-            p = tl.zeros([BC, BF], dtype=tl.float32)
-            eW = tl.zeros([BC, BF], dtype=tl.float32)
-            kW = tl.zeros([BC, BF], dtype=tl.float32)
-            qW = tl.zeros([BC, BF], dtype=tl.float32)
-            kA = tl.zeros([BC, BF], dtype=tl.float32)
-            qA = tl.zeros([BC, BF], dtype=tl.float32)
-            for c0 in range(0, dd, BWO):
-                cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, dd, BWO)
-                w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, dd, hh)
-                k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
-                p += mm(k_c, tl.trans(_load_w(w2c, w2b, m2b, EVEN)), PREC, LOWP)
-                eW += mm(tl.load(se + tc, mask=mtc, other=0.0), _load_w(w1c, w1b, m1b, EVEN), PREC,
-                         LOWP)
-                W2 = _load_w(w2n, w2b, m2b, EVEN)
-                kW = tl.dot(k_c, tl.trans(W2), acc=kW, input_precision=PREC)
-                q_c = tl.load(q_ptr + qbase + offs_c[:, None] * (H * dd) + cols[None, :], mask=mtc,
-                              other=0.0).to(tl.float32)
-                if ANCHOR:
-                    A2 = _load_w(a2, w2b, m2b, EVEN)
-                    kA = tl.dot(k_c, tl.trans(A2), acc=kA, input_precision=PREC)
-                    qA += mm(q_c, tl.trans(A2), PREC, LOWP)
-                    qW += mm(q_c, tl.trans(W2 - A2), PREC, LOWP)
-                else:
-                    qW += mm(q_c, tl.trans(W2), PREC, LOWP)
+            p, Y2, qW, qA, _edW, _kdW = _block_writes(
+                k_ptr + row * dd, se, q_ptr + qbase, H * dd, w1c, w2c, w2n, a2, w1c, w2c, rows_f, mf, offs_c, mt, eta,
+                eta_m, kd_scale, eps, d, dd, dd, hh, BC, BF, BWO, EVEN, ANCHOR, False, PREC, LOWP)
             sp = p * sigmoid(p)
-            Y2 = -eta_m[:, None] * (silu_grad(p) * eW) - kd_scale[:, None] * kW
-            if ANCHOR:  # retention toward (W1_0, W2_0): the DGD term eps eta_t W2_{t-1} k_t sees the anchor too
-                Y2 -= (eps * eta - kd_scale)[:, None] * kA
             if not LOWP:  # read per block in fp32 (spills 92 -> 16 B at d = 64), once per segment in bf16 (8 -> 80 B)
                 Tm = tl.load(tm + f0 * tl.program_id(1) + (offs_c[:, None] * BC + offs_c[None, :]))
             N2 = tl.dot(Tm, Y2, input_precision=PREC)
@@ -477,38 +497,10 @@ def _deep_bwd_kernel(
         cc = tl.zeros([BC], dtype=tl.float32)  # the end states' -dlg_t: kappa_t (s_t.E1dW_t + k_t.N2dW_t)
         for f0 in range(0, hh, BF):
             rows_f, mf, hoff, hm = _block_rows(f0, offs_c, offs_f, mt, hd, hhq)
-            p = tl.zeros([BC, BF], dtype=tl.float32)
-            eW = tl.zeros([BC, BF], dtype=tl.float32)
-            kW = tl.zeros([BC, BF], dtype=tl.float32)
-            kA = tl.zeros([BC, BF], dtype=tl.float32)
-            qW = tl.zeros([BC, BF], dtype=tl.float32)  # Q D2_0,fᵀ
-            qA = tl.zeros([BC, BF], dtype=tl.float32)
-            edW = tl.zeros([BC, BF], dtype=tl.float32)  # e dW1_e,f
-            kdW = tl.zeros([BC, BF], dtype=tl.float32)  # K dW2_e,fᵀ
-            for c0 in range(0, dd, BWO):
-                cols, mc, mtc, tc = _column_tile(c0, offs_c, mt, d, ddq, BWO)
-                w2b, m2b, w1b, m1b = _state_blocks(rows_f, mf, cols, mc, ddq, hhq)
-                k_c = tl.load(k_ptr + row * dd + tc, mask=mtc, other=0.0)
-                e_c = tl.load(se + tc, mask=mtc, other=0.0)
-                p += mm(k_c, tl.trans(_load_w(w2c, w2b, m2b, EVEN)), PREC, LOWP)
-                eW += mm(e_c, _load_w(w1c, w1b, m1b, EVEN), PREC, LOWP)
-                W2 = _load_w(w2n, w2b, m2b, EVEN)
-                kW = tl.dot(k_c, tl.trans(W2), acc=kW, input_precision=PREC)
-                q_c = tl.load(q_ptr + qbase + offs_c[:, None] * qs + cols[None, :], mask=mtc,
-                              other=0.0).to(tl.float32)
-                if ANCHOR:
-                    A2 = _load_w(a2, w2b, m2b, EVEN)
-                    kA = tl.dot(k_c, tl.trans(A2), acc=kA, input_precision=PREC)
-                    qA += mm(q_c, tl.trans(A2), PREC, LOWP)
-                    qW += mm(q_c, tl.trans(W2 - A2), PREC, LOWP)
-                else:
-                    qW += mm(q_c, tl.trans(W2), PREC, LOWP)
-                edW += mm(e_c, _load_w(dw1, w1b, m1b, EVEN), PREC, LOWP)
-                kdW += mm(k_c, tl.trans(_load_w(dw2, w2b, m2b, EVEN)), PREC, LOWP)
+            p, Y2, qW, qA, edW, kdW = _block_writes(
+                k_ptr + row * dd, se, q_ptr + qbase, qs, w1c, w2c, w2n, a2, dw1, dw2, rows_f, mf, offs_c, mt, eta,
+                eta_m, kd_scale, eps, d, dd, ddq, hhq, BC, BF, BWO, EVEN, ANCHOR, True, PREC, LOWP)
             s = p * sigmoid(p)
-            Y2 = -eta_m[:, None] * (silu_grad(p) * eW) - kd_scale[:, None] * kW
-            if ANCHOR:
-                Y2 -= (eps * eta - kd_scale)[:, None] * kA
             N2 = tl.dot(Tm, Y2, input_precision=PREC)
             Hp = gamma[:, None] * qW + mm(QKd, N2, PREC, LOWP)
             if ANCHOR:
