@@ -269,9 +269,13 @@ class HopeConfig(PretrainedConfig):
         bad = [entry for entry in self.adaptive if entry not in ADAPTIVE]
         if bad or len(set(self.adaptive)) != len(self.adaptive):
             raise ValueError(f"adaptive={self.adaptive!r} is not allowed: entries must be distinct, from {list(ADAPTIVE)}")
-        if isinstance(self.eta_max, bool) or not (
-                isinstance(self.eta_max, (int, float)) and self.eta_max > 0 and math.isfinite(self.eta_max)):
-            raise ValueError(f"eta_max={self.eta_max!r} is not allowed: it must be a finite number > 0")
+        for name, allow_zero in (("eta_max", False), ("rope_theta", False), ("rms_norm_eps", False),
+                                 ("initializer_range", True)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)
+                                               and (value > 0 or allow_zero and value == 0)):
+                raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number "
+                                 f"{'>= 0' if allow_zero else '> 0'}")
         if not self.cms_chunk_sizes:
             raise ValueError("cms_chunk_sizes=[] is not allowed: give at least one level (None = a plain FFN)")
         for level, size in enumerate(self.cms_chunk_sizes):

@@ -91,7 +91,8 @@ class HopePreTrainedModel(PreTrainedModel):
         """Switch every CMS level's in-context step on or off (config `cms_in_context`), between sequences.
 
         Off, each level reads its parameters θ_0 on every token (a plain SwiGLU FFN); its chunk size, eta and
-        target parameters stay, so the steps can be switched back on. The config follows, so a checkpoint
+        target parameters stay, so the steps can be switched back on; meanwhile they take no part in the forward
+        (no gradient: freeze them, or give DDP find_unused_parameters=True). The config follows, so a checkpoint
         saved afterwards loads in the same mode.
         """
         if not isinstance(enabled, bool):

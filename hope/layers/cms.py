@@ -8,11 +8,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from transformers.utils import logging
 
 from hope.cache_hope import HopeLayerCache
 from hope_kernels.cms import cms_level, cms_level_step
 
 from .common import RMSNorm
+
+logger = logging.get_logger(__name__)
 
 
 class CMSLevel(nn.Module):
@@ -50,6 +53,18 @@ class CMSLevel(nn.Module):
                       step=self.step, backend=self.backend)
         if cache is None:
             y, _ = cms_level(z, *params, mask=valid, **kwargs)
+            if z.shape[1] <= self.chunk_size and torch.is_grad_enabled():
+                # No step closes before the last token (Eq. 71), so no output reads one: the loss's gradient in
+                # eta's and the target's parameters is exactly zero, and autograd would leave them unused (no
+                # .grad), which DDP without find_unused_parameters (HF Trainer's setting under activation
+                # checkpointing) refuses. The zero is made explicit; the values are unchanged.
+                y = y + 0.0 * (self.p_v.sum() + self.w_eta.sum() + self.b_eta.sum())
+                if self.training and not torch.compiler.is_compiling():
+                    logger.warning_once(
+                        f"a CMS level with chunk size {self.chunk_size} trains on sequences of {z.shape[1]} tokens: "
+                        "it takes no in-context step a later token reads, so its eta and target parameters get zero "
+                        "gradients; train on sequences longer than the chunk size for the level to learn in context"
+                    )
             return y
         state = cache.cms[level]
         if z.shape[1] == 1 and state is not None:

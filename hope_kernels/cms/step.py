@@ -226,7 +226,7 @@ def cms_level_step_triton(
         zf = z.to(f32)
         w0 = [w.to(f32).contiguous() for w in (w_gate, w_up, w_down)]
         tg = (zf @ p_v.to(f32)).contiguous()
-        mk = torch.ones(B, device=dev, dtype=f32) if mask is None else mask.to(device=dev, dtype=f32)
+        mk = torch.ones(B, device=dev, dtype=f32) if mask is None else mask.to(device=dev, dtype=f32).contiguous()
         eta = (eta_max * torch.sigmoid(zf @ w_eta.to(f32) + b_eta.to(f32).reshape(())) * mk).contiguous()
         zz = zf.pow(2).sum(-1).contiguous()
         if state is None:

@@ -109,13 +109,15 @@ def _segment(n, C, shift, T):
 
 
 @device_fn
-def _gc_slot(n, C, CA, pos, shift, T):
+def _gc_slot(n, C, CA, phase, shift, T):
     """Which generating state segment n reads: -1 for the call's input chunk start, else the checkpoint slot of the
-    last adaptive-chunk boundary inside the call (boundaries are chunk boundaries, so they start segments)."""
+    last adaptive-chunk boundary inside the call (boundaries are chunk boundaries, so they start segments). phase:
+    the call's start position modulo CA, all the slot depends on (the position itself overflows int32 arithmetic
+    within 2^31 tokens of a cached sequence; the phase stays below CA)."""
     start, _ = _segment(n, C, shift, T)
-    pb = ((pos + start) // CA) * CA
-    slot = (pb - (pos - shift)) // C
-    return tl.where(pb > pos, slot, -1)
+    pb = ((phase + start) // CA) * CA
+    slot = (pb - (phase - shift)) // C
+    return tl.where(pb > phase, slot, -1)
 
 
 # ------------------------------------------------------------------------ (a) the generating memories
@@ -247,7 +249,7 @@ def _gen_tile_fwd(gc, g0, g1, anc, rloc, mr, learn, er, d, k_ptr, v_ptr, eta_ptr
 def _gen_fwd_kernel(
     a_ptr, valid_ptr, gc_in_ptr, g_ptr, anc_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, nrm_ptr, tmat_ptr, kt_ptr,
     b_eta_ptr, b_alpha_ptr,
-    T, H, d, C, CA, pos, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot, anc_h,
+    T, H, d, C, CA, phase, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot, anc_h,
     BC: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, OBJ_L2: tl.constexpr,
     AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr,
     HAS_MASK: tl.constexpr, VNORM: tl.constexpr, ANCHOR: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
@@ -279,7 +281,7 @@ def _gen_fwd_kernel(
             valid = tl.load(valid_ptr + b * T + tok, mask=mt, other=0.0)
         else:
             valid = tl.where(mt, 1.0, 0.0)
-        slot = _gc_slot(n, C, CA, pos, shift, T)
+        slot = _gc_slot(n, C, CA, phase, shift, T)
         if slot < 0:
             gc = gc_in_ptr + bh * gc_bh
         else:
@@ -993,7 +995,7 @@ def _gen_tile_bwd(gc, g0, dg, acc, anc, danc, rloc, mr, learn, er, d, k_ptr, v_p
 def _gen_bwd_kernel(
     a_ptr, valid_ptr, gc_in_ptr, g_ptr, anc_ptr, k_ptr, v_ptr, eta_ptr, lg_ptr, nrm_ptr, tmat_ptr, b_eta_ptr,
     b_alpha_ptr, dk_ptr, dv_ptr, deta_ptr, dlg_ptr, dla_ptr, dg_ptr, acc_ptr, danc_ptr,
-    T, H, d, C, CA, pos, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot, dg_bh, anc_h,
+    T, H, d, C, CA, phase, shift, NSEG, eta_max, eps, resid, gc_bh, g_bh, g_slot, dg_bh, anc_h,
     BC: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BWB: tl.constexpr, OBJ_L2: tl.constexpr,
     AD_K: tl.constexpr, AD_V: tl.constexpr, AD_E: tl.constexpr, AD_A: tl.constexpr,
     HAS_MASK: tl.constexpr, VNORM: tl.constexpr, ANCHOR: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
@@ -1038,7 +1040,7 @@ def _gen_bwd_kernel(
             valid = tl.load(valid_ptr + b * T + tok, mask=mt, other=0.0)
         else:
             valid = tl.where(mt, 1.0, 0.0)
-        slot = _gc_slot(n, C, CA, pos, shift, T)
+        slot = _gc_slot(n, C, CA, phase, shift, T)
         if slot < 0:
             gc = gc_in_ptr + bh * gc_bh
         else:
@@ -1177,7 +1179,7 @@ def _gen_bwd_kernel(
 @triton.jit
 def _gen_da_kernel(
     gc_in_ptr, g_ptr, dk_ptr, dv_ptr, deta_ptr, dla_ptr, da_ptr,
-    T, H, d, C, CA, pos, shift, NSEG, resid, gc_bh, g_bh, g_slot,
+    T, H, d, C, CA, phase, shift, NSEG, resid, gc_bh, g_bh, g_slot,
     BC: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
 ):
     """B5, parallel over (segment, batch-head, BV-wide column tiles of a): da = dk_raw (I + W_k) + dv_raw (I + W_v)
@@ -1194,7 +1196,7 @@ def _gen_da_kernel(
     mcol = cols < d
     start, L = _segment(n, C, shift, T)
     mt = offs_c < L
-    slot = _gc_slot(n, C, CA, pos, shift, T)
+    slot = _gc_slot(n, C, CA, phase, shift, T)
     if slot < 0:
         gc = gc_in_ptr + bh * gc_bh
     else:
@@ -1228,7 +1230,8 @@ def _config(d: int, chunk_size: int, adaptive_chunk_size: Optional[int], positio
                            memory_value_norm, memory_retention, memory_curvature_guard)
     rows = adaptive_row_mask(adaptive, d)
     D, BC = block_sizes(d, chunk_size)
-    return dict(C=chunk_size, CA=ref["adaptive_chunk_size"], pos=position, shift=position % chunk_size,
+    return dict(C=chunk_size, CA=ref["adaptive_chunk_size"], pos=position,
+                phase=position % ref["adaptive_chunk_size"], shift=position % chunk_size,
                 eta_max=float(eta_max), eps=1.0 if dgd else 0.0, resid=1.0 if memory_residual else 0.0,
                 OBJ_L2=objective == "l2", VALUE=memory_target == "value", VNORM=ref["value_norm"],
                 ANCHOR=ref["anchored"], GUARD=ref["curvature_guard"],
@@ -1265,7 +1268,7 @@ def generating_forward(a: Tensor, valid: Optional[Tensor], gc_in: Tensor, g: Ten
     anc, anc_h = _anchor_arg(anchor, gc_in)
     launch(_gen_fwd_kernel, (B * H,),
            a, valid if valid is not None else a, gc_in, g, anc, k, v, eta, lg, norms, tmat, kt, b_eta, b_alpha,
-           T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg, cfg["eta_max"], cfg["eps"], cfg["resid"],
+           T, H, d, cfg["C"], cfg["CA"], cfg["phase"], cfg["shift"], nseg, cfg["eta_max"], cfg["eps"], cfg["resid"],
            gc_in.stride(0), g.stride(0), g.stride(1), anc_h,
            BC=BC, D=cfg["D"], BR=cfg["BR"], BW=cfg["BWR"], OBJ_L2=cfg["OBJ_L2"], AD_K=cfg["ad"][0],
            AD_V=cfg["ad"][1], AD_E=cfg["ad"][2], AD_A=cfg["ad"][3], HAS_MASK=valid is not None, VNORM=cfg["VNORM"],
@@ -1357,7 +1360,7 @@ def generating_backward(a, valid, gc_in, g, anchor, k, v, eta, lg, tmat, norms, 
     D = cfg["D"]
     danc = None if anchor is None else torch.zeros_like(dg)
     anc, anc_h = _anchor_arg(anchor, gc_in)
-    common = (T, H, d, cfg["C"], cfg["CA"], cfg["pos"], cfg["shift"], nseg)
+    common = (T, H, d, cfg["C"], cfg["CA"], cfg["phase"], cfg["shift"], nseg)
     launch(_gen_bwd_kernel, (B * H,),
            a, valid if valid is not None else a, gc_in, g, anc, k, v, eta, lg, norms, tmat, b_eta, b_alpha, dk, dv,
            deta, dlg, dla, dg, acc, dg if danc is None else danc, *common, cfg["eta_max"], cfg["eps"], cfg["resid"],

@@ -132,6 +132,16 @@ def test_cms_step_and_eta_max_are_validated():
     assert HopeConfig(cms_chunk_sizes=[4, None], cms_eta_max=1.9).cms_eta_max == [1.9, 1.9]
 
 
+@pytest.mark.parametrize("field,bad", [("rope_theta", 0.0), ("rope_theta", -10.0), ("rms_norm_eps", -1.0),
+                                       ("rms_norm_eps", math.nan), ("initializer_range", -0.1),
+                                       ("initializer_range", "x")])
+def test_rope_norm_and_init_scales_are_validated(field, bad):
+    """rope_theta <= 0 gave NaN RoPE tables, a negative rms_norm_eps NaN losses, a negative or non-numeric
+    initializer_range an error inside torch's init: each is a ValueError naming the field and the rule."""
+    _raises([f"{field}={bad!r}", "finite number"], **{field: bad})
+    assert HopeConfig(initializer_range=0.0).initializer_range == 0.0
+
+
 def test_empty_cms_is_rejected():
     _raises(["cms_chunk_sizes"], cms_chunk_sizes=[])
 

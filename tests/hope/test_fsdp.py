@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hope import HopeForCausalLM
 from hope.train import main
 from tests.hope.utils_hope import F64, random_ids, tiny_config, tiny_model
 
@@ -113,3 +114,42 @@ def test_hope_train_fsdp_on_cpu_is_refused_with_a_reason(tmp_path, capsys):
               "--output_dir", str(tmp_path / "out"), "--fsdp"])
     assert exit_info.value.code == 2
     assert "--fsdp needs several processes on accelerators" in capsys.readouterr().err
+
+
+DDP_WORKER = textwrap.dedent('''
+    import sys
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from tests.hope.utils_hope import random_ids, tiny_config
+    from hope import HopeForCausalLM
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = HopeForCausalLM(tiny_config(cms_chunk_sizes=[16, None], kernel_backend="torch")).train()
+    ddp = DistributedDataParallel(model, find_unused_parameters=False)
+    for _ in range(3):
+        ids = random_ids(2, 11)
+        ddp(input_ids=ids, labels=ids).loss.backward()
+    print("steps done")
+    dist.destroy_process_group()
+''')
+
+
+def test_ddp_with_a_level_longer_than_the_sequences(tmp_path):
+    """A CMS level whose chunk (16) is longer than the training sequences (11 tokens; the presets' 2048 level at
+    hope-train's 1024) takes no step a token reads: its eta and target parameters get exact zero gradients, so DDP
+    with find_unused_parameters=False (HF Trainer's setting under activation checkpointing) trains; before, they
+    had no gradient and the second step raised."""
+    torch.manual_seed(0)
+    model = HopeForCausalLM(tiny_config(cms_chunk_sizes=[16, None], kernel_backend="torch")).train()
+    ids = random_ids(2, 11)
+    model(input_ids=ids, labels=ids).loss.backward()
+    level = model.model.layers[0].cms.levels[0]
+    assert all(p.grad is not None and not p.grad.any() for p in (level.p_v, level.w_eta, level.b_eta))
+    assert level.w_down.grad is not None and level.w_down.grad.any()
+    env = dict(os.environ, PYTHONPATH=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT="29531", RANK="0",
+               WORLD_SIZE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", DDP_WORKER], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "steps done" in done.stdout, done.stderr[-3000:]

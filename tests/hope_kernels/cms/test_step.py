@@ -39,7 +39,26 @@ CASES = [
 
 @pytest.mark.parametrize("B,T,D,Fh,C,objective,decay,mask_kind,position", CASES)
 def test_step_matches_reference(B, T, D, Fh, C, objective, decay, mask_kind, position):
-    seed = _seed("step", B, T, D, Fh, C, objective, decay, mask_kind, position)
+    _check_steps(B, T, D, Fh, C, objective, decay, mask_kind, position)
+
+
+def test_step_strided_float32_mask():
+    """The decode loop's `mask[:, t]` of a float32 (B, T) mask is a strided view that `.to(float32)` does not copy:
+    the kernel must read row b's entry, not entry b of the storage (sequences padded differently)."""
+    _check_steps(3, 9, 16, 24, 4, "l2", 0.1, "random", 3, layout=lambda m, t: m.float()[:, t])
+
+
+def test_step_broadcast_mask():
+    """A stride-0 mask (one value expanded over the batch) is read as B equal entries."""
+    _check_steps(3, 6, 16, 24, 4, "dot", 0.1, "random", None,
+                 layout=lambda m, t: m[:1, t].float().expand(m.shape[0]))
+
+
+def _check_steps(B, T, D, Fh, C, objective, decay, mask_kind, position, layout=None):
+    """y_t and the state after every token, `cms_level_step_triton` against the float64 reference; layout(mask, t)
+    gives the step's mask (default mask[:, t])."""
+    tag = () if layout is None else ("layout",)
+    seed = _seed("step", B, T, D, Fh, C, objective, decay, mask_kind, position, *tag)
     leaves, mask, seen = make_case(seed, B, T, D, Fh, position=position, C=C, mask=mask_kind)
     leaves = {k: v.to(F32).to(F64) for k, v in leaves.items()}
     where = f"seed={seed} (HOPE_TEST_SEED={RUN_SEED})"
@@ -49,7 +68,7 @@ def test_step_matches_reference(B, T, D, Fh, C, objective, decay, mask_kind, pos
     s_k = None if position is None else _state(leaves, F32, position, seen)
     with torch.no_grad():
         for t in range(T):
-            m_t = None if mask is None else mask[:, t].to(DEV)
+            m_t = None if mask is None else (mask[:, t] if layout is None else layout(mask, t)).to(DEV)
             z_t = leaves["z"][:, t].to(DEV)
             y_ref, s_ref = cms_level_step_reference(z_t, *params[F64], mask=m_t, state=s_ref, **kw)
             y_k, s_k = cms_level_step_triton(z_t.float(), *params[F32], mask=m_t, state=s_k, **kw)

@@ -149,6 +149,12 @@ def test_forward_backward(case):
     check_case(_seed("deep", case), B, T, H, d, h, flags(**kw), position=position, mask=mask)
 
 
+def test_position_near_the_int32_limit():
+    """The linear op's test of the same name, through the deep memory's generating scan."""
+    check_case(_seed("deep-int32"), 2, 7, 1, 8, 12, flags(chunk_size=4, adaptive_chunk_size=8), position=2**31 - 1,
+               mask="random")
+
+
 @pytest.mark.parametrize("rule", [dict(), LITERAL], ids=["defaults", "literal"])
 def test_real_size(rule):
     """d = h = 64, C = 64: the presets' tile, two segments, the first mid-chunk."""

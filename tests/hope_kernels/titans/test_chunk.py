@@ -180,6 +180,14 @@ def test_gradients(case):
     check_case(_seed("grad", case), B, T, H, d, flags(**kw), position=position, mask=mask)
 
 
+@pytest.mark.parametrize("position", [2**31 - 3, 2**31 - 1], ids=["crosses", "at"])
+def test_position_near_the_int32_limit(position):
+    """A cached sequence 2^31 tokens long: the kernels take the position's phase, not the position, so no int32
+    arithmetic overflows when the call crosses 2^31 (an adaptive-chunk boundary inside the call, mid-chunk start)."""
+    check_case(_seed("int32", position), 2, 7, 1, 8, flags(chunk_size=4, adaptive_chunk_size=8), position=position,
+               mask="random")
+
+
 @pytest.mark.parametrize("rule", [dict(), LITERAL], ids=["defaults", "literal"])
 def test_real_size(rule):
     """The presets' tile, d = 64, C = 64 (the interpreter never runs it otherwise): two segments, the first
