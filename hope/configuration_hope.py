@@ -122,6 +122,12 @@ class HopeConfig(PretrainedConfig):
         eos_token_id: Optional[int] = None,
         **kwargs,
     ):
+        # The fields left to their derived defaults: saved as null (`to_dict`), so that a reload with other
+        # num_heads or hidden_size (from_pretrained(path, num_heads=8)) derives them again instead of keeping
+        # values that no longer fit.
+        self._derived_fields = tuple(name for name, value in (("num_key_value_heads", num_key_value_heads),
+                                                              ("memory_hidden", memory_hidden),
+                                                              ("cms_hidden_size", cms_hidden_size)) if value is None)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -143,17 +149,15 @@ class HopeConfig(PretrainedConfig):
         self.adaptive = _name_list("adaptive", adaptive, f"names from {list(ADAPTIVE)} (e.g. ['k', 'v'])")
         self.eta_max = eta_max
         self.memory_depth = memory_depth
-        # The deep memory's hidden width defaults to the head dim d (W1, W2 square): as many fast weights as two
-        # linear memories. A non-int hidden_size / num_heads is rejected by _validate below.
+        # A non-int hidden_size / num_heads is rejected by _validate below.
         if memory_hidden is None and isinstance(hidden_size, int) and isinstance(num_heads, int) and num_heads > 0:
-            memory_hidden = hidden_size // num_heads
+            memory_hidden = self._derived_default("memory_hidden")
         self.memory_hidden = memory_hidden
         self.cms_chunk_sizes = _name_list("cms_chunk_sizes", cms_chunk_sizes,
                                           "chunk sizes, one per level (None = a level that never learns in context)")
         levels = len(self.cms_chunk_sizes)
-        # SwiGLU keeps the FFN's parameter count at 8/3 D per level, rounded for matmul-friendly shapes.
-        default_hidden = 64 * math.ceil(8 * hidden_size / 3 / 64)
-        self.cms_hidden_size = _per_level("cms_hidden_size", cms_hidden_size, levels, default_hidden)
+        self.cms_hidden_size = _per_level("cms_hidden_size", cms_hidden_size, levels,
+                                          self._derived_default("cms_hidden_size"))
         self.cms_variant = cms_variant
         self.cms_objective = cms_objective
         self.cms_step = cms_step
@@ -189,6 +193,30 @@ class HopeConfig(PretrainedConfig):
         own = {key: kwargs.pop(key) for key in list(kwargs)
                if key in fields and fields[key].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD}
         return super().from_dict({**config_dict, **own}, **kwargs)
+
+    def to_dict(self) -> dict:
+        """PretrainedConfig.to_dict, with the fields left to their derived defaults as None (unless set to another
+        value after construction)."""
+        output = super().to_dict()
+        for name in output.pop("_derived_fields", ()):
+            default = self._derived_default(name)
+            if name == "cms_hidden_size":
+                default = [default] * len(self.cms_chunk_sizes)
+            if getattr(self, name) == default:
+                output[name] = None
+        return output
+
+    def _derived_default(self, name: str):
+        """The default of num_key_value_heads, memory_hidden or cms_hidden_size (each level's) from the other
+        fields."""
+        if name == "num_key_value_heads":
+            return self.num_heads
+        if name == "memory_hidden":
+            # The deep memory's hidden width defaults to the head dim d (W1, W2 square): as many fast weights as
+            # two linear memories.
+            return self.hidden_size // self.num_heads
+        # SwiGLU keeps the FFN's parameter count at 8/3 D per level, rounded for matmul-friendly shapes.
+        return 64 * math.ceil(8 * self.hidden_size / 3 / 64)
 
     @property
     def head_dim(self) -> int:

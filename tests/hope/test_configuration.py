@@ -246,6 +246,24 @@ def test_from_pretrained_overrides_are_validated_and_broadcast(tmp_path):
     assert unused == {"chunk_sz": 8} and config.chunk_size == 64
 
 
+def test_derived_defaults_are_derived_again_on_reload(tmp_path):
+    """num_key_value_heads, memory_hidden and cms_hidden_size left to their defaults are saved as null, so a reload
+    with another num_heads or hidden_size derives them from the new values (before: num_key_value_heads=2 was
+    refused with num_heads=4, and memory_hidden stayed the old head dim); given or set values are kept."""
+    HopeConfig(hidden_size=32, num_heads=2, memory_depth=2, cms_chunk_sizes=[4, None]).save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path, num_heads=4)
+    assert (config.num_key_value_heads, config.memory_hidden, config.cms_hidden_size) == (4, 8, [128, 128])
+    config = AutoConfig.from_pretrained(tmp_path, hidden_size=64)
+    assert (config.num_key_value_heads, config.memory_hidden, config.cms_hidden_size) == (2, 32, [192, 192])
+    given = HopeConfig(hidden_size=32, num_heads=2, memory_hidden=8, cms_hidden_size=[64, 96],
+                       cms_chunk_sizes=[4, None])
+    later = HopeConfig(hidden_size=32, num_heads=2, mixer="attention")
+    later.num_key_value_heads = 1
+    assert (given.to_dict()["memory_hidden"], given.to_dict()["cms_hidden_size"]) == (8, [64, 96])
+    assert later.to_dict()["num_key_value_heads"] == 1 and "_derived_fields" not in later.to_dict()
+    assert HopeConfig.from_dict(given.to_dict()).to_dict() == given.to_dict()
+
+
 def test_a_field_set_after_construction_is_checked_when_the_model_is_built():
     from hope import HopeForCausalLM
 
